@@ -130,7 +130,13 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                         else:
                             param_fp32 = param_fp32 - weight_decay * lr * param_fp32
                     if centered_wd != 0:
-                        cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                        if centered_wd_mode == 'int8':
+                            cwd_target = param_fp32 - cast(decode(), param_fp32)
+                        else:
+                            if centered_wd_mode == 'int4':
+                                cwd_target = param_fp32 - cast(decode(), param_fp32)
+                            else:
+                                cwd_target = param_fp32 - cast(anchor_data, param_fp32)
                         if cautious_wd:
                             param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
                         else:
@@ -144,7 +150,13 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                         else:
                             param = param - weight_decay * lr * param
                     if centered_wd != 0:
-                        cwd_target = param - cast(anchor_data, param)
+                        if centered_wd_mode == 'int8':
+                            cwd_target = param - cast(decode(), param)
+                        else:
+                            if centered_wd_mode == 'int4':
+                                cwd_target = param - cast(decode(), param)
+                            else:
+                                cwd_target = param - cast(anchor_data, param)
                         if cautious_wd:
                             param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
                         else:
@@ -232,7 +244,13 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                         else:
                             param_fp32 = param_fp32 - adam_weight_decay * lr * param_fp32
                     if centered_wd != 0:
-                        cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                        if centered_wd_mode == 'int8':
+                            cwd_target = param_fp32 - cast(decode(), param_fp32)
+                        else:
+                            if centered_wd_mode == 'int4':
+                                cwd_target = param_fp32 - cast(decode(), param_fp32)
+                            else:
+                                cwd_target = param_fp32 - cast(anchor_data, param_fp32)
                         if cautious_wd:
                             param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
                         else:
@@ -246,7 +264,13 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                         else:
                             param = param - adam_weight_decay * lr * param
                     if centered_wd != 0:
-                        cwd_target = param - cast(anchor_data, param)
+                        if centered_wd_mode == 'int8':
+                            cwd_target = param - cast(decode(), param)
+                        else:
+                            if centered_wd_mode == 'int4':
+                                cwd_target = param - cast(decode(), param)
+                            else:
+                                cwd_target = param - cast(anchor_data, param)
                         if cautious_wd:
                             param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
                         else:
@@ -345,7 +369,13 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                         else:
                             param_fp32 = param_fp32 - weight_decay * lr * param_fp32
                     if centered_wd != 0:
-                        cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                        if centered_wd_mode == 'int8':
+                            cwd_target = param_fp32 - cast(decode(), param_fp32)
+                        else:
+                            if centered_wd_mode == 'int4':
+                                cwd_target = param_fp32 - cast(decode(), param_fp32)
+                            else:
+                                cwd_target = param_fp32 - cast(anchor_data, param_fp32)
                         if cautious_wd:
                             param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
                         else:
@@ -359,7 +389,13 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                         else:
                             param = param - weight_decay * lr * param
                     if centered_wd != 0:
-                        cwd_target = param - cast(anchor_data, param)
+                        if centered_wd_mode == 'int8':
+                            cwd_target = param - cast(decode(), param)
+                        else:
+                            if centered_wd_mode == 'int4':
+                                cwd_target = param - cast(decode(), param)
+                            else:
+                                cwd_target = param - cast(anchor_data, param)
                         if cautious_wd:
                             param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
                         else:
@@ -447,7 +483,13 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                         else:
                             param_fp32 = param_fp32 - adam_weight_decay * lr * param_fp32
                     if centered_wd != 0:
-                        cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                        if centered_wd_mode == 'int8':
+                            cwd_target = param_fp32 - cast(decode(), param_fp32)
+                        else:
+                            if centered_wd_mode == 'int4':
+                                cwd_target = param_fp32 - cast(decode(), param_fp32)
+                            else:
+                                cwd_target = param_fp32 - cast(anchor_data, param_fp32)
                         if cautious_wd:
                             param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
                         else:
@@ -461,7 +503,13 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                         else:
                             param = param - adam_weight_decay * lr * param
                     if centered_wd != 0:
-                        cwd_target = param - cast(anchor_data, param)
+                        if centered_wd_mode == 'int8':
+                            cwd_target = param - cast(decode(), param)
+                        else:
+                            if centered_wd_mode == 'int4':
+                                cwd_target = param - cast(decode(), param)
+                            else:
+                                cwd_target = param - cast(anchor_data, param)
                         if cautious_wd:
                             param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
                         else:
@@ -569,7 +617,13 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                             else:
                                 param_fp32 = param_fp32 - weight_decay * lr * param_fp32
                         if centered_wd != 0:
-                            cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                            if centered_wd_mode == 'int8':
+                                cwd_target = param_fp32 - cast(decode(), param_fp32)
+                            else:
+                                if centered_wd_mode == 'int4':
+                                    cwd_target = param_fp32 - cast(decode(), param_fp32)
+                                else:
+                                    cwd_target = param_fp32 - cast(anchor_data, param_fp32)
                             if cautious_wd:
                                 param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
                             else:
@@ -583,7 +637,13 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                             else:
                                 param = param - weight_decay * lr * param
                         if centered_wd != 0:
-                            cwd_target = param - cast(anchor_data, param)
+                            if centered_wd_mode == 'int8':
+                                cwd_target = param - cast(decode(), param)
+                            else:
+                                if centered_wd_mode == 'int4':
+                                    cwd_target = param - cast(decode(), param)
+                                else:
+                                    cwd_target = param - cast(anchor_data, param)
                             if cautious_wd:
                                 param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
                             else:
@@ -689,7 +749,13 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                                 else:
                                     param_fp32 = param_fp32 - weight_decay * lr * param_fp32
                             if centered_wd != 0:
-                                cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                if centered_wd_mode == 'int8':
+                                    cwd_target = param_fp32 - cast(decode(), param_fp32)
+                                else:
+                                    if centered_wd_mode == 'int4':
+                                        cwd_target = param_fp32 - cast(decode(), param_fp32)
+                                    else:
+                                        cwd_target = param_fp32 - cast(anchor_data, param_fp32)
                                 if cautious_wd:
                                     param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
                                 else:
@@ -703,7 +769,13 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                                 else:
                                     param = param - weight_decay * lr * param
                             if centered_wd != 0:
-                                cwd_target = param - cast(anchor_data, param)
+                                if centered_wd_mode == 'int8':
+                                    cwd_target = param - cast(decode(), param)
+                                else:
+                                    if centered_wd_mode == 'int4':
+                                        cwd_target = param - cast(decode(), param)
+                                    else:
+                                        cwd_target = param - cast(anchor_data, param)
                                 if cautious_wd:
                                     param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
                                 else:
@@ -806,7 +878,13 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                                 else:
                                     param_fp32 = param_fp32 - weight_decay * lr * param_fp32
                             if centered_wd != 0:
-                                cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                if centered_wd_mode == 'int8':
+                                    cwd_target = param_fp32 - cast(decode(), param_fp32)
+                                else:
+                                    if centered_wd_mode == 'int4':
+                                        cwd_target = param_fp32 - cast(decode(), param_fp32)
+                                    else:
+                                        cwd_target = param_fp32 - cast(anchor_data, param_fp32)
                                 if cautious_wd:
                                     param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
                                 else:
@@ -820,7 +898,13 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                                 else:
                                     param = param - weight_decay * lr * param
                             if centered_wd != 0:
-                                cwd_target = param - cast(anchor_data, param)
+                                if centered_wd_mode == 'int8':
+                                    cwd_target = param - cast(decode(), param)
+                                else:
+                                    if centered_wd_mode == 'int4':
+                                        cwd_target = param - cast(decode(), param)
+                                    else:
+                                        cwd_target = param - cast(anchor_data, param)
                                 if cautious_wd:
                                     param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
                                 else:
@@ -924,7 +1008,13 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                                 else:
                                     param_fp32 = param_fp32 - weight_decay * lr * param_fp32
                             if centered_wd != 0:
-                                cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                if centered_wd_mode == 'int8':
+                                    cwd_target = param_fp32 - cast(decode(), param_fp32)
+                                else:
+                                    if centered_wd_mode == 'int4':
+                                        cwd_target = param_fp32 - cast(decode(), param_fp32)
+                                    else:
+                                        cwd_target = param_fp32 - cast(anchor_data, param_fp32)
                                 if cautious_wd:
                                     param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
                                 else:
@@ -938,7 +1028,13 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                                 else:
                                     param = param - weight_decay * lr * param
                             if centered_wd != 0:
-                                cwd_target = param - cast(anchor_data, param)
+                                if centered_wd_mode == 'int8':
+                                    cwd_target = param - cast(decode(), param)
+                                else:
+                                    if centered_wd_mode == 'int4':
+                                        cwd_target = param - cast(decode(), param)
+                                    else:
+                                        cwd_target = param - cast(anchor_data, param)
                                 if cautious_wd:
                                     param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
                                 else:
@@ -1041,7 +1137,13 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                                     else:
                                         param_fp32 = param_fp32 - weight_decay * lr * param_fp32
                                 if centered_wd != 0:
-                                    cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                    if centered_wd_mode == 'int8':
+                                        cwd_target = param_fp32 - cast(decode(), param_fp32)
+                                    else:
+                                        if centered_wd_mode == 'int4':
+                                            cwd_target = param_fp32 - cast(decode(), param_fp32)
+                                        else:
+                                            cwd_target = param_fp32 - cast(anchor_data, param_fp32)
                                     if cautious_wd:
                                         param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
                                     else:
@@ -1055,7 +1157,13 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                                     else:
                                         param = param - weight_decay * lr * param
                                 if centered_wd != 0:
-                                    cwd_target = param - cast(anchor_data, param)
+                                    if centered_wd_mode == 'int8':
+                                        cwd_target = param - cast(decode(), param)
+                                    else:
+                                        if centered_wd_mode == 'int4':
+                                            cwd_target = param - cast(decode(), param)
+                                        else:
+                                            cwd_target = param - cast(anchor_data, param)
                                     if cautious_wd:
                                         param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
                                     else:
@@ -1153,7 +1261,13 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                                     else:
                                         param_fp32 = param_fp32 - weight_decay * lr * param_fp32
                                 if centered_wd != 0:
-                                    cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                    if centered_wd_mode == 'int8':
+                                        cwd_target = param_fp32 - cast(decode(), param_fp32)
+                                    else:
+                                        if centered_wd_mode == 'int4':
+                                            cwd_target = param_fp32 - cast(decode(), param_fp32)
+                                        else:
+                                            cwd_target = param_fp32 - cast(anchor_data, param_fp32)
                                     if cautious_wd:
                                         param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
                                     else:
@@ -1167,7 +1281,13 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                                     else:
                                         param = param - weight_decay * lr * param
                                 if centered_wd != 0:
-                                    cwd_target = param - cast(anchor_data, param)
+                                    if centered_wd_mode == 'int8':
+                                        cwd_target = param - cast(decode(), param)
+                                    else:
+                                        if centered_wd_mode == 'int4':
+                                            cwd_target = param - cast(decode(), param)
+                                        else:
+                                            cwd_target = param - cast(anchor_data, param)
                                     if cautious_wd:
                                         param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
                                     else:
@@ -1255,7 +1375,13 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                             else:
                                 param_fp32 = param_fp32 - adam_weight_decay * lr * param_fp32
                         if centered_wd != 0:
-                            cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                            if centered_wd_mode == 'int8':
+                                cwd_target = param_fp32 - cast(decode(), param_fp32)
+                            else:
+                                if centered_wd_mode == 'int4':
+                                    cwd_target = param_fp32 - cast(decode(), param_fp32)
+                                else:
+                                    cwd_target = param_fp32 - cast(anchor_data, param_fp32)
                             if cautious_wd:
                                 param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
                             else:
@@ -1269,7 +1395,13 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                             else:
                                 param = param - adam_weight_decay * lr * param
                         if centered_wd != 0:
-                            cwd_target = param - cast(anchor_data, param)
+                            if centered_wd_mode == 'int8':
+                                cwd_target = param - cast(decode(), param)
+                            else:
+                                if centered_wd_mode == 'int4':
+                                    cwd_target = param - cast(decode(), param)
+                                else:
+                                    cwd_target = param - cast(anchor_data, param)
                             if cautious_wd:
                                 param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
                             else:
@@ -1373,7 +1505,13 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                             else:
                                 param_fp32 = param_fp32 - weight_decay * lr * param_fp32
                         if centered_wd != 0:
-                            cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                            if centered_wd_mode == 'int8':
+                                cwd_target = param_fp32 - cast(decode(), param_fp32)
+                            else:
+                                if centered_wd_mode == 'int4':
+                                    cwd_target = param_fp32 - cast(decode(), param_fp32)
+                                else:
+                                    cwd_target = param_fp32 - cast(anchor_data, param_fp32)
                             if cautious_wd:
                                 param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
                             else:
@@ -1387,7 +1525,13 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                             else:
                                 param = param - weight_decay * lr * param
                         if centered_wd != 0:
-                            cwd_target = param - cast(anchor_data, param)
+                            if centered_wd_mode == 'int8':
+                                cwd_target = param - cast(decode(), param)
+                            else:
+                                if centered_wd_mode == 'int4':
+                                    cwd_target = param - cast(decode(), param)
+                                else:
+                                    cwd_target = param - cast(anchor_data, param)
                             if cautious_wd:
                                 param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
                             else:
@@ -1490,7 +1634,13 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                                 else:
                                     param_fp32 = param_fp32 - weight_decay * lr * param_fp32
                             if centered_wd != 0:
-                                cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                if centered_wd_mode == 'int8':
+                                    cwd_target = param_fp32 - cast(decode(), param_fp32)
+                                else:
+                                    if centered_wd_mode == 'int4':
+                                        cwd_target = param_fp32 - cast(decode(), param_fp32)
+                                    else:
+                                        cwd_target = param_fp32 - cast(anchor_data, param_fp32)
                                 if cautious_wd:
                                     param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
                                 else:
@@ -1504,7 +1654,13 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                                 else:
                                     param = param - weight_decay * lr * param
                             if centered_wd != 0:
-                                cwd_target = param - cast(anchor_data, param)
+                                if centered_wd_mode == 'int8':
+                                    cwd_target = param - cast(decode(), param)
+                                else:
+                                    if centered_wd_mode == 'int4':
+                                        cwd_target = param - cast(decode(), param)
+                                    else:
+                                        cwd_target = param - cast(anchor_data, param)
                                 if cautious_wd:
                                     param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
                                 else:
@@ -1602,7 +1758,13 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                                 else:
                                     param_fp32 = param_fp32 - weight_decay * lr * param_fp32
                             if centered_wd != 0:
-                                cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                if centered_wd_mode == 'int8':
+                                    cwd_target = param_fp32 - cast(decode(), param_fp32)
+                                else:
+                                    if centered_wd_mode == 'int4':
+                                        cwd_target = param_fp32 - cast(decode(), param_fp32)
+                                    else:
+                                        cwd_target = param_fp32 - cast(anchor_data, param_fp32)
                                 if cautious_wd:
                                     param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
                                 else:
@@ -1616,7 +1778,13 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                                 else:
                                     param = param - weight_decay * lr * param
                             if centered_wd != 0:
-                                cwd_target = param - cast(anchor_data, param)
+                                if centered_wd_mode == 'int8':
+                                    cwd_target = param - cast(decode(), param)
+                                else:
+                                    if centered_wd_mode == 'int4':
+                                        cwd_target = param - cast(decode(), param)
+                                    else:
+                                        cwd_target = param - cast(anchor_data, param)
                                 if cautious_wd:
                                     param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
                                 else:
@@ -1704,7 +1872,13 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                         else:
                             param_fp32 = param_fp32 - adam_weight_decay * lr * param_fp32
                     if centered_wd != 0:
-                        cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                        if centered_wd_mode == 'int8':
+                            cwd_target = param_fp32 - cast(decode(), param_fp32)
+                        else:
+                            if centered_wd_mode == 'int4':
+                                cwd_target = param_fp32 - cast(decode(), param_fp32)
+                            else:
+                                cwd_target = param_fp32 - cast(anchor_data, param_fp32)
                         if cautious_wd:
                             param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
                         else:
@@ -1718,7 +1892,13 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                         else:
                             param = param - adam_weight_decay * lr * param
                     if centered_wd != 0:
-                        cwd_target = param - cast(anchor_data, param)
+                        if centered_wd_mode == 'int8':
+                            cwd_target = param - cast(decode(), param)
+                        else:
+                            if centered_wd_mode == 'int4':
+                                cwd_target = param - cast(decode(), param)
+                            else:
+                                cwd_target = param - cast(anchor_data, param)
                         if cautious_wd:
                             param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
                         else:
@@ -1760,6 +1940,8 @@ def _device_step(h, param, grad, S):
     spectral_v = S["spectral_v"]
     spectral_u = S["spectral_u"]
     anchor_data = S["anchor_data"]
+    anchor_scale = S["anchor_scale"]
+    anchor_min = S["anchor_min"]
     momentum_buffer_scale = S["momentum_buffer_scale"]
     second_momentum_buffer_scale = S["second_momentum_buffer_scale"]
     # if state_precision == 'factored' or nnmf_factor:
@@ -2000,9 +2182,23 @@ def _device_step(h, param, grad, S):
                             param_fp32 = F.axpy(param_fp32, param_fp32, h["_k26"])
                     # if centered_wd != 0:
                     if h["_c24"]:
-                        # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                        cwd_target_1 = F.cast(anchor_data, param_fp32)
-                        cwd_target = F.sub(param_fp32, cwd_target_1)
+                        # if centered_wd_mode == 'int8':
+                        if h["_c25"]:
+                            # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                            cwd_target_1 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                            cwd_target_2 = F.cast(cwd_target_1, param_fp32)
+                            cwd_target = F.sub(param_fp32, cwd_target_2)
+                        else:
+                            # if centered_wd_mode == 'int4':
+                            if h["_c26"]:
+                                # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                cwd_target_3 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                cwd_target_4 = F.cast(cwd_target_3, param_fp32)
+                                cwd_target = F.sub(param_fp32, cwd_target_4)
+                            else:
+                                # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                cwd_target_5 = F.cast(anchor_data, param_fp32)
+                                cwd_target = F.sub(param_fp32, cwd_target_5)
                         # if cautious_wd:
                         if h["_c23"]:
                             # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
@@ -2036,9 +2232,23 @@ def _device_step(h, param, grad, S):
                             F.assign_(param, param_6)
                     # if centered_wd != 0:
                     if h["_c24"]:
-                        # cwd_target = param - cast(anchor_data, param)
-                        cwd_target_2 = F.cast(anchor_data, param)
-                        cwd_target = F.sub(param, cwd_target_2)
+                        # if centered_wd_mode == 'int8':
+                        if h["_c25"]:
+                            # cwd_target = param - cast(anchor_data, param)
+                            cwd_target_6 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                            cwd_target_7 = F.cast(cwd_target_6, param)
+                            cwd_target = F.sub(param, cwd_target_7)
+                        else:
+                            # if centered_wd_mode == 'int4':
+                            if h["_c26"]:
+                                # cwd_target = param - cast(anchor_data, param)
+                                cwd_target_8 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                cwd_target_9 = F.cast(cwd_target_8, param)
+                                cwd_target = F.sub(param, cwd_target_9)
+                            else:
+                                # cwd_target = param - cast(anchor_data, param)
+                                cwd_target_10 = F.cast(anchor_data, param)
+                                cwd_target = F.sub(param, cwd_target_10)
                         # if cautious_wd:
                         if h["_c23"]:
                             # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
@@ -2053,7 +2263,7 @@ def _device_step(h, param, grad, S):
                     F.sub_(param, update)
             else:
                 # if adam_orthogonal_gradient == 'flattened' or adam_orthogonal_gradient == 'iterative' and (ndim < 2 or param_attr('_is_dora_scale', False) or param_attr('is_vector', False)):
-                if h["_c25"]:
+                if h["_c27"]:
                     # ortho_g = float32(grad) - float32(param) * (vdot(float32(param), float32(grad)) / (vdot(float32(param), float32(param)) + 1e-30))
                     ortho_g_11 = F.float32(grad)
                     ortho_g_12 = F.float32(param)
@@ -2079,20 +2289,20 @@ def _device_step(h, param, grad, S):
                     grad = grad_4
                 else:
                     # if adam_orthogonal_gradient == 'iterative':
-                    if h["_c26"]:
+                    if h["_c28"]:
                         # grad = orthograd_iterative(grad, param)
                         grad = F.orthograd_iterative(grad, param)
                 # if adam_use_bias_correction:
-                if h["_c27"]:
+                if h["_c29"]:
                     pass
                 # if adam_beta1 > 0:
-                if h["_c28"]:
+                if h["_c30"]:
                     # exp_avg = lerp(exp_avg, grad, 1 - adam_beta1)
                     F.lerp_(exp_avg, grad, h["_k34"])
                     # if adam_nesterov:
-                    if h["_c29"]:
+                    if h["_c31"]:
                         # if adam_nesterov_coef == None:
-                        if h["_c30"]:
+                        if h["_c32"]:
                             # update = lerp(exp_avg, grad, 1 - adam_beta1)
                             update = F.lerp(exp_avg, grad, h["_k35"])
                         else:
@@ -2108,10 +2318,10 @@ def _device_step(h, param, grad, S):
                 F.mul_(exp_avg_sq, h["_k37"])
                 F.addcmul_(exp_avg_sq, grad, grad, h["_k38"])
                 # if adam_eps == None:
-                if h["_c31"]:
+                if h["_c33"]:
                     pass
                 # if adam_use_atan2:
-                if h["_c32"]:
+                if h["_c34"]:
                     # denom = sqrt(exp_avg_sq) / sqrt_bias_correction2
                     denom = F.sqrt(exp_avg_sq)
                     F.div_(denom, h["sqrt_bias_correction2"])
@@ -2121,16 +2331,16 @@ def _device_step(h, param, grad, S):
                     F.div_(denom, h["sqrt_bias_correction2"])
                     F.add_(denom, h["adam_eps_eff"])
                 # if adam_use_atan2:
-                if h["_c32"]:
+                if h["_c34"]:
                     # update = atan2(update, denom)
                     update = F.atan2(update, denom)
                 else:
                     # update = update / denom
                     F.div_(update, denom)
                 # if adam_use_atan2:
-                if h["_c32"]:
+                if h["_c34"]:
                     # if adam_spectral_normalization:
-                    if h["_c33"]:
+                    if h["_c35"]:
                         # if ndim >= 2:
                         if h["_c20"]:
                             # spectral_x = cast(update, param)
@@ -2174,7 +2384,7 @@ def _device_step(h, param, grad, S):
                         F.mul_(update, h["_k41"])
                 else:
                     # if adam_spectral_normalization:
-                    if h["_c33"]:
+                    if h["_c35"]:
                         # if ndim >= 2:
                         if h["_c20"]:
                             # spectral_x = cast(update, param)
@@ -2223,7 +2433,7 @@ def _device_step(h, param, grad, S):
                     # update_fp32 = float32(update)
                     update_fp32 = F.float32(update)
                     # if adam_weight_decay != 0:
-                    if h["_c34"]:
+                    if h["_c36"]:
                         # if cautious_wd:
                         if h["_c23"]:
                             # param_fp32 = param_fp32 - adam_weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
@@ -2237,9 +2447,23 @@ def _device_step(h, param, grad, S):
                             param_fp32 = F.axpy(param_fp32, param_fp32, h["_k45"])
                     # if centered_wd != 0:
                     if h["_c24"]:
-                        # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                        cwd_target_3 = F.cast(anchor_data, param_fp32)
-                        cwd_target = F.sub(param_fp32, cwd_target_3)
+                        # if centered_wd_mode == 'int8':
+                        if h["_c25"]:
+                            # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                            cwd_target_11 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                            cwd_target_12 = F.cast(cwd_target_11, param_fp32)
+                            cwd_target = F.sub(param_fp32, cwd_target_12)
+                        else:
+                            # if centered_wd_mode == 'int4':
+                            if h["_c26"]:
+                                # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                cwd_target_13 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                cwd_target_14 = F.cast(cwd_target_13, param_fp32)
+                                cwd_target = F.sub(param_fp32, cwd_target_14)
+                            else:
+                                # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                cwd_target_15 = F.cast(anchor_data, param_fp32)
+                                cwd_target = F.sub(param_fp32, cwd_target_15)
                         # if cautious_wd:
                         if h["_c23"]:
                             # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
@@ -2258,7 +2482,7 @@ def _device_step(h, param, grad, S):
                     F.assign_(param, param_10)
                 else:
                     # if adam_weight_decay != 0:
-                    if h["_c34"]:
+                    if h["_c36"]:
                         # if cautious_wd:
                         if h["_c23"]:
                             # param = param - adam_weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
@@ -2273,9 +2497,23 @@ def _device_step(h, param, grad, S):
                             F.assign_(param, param_15)
                     # if centered_wd != 0:
                     if h["_c24"]:
-                        # cwd_target = param - cast(anchor_data, param)
-                        cwd_target_4 = F.cast(anchor_data, param)
-                        cwd_target = F.sub(param, cwd_target_4)
+                        # if centered_wd_mode == 'int8':
+                        if h["_c25"]:
+                            # cwd_target = param - cast(anchor_data, param)
+                            cwd_target_16 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                            cwd_target_17 = F.cast(cwd_target_16, param)
+                            cwd_target = F.sub(param, cwd_target_17)
+                        else:
+                            # if centered_wd_mode == 'int4':
+                            if h["_c26"]:
+                                # cwd_target = param - cast(anchor_data, param)
+                                cwd_target_18 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                cwd_target_19 = F.cast(cwd_target_18, param)
+                                cwd_target = F.sub(param, cwd_target_19)
+                            else:
+                                # cwd_target = param - cast(anchor_data, param)
+                                cwd_target_20 = F.cast(anchor_data, param)
+                                cwd_target = F.sub(param, cwd_target_20)
                         # if cautious_wd:
                         if h["_c23"]:
                             # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
@@ -2486,9 +2724,23 @@ def _device_step(h, param, grad, S):
                             param_fp32 = F.axpy(param_fp32, param_fp32, h["_k79"])
                     # if centered_wd != 0:
                     if h["_c24"]:
-                        # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                        cwd_target_5 = F.cast(anchor_data, param_fp32)
-                        cwd_target = F.sub(param_fp32, cwd_target_5)
+                        # if centered_wd_mode == 'int8':
+                        if h["_c25"]:
+                            # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                            cwd_target_21 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                            cwd_target_22 = F.cast(cwd_target_21, param_fp32)
+                            cwd_target = F.sub(param_fp32, cwd_target_22)
+                        else:
+                            # if centered_wd_mode == 'int4':
+                            if h["_c26"]:
+                                # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                cwd_target_23 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                cwd_target_24 = F.cast(cwd_target_23, param_fp32)
+                                cwd_target = F.sub(param_fp32, cwd_target_24)
+                            else:
+                                # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                cwd_target_25 = F.cast(anchor_data, param_fp32)
+                                cwd_target = F.sub(param_fp32, cwd_target_25)
                         # if cautious_wd:
                         if h["_c23"]:
                             # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
@@ -2522,9 +2774,23 @@ def _device_step(h, param, grad, S):
                             F.assign_(param, param_24)
                     # if centered_wd != 0:
                     if h["_c24"]:
-                        # cwd_target = param - cast(anchor_data, param)
-                        cwd_target_6 = F.cast(anchor_data, param)
-                        cwd_target = F.sub(param, cwd_target_6)
+                        # if centered_wd_mode == 'int8':
+                        if h["_c25"]:
+                            # cwd_target = param - cast(anchor_data, param)
+                            cwd_target_26 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                            cwd_target_27 = F.cast(cwd_target_26, param)
+                            cwd_target = F.sub(param, cwd_target_27)
+                        else:
+                            # if centered_wd_mode == 'int4':
+                            if h["_c26"]:
+                                # cwd_target = param - cast(anchor_data, param)
+                                cwd_target_28 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                cwd_target_29 = F.cast(cwd_target_28, param)
+                                cwd_target = F.sub(param, cwd_target_29)
+                            else:
+                                # cwd_target = param - cast(anchor_data, param)
+                                cwd_target_30 = F.cast(anchor_data, param)
+                                cwd_target = F.sub(param, cwd_target_30)
                         # if cautious_wd:
                         if h["_c23"]:
                             # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
@@ -2539,7 +2805,7 @@ def _device_step(h, param, grad, S):
                     F.sub_(param, update)
             else:
                 # if adam_orthogonal_gradient == 'flattened' or adam_orthogonal_gradient == 'iterative' and (ndim < 2 or param_attr('_is_dora_scale', False) or param_attr('is_vector', False)):
-                if h["_c25"]:
+                if h["_c27"]:
                     # ortho_g = float32(grad) - float32(param) * (vdot(float32(param), float32(grad)) / (vdot(float32(param), float32(param)) + 1e-30))
                     ortho_g_29 = F.float32(grad)
                     ortho_g_30 = F.float32(param)
@@ -2565,20 +2831,20 @@ def _device_step(h, param, grad, S):
                     grad = grad_8
                 else:
                     # if adam_orthogonal_gradient == 'iterative':
-                    if h["_c26"]:
+                    if h["_c28"]:
                         # grad = orthograd_iterative(grad, param)
                         grad = F.orthograd_iterative(grad, param)
                 # if adam_use_bias_correction:
-                if h["_c27"]:
+                if h["_c29"]:
                     pass
                 # if adam_beta1 > 0:
-                if h["_c28"]:
+                if h["_c30"]:
                     # exp_avg = lerp(exp_avg, grad, 1 - adam_beta1)
                     F.lerp_(exp_avg, grad, h["_k87"])
                     # if adam_nesterov:
-                    if h["_c29"]:
+                    if h["_c31"]:
                         # if adam_nesterov_coef == None:
-                        if h["_c30"]:
+                        if h["_c32"]:
                             # update = lerp(exp_avg, grad, 1 - adam_beta1)
                             update = F.lerp(exp_avg, grad, h["_k88"])
                         else:
@@ -2594,10 +2860,10 @@ def _device_step(h, param, grad, S):
                 F.mul_(exp_avg_sq, h["_k90"])
                 F.addcmul_(exp_avg_sq, grad, grad, h["_k91"])
                 # if adam_eps == None:
-                if h["_c31"]:
+                if h["_c33"]:
                     pass
                 # if adam_use_atan2:
-                if h["_c32"]:
+                if h["_c34"]:
                     # denom = sqrt(exp_avg_sq) / sqrt_bias_correction2
                     denom = F.sqrt(exp_avg_sq)
                     F.div_(denom, h["sqrt_bias_correction2"])
@@ -2607,16 +2873,16 @@ def _device_step(h, param, grad, S):
                     F.div_(denom, h["sqrt_bias_correction2"])
                     F.add_(denom, h["adam_eps_eff"])
                 # if adam_use_atan2:
-                if h["_c32"]:
+                if h["_c34"]:
                     # update = atan2(update, denom)
                     update = F.atan2(update, denom)
                 else:
                     # update = update / denom
                     F.div_(update, denom)
                 # if adam_use_atan2:
-                if h["_c32"]:
+                if h["_c34"]:
                     # if adam_spectral_normalization:
-                    if h["_c33"]:
+                    if h["_c35"]:
                         # if ndim >= 2:
                         if h["_c20"]:
                             # spectral_x = cast(update, param)
@@ -2660,7 +2926,7 @@ def _device_step(h, param, grad, S):
                         F.mul_(update, h["_k94"])
                 else:
                     # if adam_spectral_normalization:
-                    if h["_c33"]:
+                    if h["_c35"]:
                         # if ndim >= 2:
                         if h["_c20"]:
                             # spectral_x = cast(update, param)
@@ -2709,7 +2975,7 @@ def _device_step(h, param, grad, S):
                     # update_fp32 = float32(update)
                     update_fp32 = F.float32(update)
                     # if adam_weight_decay != 0:
-                    if h["_c34"]:
+                    if h["_c36"]:
                         # if cautious_wd:
                         if h["_c23"]:
                             # param_fp32 = param_fp32 - adam_weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
@@ -2723,9 +2989,23 @@ def _device_step(h, param, grad, S):
                             param_fp32 = F.axpy(param_fp32, param_fp32, h["_k98"])
                     # if centered_wd != 0:
                     if h["_c24"]:
-                        # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                        cwd_target_7 = F.cast(anchor_data, param_fp32)
-                        cwd_target = F.sub(param_fp32, cwd_target_7)
+                        # if centered_wd_mode == 'int8':
+                        if h["_c25"]:
+                            # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                            cwd_target_31 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                            cwd_target_32 = F.cast(cwd_target_31, param_fp32)
+                            cwd_target = F.sub(param_fp32, cwd_target_32)
+                        else:
+                            # if centered_wd_mode == 'int4':
+                            if h["_c26"]:
+                                # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                cwd_target_33 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                cwd_target_34 = F.cast(cwd_target_33, param_fp32)
+                                cwd_target = F.sub(param_fp32, cwd_target_34)
+                            else:
+                                # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                cwd_target_35 = F.cast(anchor_data, param_fp32)
+                                cwd_target = F.sub(param_fp32, cwd_target_35)
                         # if cautious_wd:
                         if h["_c23"]:
                             # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
@@ -2744,7 +3024,7 @@ def _device_step(h, param, grad, S):
                     F.assign_(param, param_28)
                 else:
                     # if adam_weight_decay != 0:
-                    if h["_c34"]:
+                    if h["_c36"]:
                         # if cautious_wd:
                         if h["_c23"]:
                             # param = param - adam_weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
@@ -2759,9 +3039,23 @@ def _device_step(h, param, grad, S):
                             F.assign_(param, param_33)
                     # if centered_wd != 0:
                     if h["_c24"]:
-                        # cwd_target = param - cast(anchor_data, param)
-                        cwd_target_8 = F.cast(anchor_data, param)
-                        cwd_target = F.sub(param, cwd_target_8)
+                        # if centered_wd_mode == 'int8':
+                        if h["_c25"]:
+                            # cwd_target = param - cast(anchor_data, param)
+                            cwd_target_36 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                            cwd_target_37 = F.cast(cwd_target_36, param)
+                            cwd_target = F.sub(param, cwd_target_37)
+                        else:
+                            # if centered_wd_mode == 'int4':
+                            if h["_c26"]:
+                                # cwd_target = param - cast(anchor_data, param)
+                                cwd_target_38 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                cwd_target_39 = F.cast(cwd_target_38, param)
+                                cwd_target = F.sub(param, cwd_target_39)
+                            else:
+                                # cwd_target = param - cast(anchor_data, param)
+                                cwd_target_40 = F.cast(anchor_data, param)
+                                cwd_target = F.sub(param, cwd_target_40)
                         # if cautious_wd:
                         if h["_c23"]:
                             # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
@@ -2776,11 +3070,11 @@ def _device_step(h, param, grad, S):
                     F.sub_(param, update)
     else:
         # if factored_2nd:
-        if h["_c35"]:
+        if h["_c37"]:
             # if (ndim != 1 or vector_reshape) and (use_muon == True or use_muon == None and (optim_type == 'muon' or optim_type == None and (ndim >= 2 and big_dims >= 2 and dim0 != 1 and dim1 != 1 and min(dim0, numel / dim0) >= 4 and max(dim0, numel / dim0) / min(dim0, numel / dim0) <= 128))):
-            if h["_c36"]:
+            if h["_c38"]:
                 # if state_precision == 'bf16_sr' and not nnmf_factor:
-                if h["_c37"]:
+                if h["_c39"]:
                     # if approx_mars:
                     if h["_c4"]:
                         # mars = (grad - last_grad) * (mars_gamma * beta1 / (1 - beta1)) + grad
@@ -2792,7 +3086,7 @@ def _device_step(h, param, grad, S):
                         # grad = mars
                         grad = mars
                     # if (use_muon == True or use_muon == None and (optim_type == 'muon' or optim_type == None and (ndim >= 2 and big_dims >= 2 and dim0 != 1 and dim1 != 1 and min(dim0, numel / dim0) >= 4 and max(dim0, numel / dim0) / min(dim0, numel / dim0) <= 128))) and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape)) or ((use_muon == True or use_muon == None and (optim_type == 'muon' or optim_type == None and (ndim >= 2 and big_dims >= 2 and dim0 != 1 and dim1 != 1 and min(dim0, numel / dim0) >= 4 and max(dim0, numel / dim0) / min(dim0, numel / dim0) <= 128))) and not normuon_variant) and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape) or not (state_precision == 'factored' or nnmf_factor) and (factored_2nd and ((ndim != 1 or vector_reshape) and (use_muon == True or use_muon == None and (optim_type == 'muon' or optim_type == None and (ndim >= 2 and big_dims >= 2 and dim0 != 1 and dim1 != 1 and min(dim0, numel / dim0) >= 4 and max(dim0, numel / dim0) / min(dim0, numel / dim0) <= 128)))))):
-                    if h["_c38"]:
+                    if h["_c40"]:
                         # grad = float32(grad)
                         grad = F.float32(grad)
                     # if orthogonal_gradient == 'flattened' or orthogonal_gradient == 'iterative' and (ndim < 2 or param_attr('_is_dora_scale', False) or param_attr('is_vector', False)):
@@ -3002,9 +3296,23 @@ def _device_step(h, param, grad, S):
                                 param_fp32 = F.axpy(param_fp32, param_fp32, h["_k133"])
                         # if centered_wd != 0:
                         if h["_c24"]:
-                            # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                            cwd_target_9 = F.cast(anchor_data, param_fp32)
-                            cwd_target = F.sub(param_fp32, cwd_target_9)
+                            # if centered_wd_mode == 'int8':
+                            if h["_c25"]:
+                                # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                cwd_target_41 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                cwd_target_42 = F.cast(cwd_target_41, param_fp32)
+                                cwd_target = F.sub(param_fp32, cwd_target_42)
+                            else:
+                                # if centered_wd_mode == 'int4':
+                                if h["_c26"]:
+                                    # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                    cwd_target_43 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                    cwd_target_44 = F.cast(cwd_target_43, param_fp32)
+                                    cwd_target = F.sub(param_fp32, cwd_target_44)
+                                else:
+                                    # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                    cwd_target_45 = F.cast(anchor_data, param_fp32)
+                                    cwd_target = F.sub(param_fp32, cwd_target_45)
                             # if cautious_wd:
                             if h["_c23"]:
                                 # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
@@ -3038,9 +3346,23 @@ def _device_step(h, param, grad, S):
                                 F.assign_(param, param_42)
                         # if centered_wd != 0:
                         if h["_c24"]:
-                            # cwd_target = param - cast(anchor_data, param)
-                            cwd_target_10 = F.cast(anchor_data, param)
-                            cwd_target = F.sub(param, cwd_target_10)
+                            # if centered_wd_mode == 'int8':
+                            if h["_c25"]:
+                                # cwd_target = param - cast(anchor_data, param)
+                                cwd_target_46 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                cwd_target_47 = F.cast(cwd_target_46, param)
+                                cwd_target = F.sub(param, cwd_target_47)
+                            else:
+                                # if centered_wd_mode == 'int4':
+                                if h["_c26"]:
+                                    # cwd_target = param - cast(anchor_data, param)
+                                    cwd_target_48 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                    cwd_target_49 = F.cast(cwd_target_48, param)
+                                    cwd_target = F.sub(param, cwd_target_49)
+                                else:
+                                    # cwd_target = param - cast(anchor_data, param)
+                                    cwd_target_50 = F.cast(anchor_data, param)
+                                    cwd_target = F.sub(param, cwd_target_50)
                             # if cautious_wd:
                             if h["_c23"]:
                                 # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
@@ -3055,7 +3377,7 @@ def _device_step(h, param, grad, S):
                         F.sub_(param, update)
                 else:
                     # if state_precision == 'int8_sr' and not nnmf_factor:
-                    if h["_c39"]:
+                    if h["_c41"]:
                         # if approx_mars:
                         if h["_c4"]:
                             # mars = (grad - last_grad) * (mars_gamma * beta1 / (1 - beta1)) + grad
@@ -3067,7 +3389,7 @@ def _device_step(h, param, grad, S):
                             # grad = mars
                             grad = mars
                         # if (use_muon == True or use_muon == None and (optim_type == 'muon' or optim_type == None and (ndim >= 2 and big_dims >= 2 and dim0 != 1 and dim1 != 1 and min(dim0, numel / dim0) >= 4 and max(dim0, numel / dim0) / min(dim0, numel / dim0) <= 128))) and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape)) or ((use_muon == True or use_muon == None and (optim_type == 'muon' or optim_type == None and (ndim >= 2 and big_dims >= 2 and dim0 != 1 and dim1 != 1 and min(dim0, numel / dim0) >= 4 and max(dim0, numel / dim0) / min(dim0, numel / dim0) <= 128))) and not normuon_variant) and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape) or not (state_precision == 'factored' or nnmf_factor) and (factored_2nd and ((ndim != 1 or vector_reshape) and (use_muon == True or use_muon == None and (optim_type == 'muon' or optim_type == None and (ndim >= 2 and big_dims >= 2 and dim0 != 1 and dim1 != 1 and min(dim0, numel / dim0) >= 4 and max(dim0, numel / dim0) / min(dim0, numel / dim0) <= 128)))))):
-                        if h["_c38"]:
+                        if h["_c40"]:
                             # grad = float32(grad)
                             grad = F.float32(grad)
                         # if orthogonal_gradient == 'flattened' or orthogonal_gradient == 'iterative' and (ndim < 2 or param_attr('_is_dora_scale', False) or param_attr('is_vector', False)):
@@ -3277,9 +3599,23 @@ def _device_step(h, param, grad, S):
                                     param_fp32 = F.axpy(param_fp32, param_fp32, h["_k168"])
                             # if centered_wd != 0:
                             if h["_c24"]:
-                                # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                                cwd_target_11 = F.cast(anchor_data, param_fp32)
-                                cwd_target = F.sub(param_fp32, cwd_target_11)
+                                # if centered_wd_mode == 'int8':
+                                if h["_c25"]:
+                                    # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                    cwd_target_51 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                    cwd_target_52 = F.cast(cwd_target_51, param_fp32)
+                                    cwd_target = F.sub(param_fp32, cwd_target_52)
+                                else:
+                                    # if centered_wd_mode == 'int4':
+                                    if h["_c26"]:
+                                        # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                        cwd_target_53 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                        cwd_target_54 = F.cast(cwd_target_53, param_fp32)
+                                        cwd_target = F.sub(param_fp32, cwd_target_54)
+                                    else:
+                                        # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                        cwd_target_55 = F.cast(anchor_data, param_fp32)
+                                        cwd_target = F.sub(param_fp32, cwd_target_55)
                                 # if cautious_wd:
                                 if h["_c23"]:
                                     # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
@@ -3313,9 +3649,23 @@ def _device_step(h, param, grad, S):
                                     F.assign_(param, param_51)
                             # if centered_wd != 0:
                             if h["_c24"]:
-                                # cwd_target = param - cast(anchor_data, param)
-                                cwd_target_12 = F.cast(anchor_data, param)
-                                cwd_target = F.sub(param, cwd_target_12)
+                                # if centered_wd_mode == 'int8':
+                                if h["_c25"]:
+                                    # cwd_target = param - cast(anchor_data, param)
+                                    cwd_target_56 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                    cwd_target_57 = F.cast(cwd_target_56, param)
+                                    cwd_target = F.sub(param, cwd_target_57)
+                                else:
+                                    # if centered_wd_mode == 'int4':
+                                    if h["_c26"]:
+                                        # cwd_target = param - cast(anchor_data, param)
+                                        cwd_target_58 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                        cwd_target_59 = F.cast(cwd_target_58, param)
+                                        cwd_target = F.sub(param, cwd_target_59)
+                                    else:
+                                        # cwd_target = param - cast(anchor_data, param)
+                                        cwd_target_60 = F.cast(anchor_data, param)
+                                        cwd_target = F.sub(param, cwd_target_60)
                                 # if cautious_wd:
                                 if h["_c23"]:
                                     # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
@@ -3340,7 +3690,7 @@ def _device_step(h, param, grad, S):
                             # grad = mars
                             grad = mars
                         # if (state_precision == 'fp32' and not nnmf_factor) and ((use_muon == True or use_muon == None and (optim_type == 'muon' or optim_type == None and (ndim >= 2 and big_dims >= 2 and dim0 != 1 and dim1 != 1 and min(dim0, numel / dim0) >= 4 and max(dim0, numel / dim0) / min(dim0, numel / dim0) <= 128))) and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape)) or ((use_muon == True or use_muon == None and (optim_type == 'muon' or optim_type == None and (ndim >= 2 and big_dims >= 2 and dim0 != 1 and dim1 != 1 and min(dim0, numel / dim0) >= 4 and max(dim0, numel / dim0) / min(dim0, numel / dim0) <= 128))) and not normuon_variant) and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape) or not (state_precision == 'factored' or nnmf_factor) and (factored_2nd and ((ndim != 1 or vector_reshape) and (use_muon == True or use_muon == None and (optim_type == 'muon' or optim_type == None and (ndim >= 2 and big_dims >= 2 and dim0 != 1 and dim1 != 1 and min(dim0, numel / dim0) >= 4 and max(dim0, numel / dim0) / min(dim0, numel / dim0) <= 128))))))):
-                        if h["_c40"]:
+                        if h["_c42"]:
                             # grad = float32(grad)
                             grad = F.float32(grad)
                         # if orthogonal_gradient == 'flattened' or orthogonal_gradient == 'iterative' and (ndim < 2 or param_attr('_is_dora_scale', False) or param_attr('is_vector', False)):
@@ -3546,9 +3896,23 @@ def _device_step(h, param, grad, S):
                                     param_fp32 = F.axpy(param_fp32, param_fp32, h["_k202"])
                             # if centered_wd != 0:
                             if h["_c24"]:
-                                # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                                cwd_target_13 = F.cast(anchor_data, param_fp32)
-                                cwd_target = F.sub(param_fp32, cwd_target_13)
+                                # if centered_wd_mode == 'int8':
+                                if h["_c25"]:
+                                    # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                    cwd_target_61 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                    cwd_target_62 = F.cast(cwd_target_61, param_fp32)
+                                    cwd_target = F.sub(param_fp32, cwd_target_62)
+                                else:
+                                    # if centered_wd_mode == 'int4':
+                                    if h["_c26"]:
+                                        # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                        cwd_target_63 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                        cwd_target_64 = F.cast(cwd_target_63, param_fp32)
+                                        cwd_target = F.sub(param_fp32, cwd_target_64)
+                                    else:
+                                        # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                        cwd_target_65 = F.cast(anchor_data, param_fp32)
+                                        cwd_target = F.sub(param_fp32, cwd_target_65)
                                 # if cautious_wd:
                                 if h["_c23"]:
                                     # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
@@ -3582,9 +3946,23 @@ def _device_step(h, param, grad, S):
                                     F.assign_(param, param_60)
                             # if centered_wd != 0:
                             if h["_c24"]:
-                                # cwd_target = param - cast(anchor_data, param)
-                                cwd_target_14 = F.cast(anchor_data, param)
-                                cwd_target = F.sub(param, cwd_target_14)
+                                # if centered_wd_mode == 'int8':
+                                if h["_c25"]:
+                                    # cwd_target = param - cast(anchor_data, param)
+                                    cwd_target_66 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                    cwd_target_67 = F.cast(cwd_target_66, param)
+                                    cwd_target = F.sub(param, cwd_target_67)
+                                else:
+                                    # if centered_wd_mode == 'int4':
+                                    if h["_c26"]:
+                                        # cwd_target = param - cast(anchor_data, param)
+                                        cwd_target_68 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                        cwd_target_69 = F.cast(cwd_target_68, param)
+                                        cwd_target = F.sub(param, cwd_target_69)
+                                    else:
+                                        # cwd_target = param - cast(anchor_data, param)
+                                        cwd_target_70 = F.cast(anchor_data, param)
+                                        cwd_target = F.sub(param, cwd_target_70)
                                 # if cautious_wd:
                                 if h["_c23"]:
                                     # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
@@ -3601,7 +3979,7 @@ def _device_step(h, param, grad, S):
                 # if use_muon == True or use_muon == None and (optim_type == 'muon' or optim_type == None and (ndim >= 2 and big_dims >= 2 and dim0 != 1 and dim1 != 1 and min(dim0, numel / dim0) >= 4 and max(dim0, numel / dim0) / min(dim0, numel / dim0) <= 128)):
                 if h["_c3"]:
                     # if state_precision == 'bf16_sr' and not nnmf_factor:
-                    if h["_c37"]:
+                    if h["_c39"]:
                         # if approx_mars:
                         if h["_c4"]:
                             # mars = (grad - last_grad) * (mars_gamma * beta1 / (1 - beta1)) + grad
@@ -3613,7 +3991,7 @@ def _device_step(h, param, grad, S):
                             # grad = mars
                             grad = mars
                         # if (use_muon == True or use_muon == None and (optim_type == 'muon' or optim_type == None and (ndim >= 2 and big_dims >= 2 and dim0 != 1 and dim1 != 1 and min(dim0, numel / dim0) >= 4 and max(dim0, numel / dim0) / min(dim0, numel / dim0) <= 128))) and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape)) or ((use_muon == True or use_muon == None and (optim_type == 'muon' or optim_type == None and (ndim >= 2 and big_dims >= 2 and dim0 != 1 and dim1 != 1 and min(dim0, numel / dim0) >= 4 and max(dim0, numel / dim0) / min(dim0, numel / dim0) <= 128))) and not normuon_variant) and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape) or not (state_precision == 'factored' or nnmf_factor) and (factored_2nd and ((ndim != 1 or vector_reshape) and (use_muon == True or use_muon == None and (optim_type == 'muon' or optim_type == None and (ndim >= 2 and big_dims >= 2 and dim0 != 1 and dim1 != 1 and min(dim0, numel / dim0) >= 4 and max(dim0, numel / dim0) / min(dim0, numel / dim0) <= 128)))))):
-                        if h["_c38"]:
+                        if h["_c40"]:
                             # grad = float32(grad)
                             grad = F.float32(grad)
                         # if orthogonal_gradient == 'flattened' or orthogonal_gradient == 'iterative' and (ndim < 2 or param_attr('_is_dora_scale', False) or param_attr('is_vector', False)):
@@ -3805,9 +4183,23 @@ def _device_step(h, param, grad, S):
                                     param_fp32 = F.axpy(param_fp32, param_fp32, h["_k238"])
                             # if centered_wd != 0:
                             if h["_c24"]:
-                                # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                                cwd_target_15 = F.cast(anchor_data, param_fp32)
-                                cwd_target = F.sub(param_fp32, cwd_target_15)
+                                # if centered_wd_mode == 'int8':
+                                if h["_c25"]:
+                                    # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                    cwd_target_71 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                    cwd_target_72 = F.cast(cwd_target_71, param_fp32)
+                                    cwd_target = F.sub(param_fp32, cwd_target_72)
+                                else:
+                                    # if centered_wd_mode == 'int4':
+                                    if h["_c26"]:
+                                        # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                        cwd_target_73 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                        cwd_target_74 = F.cast(cwd_target_73, param_fp32)
+                                        cwd_target = F.sub(param_fp32, cwd_target_74)
+                                    else:
+                                        # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                        cwd_target_75 = F.cast(anchor_data, param_fp32)
+                                        cwd_target = F.sub(param_fp32, cwd_target_75)
                                 # if cautious_wd:
                                 if h["_c23"]:
                                     # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
@@ -3841,9 +4233,23 @@ def _device_step(h, param, grad, S):
                                     F.assign_(param, param_69)
                             # if centered_wd != 0:
                             if h["_c24"]:
-                                # cwd_target = param - cast(anchor_data, param)
-                                cwd_target_16 = F.cast(anchor_data, param)
-                                cwd_target = F.sub(param, cwd_target_16)
+                                # if centered_wd_mode == 'int8':
+                                if h["_c25"]:
+                                    # cwd_target = param - cast(anchor_data, param)
+                                    cwd_target_76 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                    cwd_target_77 = F.cast(cwd_target_76, param)
+                                    cwd_target = F.sub(param, cwd_target_77)
+                                else:
+                                    # if centered_wd_mode == 'int4':
+                                    if h["_c26"]:
+                                        # cwd_target = param - cast(anchor_data, param)
+                                        cwd_target_78 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                        cwd_target_79 = F.cast(cwd_target_78, param)
+                                        cwd_target = F.sub(param, cwd_target_79)
+                                    else:
+                                        # cwd_target = param - cast(anchor_data, param)
+                                        cwd_target_80 = F.cast(anchor_data, param)
+                                        cwd_target = F.sub(param, cwd_target_80)
                                 # if cautious_wd:
                                 if h["_c23"]:
                                     # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
@@ -3858,7 +4264,7 @@ def _device_step(h, param, grad, S):
                             F.sub_(param, update)
                     else:
                         # if state_precision == 'int8_sr' and not nnmf_factor:
-                        if h["_c39"]:
+                        if h["_c41"]:
                             # if approx_mars:
                             if h["_c4"]:
                                 # mars = (grad - last_grad) * (mars_gamma * beta1 / (1 - beta1)) + grad
@@ -3870,7 +4276,7 @@ def _device_step(h, param, grad, S):
                                 # grad = mars
                                 grad = mars
                             # if (use_muon == True or use_muon == None and (optim_type == 'muon' or optim_type == None and (ndim >= 2 and big_dims >= 2 and dim0 != 1 and dim1 != 1 and min(dim0, numel / dim0) >= 4 and max(dim0, numel / dim0) / min(dim0, numel / dim0) <= 128))) and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape)) or ((use_muon == True or use_muon == None and (optim_type == 'muon' or optim_type == None and (ndim >= 2 and big_dims >= 2 and dim0 != 1 and dim1 != 1 and min(dim0, numel / dim0) >= 4 and max(dim0, numel / dim0) / min(dim0, numel / dim0) <= 128))) and not normuon_variant) and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape) or not (state_precision == 'factored' or nnmf_factor) and (factored_2nd and ((ndim != 1 or vector_reshape) and (use_muon == True or use_muon == None and (optim_type == 'muon' or optim_type == None and (ndim >= 2 and big_dims >= 2 and dim0 != 1 and dim1 != 1 and min(dim0, numel / dim0) >= 4 and max(dim0, numel / dim0) / min(dim0, numel / dim0) <= 128)))))):
-                            if h["_c38"]:
+                            if h["_c40"]:
                                 # grad = float32(grad)
                                 grad = F.float32(grad)
                             # if orthogonal_gradient == 'flattened' or orthogonal_gradient == 'iterative' and (ndim < 2 or param_attr('_is_dora_scale', False) or param_attr('is_vector', False)):
@@ -4062,9 +4468,23 @@ def _device_step(h, param, grad, S):
                                         param_fp32 = F.axpy(param_fp32, param_fp32, h["_k274"])
                                 # if centered_wd != 0:
                                 if h["_c24"]:
-                                    # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                                    cwd_target_17 = F.cast(anchor_data, param_fp32)
-                                    cwd_target = F.sub(param_fp32, cwd_target_17)
+                                    # if centered_wd_mode == 'int8':
+                                    if h["_c25"]:
+                                        # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                        cwd_target_81 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                        cwd_target_82 = F.cast(cwd_target_81, param_fp32)
+                                        cwd_target = F.sub(param_fp32, cwd_target_82)
+                                    else:
+                                        # if centered_wd_mode == 'int4':
+                                        if h["_c26"]:
+                                            # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                            cwd_target_83 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                            cwd_target_84 = F.cast(cwd_target_83, param_fp32)
+                                            cwd_target = F.sub(param_fp32, cwd_target_84)
+                                        else:
+                                            # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                            cwd_target_85 = F.cast(anchor_data, param_fp32)
+                                            cwd_target = F.sub(param_fp32, cwd_target_85)
                                     # if cautious_wd:
                                     if h["_c23"]:
                                         # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
@@ -4098,9 +4518,23 @@ def _device_step(h, param, grad, S):
                                         F.assign_(param, param_78)
                                 # if centered_wd != 0:
                                 if h["_c24"]:
-                                    # cwd_target = param - cast(anchor_data, param)
-                                    cwd_target_18 = F.cast(anchor_data, param)
-                                    cwd_target = F.sub(param, cwd_target_18)
+                                    # if centered_wd_mode == 'int8':
+                                    if h["_c25"]:
+                                        # cwd_target = param - cast(anchor_data, param)
+                                        cwd_target_86 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                        cwd_target_87 = F.cast(cwd_target_86, param)
+                                        cwd_target = F.sub(param, cwd_target_87)
+                                    else:
+                                        # if centered_wd_mode == 'int4':
+                                        if h["_c26"]:
+                                            # cwd_target = param - cast(anchor_data, param)
+                                            cwd_target_88 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                            cwd_target_89 = F.cast(cwd_target_88, param)
+                                            cwd_target = F.sub(param, cwd_target_89)
+                                        else:
+                                            # cwd_target = param - cast(anchor_data, param)
+                                            cwd_target_90 = F.cast(anchor_data, param)
+                                            cwd_target = F.sub(param, cwd_target_90)
                                     # if cautious_wd:
                                     if h["_c23"]:
                                         # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
@@ -4125,7 +4559,7 @@ def _device_step(h, param, grad, S):
                                 # grad = mars
                                 grad = mars
                             # if (state_precision == 'fp32' and not nnmf_factor) and ((use_muon == True or use_muon == None and (optim_type == 'muon' or optim_type == None and (ndim >= 2 and big_dims >= 2 and dim0 != 1 and dim1 != 1 and min(dim0, numel / dim0) >= 4 and max(dim0, numel / dim0) / min(dim0, numel / dim0) <= 128))) and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape)) or ((use_muon == True or use_muon == None and (optim_type == 'muon' or optim_type == None and (ndim >= 2 and big_dims >= 2 and dim0 != 1 and dim1 != 1 and min(dim0, numel / dim0) >= 4 and max(dim0, numel / dim0) / min(dim0, numel / dim0) <= 128))) and not normuon_variant) and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape) or not (state_precision == 'factored' or nnmf_factor) and (factored_2nd and ((ndim != 1 or vector_reshape) and (use_muon == True or use_muon == None and (optim_type == 'muon' or optim_type == None and (ndim >= 2 and big_dims >= 2 and dim0 != 1 and dim1 != 1 and min(dim0, numel / dim0) >= 4 and max(dim0, numel / dim0) / min(dim0, numel / dim0) <= 128))))))):
-                            if h["_c40"]:
+                            if h["_c42"]:
                                 # grad = float32(grad)
                                 grad = F.float32(grad)
                             # if orthogonal_gradient == 'flattened' or orthogonal_gradient == 'iterative' and (ndim < 2 or param_attr('_is_dora_scale', False) or param_attr('is_vector', False)):
@@ -4309,9 +4743,23 @@ def _device_step(h, param, grad, S):
                                         param_fp32 = F.axpy(param_fp32, param_fp32, h["_k308"])
                                 # if centered_wd != 0:
                                 if h["_c24"]:
-                                    # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                                    cwd_target_19 = F.cast(anchor_data, param_fp32)
-                                    cwd_target = F.sub(param_fp32, cwd_target_19)
+                                    # if centered_wd_mode == 'int8':
+                                    if h["_c25"]:
+                                        # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                        cwd_target_91 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                        cwd_target_92 = F.cast(cwd_target_91, param_fp32)
+                                        cwd_target = F.sub(param_fp32, cwd_target_92)
+                                    else:
+                                        # if centered_wd_mode == 'int4':
+                                        if h["_c26"]:
+                                            # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                            cwd_target_93 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                            cwd_target_94 = F.cast(cwd_target_93, param_fp32)
+                                            cwd_target = F.sub(param_fp32, cwd_target_94)
+                                        else:
+                                            # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                            cwd_target_95 = F.cast(anchor_data, param_fp32)
+                                            cwd_target = F.sub(param_fp32, cwd_target_95)
                                     # if cautious_wd:
                                     if h["_c23"]:
                                         # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
@@ -4345,9 +4793,23 @@ def _device_step(h, param, grad, S):
                                         F.assign_(param, param_87)
                                 # if centered_wd != 0:
                                 if h["_c24"]:
-                                    # cwd_target = param - cast(anchor_data, param)
-                                    cwd_target_20 = F.cast(anchor_data, param)
-                                    cwd_target = F.sub(param, cwd_target_20)
+                                    # if centered_wd_mode == 'int8':
+                                    if h["_c25"]:
+                                        # cwd_target = param - cast(anchor_data, param)
+                                        cwd_target_96 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                        cwd_target_97 = F.cast(cwd_target_96, param)
+                                        cwd_target = F.sub(param, cwd_target_97)
+                                    else:
+                                        # if centered_wd_mode == 'int4':
+                                        if h["_c26"]:
+                                            # cwd_target = param - cast(anchor_data, param)
+                                            cwd_target_98 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                            cwd_target_99 = F.cast(cwd_target_98, param)
+                                            cwd_target = F.sub(param, cwd_target_99)
+                                        else:
+                                            # cwd_target = param - cast(anchor_data, param)
+                                            cwd_target_100 = F.cast(anchor_data, param)
+                                            cwd_target = F.sub(param, cwd_target_100)
                                     # if cautious_wd:
                                     if h["_c23"]:
                                         # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
@@ -4362,7 +4824,7 @@ def _device_step(h, param, grad, S):
                                 F.sub_(param, update)
                 else:
                     # if adam_orthogonal_gradient == 'flattened' or adam_orthogonal_gradient == 'iterative' and (ndim < 2 or param_attr('_is_dora_scale', False) or param_attr('is_vector', False)):
-                    if h["_c25"]:
+                    if h["_c27"]:
                         # ortho_g = float32(grad) - float32(param) * (vdot(float32(param), float32(grad)) / (vdot(float32(param), float32(param)) + 1e-30))
                         ortho_g_92 = F.float32(grad)
                         ortho_g_93 = F.float32(param)
@@ -4388,20 +4850,20 @@ def _device_step(h, param, grad, S):
                         grad = grad_22
                     else:
                         # if adam_orthogonal_gradient == 'iterative':
-                        if h["_c26"]:
+                        if h["_c28"]:
                             # grad = orthograd_iterative(grad, param)
                             grad = F.orthograd_iterative(grad, param)
                     # if adam_use_bias_correction:
-                    if h["_c27"]:
+                    if h["_c29"]:
                         pass
                     # if adam_beta1 > 0:
-                    if h["_c28"]:
+                    if h["_c30"]:
                         # exp_avg = lerp(exp_avg, grad, 1 - adam_beta1)
                         F.lerp_(exp_avg, grad, h["_k316"])
                         # if adam_nesterov:
-                        if h["_c29"]:
+                        if h["_c31"]:
                             # if adam_nesterov_coef == None:
-                            if h["_c30"]:
+                            if h["_c32"]:
                                 # update = lerp(exp_avg, grad, 1 - adam_beta1)
                                 update = F.lerp(exp_avg, grad, h["_k317"])
                             else:
@@ -4417,10 +4879,10 @@ def _device_step(h, param, grad, S):
                     F.mul_(exp_avg_sq, h["_k319"])
                     F.addcmul_(exp_avg_sq, grad, grad, h["_k320"])
                     # if adam_eps == None:
-                    if h["_c31"]:
+                    if h["_c33"]:
                         pass
                     # if adam_use_atan2:
-                    if h["_c32"]:
+                    if h["_c34"]:
                         # denom = sqrt(exp_avg_sq) / sqrt_bias_correction2
                         denom = F.sqrt(exp_avg_sq)
                         F.div_(denom, h["sqrt_bias_correction2"])
@@ -4430,16 +4892,16 @@ def _device_step(h, param, grad, S):
                         F.div_(denom, h["sqrt_bias_correction2"])
                         F.add_(denom, h["adam_eps_eff"])
                     # if adam_use_atan2:
-                    if h["_c32"]:
+                    if h["_c34"]:
                         # update = atan2(update, denom)
                         update = F.atan2(update, denom)
                     else:
                         # update = update / denom
                         F.div_(update, denom)
                     # if adam_use_atan2:
-                    if h["_c32"]:
+                    if h["_c34"]:
                         # if adam_spectral_normalization:
-                        if h["_c33"]:
+                        if h["_c35"]:
                             # if ndim >= 2:
                             if h["_c20"]:
                                 # spectral_x = cast(update, param)
@@ -4483,7 +4945,7 @@ def _device_step(h, param, grad, S):
                             F.mul_(update, h["_k323"])
                     else:
                         # if adam_spectral_normalization:
-                        if h["_c33"]:
+                        if h["_c35"]:
                             # if ndim >= 2:
                             if h["_c20"]:
                                 # spectral_x = cast(update, param)
@@ -4532,7 +4994,7 @@ def _device_step(h, param, grad, S):
                         # update_fp32 = float32(update)
                         update_fp32 = F.float32(update)
                         # if adam_weight_decay != 0:
-                        if h["_c34"]:
+                        if h["_c36"]:
                             # if cautious_wd:
                             if h["_c23"]:
                                 # param_fp32 = param_fp32 - adam_weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
@@ -4546,9 +5008,23 @@ def _device_step(h, param, grad, S):
                                 param_fp32 = F.axpy(param_fp32, param_fp32, h["_k327"])
                         # if centered_wd != 0:
                         if h["_c24"]:
-                            # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                            cwd_target_21 = F.cast(anchor_data, param_fp32)
-                            cwd_target = F.sub(param_fp32, cwd_target_21)
+                            # if centered_wd_mode == 'int8':
+                            if h["_c25"]:
+                                # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                cwd_target_101 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                cwd_target_102 = F.cast(cwd_target_101, param_fp32)
+                                cwd_target = F.sub(param_fp32, cwd_target_102)
+                            else:
+                                # if centered_wd_mode == 'int4':
+                                if h["_c26"]:
+                                    # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                    cwd_target_103 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                    cwd_target_104 = F.cast(cwd_target_103, param_fp32)
+                                    cwd_target = F.sub(param_fp32, cwd_target_104)
+                                else:
+                                    # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                    cwd_target_105 = F.cast(anchor_data, param_fp32)
+                                    cwd_target = F.sub(param_fp32, cwd_target_105)
                             # if cautious_wd:
                             if h["_c23"]:
                                 # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
@@ -4567,7 +5043,7 @@ def _device_step(h, param, grad, S):
                         F.assign_(param, param_91)
                     else:
                         # if adam_weight_decay != 0:
-                        if h["_c34"]:
+                        if h["_c36"]:
                             # if cautious_wd:
                             if h["_c23"]:
                                 # param = param - adam_weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
@@ -4582,9 +5058,23 @@ def _device_step(h, param, grad, S):
                                 F.assign_(param, param_96)
                         # if centered_wd != 0:
                         if h["_c24"]:
-                            # cwd_target = param - cast(anchor_data, param)
-                            cwd_target_22 = F.cast(anchor_data, param)
-                            cwd_target = F.sub(param, cwd_target_22)
+                            # if centered_wd_mode == 'int8':
+                            if h["_c25"]:
+                                # cwd_target = param - cast(anchor_data, param)
+                                cwd_target_106 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                cwd_target_107 = F.cast(cwd_target_106, param)
+                                cwd_target = F.sub(param, cwd_target_107)
+                            else:
+                                # if centered_wd_mode == 'int4':
+                                if h["_c26"]:
+                                    # cwd_target = param - cast(anchor_data, param)
+                                    cwd_target_108 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                    cwd_target_109 = F.cast(cwd_target_108, param)
+                                    cwd_target = F.sub(param, cwd_target_109)
+                                else:
+                                    # cwd_target = param - cast(anchor_data, param)
+                                    cwd_target_110 = F.cast(anchor_data, param)
+                                    cwd_target = F.sub(param, cwd_target_110)
                             # if cautious_wd:
                             if h["_c23"]:
                                 # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
@@ -4601,7 +5091,7 @@ def _device_step(h, param, grad, S):
             # if use_muon == True or use_muon == None and (optim_type == 'muon' or optim_type == None and (ndim >= 2 and big_dims >= 2 and dim0 != 1 and dim1 != 1 and min(dim0, numel / dim0) >= 4 and max(dim0, numel / dim0) / min(dim0, numel / dim0) <= 128)):
             if h["_c3"]:
                 # if state_precision == 'bf16_sr' and not nnmf_factor:
-                if h["_c37"]:
+                if h["_c39"]:
                     # if approx_mars:
                     if h["_c4"]:
                         # mars = (grad - last_grad) * (mars_gamma * beta1 / (1 - beta1)) + grad
@@ -4613,7 +5103,7 @@ def _device_step(h, param, grad, S):
                         # grad = mars
                         grad = mars
                     # if (use_muon == True or use_muon == None and (optim_type == 'muon' or optim_type == None and (ndim >= 2 and big_dims >= 2 and dim0 != 1 and dim1 != 1 and min(dim0, numel / dim0) >= 4 and max(dim0, numel / dim0) / min(dim0, numel / dim0) <= 128))) and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape)) or ((use_muon == True or use_muon == None and (optim_type == 'muon' or optim_type == None and (ndim >= 2 and big_dims >= 2 and dim0 != 1 and dim1 != 1 and min(dim0, numel / dim0) >= 4 and max(dim0, numel / dim0) / min(dim0, numel / dim0) <= 128))) and not normuon_variant) and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape) or not (state_precision == 'factored' or nnmf_factor) and (factored_2nd and ((ndim != 1 or vector_reshape) and (use_muon == True or use_muon == None and (optim_type == 'muon' or optim_type == None and (ndim >= 2 and big_dims >= 2 and dim0 != 1 and dim1 != 1 and min(dim0, numel / dim0) >= 4 and max(dim0, numel / dim0) / min(dim0, numel / dim0) <= 128)))))):
-                    if h["_c38"]:
+                    if h["_c40"]:
                         # grad = float32(grad)
                         grad = F.float32(grad)
                     # if orthogonal_gradient == 'flattened' or orthogonal_gradient == 'iterative' and (ndim < 2 or param_attr('_is_dora_scale', False) or param_attr('is_vector', False)):
@@ -4805,9 +5295,23 @@ def _device_step(h, param, grad, S):
                                 param_fp32 = F.axpy(param_fp32, param_fp32, h["_k363"])
                         # if centered_wd != 0:
                         if h["_c24"]:
-                            # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                            cwd_target_23 = F.cast(anchor_data, param_fp32)
-                            cwd_target = F.sub(param_fp32, cwd_target_23)
+                            # if centered_wd_mode == 'int8':
+                            if h["_c25"]:
+                                # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                cwd_target_111 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                cwd_target_112 = F.cast(cwd_target_111, param_fp32)
+                                cwd_target = F.sub(param_fp32, cwd_target_112)
+                            else:
+                                # if centered_wd_mode == 'int4':
+                                if h["_c26"]:
+                                    # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                    cwd_target_113 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                    cwd_target_114 = F.cast(cwd_target_113, param_fp32)
+                                    cwd_target = F.sub(param_fp32, cwd_target_114)
+                                else:
+                                    # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                    cwd_target_115 = F.cast(anchor_data, param_fp32)
+                                    cwd_target = F.sub(param_fp32, cwd_target_115)
                             # if cautious_wd:
                             if h["_c23"]:
                                 # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
@@ -4841,9 +5345,23 @@ def _device_step(h, param, grad, S):
                                 F.assign_(param, param_105)
                         # if centered_wd != 0:
                         if h["_c24"]:
-                            # cwd_target = param - cast(anchor_data, param)
-                            cwd_target_24 = F.cast(anchor_data, param)
-                            cwd_target = F.sub(param, cwd_target_24)
+                            # if centered_wd_mode == 'int8':
+                            if h["_c25"]:
+                                # cwd_target = param - cast(anchor_data, param)
+                                cwd_target_116 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                cwd_target_117 = F.cast(cwd_target_116, param)
+                                cwd_target = F.sub(param, cwd_target_117)
+                            else:
+                                # if centered_wd_mode == 'int4':
+                                if h["_c26"]:
+                                    # cwd_target = param - cast(anchor_data, param)
+                                    cwd_target_118 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                    cwd_target_119 = F.cast(cwd_target_118, param)
+                                    cwd_target = F.sub(param, cwd_target_119)
+                                else:
+                                    # cwd_target = param - cast(anchor_data, param)
+                                    cwd_target_120 = F.cast(anchor_data, param)
+                                    cwd_target = F.sub(param, cwd_target_120)
                             # if cautious_wd:
                             if h["_c23"]:
                                 # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
@@ -4858,7 +5376,7 @@ def _device_step(h, param, grad, S):
                         F.sub_(param, update)
                 else:
                     # if state_precision == 'int8_sr' and not nnmf_factor:
-                    if h["_c39"]:
+                    if h["_c41"]:
                         # if approx_mars:
                         if h["_c4"]:
                             # mars = (grad - last_grad) * (mars_gamma * beta1 / (1 - beta1)) + grad
@@ -4870,7 +5388,7 @@ def _device_step(h, param, grad, S):
                             # grad = mars
                             grad = mars
                         # if (use_muon == True or use_muon == None and (optim_type == 'muon' or optim_type == None and (ndim >= 2 and big_dims >= 2 and dim0 != 1 and dim1 != 1 and min(dim0, numel / dim0) >= 4 and max(dim0, numel / dim0) / min(dim0, numel / dim0) <= 128))) and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape)) or ((use_muon == True or use_muon == None and (optim_type == 'muon' or optim_type == None and (ndim >= 2 and big_dims >= 2 and dim0 != 1 and dim1 != 1 and min(dim0, numel / dim0) >= 4 and max(dim0, numel / dim0) / min(dim0, numel / dim0) <= 128))) and not normuon_variant) and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape) or not (state_precision == 'factored' or nnmf_factor) and (factored_2nd and ((ndim != 1 or vector_reshape) and (use_muon == True or use_muon == None and (optim_type == 'muon' or optim_type == None and (ndim >= 2 and big_dims >= 2 and dim0 != 1 and dim1 != 1 and min(dim0, numel / dim0) >= 4 and max(dim0, numel / dim0) / min(dim0, numel / dim0) <= 128)))))):
-                        if h["_c38"]:
+                        if h["_c40"]:
                             # grad = float32(grad)
                             grad = F.float32(grad)
                         # if orthogonal_gradient == 'flattened' or orthogonal_gradient == 'iterative' and (ndim < 2 or param_attr('_is_dora_scale', False) or param_attr('is_vector', False)):
@@ -5062,9 +5580,23 @@ def _device_step(h, param, grad, S):
                                     param_fp32 = F.axpy(param_fp32, param_fp32, h["_k399"])
                             # if centered_wd != 0:
                             if h["_c24"]:
-                                # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                                cwd_target_25 = F.cast(anchor_data, param_fp32)
-                                cwd_target = F.sub(param_fp32, cwd_target_25)
+                                # if centered_wd_mode == 'int8':
+                                if h["_c25"]:
+                                    # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                    cwd_target_121 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                    cwd_target_122 = F.cast(cwd_target_121, param_fp32)
+                                    cwd_target = F.sub(param_fp32, cwd_target_122)
+                                else:
+                                    # if centered_wd_mode == 'int4':
+                                    if h["_c26"]:
+                                        # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                        cwd_target_123 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                        cwd_target_124 = F.cast(cwd_target_123, param_fp32)
+                                        cwd_target = F.sub(param_fp32, cwd_target_124)
+                                    else:
+                                        # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                        cwd_target_125 = F.cast(anchor_data, param_fp32)
+                                        cwd_target = F.sub(param_fp32, cwd_target_125)
                                 # if cautious_wd:
                                 if h["_c23"]:
                                     # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
@@ -5098,9 +5630,23 @@ def _device_step(h, param, grad, S):
                                     F.assign_(param, param_114)
                             # if centered_wd != 0:
                             if h["_c24"]:
-                                # cwd_target = param - cast(anchor_data, param)
-                                cwd_target_26 = F.cast(anchor_data, param)
-                                cwd_target = F.sub(param, cwd_target_26)
+                                # if centered_wd_mode == 'int8':
+                                if h["_c25"]:
+                                    # cwd_target = param - cast(anchor_data, param)
+                                    cwd_target_126 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                    cwd_target_127 = F.cast(cwd_target_126, param)
+                                    cwd_target = F.sub(param, cwd_target_127)
+                                else:
+                                    # if centered_wd_mode == 'int4':
+                                    if h["_c26"]:
+                                        # cwd_target = param - cast(anchor_data, param)
+                                        cwd_target_128 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                        cwd_target_129 = F.cast(cwd_target_128, param)
+                                        cwd_target = F.sub(param, cwd_target_129)
+                                    else:
+                                        # cwd_target = param - cast(anchor_data, param)
+                                        cwd_target_130 = F.cast(anchor_data, param)
+                                        cwd_target = F.sub(param, cwd_target_130)
                                 # if cautious_wd:
                                 if h["_c23"]:
                                     # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
@@ -5125,7 +5671,7 @@ def _device_step(h, param, grad, S):
                             # grad = mars
                             grad = mars
                         # if (state_precision == 'fp32' and not nnmf_factor) and ((use_muon == True or use_muon == None and (optim_type == 'muon' or optim_type == None and (ndim >= 2 and big_dims >= 2 and dim0 != 1 and dim1 != 1 and min(dim0, numel / dim0) >= 4 and max(dim0, numel / dim0) / min(dim0, numel / dim0) <= 128))) and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape)) or ((use_muon == True or use_muon == None and (optim_type == 'muon' or optim_type == None and (ndim >= 2 and big_dims >= 2 and dim0 != 1 and dim1 != 1 and min(dim0, numel / dim0) >= 4 and max(dim0, numel / dim0) / min(dim0, numel / dim0) <= 128))) and not normuon_variant) and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape) or not (state_precision == 'factored' or nnmf_factor) and (factored_2nd and ((ndim != 1 or vector_reshape) and (use_muon == True or use_muon == None and (optim_type == 'muon' or optim_type == None and (ndim >= 2 and big_dims >= 2 and dim0 != 1 and dim1 != 1 and min(dim0, numel / dim0) >= 4 and max(dim0, numel / dim0) / min(dim0, numel / dim0) <= 128))))))):
-                        if h["_c40"]:
+                        if h["_c42"]:
                             # grad = float32(grad)
                             grad = F.float32(grad)
                         # if orthogonal_gradient == 'flattened' or orthogonal_gradient == 'iterative' and (ndim < 2 or param_attr('_is_dora_scale', False) or param_attr('is_vector', False)):
@@ -5309,9 +5855,23 @@ def _device_step(h, param, grad, S):
                                     param_fp32 = F.axpy(param_fp32, param_fp32, h["_k433"])
                             # if centered_wd != 0:
                             if h["_c24"]:
-                                # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                                cwd_target_27 = F.cast(anchor_data, param_fp32)
-                                cwd_target = F.sub(param_fp32, cwd_target_27)
+                                # if centered_wd_mode == 'int8':
+                                if h["_c25"]:
+                                    # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                    cwd_target_131 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                    cwd_target_132 = F.cast(cwd_target_131, param_fp32)
+                                    cwd_target = F.sub(param_fp32, cwd_target_132)
+                                else:
+                                    # if centered_wd_mode == 'int4':
+                                    if h["_c26"]:
+                                        # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                        cwd_target_133 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                        cwd_target_134 = F.cast(cwd_target_133, param_fp32)
+                                        cwd_target = F.sub(param_fp32, cwd_target_134)
+                                    else:
+                                        # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                        cwd_target_135 = F.cast(anchor_data, param_fp32)
+                                        cwd_target = F.sub(param_fp32, cwd_target_135)
                                 # if cautious_wd:
                                 if h["_c23"]:
                                     # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
@@ -5345,9 +5905,23 @@ def _device_step(h, param, grad, S):
                                     F.assign_(param, param_123)
                             # if centered_wd != 0:
                             if h["_c24"]:
-                                # cwd_target = param - cast(anchor_data, param)
-                                cwd_target_28 = F.cast(anchor_data, param)
-                                cwd_target = F.sub(param, cwd_target_28)
+                                # if centered_wd_mode == 'int8':
+                                if h["_c25"]:
+                                    # cwd_target = param - cast(anchor_data, param)
+                                    cwd_target_136 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                    cwd_target_137 = F.cast(cwd_target_136, param)
+                                    cwd_target = F.sub(param, cwd_target_137)
+                                else:
+                                    # if centered_wd_mode == 'int4':
+                                    if h["_c26"]:
+                                        # cwd_target = param - cast(anchor_data, param)
+                                        cwd_target_138 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                        cwd_target_139 = F.cast(cwd_target_138, param)
+                                        cwd_target = F.sub(param, cwd_target_139)
+                                    else:
+                                        # cwd_target = param - cast(anchor_data, param)
+                                        cwd_target_140 = F.cast(anchor_data, param)
+                                        cwd_target = F.sub(param, cwd_target_140)
                                 # if cautious_wd:
                                 if h["_c23"]:
                                     # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
@@ -5362,7 +5936,7 @@ def _device_step(h, param, grad, S):
                             F.sub_(param, update)
             else:
                 # if adam_orthogonal_gradient == 'flattened' or adam_orthogonal_gradient == 'iterative' and (ndim < 2 or param_attr('_is_dora_scale', False) or param_attr('is_vector', False)):
-                if h["_c25"]:
+                if h["_c27"]:
                     # ortho_g = float32(grad) - float32(param) * (vdot(float32(param), float32(grad)) / (vdot(float32(param), float32(param)) + 1e-30))
                     ortho_g_128 = F.float32(grad)
                     ortho_g_129 = F.float32(param)
@@ -5388,20 +5962,20 @@ def _device_step(h, param, grad, S):
                     grad = grad_30
                 else:
                     # if adam_orthogonal_gradient == 'iterative':
-                    if h["_c26"]:
+                    if h["_c28"]:
                         # grad = orthograd_iterative(grad, param)
                         grad = F.orthograd_iterative(grad, param)
                 # if adam_use_bias_correction:
-                if h["_c27"]:
+                if h["_c29"]:
                     pass
                 # if adam_beta1 > 0:
-                if h["_c28"]:
+                if h["_c30"]:
                     # exp_avg = lerp(exp_avg, grad, 1 - adam_beta1)
                     F.lerp_(exp_avg, grad, h["_k441"])
                     # if adam_nesterov:
-                    if h["_c29"]:
+                    if h["_c31"]:
                         # if adam_nesterov_coef == None:
-                        if h["_c30"]:
+                        if h["_c32"]:
                             # update = lerp(exp_avg, grad, 1 - adam_beta1)
                             update = F.lerp(exp_avg, grad, h["_k442"])
                         else:
@@ -5417,10 +5991,10 @@ def _device_step(h, param, grad, S):
                 F.mul_(exp_avg_sq, h["_k444"])
                 F.addcmul_(exp_avg_sq, grad, grad, h["_k445"])
                 # if adam_eps == None:
-                if h["_c31"]:
+                if h["_c33"]:
                     pass
                 # if adam_use_atan2:
-                if h["_c32"]:
+                if h["_c34"]:
                     # denom = sqrt(exp_avg_sq) / sqrt_bias_correction2
                     denom = F.sqrt(exp_avg_sq)
                     F.div_(denom, h["sqrt_bias_correction2"])
@@ -5430,16 +6004,16 @@ def _device_step(h, param, grad, S):
                     F.div_(denom, h["sqrt_bias_correction2"])
                     F.add_(denom, h["adam_eps_eff"])
                 # if adam_use_atan2:
-                if h["_c32"]:
+                if h["_c34"]:
                     # update = atan2(update, denom)
                     update = F.atan2(update, denom)
                 else:
                     # update = update / denom
                     F.div_(update, denom)
                 # if adam_use_atan2:
-                if h["_c32"]:
+                if h["_c34"]:
                     # if adam_spectral_normalization:
-                    if h["_c33"]:
+                    if h["_c35"]:
                         # if ndim >= 2:
                         if h["_c20"]:
                             # spectral_x = cast(update, param)
@@ -5483,7 +6057,7 @@ def _device_step(h, param, grad, S):
                         F.mul_(update, h["_k448"])
                 else:
                     # if adam_spectral_normalization:
-                    if h["_c33"]:
+                    if h["_c35"]:
                         # if ndim >= 2:
                         if h["_c20"]:
                             # spectral_x = cast(update, param)
@@ -5532,7 +6106,7 @@ def _device_step(h, param, grad, S):
                     # update_fp32 = float32(update)
                     update_fp32 = F.float32(update)
                     # if adam_weight_decay != 0:
-                    if h["_c34"]:
+                    if h["_c36"]:
                         # if cautious_wd:
                         if h["_c23"]:
                             # param_fp32 = param_fp32 - adam_weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
@@ -5546,9 +6120,23 @@ def _device_step(h, param, grad, S):
                             param_fp32 = F.axpy(param_fp32, param_fp32, h["_k452"])
                     # if centered_wd != 0:
                     if h["_c24"]:
-                        # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                        cwd_target_29 = F.cast(anchor_data, param_fp32)
-                        cwd_target = F.sub(param_fp32, cwd_target_29)
+                        # if centered_wd_mode == 'int8':
+                        if h["_c25"]:
+                            # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                            cwd_target_141 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                            cwd_target_142 = F.cast(cwd_target_141, param_fp32)
+                            cwd_target = F.sub(param_fp32, cwd_target_142)
+                        else:
+                            # if centered_wd_mode == 'int4':
+                            if h["_c26"]:
+                                # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                cwd_target_143 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                cwd_target_144 = F.cast(cwd_target_143, param_fp32)
+                                cwd_target = F.sub(param_fp32, cwd_target_144)
+                            else:
+                                # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                cwd_target_145 = F.cast(anchor_data, param_fp32)
+                                cwd_target = F.sub(param_fp32, cwd_target_145)
                         # if cautious_wd:
                         if h["_c23"]:
                             # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
@@ -5567,7 +6155,7 @@ def _device_step(h, param, grad, S):
                     F.assign_(param, param_127)
                 else:
                     # if adam_weight_decay != 0:
-                    if h["_c34"]:
+                    if h["_c36"]:
                         # if cautious_wd:
                         if h["_c23"]:
                             # param = param - adam_weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
@@ -5582,9 +6170,23 @@ def _device_step(h, param, grad, S):
                             F.assign_(param, param_132)
                     # if centered_wd != 0:
                     if h["_c24"]:
-                        # cwd_target = param - cast(anchor_data, param)
-                        cwd_target_30 = F.cast(anchor_data, param)
-                        cwd_target = F.sub(param, cwd_target_30)
+                        # if centered_wd_mode == 'int8':
+                        if h["_c25"]:
+                            # cwd_target = param - cast(anchor_data, param)
+                            cwd_target_146 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                            cwd_target_147 = F.cast(cwd_target_146, param)
+                            cwd_target = F.sub(param, cwd_target_147)
+                        else:
+                            # if centered_wd_mode == 'int4':
+                            if h["_c26"]:
+                                # cwd_target = param - cast(anchor_data, param)
+                                cwd_target_148 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                cwd_target_149 = F.cast(cwd_target_148, param)
+                                cwd_target = F.sub(param, cwd_target_149)
+                            else:
+                                # cwd_target = param - cast(anchor_data, param)
+                                cwd_target_150 = F.cast(anchor_data, param)
+                                cwd_target = F.sub(param, cwd_target_150)
                         # if cautious_wd:
                         if h["_c23"]:
                             # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
@@ -5634,7 +6236,7 @@ class AdaMuon_adv(GeneratedOptimizer):
         mars_gamma: MARS-M's correction scale (default: ``0.025``)
         spectral_normalization: scale the update by its spectral norm (one power-iteration step) instead of the step size alone (default: ``False``)
         centered_wd: centered decay coefficient (a pull toward the initial parameter, scaled like weight_decay); 0: off (default: ``0.0``)
-        centered_wd_mode: the anchor's storage: 'float8' (float8_e4m3fn, unscaled) or 'full' (the parameter's dtype); 'int8', 'int4' are not implemented yet (default: ``'float8'``)
+        centered_wd_mode: the anchor's storage: 'float8' (float8_e4m3fn, unscaled), 'full' (the parameter's dtype), 'int8' / 'int4' (asymmetric blocks of 128 / 32) (default: ``'float8'``)
         compiled_optimizer: accepted; the generated step is used either way (default: ``False``)
         adam_betas: the aux AdamW's betas (default: ``(0.9, 0.99)``)
         adam_eps: the aux AdamW's eps (None: 1/sqrt(numel)) (default: ``1e-08``)

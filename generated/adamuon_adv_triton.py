@@ -18,13 +18,13 @@ def _adamuon_adv_prologue0(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
 ):
     """Prologue: one program per tensor; counts the step, computes the host values in float64 and
     writes the 16 the passes read to hv.
     """
-    COL_NUMEL: tl.constexpr = 17
-    COL_GIDX: tl.constexpr = 22
+    COL_NUMEL: tl.constexpr = 19
+    COL_GIDX: tl.constexpr = 24
     HV_ONE_MINUS_BETA1: tl.constexpr = 0
     HV_BETA1: tl.constexpr = 1
     HV_NS_STEPS: tl.constexpr = 2
@@ -44,14 +44,14 @@ def _adamuon_adv_prologue0(
     HYP_BETA1: tl.constexpr = 13
     HYP_BETA2: tl.constexpr = 14
     HYP_CAUTIOUS_WD: tl.constexpr = 15
-    HYP_EPS: tl.constexpr = 18
-    HYP_LR: tl.constexpr = 22
-    HYP_NS_A: tl.constexpr = 28
-    HYP_NS_B: tl.constexpr = 29
-    HYP_NS_C: tl.constexpr = 30
-    HYP_NS_EPS: tl.constexpr = 31
-    HYP_NS_STEPS: tl.constexpr = 32
-    HYP_WEIGHT_DECAY: tl.constexpr = 43
+    HYP_EPS: tl.constexpr = 19
+    HYP_LR: tl.constexpr = 23
+    HYP_NS_A: tl.constexpr = 29
+    HYP_NS_B: tl.constexpr = 30
+    HYP_NS_C: tl.constexpr = 31
+    HYP_NS_EPS: tl.constexpr = 32
+    HYP_NS_STEPS: tl.constexpr = 33
+    HYP_WEIGHT_DECAY: tl.constexpr = 44
     t = tl.program_id(0)
     gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
@@ -101,11 +101,11 @@ def _adamuon_adv_prologue0(
 
 # flat
 @triton.jit
-def _adamuon_adv_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr):
+def _adamuon_adv_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_PARAM: tl.constexpr = 0
-    COL_WS_R0: tl.constexpr = 23
-    COL_WS_R1: tl.constexpr = 24
+    COL_WS_R0: tl.constexpr = 25
+    COL_WS_R1: tl.constexpr = 26
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
@@ -130,13 +130,13 @@ def _adamuon_adv_flat0(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads grad, param; writes grad; accumulates _r0, _r1.
     """
-    COL_NUMEL: tl.constexpr = 17
+    COL_NUMEL: tl.constexpr = 19
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -145,21 +145,21 @@ def _adamuon_adv_flat0(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _adamuon_adv_flat0_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
+        _adamuon_adv_flat0_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
     else:
-        _adamuon_adv_flat0_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
+        _adamuon_adv_flat0_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
 
 
 # flat
 @triton.jit
-def _adamuon_adv_flat1_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr):
+def _adamuon_adv_flat1_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_PARAM: tl.constexpr = 0
-    COL_WS_R0: tl.constexpr = 23
-    COL_WS_R1: tl.constexpr = 24
-    COL_WS_R2: tl.constexpr = 25
-    COL_WS_R3: tl.constexpr = 26
-    COL_WS_ORTHO_G: tl.constexpr = 31
+    COL_WS_R0: tl.constexpr = 25
+    COL_WS_R1: tl.constexpr = 26
+    COL_WS_R2: tl.constexpr = 27
+    COL_WS_R3: tl.constexpr = 28
+    COL_WS_ORTHO_G: tl.constexpr = 33
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
@@ -190,13 +190,13 @@ def _adamuon_adv_flat1(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads grad, param, _r0, _r1; writes _ortho_g; accumulates _r2, _r3.
     """
-    COL_NUMEL: tl.constexpr = 17
+    COL_NUMEL: tl.constexpr = 19
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -205,9 +205,9 @@ def _adamuon_adv_flat1(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _adamuon_adv_flat1_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
+        _adamuon_adv_flat1_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
     else:
-        _adamuon_adv_flat1_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
+        _adamuon_adv_flat1_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
 
 
 # vec
@@ -216,19 +216,19 @@ def _adamuon_adv_vec0(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
 ):
     """Vector stage: one program per tensor, looping over its matrices and their rows / columns in
     blocks of VB.
 
     Reads _r2, _r3; writes _ortho_scale.
     """
-    COL_B: tl.constexpr = 18
-    COL_M: tl.constexpr = 19
-    COL_N: tl.constexpr = 20
-    COL_WS_R2: tl.constexpr = 25
-    COL_WS_R3: tl.constexpr = 26
-    COL_WS_ORTHO_SCALE: tl.constexpr = 29
+    COL_B: tl.constexpr = 20
+    COL_M: tl.constexpr = 21
+    COL_N: tl.constexpr = 22
+    COL_WS_R2: tl.constexpr = 27
+    COL_WS_R3: tl.constexpr = 28
+    COL_WS_ORTHO_SCALE: tl.constexpr = 31
     t = tl.program_id(0)
     B = tl.load(tab + t * TBL_W + COL_B)
     M = tl.load(tab + t * TBL_W + COL_M)
@@ -246,13 +246,13 @@ def _adamuon_adv_vec0(
 
 # flat
 @triton.jit
-def _adamuon_adv_flat2_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr):
+def _adamuon_adv_flat2_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_MOMENTUM_BUFFER: tl.constexpr = 1
-    COL_WS_ORTHO_SCALE: tl.constexpr = 29
-    COL_WS_ORTHO_G: tl.constexpr = 31
-    COL_WS_UPDATE: tl.constexpr = 32
-    COL_WS_X0: tl.constexpr = 33
+    COL_WS_ORTHO_SCALE: tl.constexpr = 31
+    COL_WS_ORTHO_G: tl.constexpr = 33
+    COL_WS_UPDATE: tl.constexpr = 34
+    COL_WS_X0: tl.constexpr = 35
     HV_ONE_MINUS_BETA1: tl.constexpr = 0
     HV_BETA1: tl.constexpr = 1
     p_ortho_g = ws + tl.load(tab + t * TBL_W + COL_WS_ORTHO_G)
@@ -289,13 +289,13 @@ def _adamuon_adv_flat2(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads _ortho_g, _ortho_scale, grad, momentum_buffer; writes momentum_buffer, update, _x0.
     """
-    COL_NUMEL: tl.constexpr = 17
+    COL_NUMEL: tl.constexpr = 19
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -304,19 +304,19 @@ def _adamuon_adv_flat2(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _adamuon_adv_flat2_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
+        _adamuon_adv_flat2_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
     else:
-        _adamuon_adv_flat2_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
+        _adamuon_adv_flat2_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
 
 
 # flat
 @triton.jit
-def _adamuon_adv_flat3_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr):
+def _adamuon_adv_flat3_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_SECOND_MOMENTUM_BUFFER: tl.constexpr = 5
-    COL_WS_R4: tl.constexpr = 27
-    COL_WS_N0: tl.constexpr = 28
-    COL_WS_UPDATE: tl.constexpr = 32
+    COL_WS_R4: tl.constexpr = 29
+    COL_WS_N0: tl.constexpr = 30
+    COL_WS_UPDATE: tl.constexpr = 34
     HV_BETA2: tl.constexpr = 7
     HV_ONE_MINUS_BETA2: tl.constexpr = 8
     HV_EPS_EFF: tl.constexpr = 9
@@ -351,13 +351,13 @@ def _adamuon_adv_flat3(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads _n0, second_momentum_buffer; writes update, second_momentum_buffer; accumulates _r4.
     """
-    COL_NUMEL: tl.constexpr = 17
+    COL_NUMEL: tl.constexpr = 19
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -366,19 +366,19 @@ def _adamuon_adv_flat3(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _adamuon_adv_flat3_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
+        _adamuon_adv_flat3_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
     else:
-        _adamuon_adv_flat3_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
+        _adamuon_adv_flat3_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
 
 
 # flat
 @triton.jit
-def _adamuon_adv_flat4_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr):
+def _adamuon_adv_flat4_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_PARAM: tl.constexpr = 0
-    COL_GIDX: tl.constexpr = 22
-    COL_WS_R4: tl.constexpr = 27
-    COL_WS_UPDATE: tl.constexpr = 32
+    COL_GIDX: tl.constexpr = 24
+    COL_WS_R4: tl.constexpr = 29
+    COL_WS_UPDATE: tl.constexpr = 34
     HV_K: tl.constexpr = 10
     HV_K432__B1__B5: tl.constexpr = 11
     HV_K433__B3__B7: tl.constexpr = 12
@@ -425,13 +425,13 @@ def _adamuon_adv_flat4(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads update, _r4, param; writes param.
     """
-    COL_NUMEL: tl.constexpr = 17
+    COL_NUMEL: tl.constexpr = 19
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -440,9 +440,9 @@ def _adamuon_adv_flat4(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _adamuon_adv_flat4_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
+        _adamuon_adv_flat4_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
     else:
-        _adamuon_adv_flat4_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
+        _adamuon_adv_flat4_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
 
 
 # prologue
@@ -451,13 +451,13 @@ def _adamuon_adv_prologue1(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
 ):
     """Prologue: one program per tensor; counts the step, computes the host values in float64 and
     writes the 15 the passes read to hv.
     """
-    COL_NUMEL: tl.constexpr = 17
-    COL_GIDX: tl.constexpr = 22
+    COL_NUMEL: tl.constexpr = 19
+    COL_GIDX: tl.constexpr = 24
     HV_ONE_MINUS_BETA1: tl.constexpr = 0
     HV_BETA1: tl.constexpr = 1
     HV_NS_STEPS: tl.constexpr = 2
@@ -476,14 +476,14 @@ def _adamuon_adv_prologue1(
     HYP_BETA1: tl.constexpr = 13
     HYP_BETA2: tl.constexpr = 14
     HYP_CAUTIOUS_WD: tl.constexpr = 15
-    HYP_EPS: tl.constexpr = 18
-    HYP_LR: tl.constexpr = 22
-    HYP_NS_A: tl.constexpr = 28
-    HYP_NS_B: tl.constexpr = 29
-    HYP_NS_C: tl.constexpr = 30
-    HYP_NS_EPS: tl.constexpr = 31
-    HYP_NS_STEPS: tl.constexpr = 32
-    HYP_WEIGHT_DECAY: tl.constexpr = 43
+    HYP_EPS: tl.constexpr = 19
+    HYP_LR: tl.constexpr = 23
+    HYP_NS_A: tl.constexpr = 29
+    HYP_NS_B: tl.constexpr = 30
+    HYP_NS_C: tl.constexpr = 31
+    HYP_NS_EPS: tl.constexpr = 32
+    HYP_NS_STEPS: tl.constexpr = 33
+    HYP_WEIGHT_DECAY: tl.constexpr = 44
     t = tl.program_id(0)
     gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
@@ -531,11 +531,11 @@ def _adamuon_adv_prologue1(
 
 # flat
 @triton.jit
-def _adamuon_adv_flat5_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr):
+def _adamuon_adv_flat5_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_PARAM: tl.constexpr = 0
-    COL_WS_R4: tl.constexpr = 27
-    COL_WS_UPDATE: tl.constexpr = 32
+    COL_WS_R4: tl.constexpr = 29
+    COL_WS_UPDATE: tl.constexpr = 34
     HV_K: tl.constexpr = 10
     HV_K437__B1__B5: tl.constexpr = 11
     HV_K438__B3__B7: tl.constexpr = 12
@@ -576,13 +576,13 @@ def _adamuon_adv_flat5(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads update, _r4, param; writes param.
     """
-    COL_NUMEL: tl.constexpr = 17
+    COL_NUMEL: tl.constexpr = 19
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -591,19 +591,19 @@ def _adamuon_adv_flat5(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _adamuon_adv_flat5_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
+        _adamuon_adv_flat5_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
     else:
-        _adamuon_adv_flat5_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
+        _adamuon_adv_flat5_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
 
 
 # flat
 @triton.jit
-def _adamuon_adv_flat6_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr):
+def _adamuon_adv_flat6_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_SECOND_MOMENTUM_BUFFER: tl.constexpr = 5
-    COL_WS_R4: tl.constexpr = 27
-    COL_WS_N0: tl.constexpr = 28
-    COL_WS_UPDATE: tl.constexpr = 32
+    COL_WS_R4: tl.constexpr = 29
+    COL_WS_N0: tl.constexpr = 30
+    COL_WS_UPDATE: tl.constexpr = 34
     HV_BETA2: tl.constexpr = 7
     HV_ONE_MINUS_BETA2: tl.constexpr = 8
     HV_EPS_EFF: tl.constexpr = 9
@@ -637,13 +637,13 @@ def _adamuon_adv_flat6(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads _n0, second_momentum_buffer; writes update, second_momentum_buffer; accumulates _r4.
     """
-    COL_NUMEL: tl.constexpr = 17
+    COL_NUMEL: tl.constexpr = 19
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -652,20 +652,20 @@ def _adamuon_adv_flat6(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _adamuon_adv_flat6_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
+        _adamuon_adv_flat6_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
     else:
-        _adamuon_adv_flat6_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
+        _adamuon_adv_flat6_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
 
 
 # flat
 @triton.jit
-def _adamuon_adv_flat7_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr):
+def _adamuon_adv_flat7_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_MOMENTUM_BUFFER: tl.constexpr = 1
-    COL_WS_ORTHO_SCALE: tl.constexpr = 29
-    COL_WS_ORTHO_G: tl.constexpr = 31
-    COL_WS_UPDATE: tl.constexpr = 32
-    COL_WS_X0: tl.constexpr = 33
+    COL_WS_ORTHO_SCALE: tl.constexpr = 31
+    COL_WS_ORTHO_G: tl.constexpr = 33
+    COL_WS_UPDATE: tl.constexpr = 34
+    COL_WS_X0: tl.constexpr = 35
     HV_ONE_MINUS_BETA1: tl.constexpr = 0
     HV_BETA1: tl.constexpr = 1
     p_ortho_g = ws + tl.load(tab + t * TBL_W + COL_WS_ORTHO_G)
@@ -704,13 +704,13 @@ def _adamuon_adv_flat7(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads _ortho_g, _ortho_scale, grad, momentum_buffer; writes momentum_buffer, update, _x0.
     """
-    COL_NUMEL: tl.constexpr = 17
+    COL_NUMEL: tl.constexpr = 19
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -719,18 +719,18 @@ def _adamuon_adv_flat7(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _adamuon_adv_flat7_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
+        _adamuon_adv_flat7_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
     else:
-        _adamuon_adv_flat7_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
+        _adamuon_adv_flat7_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
 
 
 # flat
 @triton.jit
-def _adamuon_adv_flat8_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr):
+def _adamuon_adv_flat8_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_MOMENTUM_BUFFER: tl.constexpr = 1
-    COL_WS_UPDATE: tl.constexpr = 25
-    COL_WS_X0: tl.constexpr = 26
+    COL_WS_UPDATE: tl.constexpr = 27
+    COL_WS_X0: tl.constexpr = 28
     HV_ONE_MINUS_BETA1: tl.constexpr = 0
     HV_BETA1: tl.constexpr = 1
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
@@ -762,13 +762,13 @@ def _adamuon_adv_flat8(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads grad, momentum_buffer; writes momentum_buffer, update, _x0.
     """
-    COL_NUMEL: tl.constexpr = 17
+    COL_NUMEL: tl.constexpr = 19
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -777,19 +777,19 @@ def _adamuon_adv_flat8(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _adamuon_adv_flat8_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
+        _adamuon_adv_flat8_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
     else:
-        _adamuon_adv_flat8_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
+        _adamuon_adv_flat8_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
 
 
 # flat
 @triton.jit
-def _adamuon_adv_flat9_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr):
+def _adamuon_adv_flat9_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_SECOND_MOMENTUM_BUFFER: tl.constexpr = 5
-    COL_WS_R0: tl.constexpr = 23
-    COL_WS_N0: tl.constexpr = 24
-    COL_WS_UPDATE: tl.constexpr = 25
+    COL_WS_R0: tl.constexpr = 25
+    COL_WS_N0: tl.constexpr = 26
+    COL_WS_UPDATE: tl.constexpr = 27
     HV_BETA2: tl.constexpr = 7
     HV_ONE_MINUS_BETA2: tl.constexpr = 8
     HV_EPS_EFF: tl.constexpr = 9
@@ -824,13 +824,13 @@ def _adamuon_adv_flat9(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads _n0, second_momentum_buffer; writes update, second_momentum_buffer; accumulates _r0.
     """
-    COL_NUMEL: tl.constexpr = 17
+    COL_NUMEL: tl.constexpr = 19
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -839,19 +839,19 @@ def _adamuon_adv_flat9(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _adamuon_adv_flat9_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
+        _adamuon_adv_flat9_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
     else:
-        _adamuon_adv_flat9_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
+        _adamuon_adv_flat9_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
 
 
 # flat
 @triton.jit
-def _adamuon_adv_flat10_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr):
+def _adamuon_adv_flat10_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_PARAM: tl.constexpr = 0
-    COL_GIDX: tl.constexpr = 22
-    COL_WS_R0: tl.constexpr = 23
-    COL_WS_UPDATE: tl.constexpr = 25
+    COL_GIDX: tl.constexpr = 24
+    COL_WS_R0: tl.constexpr = 25
+    COL_WS_UPDATE: tl.constexpr = 27
     HV_K: tl.constexpr = 10
     HV_K432__B1__B5: tl.constexpr = 11
     HV_K433__B3__B7: tl.constexpr = 12
@@ -898,13 +898,13 @@ def _adamuon_adv_flat10(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads update, _r0, param; writes param.
     """
-    COL_NUMEL: tl.constexpr = 17
+    COL_NUMEL: tl.constexpr = 19
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -913,18 +913,18 @@ def _adamuon_adv_flat10(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _adamuon_adv_flat10_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
+        _adamuon_adv_flat10_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
     else:
-        _adamuon_adv_flat10_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
+        _adamuon_adv_flat10_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
 
 
 # flat
 @triton.jit
-def _adamuon_adv_flat11_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr):
+def _adamuon_adv_flat11_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_PARAM: tl.constexpr = 0
-    COL_WS_R0: tl.constexpr = 23
-    COL_WS_UPDATE: tl.constexpr = 25
+    COL_WS_R0: tl.constexpr = 25
+    COL_WS_UPDATE: tl.constexpr = 27
     HV_K: tl.constexpr = 10
     HV_K437__B1__B5: tl.constexpr = 11
     HV_K438__B3__B7: tl.constexpr = 12
@@ -965,13 +965,13 @@ def _adamuon_adv_flat11(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads update, _r0, param; writes param.
     """
-    COL_NUMEL: tl.constexpr = 17
+    COL_NUMEL: tl.constexpr = 19
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -980,19 +980,19 @@ def _adamuon_adv_flat11(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _adamuon_adv_flat11_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
+        _adamuon_adv_flat11_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
     else:
-        _adamuon_adv_flat11_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
+        _adamuon_adv_flat11_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
 
 
 # flat
 @triton.jit
-def _adamuon_adv_flat12_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr):
+def _adamuon_adv_flat12_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_SECOND_MOMENTUM_BUFFER: tl.constexpr = 5
-    COL_WS_R0: tl.constexpr = 23
-    COL_WS_N0: tl.constexpr = 24
-    COL_WS_UPDATE: tl.constexpr = 25
+    COL_WS_R0: tl.constexpr = 25
+    COL_WS_N0: tl.constexpr = 26
+    COL_WS_UPDATE: tl.constexpr = 27
     HV_BETA2: tl.constexpr = 7
     HV_ONE_MINUS_BETA2: tl.constexpr = 8
     HV_EPS_EFF: tl.constexpr = 9
@@ -1026,13 +1026,13 @@ def _adamuon_adv_flat12(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads _n0, second_momentum_buffer; writes update, second_momentum_buffer; accumulates _r0.
     """
-    COL_NUMEL: tl.constexpr = 17
+    COL_NUMEL: tl.constexpr = 19
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -1041,18 +1041,18 @@ def _adamuon_adv_flat12(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _adamuon_adv_flat12_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
+        _adamuon_adv_flat12_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
     else:
-        _adamuon_adv_flat12_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
+        _adamuon_adv_flat12_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
 
 
 # flat
 @triton.jit
-def _adamuon_adv_flat13_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr):
+def _adamuon_adv_flat13_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_MOMENTUM_BUFFER: tl.constexpr = 1
-    COL_WS_UPDATE: tl.constexpr = 25
-    COL_WS_X0: tl.constexpr = 26
+    COL_WS_UPDATE: tl.constexpr = 27
+    COL_WS_X0: tl.constexpr = 28
     HV_ONE_MINUS_BETA1: tl.constexpr = 0
     HV_BETA1: tl.constexpr = 1
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
@@ -1086,13 +1086,13 @@ def _adamuon_adv_flat13(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads grad, momentum_buffer; writes momentum_buffer, update, _x0.
     """
-    COL_NUMEL: tl.constexpr = 17
+    COL_NUMEL: tl.constexpr = 19
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -1101,18 +1101,18 @@ def _adamuon_adv_flat13(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _adamuon_adv_flat13_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
+        _adamuon_adv_flat13_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
     else:
-        _adamuon_adv_flat13_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
+        _adamuon_adv_flat13_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
 
 
 # flat
 @triton.jit
-def _adamuon_adv_flat14_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr):
+def _adamuon_adv_flat14_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_PARAM: tl.constexpr = 0
-    COL_WS_R0: tl.constexpr = 23
-    COL_WS_R1: tl.constexpr = 24
+    COL_WS_R0: tl.constexpr = 25
+    COL_WS_R1: tl.constexpr = 26
     p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
@@ -1134,13 +1134,13 @@ def _adamuon_adv_flat14(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads param, grad; accumulates _r0, _r1.
     """
-    COL_NUMEL: tl.constexpr = 17
+    COL_NUMEL: tl.constexpr = 19
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -1149,21 +1149,21 @@ def _adamuon_adv_flat14(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _adamuon_adv_flat14_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
+        _adamuon_adv_flat14_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
     else:
-        _adamuon_adv_flat14_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
+        _adamuon_adv_flat14_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
 
 
 # flat
 @triton.jit
-def _adamuon_adv_flat15_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr):
+def _adamuon_adv_flat15_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_PARAM: tl.constexpr = 0
-    COL_WS_R0: tl.constexpr = 23
-    COL_WS_R1: tl.constexpr = 24
-    COL_WS_R2: tl.constexpr = 25
-    COL_WS_R3: tl.constexpr = 26
-    COL_WS_ORTHO_G: tl.constexpr = 30
+    COL_WS_R0: tl.constexpr = 25
+    COL_WS_R1: tl.constexpr = 26
+    COL_WS_R2: tl.constexpr = 27
+    COL_WS_R3: tl.constexpr = 28
+    COL_WS_ORTHO_G: tl.constexpr = 32
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
@@ -1194,13 +1194,13 @@ def _adamuon_adv_flat15(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads grad, param, _r0, _r1; writes _ortho_g; accumulates _r2, _r3.
     """
-    COL_NUMEL: tl.constexpr = 17
+    COL_NUMEL: tl.constexpr = 19
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -1209,20 +1209,20 @@ def _adamuon_adv_flat15(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _adamuon_adv_flat15_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
+        _adamuon_adv_flat15_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
     else:
-        _adamuon_adv_flat15_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
+        _adamuon_adv_flat15_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
 
 
 # flat
 @triton.jit
-def _adamuon_adv_flat16_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr):
+def _adamuon_adv_flat16_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_MOMENTUM_BUFFER: tl.constexpr = 1
-    COL_WS_ORTHO_SCALE: tl.constexpr = 29
-    COL_WS_ORTHO_G: tl.constexpr = 30
-    COL_WS_UPDATE: tl.constexpr = 31
-    COL_WS_X0: tl.constexpr = 32
+    COL_WS_ORTHO_SCALE: tl.constexpr = 31
+    COL_WS_ORTHO_G: tl.constexpr = 32
+    COL_WS_UPDATE: tl.constexpr = 33
+    COL_WS_X0: tl.constexpr = 34
     HV_ONE_MINUS_BETA1: tl.constexpr = 0
     HV_BETA1: tl.constexpr = 1
     p_ortho_g = ws + tl.load(tab + t * TBL_W + COL_WS_ORTHO_G)
@@ -1259,13 +1259,13 @@ def _adamuon_adv_flat16(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads _ortho_g, _ortho_scale, grad, momentum_buffer; writes momentum_buffer, update, _x0.
     """
-    COL_NUMEL: tl.constexpr = 17
+    COL_NUMEL: tl.constexpr = 19
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -1274,19 +1274,19 @@ def _adamuon_adv_flat16(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _adamuon_adv_flat16_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
+        _adamuon_adv_flat16_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
     else:
-        _adamuon_adv_flat16_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
+        _adamuon_adv_flat16_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
 
 
 # flat
 @triton.jit
-def _adamuon_adv_flat17_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr):
+def _adamuon_adv_flat17_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_SECOND_MOMENTUM_BUFFER: tl.constexpr = 5
-    COL_WS_R4: tl.constexpr = 27
-    COL_WS_N0: tl.constexpr = 28
-    COL_WS_UPDATE: tl.constexpr = 31
+    COL_WS_R4: tl.constexpr = 29
+    COL_WS_N0: tl.constexpr = 30
+    COL_WS_UPDATE: tl.constexpr = 33
     HV_BETA2: tl.constexpr = 7
     HV_ONE_MINUS_BETA2: tl.constexpr = 8
     HV_EPS_EFF: tl.constexpr = 9
@@ -1321,13 +1321,13 @@ def _adamuon_adv_flat17(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads _n0, second_momentum_buffer; writes update, second_momentum_buffer; accumulates _r4.
     """
-    COL_NUMEL: tl.constexpr = 17
+    COL_NUMEL: tl.constexpr = 19
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -1336,19 +1336,19 @@ def _adamuon_adv_flat17(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _adamuon_adv_flat17_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
+        _adamuon_adv_flat17_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
     else:
-        _adamuon_adv_flat17_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
+        _adamuon_adv_flat17_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
 
 
 # flat
 @triton.jit
-def _adamuon_adv_flat18_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr):
+def _adamuon_adv_flat18_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_PARAM: tl.constexpr = 0
-    COL_GIDX: tl.constexpr = 22
-    COL_WS_R4: tl.constexpr = 27
-    COL_WS_UPDATE: tl.constexpr = 31
+    COL_GIDX: tl.constexpr = 24
+    COL_WS_R4: tl.constexpr = 29
+    COL_WS_UPDATE: tl.constexpr = 33
     HV_K: tl.constexpr = 10
     HV_K432__B1__B5: tl.constexpr = 11
     HV_K433__B3__B7: tl.constexpr = 12
@@ -1395,13 +1395,13 @@ def _adamuon_adv_flat18(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads update, _r4, param; writes param.
     """
-    COL_NUMEL: tl.constexpr = 17
+    COL_NUMEL: tl.constexpr = 19
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -1410,18 +1410,18 @@ def _adamuon_adv_flat18(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _adamuon_adv_flat18_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
+        _adamuon_adv_flat18_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
     else:
-        _adamuon_adv_flat18_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
+        _adamuon_adv_flat18_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
 
 
 # flat
 @triton.jit
-def _adamuon_adv_flat19_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr):
+def _adamuon_adv_flat19_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_PARAM: tl.constexpr = 0
-    COL_WS_R4: tl.constexpr = 27
-    COL_WS_UPDATE: tl.constexpr = 31
+    COL_WS_R4: tl.constexpr = 29
+    COL_WS_UPDATE: tl.constexpr = 33
     HV_K: tl.constexpr = 10
     HV_K437__B1__B5: tl.constexpr = 11
     HV_K438__B3__B7: tl.constexpr = 12
@@ -1462,13 +1462,13 @@ def _adamuon_adv_flat19(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads update, _r4, param; writes param.
     """
-    COL_NUMEL: tl.constexpr = 17
+    COL_NUMEL: tl.constexpr = 19
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -1477,19 +1477,19 @@ def _adamuon_adv_flat19(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _adamuon_adv_flat19_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
+        _adamuon_adv_flat19_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
     else:
-        _adamuon_adv_flat19_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
+        _adamuon_adv_flat19_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
 
 
 # flat
 @triton.jit
-def _adamuon_adv_flat20_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr):
+def _adamuon_adv_flat20_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_SECOND_MOMENTUM_BUFFER: tl.constexpr = 5
-    COL_WS_R4: tl.constexpr = 27
-    COL_WS_N0: tl.constexpr = 28
-    COL_WS_UPDATE: tl.constexpr = 31
+    COL_WS_R4: tl.constexpr = 29
+    COL_WS_N0: tl.constexpr = 30
+    COL_WS_UPDATE: tl.constexpr = 33
     HV_BETA2: tl.constexpr = 7
     HV_ONE_MINUS_BETA2: tl.constexpr = 8
     HV_EPS_EFF: tl.constexpr = 9
@@ -1523,13 +1523,13 @@ def _adamuon_adv_flat20(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads _n0, second_momentum_buffer; writes update, second_momentum_buffer; accumulates _r4.
     """
-    COL_NUMEL: tl.constexpr = 17
+    COL_NUMEL: tl.constexpr = 19
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -1538,20 +1538,20 @@ def _adamuon_adv_flat20(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _adamuon_adv_flat20_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
+        _adamuon_adv_flat20_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
     else:
-        _adamuon_adv_flat20_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
+        _adamuon_adv_flat20_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
 
 
 # flat
 @triton.jit
-def _adamuon_adv_flat21_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr):
+def _adamuon_adv_flat21_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_MOMENTUM_BUFFER: tl.constexpr = 1
-    COL_WS_ORTHO_SCALE: tl.constexpr = 29
-    COL_WS_ORTHO_G: tl.constexpr = 30
-    COL_WS_UPDATE: tl.constexpr = 31
-    COL_WS_X0: tl.constexpr = 32
+    COL_WS_ORTHO_SCALE: tl.constexpr = 31
+    COL_WS_ORTHO_G: tl.constexpr = 32
+    COL_WS_UPDATE: tl.constexpr = 33
+    COL_WS_X0: tl.constexpr = 34
     HV_ONE_MINUS_BETA1: tl.constexpr = 0
     HV_BETA1: tl.constexpr = 1
     p_ortho_g = ws + tl.load(tab + t * TBL_W + COL_WS_ORTHO_G)
@@ -1590,13 +1590,13 @@ def _adamuon_adv_flat21(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads _ortho_g, _ortho_scale, grad, momentum_buffer; writes momentum_buffer, update, _x0.
     """
-    COL_NUMEL: tl.constexpr = 17
+    COL_NUMEL: tl.constexpr = 19
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -1605,18 +1605,18 @@ def _adamuon_adv_flat21(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _adamuon_adv_flat21_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
+        _adamuon_adv_flat21_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
     else:
-        _adamuon_adv_flat21_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
+        _adamuon_adv_flat21_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
 
 
 # flat
 @triton.jit
-def _adamuon_adv_flat22_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr):
+def _adamuon_adv_flat22_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_MOMENTUM_BUFFER: tl.constexpr = 1
-    COL_WS_UPDATE: tl.constexpr = 25
-    COL_WS_X0: tl.constexpr = 26
+    COL_WS_UPDATE: tl.constexpr = 27
+    COL_WS_X0: tl.constexpr = 28
     HV_ONE_MINUS_BETA1: tl.constexpr = 0
     HV_BETA1: tl.constexpr = 1
     p_momentum_buffer = tl.load(tab + t * TBL_W + COL_MOMENTUM_BUFFER).to(tl.pointer_type(DT_momentum_buffer))
@@ -1647,13 +1647,13 @@ def _adamuon_adv_flat22(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads momentum_buffer, grad; writes momentum_buffer, update, _x0.
     """
-    COL_NUMEL: tl.constexpr = 17
+    COL_NUMEL: tl.constexpr = 19
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -1662,18 +1662,18 @@ def _adamuon_adv_flat22(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _adamuon_adv_flat22_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
+        _adamuon_adv_flat22_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
     else:
-        _adamuon_adv_flat22_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
+        _adamuon_adv_flat22_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
 
 
 # flat
 @triton.jit
-def _adamuon_adv_flat23_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr):
+def _adamuon_adv_flat23_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_MOMENTUM_BUFFER: tl.constexpr = 1
-    COL_WS_UPDATE: tl.constexpr = 25
-    COL_WS_X0: tl.constexpr = 26
+    COL_WS_UPDATE: tl.constexpr = 27
+    COL_WS_X0: tl.constexpr = 28
     HV_ONE_MINUS_BETA1: tl.constexpr = 0
     HV_BETA1: tl.constexpr = 1
     p_momentum_buffer = tl.load(tab + t * TBL_W + COL_MOMENTUM_BUFFER).to(tl.pointer_type(DT_momentum_buffer))
@@ -1706,13 +1706,13 @@ def _adamuon_adv_flat23(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads momentum_buffer, grad; writes momentum_buffer, update, _x0.
     """
-    COL_NUMEL: tl.constexpr = 17
+    COL_NUMEL: tl.constexpr = 19
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -1721,9 +1721,9 @@ def _adamuon_adv_flat23(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _adamuon_adv_flat23_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
+        _adamuon_adv_flat23_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
     else:
-        _adamuon_adv_flat23_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
+        _adamuon_adv_flat23_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
 
 
 # prologue
@@ -1732,12 +1732,12 @@ def _adamuon_adv_prologue2(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
 ):
     """Prologue: one program per tensor; counts the step, computes the host values in float64 and
     writes the 11 the passes read to hv.
     """
-    COL_GIDX: tl.constexpr = 22
+    COL_GIDX: tl.constexpr = 24
     HV_ONE_MINUS_ADAM_BETA1: tl.constexpr = 0
     HV_ADAM_BETA2: tl.constexpr = 1
     HV_ONE_MINUS_ADAM_BETA2: tl.constexpr = 2
@@ -1755,7 +1755,7 @@ def _adamuon_adv_prologue2(
     HYP_ADAM_USE_BIAS_CORRECTION: tl.constexpr = 9
     HYP_ADAM_WEIGHT_DECAY: tl.constexpr = 10
     HYP_CAUTIOUS_WD: tl.constexpr = 15
-    HYP_LR: tl.constexpr = 22
+    HYP_LR: tl.constexpr = 23
     t = tl.program_id(0)
     gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
@@ -1804,14 +1804,14 @@ def _adamuon_adv_prologue2(
 
 # flat
 @triton.jit
-def _adamuon_adv_flat24_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr):
+def _adamuon_adv_flat24_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_PARAM: tl.constexpr = 0
-    COL_WS_R0: tl.constexpr = 23
-    COL_WS_R1: tl.constexpr = 24
-    COL_WS_R2: tl.constexpr = 25
-    COL_WS_R3: tl.constexpr = 26
-    COL_WS_ORTHO_G: tl.constexpr = 28
+    COL_WS_R0: tl.constexpr = 25
+    COL_WS_R1: tl.constexpr = 26
+    COL_WS_R2: tl.constexpr = 27
+    COL_WS_R3: tl.constexpr = 28
+    COL_WS_ORTHO_G: tl.constexpr = 30
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
@@ -1842,13 +1842,13 @@ def _adamuon_adv_flat24(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads grad, param, _r0, _r1; writes ortho_g; accumulates _r2, _r3.
     """
-    COL_NUMEL: tl.constexpr = 17
+    COL_NUMEL: tl.constexpr = 19
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -1857,9 +1857,9 @@ def _adamuon_adv_flat24(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _adamuon_adv_flat24_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
+        _adamuon_adv_flat24_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
     else:
-        _adamuon_adv_flat24_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
+        _adamuon_adv_flat24_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
 
 
 # vec
@@ -1868,19 +1868,19 @@ def _adamuon_adv_vec1(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
 ):
     """Vector stage: one program per tensor, looping over its matrices and their rows / columns in
     blocks of VB.
 
     Reads _r2, _r3; writes ortho_scale.
     """
-    COL_B: tl.constexpr = 18
-    COL_M: tl.constexpr = 19
-    COL_N: tl.constexpr = 20
-    COL_WS_R2: tl.constexpr = 25
-    COL_WS_R3: tl.constexpr = 26
-    COL_WS_ORTHO_SCALE: tl.constexpr = 27
+    COL_B: tl.constexpr = 20
+    COL_M: tl.constexpr = 21
+    COL_N: tl.constexpr = 22
+    COL_WS_R2: tl.constexpr = 27
+    COL_WS_R3: tl.constexpr = 28
+    COL_WS_ORTHO_SCALE: tl.constexpr = 29
     t = tl.program_id(0)
     B = tl.load(tab + t * TBL_W + COL_B)
     M = tl.load(tab + t * TBL_W + COL_M)
@@ -1898,14 +1898,14 @@ def _adamuon_adv_vec1(
 
 # flat
 @triton.jit
-def _adamuon_adv_flat25_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr):
+def _adamuon_adv_flat25_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_PARAM: tl.constexpr = 0
     COL_EXP_AVG: tl.constexpr = 10
     COL_EXP_AVG_SQ: tl.constexpr = 11
-    COL_GIDX: tl.constexpr = 22
-    COL_WS_ORTHO_SCALE: tl.constexpr = 27
-    COL_WS_ORTHO_G: tl.constexpr = 28
+    COL_GIDX: tl.constexpr = 24
+    COL_WS_ORTHO_SCALE: tl.constexpr = 29
+    COL_WS_ORTHO_G: tl.constexpr = 30
     HV_ONE_MINUS_ADAM_BETA1: tl.constexpr = 0
     HV_ADAM_BETA2: tl.constexpr = 1
     HV_ONE_MINUS_ADAM_BETA2: tl.constexpr = 2
@@ -1987,13 +1987,13 @@ def _adamuon_adv_flat25(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads ortho_g, ortho_scale, grad, exp_avg, exp_avg_sq, param; writes exp_avg, exp_avg_sq, param.
     """
-    COL_NUMEL: tl.constexpr = 17
+    COL_NUMEL: tl.constexpr = 19
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -2002,9 +2002,9 @@ def _adamuon_adv_flat25(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _adamuon_adv_flat25_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
+        _adamuon_adv_flat25_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
     else:
-        _adamuon_adv_flat25_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
+        _adamuon_adv_flat25_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
 
 
 # prologue
@@ -2013,12 +2013,12 @@ def _adamuon_adv_prologue3(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
 ):
     """Prologue: one program per tensor; counts the step, computes the host values in float64 and
     writes the 10 the passes read to hv.
     """
-    COL_GIDX: tl.constexpr = 22
+    COL_GIDX: tl.constexpr = 24
     HV_ONE_MINUS_ADAM_BETA1: tl.constexpr = 0
     HV_ADAM_BETA2: tl.constexpr = 1
     HV_ONE_MINUS_ADAM_BETA2: tl.constexpr = 2
@@ -2035,7 +2035,7 @@ def _adamuon_adv_prologue3(
     HYP_ADAM_USE_BIAS_CORRECTION: tl.constexpr = 9
     HYP_ADAM_WEIGHT_DECAY: tl.constexpr = 10
     HYP_CAUTIOUS_WD: tl.constexpr = 15
-    HYP_LR: tl.constexpr = 22
+    HYP_LR: tl.constexpr = 23
     t = tl.program_id(0)
     gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
@@ -2082,13 +2082,13 @@ def _adamuon_adv_prologue3(
 
 # flat
 @triton.jit
-def _adamuon_adv_flat26_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr):
+def _adamuon_adv_flat26_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_PARAM: tl.constexpr = 0
     COL_EXP_AVG: tl.constexpr = 10
     COL_EXP_AVG_SQ: tl.constexpr = 11
-    COL_WS_ORTHO_SCALE: tl.constexpr = 27
-    COL_WS_ORTHO_G: tl.constexpr = 28
+    COL_WS_ORTHO_SCALE: tl.constexpr = 29
+    COL_WS_ORTHO_G: tl.constexpr = 30
     HV_ONE_MINUS_ADAM_BETA1: tl.constexpr = 0
     HV_ADAM_BETA2: tl.constexpr = 1
     HV_ONE_MINUS_ADAM_BETA2: tl.constexpr = 2
@@ -2164,13 +2164,13 @@ def _adamuon_adv_flat26(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads ortho_g, ortho_scale, grad, exp_avg, exp_avg_sq, param; writes exp_avg, exp_avg_sq, param.
     """
-    COL_NUMEL: tl.constexpr = 17
+    COL_NUMEL: tl.constexpr = 19
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -2179,19 +2179,19 @@ def _adamuon_adv_flat26(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _adamuon_adv_flat26_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
+        _adamuon_adv_flat26_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
     else:
-        _adamuon_adv_flat26_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
+        _adamuon_adv_flat26_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
 
 
 # flat
 @triton.jit
-def _adamuon_adv_flat27_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr):
+def _adamuon_adv_flat27_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_PARAM: tl.constexpr = 0
     COL_EXP_AVG: tl.constexpr = 10
     COL_EXP_AVG_SQ: tl.constexpr = 11
-    COL_GIDX: tl.constexpr = 22
+    COL_GIDX: tl.constexpr = 24
     HV_ONE_MINUS_ADAM_BETA1: tl.constexpr = 0
     HV_ADAM_BETA2: tl.constexpr = 1
     HV_ONE_MINUS_ADAM_BETA2: tl.constexpr = 2
@@ -2267,13 +2267,13 @@ def _adamuon_adv_flat27(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads exp_avg, grad, exp_avg_sq, param; writes exp_avg, exp_avg_sq, param.
     """
-    COL_NUMEL: tl.constexpr = 17
+    COL_NUMEL: tl.constexpr = 19
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -2282,14 +2282,14 @@ def _adamuon_adv_flat27(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _adamuon_adv_flat27_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
+        _adamuon_adv_flat27_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
     else:
-        _adamuon_adv_flat27_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
+        _adamuon_adv_flat27_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
 
 
 # flat
 @triton.jit
-def _adamuon_adv_flat28_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr):
+def _adamuon_adv_flat28_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_PARAM: tl.constexpr = 0
     COL_EXP_AVG: tl.constexpr = 10
@@ -2363,13 +2363,13 @@ def _adamuon_adv_flat28(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads exp_avg, grad, exp_avg_sq, param; writes exp_avg, exp_avg_sq, param.
     """
-    COL_NUMEL: tl.constexpr = 17
+    COL_NUMEL: tl.constexpr = 19
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -2378,9 +2378,9 @@ def _adamuon_adv_flat28(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _adamuon_adv_flat28_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
+        _adamuon_adv_flat28_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
     else:
-        _adamuon_adv_flat28_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
+        _adamuon_adv_flat28_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
 
 
 KERNELS = {
@@ -2423,8 +2423,8 @@ KERNELS = {
 
 PLAN = {'dynamic': ['_c22',
              '_c23',
-             '_c27',
-             '_c34',
+             '_c29',
+             '_c36',
              '_k101',
              '_k108',
              '_k136',
@@ -2469,17 +2469,19 @@ PLAN = {'dynamic': ['_c22',
                       '_c18',
                       '_c19',
                       '_c24',
+                      '_c25',
                       '_c26',
                       '_c28',
-                      '_c29',
                       '_c30',
                       '_c31',
                       '_c32',
                       '_c33',
+                      '_c34',
                       '_c35',
                       '_c37',
                       '_c39',
                       '_c4',
+                      '_c41',
                       '_c6',
                       '_c7',
                       '_c8'],
@@ -2500,6 +2502,7 @@ PLAN = {'dynamic': ['_c22',
                  ['betas', 1],
                  ['cautious_wd', None],
                  ['centered_wd', None],
+                 ['centered_wd_mode', None],
                  ['cns_a_bound', None],
                  ['eps', None],
                  ['factored_2nd', None],
@@ -2528,7 +2531,7 @@ PLAN = {'dynamic': ['_c22',
                  ['vector_reshape', None],
                  ['weight_decay', None]],
  'inputs': [],
- 'paths': {(('_c0', False), ('_c35', False), ('_c3', False), ('_c25', False), ('_c26', False), ('_c28', True), ('_c29', False), ('_c31', False), ('_c32', False), ('_c33', False), ('_c21', False), ('_c24', False)): {'columns': ['param',
+ 'paths': {(('_c0', False), ('_c37', False), ('_c3', False), ('_c27', False), ('_c28', False), ('_c30', True), ('_c31', False), ('_c33', False), ('_c34', False), ('_c35', False), ('_c21', False), ('_c24', False)): {'columns': ['param',
                                                                                                                                                                                                                                    'state:momentum_buffer',
                                                                                                                                                                                                                                    'state:mu_mbuf_nmf',
                                                                                                                                                                                                                                    'state:mv_mbuf_nmf',
@@ -2543,6 +2546,8 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                    'state:spectral_v',
                                                                                                                                                                                                                                    'state:spectral_u',
                                                                                                                                                                                                                                    'state:anchor_data',
+                                                                                                                                                                                                                                   'state:anchor_scale',
+                                                                                                                                                                                                                                   'state:anchor_min',
                                                                                                                                                                                                                                    'state:momentum_buffer_scale',
                                                                                                                                                                                                                                    'state:second_momentum_buffer_scale',
                                                                                                                                                                                                                                    'numel',
@@ -2561,7 +2566,7 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                               '_k456__b5__b9',
                                                                                                                                                                                                                               '_k457__b7__b11',
                                                                                                                                                                                                                               '_c23',
-                                                                                                                                                                                                                              '_c34'],
+                                                                                                                                                                                                                              '_c36'],
                                                                                                                                                                                                                        'launches': [('_adamuon_adv_prologue3',
                                                                                                                                                                                                                                      'prologue'),
                                                                                                                                                                                                                                     ('_adamuon_adv_flat28',
@@ -2569,7 +2574,7 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                        'states': ['exp_avg',
                                                                                                                                                                                                                                   'exp_avg_sq'],
                                                                                                                                                                                                                        'temps': []},
-           (('_c0', False), ('_c35', False), ('_c3', False), ('_c25', False), ('_c26', False), ('_c28', True), ('_c29', False), ('_c31', False), ('_c32', False), ('_c33', False), ('_c21', True), ('_c24', False)): {'columns': ['param',
+           (('_c0', False), ('_c37', False), ('_c3', False), ('_c27', False), ('_c28', False), ('_c30', True), ('_c31', False), ('_c33', False), ('_c34', False), ('_c35', False), ('_c21', True), ('_c24', False)): {'columns': ['param',
                                                                                                                                                                                                                                   'state:momentum_buffer',
                                                                                                                                                                                                                                   'state:mu_mbuf_nmf',
                                                                                                                                                                                                                                   'state:mv_mbuf_nmf',
@@ -2584,6 +2589,8 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                   'state:spectral_v',
                                                                                                                                                                                                                                   'state:spectral_u',
                                                                                                                                                                                                                                   'state:anchor_data',
+                                                                                                                                                                                                                                  'state:anchor_scale',
+                                                                                                                                                                                                                                  'state:anchor_min',
                                                                                                                                                                                                                                   'state:momentum_buffer_scale',
                                                                                                                                                                                                                                   'state:second_momentum_buffer_scale',
                                                                                                                                                                                                                                   'numel',
@@ -2602,7 +2609,7 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                              '_k451__b5__b9',
                                                                                                                                                                                                                              '_k452__b7__b11',
                                                                                                                                                                                                                              '_c23',
-                                                                                                                                                                                                                             '_c34',
+                                                                                                                                                                                                                             '_c36',
                                                                                                                                                                                                                              '_k455'],
                                                                                                                                                                                                                       'launches': [('_adamuon_adv_prologue2',
                                                                                                                                                                                                                                     'prologue'),
@@ -2611,7 +2618,7 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                       'states': ['exp_avg',
                                                                                                                                                                                                                                  'exp_avg_sq'],
                                                                                                                                                                                                                       'temps': []},
-           (('_c0', False), ('_c35', False), ('_c3', False), ('_c25', True), ('_c28', True), ('_c29', False), ('_c31', False), ('_c32', False), ('_c33', False), ('_c21', False), ('_c24', False)): {'columns': ['param',
+           (('_c0', False), ('_c37', False), ('_c3', False), ('_c27', True), ('_c30', True), ('_c31', False), ('_c33', False), ('_c34', False), ('_c35', False), ('_c21', False), ('_c24', False)): {'columns': ['param',
                                                                                                                                                                                                                  'state:momentum_buffer',
                                                                                                                                                                                                                  'state:mu_mbuf_nmf',
                                                                                                                                                                                                                  'state:mv_mbuf_nmf',
@@ -2626,6 +2633,8 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                  'state:spectral_v',
                                                                                                                                                                                                                  'state:spectral_u',
                                                                                                                                                                                                                  'state:anchor_data',
+                                                                                                                                                                                                                 'state:anchor_scale',
+                                                                                                                                                                                                                 'state:anchor_min',
                                                                                                                                                                                                                  'state:momentum_buffer_scale',
                                                                                                                                                                                                                  'state:second_momentum_buffer_scale',
                                                                                                                                                                                                                  'numel',
@@ -2650,7 +2659,7 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                             '_k456__b5__b9',
                                                                                                                                                                                                             '_k457__b7__b11',
                                                                                                                                                                                                             '_c23',
-                                                                                                                                                                                                            '_c34'],
+                                                                                                                                                                                                            '_c36'],
                                                                                                                                                                                                      'launches': [('_adamuon_adv_prologue3',
                                                                                                                                                                                                                    'prologue'),
                                                                                                                                                                                                                   ('_adamuon_adv_flat14',
@@ -2681,7 +2690,7 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                ('ortho_g',
                                                                                                                                                                                                                 'element',
                                                                                                                                                                                                                 False)]},
-           (('_c0', False), ('_c35', False), ('_c3', False), ('_c25', True), ('_c28', True), ('_c29', False), ('_c31', False), ('_c32', False), ('_c33', False), ('_c21', True), ('_c24', False)): {'columns': ['param',
+           (('_c0', False), ('_c37', False), ('_c3', False), ('_c27', True), ('_c30', True), ('_c31', False), ('_c33', False), ('_c34', False), ('_c35', False), ('_c21', True), ('_c24', False)): {'columns': ['param',
                                                                                                                                                                                                                 'state:momentum_buffer',
                                                                                                                                                                                                                 'state:mu_mbuf_nmf',
                                                                                                                                                                                                                 'state:mv_mbuf_nmf',
@@ -2696,6 +2705,8 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                 'state:spectral_v',
                                                                                                                                                                                                                 'state:spectral_u',
                                                                                                                                                                                                                 'state:anchor_data',
+                                                                                                                                                                                                                'state:anchor_scale',
+                                                                                                                                                                                                                'state:anchor_min',
                                                                                                                                                                                                                 'state:momentum_buffer_scale',
                                                                                                                                                                                                                 'state:second_momentum_buffer_scale',
                                                                                                                                                                                                                 'numel',
@@ -2720,7 +2731,7 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                            '_k451__b5__b9',
                                                                                                                                                                                                            '_k452__b7__b11',
                                                                                                                                                                                                            '_c23',
-                                                                                                                                                                                                           '_c34',
+                                                                                                                                                                                                           '_c36',
                                                                                                                                                                                                            '_k455'],
                                                                                                                                                                                                     'launches': [('_adamuon_adv_prologue2',
                                                                                                                                                                                                                   'prologue'),
@@ -2752,7 +2763,7 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                               ('ortho_g',
                                                                                                                                                                                                                'element',
                                                                                                                                                                                                                False)]},
-           (('_c0', False), ('_c35', False), ('_c3', True), ('_c37', False), ('_c39', False), ('_c4', False), ('_c40', False), ('_c5', False), ('_c6', False), ('_c7', True), ('_c8', True), ('_c9', False), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', False), ('_c18', True), ('_c21', False), ('_c24', False)): {'calls': [{'args': [['var',
+           (('_c0', False), ('_c37', False), ('_c3', True), ('_c39', False), ('_c41', False), ('_c4', False), ('_c42', False), ('_c5', False), ('_c6', False), ('_c7', True), ('_c8', True), ('_c9', False), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', False), ('_c18', True), ('_c21', False), ('_c24', False)): {'calls': [{'args': [['var',
                                                                                                                                                                                                                                                                                                                                                                                                              '_k419'],
                                                                                                                                                                                                                                                                                                                                                                                                             ['var',
                                                                                                                                                                                                                                                                                                                                                                                                              'ns_eps_eff'],
@@ -2780,6 +2791,8 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                                                     'state:spectral_v',
                                                                                                                                                                                                                                                                                                                                                                                                     'state:spectral_u',
                                                                                                                                                                                                                                                                                                                                                                                                     'state:anchor_data',
+                                                                                                                                                                                                                                                                                                                                                                                                    'state:anchor_scale',
+                                                                                                                                                                                                                                                                                                                                                                                                    'state:anchor_min',
                                                                                                                                                                                                                                                                                                                                                                                                     'state:momentum_buffer_scale',
                                                                                                                                                                                                                                                                                                                                                                                                     'state:second_momentum_buffer_scale',
                                                                                                                                                                                                                                                                                                                                                                                                     'numel',
@@ -2832,7 +2845,7 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                                                   ('_x0',
                                                                                                                                                                                                                                                                                                                                                                                                    'element',
                                                                                                                                                                                                                                                                                                                                                                                                    False)]},
-           (('_c0', False), ('_c35', False), ('_c3', True), ('_c37', False), ('_c39', False), ('_c4', False), ('_c40', False), ('_c5', False), ('_c6', False), ('_c7', True), ('_c8', True), ('_c9', False), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', False), ('_c18', True), ('_c21', True), ('_c24', False)): {'calls': [{'args': [['var',
+           (('_c0', False), ('_c37', False), ('_c3', True), ('_c39', False), ('_c41', False), ('_c4', False), ('_c42', False), ('_c5', False), ('_c6', False), ('_c7', True), ('_c8', True), ('_c9', False), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', False), ('_c18', True), ('_c21', True), ('_c24', False)): {'calls': [{'args': [['var',
                                                                                                                                                                                                                                                                                                                                                                                                             '_k419'],
                                                                                                                                                                                                                                                                                                                                                                                                            ['var',
                                                                                                                                                                                                                                                                                                                                                                                                             'ns_eps_eff'],
@@ -2860,6 +2873,8 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                                                    'state:spectral_v',
                                                                                                                                                                                                                                                                                                                                                                                                    'state:spectral_u',
                                                                                                                                                                                                                                                                                                                                                                                                    'state:anchor_data',
+                                                                                                                                                                                                                                                                                                                                                                                                   'state:anchor_scale',
+                                                                                                                                                                                                                                                                                                                                                                                                   'state:anchor_min',
                                                                                                                                                                                                                                                                                                                                                                                                    'state:momentum_buffer_scale',
                                                                                                                                                                                                                                                                                                                                                                                                    'state:second_momentum_buffer_scale',
                                                                                                                                                                                                                                                                                                                                                                                                    'numel',
@@ -2913,7 +2928,7 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                                                  ('_x0',
                                                                                                                                                                                                                                                                                                                                                                                                   'element',
                                                                                                                                                                                                                                                                                                                                                                                                   False)]},
-           (('_c0', False), ('_c35', False), ('_c3', True), ('_c37', False), ('_c39', False), ('_c4', False), ('_c40', False), ('_c5', False), ('_c6', False), ('_c7', True), ('_c8', True), ('_c9', False), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', True), ('_c18', True), ('_c21', False), ('_c24', False)): {'calls': [{'args': [['var',
+           (('_c0', False), ('_c37', False), ('_c3', True), ('_c39', False), ('_c41', False), ('_c4', False), ('_c42', False), ('_c5', False), ('_c6', False), ('_c7', True), ('_c8', True), ('_c9', False), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', True), ('_c18', True), ('_c21', False), ('_c24', False)): {'calls': [{'args': [['var',
                                                                                                                                                                                                                                                                                                                                                                                                             '_k419'],
                                                                                                                                                                                                                                                                                                                                                                                                            ['var',
                                                                                                                                                                                                                                                                                                                                                                                                             'ns_eps_eff'],
@@ -2941,6 +2956,8 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                                                    'state:spectral_v',
                                                                                                                                                                                                                                                                                                                                                                                                    'state:spectral_u',
                                                                                                                                                                                                                                                                                                                                                                                                    'state:anchor_data',
+                                                                                                                                                                                                                                                                                                                                                                                                   'state:anchor_scale',
+                                                                                                                                                                                                                                                                                                                                                                                                   'state:anchor_min',
                                                                                                                                                                                                                                                                                                                                                                                                    'state:momentum_buffer_scale',
                                                                                                                                                                                                                                                                                                                                                                                                    'state:second_momentum_buffer_scale',
                                                                                                                                                                                                                                                                                                                                                                                                    'numel',
@@ -2993,7 +3010,7 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                                                  ('_x0',
                                                                                                                                                                                                                                                                                                                                                                                                   'element',
                                                                                                                                                                                                                                                                                                                                                                                                   False)]},
-           (('_c0', False), ('_c35', False), ('_c3', True), ('_c37', False), ('_c39', False), ('_c4', False), ('_c40', False), ('_c5', False), ('_c6', False), ('_c7', True), ('_c8', True), ('_c9', False), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', True), ('_c18', True), ('_c21', True), ('_c24', False)): {'calls': [{'args': [['var',
+           (('_c0', False), ('_c37', False), ('_c3', True), ('_c39', False), ('_c41', False), ('_c4', False), ('_c42', False), ('_c5', False), ('_c6', False), ('_c7', True), ('_c8', True), ('_c9', False), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', True), ('_c18', True), ('_c21', True), ('_c24', False)): {'calls': [{'args': [['var',
                                                                                                                                                                                                                                                                                                                                                                                                            '_k419'],
                                                                                                                                                                                                                                                                                                                                                                                                           ['var',
                                                                                                                                                                                                                                                                                                                                                                                                            'ns_eps_eff'],
@@ -3021,6 +3038,8 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                                                   'state:spectral_v',
                                                                                                                                                                                                                                                                                                                                                                                                   'state:spectral_u',
                                                                                                                                                                                                                                                                                                                                                                                                   'state:anchor_data',
+                                                                                                                                                                                                                                                                                                                                                                                                  'state:anchor_scale',
+                                                                                                                                                                                                                                                                                                                                                                                                  'state:anchor_min',
                                                                                                                                                                                                                                                                                                                                                                                                   'state:momentum_buffer_scale',
                                                                                                                                                                                                                                                                                                                                                                                                   'state:second_momentum_buffer_scale',
                                                                                                                                                                                                                                                                                                                                                                                                   'numel',
@@ -3074,7 +3093,7 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                                                 ('_x0',
                                                                                                                                                                                                                                                                                                                                                                                                  'element',
                                                                                                                                                                                                                                                                                                                                                                                                  False)]},
-           (('_c0', False), ('_c35', False), ('_c3', True), ('_c37', False), ('_c39', False), ('_c4', False), ('_c40', False), ('_c5', False), ('_c6', False), ('_c7', True), ('_c8', True), ('_c9', True), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', False), ('_c18', True), ('_c21', False), ('_c24', False)): {'calls': [{'args': [['var',
+           (('_c0', False), ('_c37', False), ('_c3', True), ('_c39', False), ('_c41', False), ('_c4', False), ('_c42', False), ('_c5', False), ('_c6', False), ('_c7', True), ('_c8', True), ('_c9', True), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', False), ('_c18', True), ('_c21', False), ('_c24', False)): {'calls': [{'args': [['var',
                                                                                                                                                                                                                                                                                                                                                                                                             '_k419'],
                                                                                                                                                                                                                                                                                                                                                                                                            ['var',
                                                                                                                                                                                                                                                                                                                                                                                                             'ns_eps_eff'],
@@ -3102,6 +3121,8 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                                                    'state:spectral_v',
                                                                                                                                                                                                                                                                                                                                                                                                    'state:spectral_u',
                                                                                                                                                                                                                                                                                                                                                                                                    'state:anchor_data',
+                                                                                                                                                                                                                                                                                                                                                                                                   'state:anchor_scale',
+                                                                                                                                                                                                                                                                                                                                                                                                   'state:anchor_min',
                                                                                                                                                                                                                                                                                                                                                                                                    'state:momentum_buffer_scale',
                                                                                                                                                                                                                                                                                                                                                                                                    'state:second_momentum_buffer_scale',
                                                                                                                                                                                                                                                                                                                                                                                                    'numel',
@@ -3154,7 +3175,7 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                                                  ('_x0',
                                                                                                                                                                                                                                                                                                                                                                                                   'element',
                                                                                                                                                                                                                                                                                                                                                                                                   False)]},
-           (('_c0', False), ('_c35', False), ('_c3', True), ('_c37', False), ('_c39', False), ('_c4', False), ('_c40', False), ('_c5', False), ('_c6', False), ('_c7', True), ('_c8', True), ('_c9', True), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', False), ('_c18', True), ('_c21', True), ('_c24', False)): {'calls': [{'args': [['var',
+           (('_c0', False), ('_c37', False), ('_c3', True), ('_c39', False), ('_c41', False), ('_c4', False), ('_c42', False), ('_c5', False), ('_c6', False), ('_c7', True), ('_c8', True), ('_c9', True), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', False), ('_c18', True), ('_c21', True), ('_c24', False)): {'calls': [{'args': [['var',
                                                                                                                                                                                                                                                                                                                                                                                                            '_k419'],
                                                                                                                                                                                                                                                                                                                                                                                                           ['var',
                                                                                                                                                                                                                                                                                                                                                                                                            'ns_eps_eff'],
@@ -3182,6 +3203,8 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                                                   'state:spectral_v',
                                                                                                                                                                                                                                                                                                                                                                                                   'state:spectral_u',
                                                                                                                                                                                                                                                                                                                                                                                                   'state:anchor_data',
+                                                                                                                                                                                                                                                                                                                                                                                                  'state:anchor_scale',
+                                                                                                                                                                                                                                                                                                                                                                                                  'state:anchor_min',
                                                                                                                                                                                                                                                                                                                                                                                                   'state:momentum_buffer_scale',
                                                                                                                                                                                                                                                                                                                                                                                                   'state:second_momentum_buffer_scale',
                                                                                                                                                                                                                                                                                                                                                                                                   'numel',
@@ -3235,7 +3258,7 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                                                 ('_x0',
                                                                                                                                                                                                                                                                                                                                                                                                  'element',
                                                                                                                                                                                                                                                                                                                                                                                                  False)]},
-           (('_c0', False), ('_c35', False), ('_c3', True), ('_c37', False), ('_c39', False), ('_c4', False), ('_c40', False), ('_c5', False), ('_c6', False), ('_c7', True), ('_c8', True), ('_c9', True), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', True), ('_c18', True), ('_c21', False), ('_c24', False)): {'calls': [{'args': [['var',
+           (('_c0', False), ('_c37', False), ('_c3', True), ('_c39', False), ('_c41', False), ('_c4', False), ('_c42', False), ('_c5', False), ('_c6', False), ('_c7', True), ('_c8', True), ('_c9', True), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', True), ('_c18', True), ('_c21', False), ('_c24', False)): {'calls': [{'args': [['var',
                                                                                                                                                                                                                                                                                                                                                                                                            '_k419'],
                                                                                                                                                                                                                                                                                                                                                                                                           ['var',
                                                                                                                                                                                                                                                                                                                                                                                                            'ns_eps_eff'],
@@ -3263,6 +3286,8 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                                                   'state:spectral_v',
                                                                                                                                                                                                                                                                                                                                                                                                   'state:spectral_u',
                                                                                                                                                                                                                                                                                                                                                                                                   'state:anchor_data',
+                                                                                                                                                                                                                                                                                                                                                                                                  'state:anchor_scale',
+                                                                                                                                                                                                                                                                                                                                                                                                  'state:anchor_min',
                                                                                                                                                                                                                                                                                                                                                                                                   'state:momentum_buffer_scale',
                                                                                                                                                                                                                                                                                                                                                                                                   'state:second_momentum_buffer_scale',
                                                                                                                                                                                                                                                                                                                                                                                                   'numel',
@@ -3315,7 +3340,7 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                                                 ('_x0',
                                                                                                                                                                                                                                                                                                                                                                                                  'element',
                                                                                                                                                                                                                                                                                                                                                                                                  False)]},
-           (('_c0', False), ('_c35', False), ('_c3', True), ('_c37', False), ('_c39', False), ('_c4', False), ('_c40', False), ('_c5', False), ('_c6', False), ('_c7', True), ('_c8', True), ('_c9', True), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', True), ('_c18', True), ('_c21', True), ('_c24', False)): {'calls': [{'args': [['var',
+           (('_c0', False), ('_c37', False), ('_c3', True), ('_c39', False), ('_c41', False), ('_c4', False), ('_c42', False), ('_c5', False), ('_c6', False), ('_c7', True), ('_c8', True), ('_c9', True), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', True), ('_c18', True), ('_c21', True), ('_c24', False)): {'calls': [{'args': [['var',
                                                                                                                                                                                                                                                                                                                                                                                                           '_k419'],
                                                                                                                                                                                                                                                                                                                                                                                                          ['var',
                                                                                                                                                                                                                                                                                                                                                                                                           'ns_eps_eff'],
@@ -3343,6 +3368,8 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                                                  'state:spectral_v',
                                                                                                                                                                                                                                                                                                                                                                                                  'state:spectral_u',
                                                                                                                                                                                                                                                                                                                                                                                                  'state:anchor_data',
+                                                                                                                                                                                                                                                                                                                                                                                                 'state:anchor_scale',
+                                                                                                                                                                                                                                                                                                                                                                                                 'state:anchor_min',
                                                                                                                                                                                                                                                                                                                                                                                                  'state:momentum_buffer_scale',
                                                                                                                                                                                                                                                                                                                                                                                                  'state:second_momentum_buffer_scale',
                                                                                                                                                                                                                                                                                                                                                                                                  'numel',
@@ -3396,7 +3423,7 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                                                ('_x0',
                                                                                                                                                                                                                                                                                                                                                                                                 'element',
                                                                                                                                                                                                                                                                                                                                                                                                 False)]},
-           (('_c0', False), ('_c35', False), ('_c3', True), ('_c37', False), ('_c39', False), ('_c4', False), ('_c40', False), ('_c5', True), ('_c7', True), ('_c8', True), ('_c9', False), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', False), ('_c18', True), ('_c21', False), ('_c24', False)): {'calls': [{'args': [['var',
+           (('_c0', False), ('_c37', False), ('_c3', True), ('_c39', False), ('_c41', False), ('_c4', False), ('_c42', False), ('_c5', True), ('_c7', True), ('_c8', True), ('_c9', False), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', False), ('_c18', True), ('_c21', False), ('_c24', False)): {'calls': [{'args': [['var',
                                                                                                                                                                                                                                                                                                                                                                                             '_k419'],
                                                                                                                                                                                                                                                                                                                                                                                            ['var',
                                                                                                                                                                                                                                                                                                                                                                                             'ns_eps_eff'],
@@ -3424,6 +3451,8 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                                    'state:spectral_v',
                                                                                                                                                                                                                                                                                                                                                                                    'state:spectral_u',
                                                                                                                                                                                                                                                                                                                                                                                    'state:anchor_data',
+                                                                                                                                                                                                                                                                                                                                                                                   'state:anchor_scale',
+                                                                                                                                                                                                                                                                                                                                                                                   'state:anchor_min',
                                                                                                                                                                                                                                                                                                                                                                                    'state:momentum_buffer_scale',
                                                                                                                                                                                                                                                                                                                                                                                    'state:second_momentum_buffer_scale',
                                                                                                                                                                                                                                                                                                                                                                                    'numel',
@@ -3506,7 +3535,7 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                                  ('_x0',
                                                                                                                                                                                                                                                                                                                                                                                   'element',
                                                                                                                                                                                                                                                                                                                                                                                   False)]},
-           (('_c0', False), ('_c35', False), ('_c3', True), ('_c37', False), ('_c39', False), ('_c4', False), ('_c40', False), ('_c5', True), ('_c7', True), ('_c8', True), ('_c9', False), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', False), ('_c18', True), ('_c21', True), ('_c24', False)): {'calls': [{'args': [['var',
+           (('_c0', False), ('_c37', False), ('_c3', True), ('_c39', False), ('_c41', False), ('_c4', False), ('_c42', False), ('_c5', True), ('_c7', True), ('_c8', True), ('_c9', False), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', False), ('_c18', True), ('_c21', True), ('_c24', False)): {'calls': [{'args': [['var',
                                                                                                                                                                                                                                                                                                                                                                                            '_k419'],
                                                                                                                                                                                                                                                                                                                                                                                           ['var',
                                                                                                                                                                                                                                                                                                                                                                                            'ns_eps_eff'],
@@ -3534,6 +3563,8 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                                   'state:spectral_v',
                                                                                                                                                                                                                                                                                                                                                                                   'state:spectral_u',
                                                                                                                                                                                                                                                                                                                                                                                   'state:anchor_data',
+                                                                                                                                                                                                                                                                                                                                                                                  'state:anchor_scale',
+                                                                                                                                                                                                                                                                                                                                                                                  'state:anchor_min',
                                                                                                                                                                                                                                                                                                                                                                                   'state:momentum_buffer_scale',
                                                                                                                                                                                                                                                                                                                                                                                   'state:second_momentum_buffer_scale',
                                                                                                                                                                                                                                                                                                                                                                                   'numel',
@@ -3617,7 +3648,7 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                                 ('_x0',
                                                                                                                                                                                                                                                                                                                                                                                  'element',
                                                                                                                                                                                                                                                                                                                                                                                  False)]},
-           (('_c0', False), ('_c35', False), ('_c3', True), ('_c37', False), ('_c39', False), ('_c4', False), ('_c40', False), ('_c5', True), ('_c7', True), ('_c8', True), ('_c9', False), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', True), ('_c18', True), ('_c21', False), ('_c24', False)): {'calls': [{'args': [['var',
+           (('_c0', False), ('_c37', False), ('_c3', True), ('_c39', False), ('_c41', False), ('_c4', False), ('_c42', False), ('_c5', True), ('_c7', True), ('_c8', True), ('_c9', False), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', True), ('_c18', True), ('_c21', False), ('_c24', False)): {'calls': [{'args': [['var',
                                                                                                                                                                                                                                                                                                                                                                                            '_k419'],
                                                                                                                                                                                                                                                                                                                                                                                           ['var',
                                                                                                                                                                                                                                                                                                                                                                                            'ns_eps_eff'],
@@ -3645,6 +3676,8 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                                   'state:spectral_v',
                                                                                                                                                                                                                                                                                                                                                                                   'state:spectral_u',
                                                                                                                                                                                                                                                                                                                                                                                   'state:anchor_data',
+                                                                                                                                                                                                                                                                                                                                                                                  'state:anchor_scale',
+                                                                                                                                                                                                                                                                                                                                                                                  'state:anchor_min',
                                                                                                                                                                                                                                                                                                                                                                                   'state:momentum_buffer_scale',
                                                                                                                                                                                                                                                                                                                                                                                   'state:second_momentum_buffer_scale',
                                                                                                                                                                                                                                                                                                                                                                                   'numel',
@@ -3727,7 +3760,7 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                                 ('_x0',
                                                                                                                                                                                                                                                                                                                                                                                  'element',
                                                                                                                                                                                                                                                                                                                                                                                  False)]},
-           (('_c0', False), ('_c35', False), ('_c3', True), ('_c37', False), ('_c39', False), ('_c4', False), ('_c40', False), ('_c5', True), ('_c7', True), ('_c8', True), ('_c9', False), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', True), ('_c18', True), ('_c21', True), ('_c24', False)): {'calls': [{'args': [['var',
+           (('_c0', False), ('_c37', False), ('_c3', True), ('_c39', False), ('_c41', False), ('_c4', False), ('_c42', False), ('_c5', True), ('_c7', True), ('_c8', True), ('_c9', False), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', True), ('_c18', True), ('_c21', True), ('_c24', False)): {'calls': [{'args': [['var',
                                                                                                                                                                                                                                                                                                                                                                                           '_k419'],
                                                                                                                                                                                                                                                                                                                                                                                          ['var',
                                                                                                                                                                                                                                                                                                                                                                                           'ns_eps_eff'],
@@ -3755,6 +3788,8 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                                  'state:spectral_v',
                                                                                                                                                                                                                                                                                                                                                                                  'state:spectral_u',
                                                                                                                                                                                                                                                                                                                                                                                  'state:anchor_data',
+                                                                                                                                                                                                                                                                                                                                                                                 'state:anchor_scale',
+                                                                                                                                                                                                                                                                                                                                                                                 'state:anchor_min',
                                                                                                                                                                                                                                                                                                                                                                                  'state:momentum_buffer_scale',
                                                                                                                                                                                                                                                                                                                                                                                  'state:second_momentum_buffer_scale',
                                                                                                                                                                                                                                                                                                                                                                                  'numel',
@@ -3838,7 +3873,7 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                                ('_x0',
                                                                                                                                                                                                                                                                                                                                                                                 'element',
                                                                                                                                                                                                                                                                                                                                                                                 False)]},
-           (('_c0', False), ('_c35', False), ('_c3', True), ('_c37', False), ('_c39', False), ('_c4', False), ('_c40', False), ('_c5', True), ('_c7', True), ('_c8', True), ('_c9', True), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', False), ('_c18', True), ('_c21', False), ('_c24', False)): {'calls': [{'args': [['var',
+           (('_c0', False), ('_c37', False), ('_c3', True), ('_c39', False), ('_c41', False), ('_c4', False), ('_c42', False), ('_c5', True), ('_c7', True), ('_c8', True), ('_c9', True), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', False), ('_c18', True), ('_c21', False), ('_c24', False)): {'calls': [{'args': [['var',
                                                                                                                                                                                                                                                                                                                                                                                            '_k419'],
                                                                                                                                                                                                                                                                                                                                                                                           ['var',
                                                                                                                                                                                                                                                                                                                                                                                            'ns_eps_eff'],
@@ -3866,6 +3901,8 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                                   'state:spectral_v',
                                                                                                                                                                                                                                                                                                                                                                                   'state:spectral_u',
                                                                                                                                                                                                                                                                                                                                                                                   'state:anchor_data',
+                                                                                                                                                                                                                                                                                                                                                                                  'state:anchor_scale',
+                                                                                                                                                                                                                                                                                                                                                                                  'state:anchor_min',
                                                                                                                                                                                                                                                                                                                                                                                   'state:momentum_buffer_scale',
                                                                                                                                                                                                                                                                                                                                                                                   'state:second_momentum_buffer_scale',
                                                                                                                                                                                                                                                                                                                                                                                   'numel',
@@ -3948,7 +3985,7 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                                 ('_x0',
                                                                                                                                                                                                                                                                                                                                                                                  'element',
                                                                                                                                                                                                                                                                                                                                                                                  False)]},
-           (('_c0', False), ('_c35', False), ('_c3', True), ('_c37', False), ('_c39', False), ('_c4', False), ('_c40', False), ('_c5', True), ('_c7', True), ('_c8', True), ('_c9', True), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', False), ('_c18', True), ('_c21', True), ('_c24', False)): {'calls': [{'args': [['var',
+           (('_c0', False), ('_c37', False), ('_c3', True), ('_c39', False), ('_c41', False), ('_c4', False), ('_c42', False), ('_c5', True), ('_c7', True), ('_c8', True), ('_c9', True), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', False), ('_c18', True), ('_c21', True), ('_c24', False)): {'calls': [{'args': [['var',
                                                                                                                                                                                                                                                                                                                                                                                           '_k419'],
                                                                                                                                                                                                                                                                                                                                                                                          ['var',
                                                                                                                                                                                                                                                                                                                                                                                           'ns_eps_eff'],
@@ -3976,6 +4013,8 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                                  'state:spectral_v',
                                                                                                                                                                                                                                                                                                                                                                                  'state:spectral_u',
                                                                                                                                                                                                                                                                                                                                                                                  'state:anchor_data',
+                                                                                                                                                                                                                                                                                                                                                                                 'state:anchor_scale',
+                                                                                                                                                                                                                                                                                                                                                                                 'state:anchor_min',
                                                                                                                                                                                                                                                                                                                                                                                  'state:momentum_buffer_scale',
                                                                                                                                                                                                                                                                                                                                                                                  'state:second_momentum_buffer_scale',
                                                                                                                                                                                                                                                                                                                                                                                  'numel',
@@ -4059,7 +4098,7 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                                ('_x0',
                                                                                                                                                                                                                                                                                                                                                                                 'element',
                                                                                                                                                                                                                                                                                                                                                                                 False)]},
-           (('_c0', False), ('_c35', False), ('_c3', True), ('_c37', False), ('_c39', False), ('_c4', False), ('_c40', False), ('_c5', True), ('_c7', True), ('_c8', True), ('_c9', True), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', True), ('_c18', True), ('_c21', False), ('_c24', False)): {'calls': [{'args': [['var',
+           (('_c0', False), ('_c37', False), ('_c3', True), ('_c39', False), ('_c41', False), ('_c4', False), ('_c42', False), ('_c5', True), ('_c7', True), ('_c8', True), ('_c9', True), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', True), ('_c18', True), ('_c21', False), ('_c24', False)): {'calls': [{'args': [['var',
                                                                                                                                                                                                                                                                                                                                                                                           '_k419'],
                                                                                                                                                                                                                                                                                                                                                                                          ['var',
                                                                                                                                                                                                                                                                                                                                                                                           'ns_eps_eff'],
@@ -4087,6 +4126,8 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                                  'state:spectral_v',
                                                                                                                                                                                                                                                                                                                                                                                  'state:spectral_u',
                                                                                                                                                                                                                                                                                                                                                                                  'state:anchor_data',
+                                                                                                                                                                                                                                                                                                                                                                                 'state:anchor_scale',
+                                                                                                                                                                                                                                                                                                                                                                                 'state:anchor_min',
                                                                                                                                                                                                                                                                                                                                                                                  'state:momentum_buffer_scale',
                                                                                                                                                                                                                                                                                                                                                                                  'state:second_momentum_buffer_scale',
                                                                                                                                                                                                                                                                                                                                                                                  'numel',
@@ -4169,7 +4210,7 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                                ('_x0',
                                                                                                                                                                                                                                                                                                                                                                                 'element',
                                                                                                                                                                                                                                                                                                                                                                                 False)]},
-           (('_c0', False), ('_c35', False), ('_c3', True), ('_c37', False), ('_c39', False), ('_c4', False), ('_c40', False), ('_c5', True), ('_c7', True), ('_c8', True), ('_c9', True), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', True), ('_c18', True), ('_c21', True), ('_c24', False)): {'calls': [{'args': [['var',
+           (('_c0', False), ('_c37', False), ('_c3', True), ('_c39', False), ('_c41', False), ('_c4', False), ('_c42', False), ('_c5', True), ('_c7', True), ('_c8', True), ('_c9', True), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', True), ('_c18', True), ('_c21', True), ('_c24', False)): {'calls': [{'args': [['var',
                                                                                                                                                                                                                                                                                                                                                                                          '_k419'],
                                                                                                                                                                                                                                                                                                                                                                                         ['var',
                                                                                                                                                                                                                                                                                                                                                                                          'ns_eps_eff'],
@@ -4197,6 +4238,8 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                                 'state:spectral_v',
                                                                                                                                                                                                                                                                                                                                                                                 'state:spectral_u',
                                                                                                                                                                                                                                                                                                                                                                                 'state:anchor_data',
+                                                                                                                                                                                                                                                                                                                                                                                'state:anchor_scale',
+                                                                                                                                                                                                                                                                                                                                                                                'state:anchor_min',
                                                                                                                                                                                                                                                                                                                                                                                 'state:momentum_buffer_scale',
                                                                                                                                                                                                                                                                                                                                                                                 'state:second_momentum_buffer_scale',
                                                                                                                                                                                                                                                                                                                                                                                 'numel',
@@ -4280,7 +4323,7 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                               ('_x0',
                                                                                                                                                                                                                                                                                                                                                                                'element',
                                                                                                                                                                                                                                                                                                                                                                                False)]},
-           (('_c0', False), ('_c35', False), ('_c3', True), ('_c37', False), ('_c39', False), ('_c4', False), ('_c40', True), ('_c5', False), ('_c6', False), ('_c7', True), ('_c8', True), ('_c9', False), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', False), ('_c18', True), ('_c21', False), ('_c24', False)): {'calls': [{'args': [['var',
+           (('_c0', False), ('_c37', False), ('_c3', True), ('_c39', False), ('_c41', False), ('_c4', False), ('_c42', True), ('_c5', False), ('_c6', False), ('_c7', True), ('_c8', True), ('_c9', False), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', False), ('_c18', True), ('_c21', False), ('_c24', False)): {'calls': [{'args': [['var',
                                                                                                                                                                                                                                                                                                                                                                                                             '_k419'],
                                                                                                                                                                                                                                                                                                                                                                                                            ['var',
                                                                                                                                                                                                                                                                                                                                                                                                             'ns_eps_eff'],
@@ -4308,6 +4351,8 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                                                    'state:spectral_v',
                                                                                                                                                                                                                                                                                                                                                                                                    'state:spectral_u',
                                                                                                                                                                                                                                                                                                                                                                                                    'state:anchor_data',
+                                                                                                                                                                                                                                                                                                                                                                                                   'state:anchor_scale',
+                                                                                                                                                                                                                                                                                                                                                                                                   'state:anchor_min',
                                                                                                                                                                                                                                                                                                                                                                                                    'state:momentum_buffer_scale',
                                                                                                                                                                                                                                                                                                                                                                                                    'state:second_momentum_buffer_scale',
                                                                                                                                                                                                                                                                                                                                                                                                    'numel',
@@ -4360,7 +4405,7 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                                                  ('_x0',
                                                                                                                                                                                                                                                                                                                                                                                                   'element',
                                                                                                                                                                                                                                                                                                                                                                                                   False)]},
-           (('_c0', False), ('_c35', False), ('_c3', True), ('_c37', False), ('_c39', False), ('_c4', False), ('_c40', True), ('_c5', False), ('_c6', False), ('_c7', True), ('_c8', True), ('_c9', False), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', False), ('_c18', True), ('_c21', True), ('_c24', False)): {'calls': [{'args': [['var',
+           (('_c0', False), ('_c37', False), ('_c3', True), ('_c39', False), ('_c41', False), ('_c4', False), ('_c42', True), ('_c5', False), ('_c6', False), ('_c7', True), ('_c8', True), ('_c9', False), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', False), ('_c18', True), ('_c21', True), ('_c24', False)): {'calls': [{'args': [['var',
                                                                                                                                                                                                                                                                                                                                                                                                            '_k419'],
                                                                                                                                                                                                                                                                                                                                                                                                           ['var',
                                                                                                                                                                                                                                                                                                                                                                                                            'ns_eps_eff'],
@@ -4388,6 +4433,8 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                                                   'state:spectral_v',
                                                                                                                                                                                                                                                                                                                                                                                                   'state:spectral_u',
                                                                                                                                                                                                                                                                                                                                                                                                   'state:anchor_data',
+                                                                                                                                                                                                                                                                                                                                                                                                  'state:anchor_scale',
+                                                                                                                                                                                                                                                                                                                                                                                                  'state:anchor_min',
                                                                                                                                                                                                                                                                                                                                                                                                   'state:momentum_buffer_scale',
                                                                                                                                                                                                                                                                                                                                                                                                   'state:second_momentum_buffer_scale',
                                                                                                                                                                                                                                                                                                                                                                                                   'numel',
@@ -4441,7 +4488,7 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                                                 ('_x0',
                                                                                                                                                                                                                                                                                                                                                                                                  'element',
                                                                                                                                                                                                                                                                                                                                                                                                  False)]},
-           (('_c0', False), ('_c35', False), ('_c3', True), ('_c37', False), ('_c39', False), ('_c4', False), ('_c40', True), ('_c5', False), ('_c6', False), ('_c7', True), ('_c8', True), ('_c9', False), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', True), ('_c18', True), ('_c21', False), ('_c24', False)): {'calls': [{'args': [['var',
+           (('_c0', False), ('_c37', False), ('_c3', True), ('_c39', False), ('_c41', False), ('_c4', False), ('_c42', True), ('_c5', False), ('_c6', False), ('_c7', True), ('_c8', True), ('_c9', False), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', True), ('_c18', True), ('_c21', False), ('_c24', False)): {'calls': [{'args': [['var',
                                                                                                                                                                                                                                                                                                                                                                                                            '_k419'],
                                                                                                                                                                                                                                                                                                                                                                                                           ['var',
                                                                                                                                                                                                                                                                                                                                                                                                            'ns_eps_eff'],
@@ -4469,6 +4516,8 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                                                   'state:spectral_v',
                                                                                                                                                                                                                                                                                                                                                                                                   'state:spectral_u',
                                                                                                                                                                                                                                                                                                                                                                                                   'state:anchor_data',
+                                                                                                                                                                                                                                                                                                                                                                                                  'state:anchor_scale',
+                                                                                                                                                                                                                                                                                                                                                                                                  'state:anchor_min',
                                                                                                                                                                                                                                                                                                                                                                                                   'state:momentum_buffer_scale',
                                                                                                                                                                                                                                                                                                                                                                                                   'state:second_momentum_buffer_scale',
                                                                                                                                                                                                                                                                                                                                                                                                   'numel',
@@ -4521,7 +4570,7 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                                                 ('_x0',
                                                                                                                                                                                                                                                                                                                                                                                                  'element',
                                                                                                                                                                                                                                                                                                                                                                                                  False)]},
-           (('_c0', False), ('_c35', False), ('_c3', True), ('_c37', False), ('_c39', False), ('_c4', False), ('_c40', True), ('_c5', False), ('_c6', False), ('_c7', True), ('_c8', True), ('_c9', False), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', True), ('_c18', True), ('_c21', True), ('_c24', False)): {'calls': [{'args': [['var',
+           (('_c0', False), ('_c37', False), ('_c3', True), ('_c39', False), ('_c41', False), ('_c4', False), ('_c42', True), ('_c5', False), ('_c6', False), ('_c7', True), ('_c8', True), ('_c9', False), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', True), ('_c18', True), ('_c21', True), ('_c24', False)): {'calls': [{'args': [['var',
                                                                                                                                                                                                                                                                                                                                                                                                           '_k419'],
                                                                                                                                                                                                                                                                                                                                                                                                          ['var',
                                                                                                                                                                                                                                                                                                                                                                                                           'ns_eps_eff'],
@@ -4549,6 +4598,8 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                                                  'state:spectral_v',
                                                                                                                                                                                                                                                                                                                                                                                                  'state:spectral_u',
                                                                                                                                                                                                                                                                                                                                                                                                  'state:anchor_data',
+                                                                                                                                                                                                                                                                                                                                                                                                 'state:anchor_scale',
+                                                                                                                                                                                                                                                                                                                                                                                                 'state:anchor_min',
                                                                                                                                                                                                                                                                                                                                                                                                  'state:momentum_buffer_scale',
                                                                                                                                                                                                                                                                                                                                                                                                  'state:second_momentum_buffer_scale',
                                                                                                                                                                                                                                                                                                                                                                                                  'numel',
@@ -4602,7 +4653,7 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                                                ('_x0',
                                                                                                                                                                                                                                                                                                                                                                                                 'element',
                                                                                                                                                                                                                                                                                                                                                                                                 False)]},
-           (('_c0', False), ('_c35', False), ('_c3', True), ('_c37', False), ('_c39', False), ('_c4', False), ('_c40', True), ('_c5', False), ('_c6', False), ('_c7', True), ('_c8', True), ('_c9', True), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', False), ('_c18', True), ('_c21', False), ('_c24', False)): {'calls': [{'args': [['var',
+           (('_c0', False), ('_c37', False), ('_c3', True), ('_c39', False), ('_c41', False), ('_c4', False), ('_c42', True), ('_c5', False), ('_c6', False), ('_c7', True), ('_c8', True), ('_c9', True), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', False), ('_c18', True), ('_c21', False), ('_c24', False)): {'calls': [{'args': [['var',
                                                                                                                                                                                                                                                                                                                                                                                                            '_k419'],
                                                                                                                                                                                                                                                                                                                                                                                                           ['var',
                                                                                                                                                                                                                                                                                                                                                                                                            'ns_eps_eff'],
@@ -4630,6 +4681,8 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                                                   'state:spectral_v',
                                                                                                                                                                                                                                                                                                                                                                                                   'state:spectral_u',
                                                                                                                                                                                                                                                                                                                                                                                                   'state:anchor_data',
+                                                                                                                                                                                                                                                                                                                                                                                                  'state:anchor_scale',
+                                                                                                                                                                                                                                                                                                                                                                                                  'state:anchor_min',
                                                                                                                                                                                                                                                                                                                                                                                                   'state:momentum_buffer_scale',
                                                                                                                                                                                                                                                                                                                                                                                                   'state:second_momentum_buffer_scale',
                                                                                                                                                                                                                                                                                                                                                                                                   'numel',
@@ -4682,7 +4735,7 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                                                 ('_x0',
                                                                                                                                                                                                                                                                                                                                                                                                  'element',
                                                                                                                                                                                                                                                                                                                                                                                                  False)]},
-           (('_c0', False), ('_c35', False), ('_c3', True), ('_c37', False), ('_c39', False), ('_c4', False), ('_c40', True), ('_c5', False), ('_c6', False), ('_c7', True), ('_c8', True), ('_c9', True), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', False), ('_c18', True), ('_c21', True), ('_c24', False)): {'calls': [{'args': [['var',
+           (('_c0', False), ('_c37', False), ('_c3', True), ('_c39', False), ('_c41', False), ('_c4', False), ('_c42', True), ('_c5', False), ('_c6', False), ('_c7', True), ('_c8', True), ('_c9', True), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', False), ('_c18', True), ('_c21', True), ('_c24', False)): {'calls': [{'args': [['var',
                                                                                                                                                                                                                                                                                                                                                                                                           '_k419'],
                                                                                                                                                                                                                                                                                                                                                                                                          ['var',
                                                                                                                                                                                                                                                                                                                                                                                                           'ns_eps_eff'],
@@ -4710,6 +4763,8 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                                                  'state:spectral_v',
                                                                                                                                                                                                                                                                                                                                                                                                  'state:spectral_u',
                                                                                                                                                                                                                                                                                                                                                                                                  'state:anchor_data',
+                                                                                                                                                                                                                                                                                                                                                                                                 'state:anchor_scale',
+                                                                                                                                                                                                                                                                                                                                                                                                 'state:anchor_min',
                                                                                                                                                                                                                                                                                                                                                                                                  'state:momentum_buffer_scale',
                                                                                                                                                                                                                                                                                                                                                                                                  'state:second_momentum_buffer_scale',
                                                                                                                                                                                                                                                                                                                                                                                                  'numel',
@@ -4763,7 +4818,7 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                                                ('_x0',
                                                                                                                                                                                                                                                                                                                                                                                                 'element',
                                                                                                                                                                                                                                                                                                                                                                                                 False)]},
-           (('_c0', False), ('_c35', False), ('_c3', True), ('_c37', False), ('_c39', False), ('_c4', False), ('_c40', True), ('_c5', False), ('_c6', False), ('_c7', True), ('_c8', True), ('_c9', True), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', True), ('_c18', True), ('_c21', False), ('_c24', False)): {'calls': [{'args': [['var',
+           (('_c0', False), ('_c37', False), ('_c3', True), ('_c39', False), ('_c41', False), ('_c4', False), ('_c42', True), ('_c5', False), ('_c6', False), ('_c7', True), ('_c8', True), ('_c9', True), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', True), ('_c18', True), ('_c21', False), ('_c24', False)): {'calls': [{'args': [['var',
                                                                                                                                                                                                                                                                                                                                                                                                           '_k419'],
                                                                                                                                                                                                                                                                                                                                                                                                          ['var',
                                                                                                                                                                                                                                                                                                                                                                                                           'ns_eps_eff'],
@@ -4791,6 +4846,8 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                                                  'state:spectral_v',
                                                                                                                                                                                                                                                                                                                                                                                                  'state:spectral_u',
                                                                                                                                                                                                                                                                                                                                                                                                  'state:anchor_data',
+                                                                                                                                                                                                                                                                                                                                                                                                 'state:anchor_scale',
+                                                                                                                                                                                                                                                                                                                                                                                                 'state:anchor_min',
                                                                                                                                                                                                                                                                                                                                                                                                  'state:momentum_buffer_scale',
                                                                                                                                                                                                                                                                                                                                                                                                  'state:second_momentum_buffer_scale',
                                                                                                                                                                                                                                                                                                                                                                                                  'numel',
@@ -4843,7 +4900,7 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                                                ('_x0',
                                                                                                                                                                                                                                                                                                                                                                                                 'element',
                                                                                                                                                                                                                                                                                                                                                                                                 False)]},
-           (('_c0', False), ('_c35', False), ('_c3', True), ('_c37', False), ('_c39', False), ('_c4', False), ('_c40', True), ('_c5', False), ('_c6', False), ('_c7', True), ('_c8', True), ('_c9', True), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', True), ('_c18', True), ('_c21', True), ('_c24', False)): {'calls': [{'args': [['var',
+           (('_c0', False), ('_c37', False), ('_c3', True), ('_c39', False), ('_c41', False), ('_c4', False), ('_c42', True), ('_c5', False), ('_c6', False), ('_c7', True), ('_c8', True), ('_c9', True), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', True), ('_c18', True), ('_c21', True), ('_c24', False)): {'calls': [{'args': [['var',
                                                                                                                                                                                                                                                                                                                                                                                                          '_k419'],
                                                                                                                                                                                                                                                                                                                                                                                                         ['var',
                                                                                                                                                                                                                                                                                                                                                                                                          'ns_eps_eff'],
@@ -4871,6 +4928,8 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                                                 'state:spectral_v',
                                                                                                                                                                                                                                                                                                                                                                                                 'state:spectral_u',
                                                                                                                                                                                                                                                                                                                                                                                                 'state:anchor_data',
+                                                                                                                                                                                                                                                                                                                                                                                                'state:anchor_scale',
+                                                                                                                                                                                                                                                                                                                                                                                                'state:anchor_min',
                                                                                                                                                                                                                                                                                                                                                                                                 'state:momentum_buffer_scale',
                                                                                                                                                                                                                                                                                                                                                                                                 'state:second_momentum_buffer_scale',
                                                                                                                                                                                                                                                                                                                                                                                                 'numel',
@@ -4924,7 +4983,7 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                                               ('_x0',
                                                                                                                                                                                                                                                                                                                                                                                                'element',
                                                                                                                                                                                                                                                                                                                                                                                                False)]},
-           (('_c0', False), ('_c35', False), ('_c3', True), ('_c37', False), ('_c39', False), ('_c4', False), ('_c40', True), ('_c5', True), ('_c7', True), ('_c8', True), ('_c9', False), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', False), ('_c18', True), ('_c21', False), ('_c24', False)): {'calls': [{'args': [['var',
+           (('_c0', False), ('_c37', False), ('_c3', True), ('_c39', False), ('_c41', False), ('_c4', False), ('_c42', True), ('_c5', True), ('_c7', True), ('_c8', True), ('_c9', False), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', False), ('_c18', True), ('_c21', False), ('_c24', False)): {'calls': [{'args': [['var',
                                                                                                                                                                                                                                                                                                                                                                                            '_k419'],
                                                                                                                                                                                                                                                                                                                                                                                           ['var',
                                                                                                                                                                                                                                                                                                                                                                                            'ns_eps_eff'],
@@ -4952,6 +5011,8 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                                   'state:spectral_v',
                                                                                                                                                                                                                                                                                                                                                                                   'state:spectral_u',
                                                                                                                                                                                                                                                                                                                                                                                   'state:anchor_data',
+                                                                                                                                                                                                                                                                                                                                                                                  'state:anchor_scale',
+                                                                                                                                                                                                                                                                                                                                                                                  'state:anchor_min',
                                                                                                                                                                                                                                                                                                                                                                                   'state:momentum_buffer_scale',
                                                                                                                                                                                                                                                                                                                                                                                   'state:second_momentum_buffer_scale',
                                                                                                                                                                                                                                                                                                                                                                                   'numel',
@@ -5038,7 +5099,7 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                                 ('_x0',
                                                                                                                                                                                                                                                                                                                                                                                  'element',
                                                                                                                                                                                                                                                                                                                                                                                  False)]},
-           (('_c0', False), ('_c35', False), ('_c3', True), ('_c37', False), ('_c39', False), ('_c4', False), ('_c40', True), ('_c5', True), ('_c7', True), ('_c8', True), ('_c9', False), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', False), ('_c18', True), ('_c21', True), ('_c24', False)): {'calls': [{'args': [['var',
+           (('_c0', False), ('_c37', False), ('_c3', True), ('_c39', False), ('_c41', False), ('_c4', False), ('_c42', True), ('_c5', True), ('_c7', True), ('_c8', True), ('_c9', False), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', False), ('_c18', True), ('_c21', True), ('_c24', False)): {'calls': [{'args': [['var',
                                                                                                                                                                                                                                                                                                                                                                                           '_k419'],
                                                                                                                                                                                                                                                                                                                                                                                          ['var',
                                                                                                                                                                                                                                                                                                                                                                                           'ns_eps_eff'],
@@ -5066,6 +5127,8 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                                  'state:spectral_v',
                                                                                                                                                                                                                                                                                                                                                                                  'state:spectral_u',
                                                                                                                                                                                                                                                                                                                                                                                  'state:anchor_data',
+                                                                                                                                                                                                                                                                                                                                                                                 'state:anchor_scale',
+                                                                                                                                                                                                                                                                                                                                                                                 'state:anchor_min',
                                                                                                                                                                                                                                                                                                                                                                                  'state:momentum_buffer_scale',
                                                                                                                                                                                                                                                                                                                                                                                  'state:second_momentum_buffer_scale',
                                                                                                                                                                                                                                                                                                                                                                                  'numel',
@@ -5153,7 +5216,7 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                                ('_x0',
                                                                                                                                                                                                                                                                                                                                                                                 'element',
                                                                                                                                                                                                                                                                                                                                                                                 False)]},
-           (('_c0', False), ('_c35', False), ('_c3', True), ('_c37', False), ('_c39', False), ('_c4', False), ('_c40', True), ('_c5', True), ('_c7', True), ('_c8', True), ('_c9', False), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', True), ('_c18', True), ('_c21', False), ('_c24', False)): {'calls': [{'args': [['var',
+           (('_c0', False), ('_c37', False), ('_c3', True), ('_c39', False), ('_c41', False), ('_c4', False), ('_c42', True), ('_c5', True), ('_c7', True), ('_c8', True), ('_c9', False), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', True), ('_c18', True), ('_c21', False), ('_c24', False)): {'calls': [{'args': [['var',
                                                                                                                                                                                                                                                                                                                                                                                           '_k419'],
                                                                                                                                                                                                                                                                                                                                                                                          ['var',
                                                                                                                                                                                                                                                                                                                                                                                           'ns_eps_eff'],
@@ -5181,6 +5244,8 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                                  'state:spectral_v',
                                                                                                                                                                                                                                                                                                                                                                                  'state:spectral_u',
                                                                                                                                                                                                                                                                                                                                                                                  'state:anchor_data',
+                                                                                                                                                                                                                                                                                                                                                                                 'state:anchor_scale',
+                                                                                                                                                                                                                                                                                                                                                                                 'state:anchor_min',
                                                                                                                                                                                                                                                                                                                                                                                  'state:momentum_buffer_scale',
                                                                                                                                                                                                                                                                                                                                                                                  'state:second_momentum_buffer_scale',
                                                                                                                                                                                                                                                                                                                                                                                  'numel',
@@ -5267,7 +5332,7 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                                ('_x0',
                                                                                                                                                                                                                                                                                                                                                                                 'element',
                                                                                                                                                                                                                                                                                                                                                                                 False)]},
-           (('_c0', False), ('_c35', False), ('_c3', True), ('_c37', False), ('_c39', False), ('_c4', False), ('_c40', True), ('_c5', True), ('_c7', True), ('_c8', True), ('_c9', False), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', True), ('_c18', True), ('_c21', True), ('_c24', False)): {'calls': [{'args': [['var',
+           (('_c0', False), ('_c37', False), ('_c3', True), ('_c39', False), ('_c41', False), ('_c4', False), ('_c42', True), ('_c5', True), ('_c7', True), ('_c8', True), ('_c9', False), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', True), ('_c18', True), ('_c21', True), ('_c24', False)): {'calls': [{'args': [['var',
                                                                                                                                                                                                                                                                                                                                                                                          '_k419'],
                                                                                                                                                                                                                                                                                                                                                                                         ['var',
                                                                                                                                                                                                                                                                                                                                                                                          'ns_eps_eff'],
@@ -5295,6 +5360,8 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                                 'state:spectral_v',
                                                                                                                                                                                                                                                                                                                                                                                 'state:spectral_u',
                                                                                                                                                                                                                                                                                                                                                                                 'state:anchor_data',
+                                                                                                                                                                                                                                                                                                                                                                                'state:anchor_scale',
+                                                                                                                                                                                                                                                                                                                                                                                'state:anchor_min',
                                                                                                                                                                                                                                                                                                                                                                                 'state:momentum_buffer_scale',
                                                                                                                                                                                                                                                                                                                                                                                 'state:second_momentum_buffer_scale',
                                                                                                                                                                                                                                                                                                                                                                                 'numel',
@@ -5382,7 +5449,7 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                               ('_x0',
                                                                                                                                                                                                                                                                                                                                                                                'element',
                                                                                                                                                                                                                                                                                                                                                                                False)]},
-           (('_c0', False), ('_c35', False), ('_c3', True), ('_c37', False), ('_c39', False), ('_c4', False), ('_c40', True), ('_c5', True), ('_c7', True), ('_c8', True), ('_c9', True), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', False), ('_c18', True), ('_c21', False), ('_c24', False)): {'calls': [{'args': [['var',
+           (('_c0', False), ('_c37', False), ('_c3', True), ('_c39', False), ('_c41', False), ('_c4', False), ('_c42', True), ('_c5', True), ('_c7', True), ('_c8', True), ('_c9', True), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', False), ('_c18', True), ('_c21', False), ('_c24', False)): {'calls': [{'args': [['var',
                                                                                                                                                                                                                                                                                                                                                                                           '_k419'],
                                                                                                                                                                                                                                                                                                                                                                                          ['var',
                                                                                                                                                                                                                                                                                                                                                                                           'ns_eps_eff'],
@@ -5410,6 +5477,8 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                                  'state:spectral_v',
                                                                                                                                                                                                                                                                                                                                                                                  'state:spectral_u',
                                                                                                                                                                                                                                                                                                                                                                                  'state:anchor_data',
+                                                                                                                                                                                                                                                                                                                                                                                 'state:anchor_scale',
+                                                                                                                                                                                                                                                                                                                                                                                 'state:anchor_min',
                                                                                                                                                                                                                                                                                                                                                                                  'state:momentum_buffer_scale',
                                                                                                                                                                                                                                                                                                                                                                                  'state:second_momentum_buffer_scale',
                                                                                                                                                                                                                                                                                                                                                                                  'numel',
@@ -5496,7 +5565,7 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                                ('_x0',
                                                                                                                                                                                                                                                                                                                                                                                 'element',
                                                                                                                                                                                                                                                                                                                                                                                 False)]},
-           (('_c0', False), ('_c35', False), ('_c3', True), ('_c37', False), ('_c39', False), ('_c4', False), ('_c40', True), ('_c5', True), ('_c7', True), ('_c8', True), ('_c9', True), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', False), ('_c18', True), ('_c21', True), ('_c24', False)): {'calls': [{'args': [['var',
+           (('_c0', False), ('_c37', False), ('_c3', True), ('_c39', False), ('_c41', False), ('_c4', False), ('_c42', True), ('_c5', True), ('_c7', True), ('_c8', True), ('_c9', True), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', False), ('_c18', True), ('_c21', True), ('_c24', False)): {'calls': [{'args': [['var',
                                                                                                                                                                                                                                                                                                                                                                                          '_k419'],
                                                                                                                                                                                                                                                                                                                                                                                         ['var',
                                                                                                                                                                                                                                                                                                                                                                                          'ns_eps_eff'],
@@ -5524,6 +5593,8 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                                 'state:spectral_v',
                                                                                                                                                                                                                                                                                                                                                                                 'state:spectral_u',
                                                                                                                                                                                                                                                                                                                                                                                 'state:anchor_data',
+                                                                                                                                                                                                                                                                                                                                                                                'state:anchor_scale',
+                                                                                                                                                                                                                                                                                                                                                                                'state:anchor_min',
                                                                                                                                                                                                                                                                                                                                                                                 'state:momentum_buffer_scale',
                                                                                                                                                                                                                                                                                                                                                                                 'state:second_momentum_buffer_scale',
                                                                                                                                                                                                                                                                                                                                                                                 'numel',
@@ -5611,7 +5682,7 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                               ('_x0',
                                                                                                                                                                                                                                                                                                                                                                                'element',
                                                                                                                                                                                                                                                                                                                                                                                False)]},
-           (('_c0', False), ('_c35', False), ('_c3', True), ('_c37', False), ('_c39', False), ('_c4', False), ('_c40', True), ('_c5', True), ('_c7', True), ('_c8', True), ('_c9', True), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', True), ('_c18', True), ('_c21', False), ('_c24', False)): {'calls': [{'args': [['var',
+           (('_c0', False), ('_c37', False), ('_c3', True), ('_c39', False), ('_c41', False), ('_c4', False), ('_c42', True), ('_c5', True), ('_c7', True), ('_c8', True), ('_c9', True), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', True), ('_c18', True), ('_c21', False), ('_c24', False)): {'calls': [{'args': [['var',
                                                                                                                                                                                                                                                                                                                                                                                          '_k419'],
                                                                                                                                                                                                                                                                                                                                                                                         ['var',
                                                                                                                                                                                                                                                                                                                                                                                          'ns_eps_eff'],
@@ -5639,6 +5710,8 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                                 'state:spectral_v',
                                                                                                                                                                                                                                                                                                                                                                                 'state:spectral_u',
                                                                                                                                                                                                                                                                                                                                                                                 'state:anchor_data',
+                                                                                                                                                                                                                                                                                                                                                                                'state:anchor_scale',
+                                                                                                                                                                                                                                                                                                                                                                                'state:anchor_min',
                                                                                                                                                                                                                                                                                                                                                                                 'state:momentum_buffer_scale',
                                                                                                                                                                                                                                                                                                                                                                                 'state:second_momentum_buffer_scale',
                                                                                                                                                                                                                                                                                                                                                                                 'numel',
@@ -5725,7 +5798,7 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                               ('_x0',
                                                                                                                                                                                                                                                                                                                                                                                'element',
                                                                                                                                                                                                                                                                                                                                                                                False)]},
-           (('_c0', False), ('_c35', False), ('_c3', True), ('_c37', False), ('_c39', False), ('_c4', False), ('_c40', True), ('_c5', True), ('_c7', True), ('_c8', True), ('_c9', True), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', True), ('_c18', True), ('_c21', True), ('_c24', False)): {'calls': [{'args': [['var',
+           (('_c0', False), ('_c37', False), ('_c3', True), ('_c39', False), ('_c41', False), ('_c4', False), ('_c42', True), ('_c5', True), ('_c7', True), ('_c8', True), ('_c9', True), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', True), ('_c18', True), ('_c21', True), ('_c24', False)): {'calls': [{'args': [['var',
                                                                                                                                                                                                                                                                                                                                                                                         '_k419'],
                                                                                                                                                                                                                                                                                                                                                                                        ['var',
                                                                                                                                                                                                                                                                                                                                                                                         'ns_eps_eff'],
@@ -5753,6 +5826,8 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                                'state:spectral_v',
                                                                                                                                                                                                                                                                                                                                                                                'state:spectral_u',
                                                                                                                                                                                                                                                                                                                                                                                'state:anchor_data',
+                                                                                                                                                                                                                                                                                                                                                                               'state:anchor_scale',
+                                                                                                                                                                                                                                                                                                                                                                               'state:anchor_min',
                                                                                                                                                                                                                                                                                                                                                                                'state:momentum_buffer_scale',
                                                                                                                                                                                                                                                                                                                                                                                'state:second_momentum_buffer_scale',
                                                                                                                                                                                                                                                                                                                                                                                'numel',

@@ -101,6 +101,12 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                     update = update * (step_size * 1.2732395447351628)
                 else:
                     update = update * step_size
+            if centered_wd != 0 and fisher_wd:
+                if use_atan2:
+                    cwd_fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                else:
+                    cwd_fisher = 1 / denom
+                    cwd_fisher = cwd_fisher / maximum(sqrt(mean((param * cwd_fisher) ** 2)) / 1.0, 1.0)
             if stochastic_rounding and bf16 != 0:
                 param_fp32 = float32(param)
                 update_fp32 = float32(update)
@@ -122,11 +128,24 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                         else:
                             param_fp32 = param_fp32 - weight_decay * lr * param_fp32
                 if centered_wd != 0:
-                    cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                    if cautious_wd:
-                        param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                    if centered_wd_mode == 'int8':
+                        cwd_target = param_fp32 - cast(decode(), param_fp32)
                     else:
-                        param_fp32 = param_fp32 - centered_wd * lr * cwd_target
+                        if centered_wd_mode == 'int4':
+                            cwd_target = param_fp32 - cast(decode(), param_fp32)
+                        else:
+                            cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                    if fisher_wd:
+                        cwd_fisher_scaled = cwd_fisher * (centered_wd * lr)
+                        if cautious_wd:
+                            param_fp32 = param_fp32 - cwd_target * (where(update_fp32 * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                        else:
+                            param_fp32 = param_fp32 - cwd_target * cwd_fisher_scaled
+                    else:
+                        if cautious_wd:
+                            param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                        else:
+                            param_fp32 = param_fp32 - centered_wd * lr * cwd_target
                 param_fp32 = param_fp32 + -update_fp32
                 param = stochastic_round(param_fp32, step)
             else:
@@ -148,11 +167,24 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                         else:
                             param = param - weight_decay * lr * param
                 if centered_wd != 0:
-                    cwd_target = param - cast(anchor_data, param)
-                    if cautious_wd:
-                        param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                    if centered_wd_mode == 'int8':
+                        cwd_target = param - cast(decode(), param)
                     else:
-                        param = param - centered_wd * lr * cwd_target
+                        if centered_wd_mode == 'int4':
+                            cwd_target = param - cast(decode(), param)
+                        else:
+                            cwd_target = param - cast(anchor_data, param)
+                    if fisher_wd:
+                        cwd_fisher_scaled = cwd_fisher * (centered_wd * lr)
+                        if cautious_wd:
+                            param = param - cwd_target * (where(update * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                        else:
+                            param = param - cwd_target * cwd_fisher_scaled
+                    else:
+                        if cautious_wd:
+                            param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                        else:
+                            param = param - centered_wd * lr * cwd_target
                 param = param + -update
         else:
             grad = float32(grad)
@@ -225,6 +257,12 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                     update = update * (step_size * 1.2732395447351628)
                 else:
                     update = update * step_size
+            if centered_wd != 0 and fisher_wd:
+                if use_atan2:
+                    cwd_fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                else:
+                    cwd_fisher = 1 / denom
+                    cwd_fisher = cwd_fisher / maximum(sqrt(mean((param * cwd_fisher) ** 2)) / 1.0, 1.0)
             if stochastic_rounding and bf16 != 0:
                 param_fp32 = float32(param)
                 update_fp32 = float32(update)
@@ -246,11 +284,24 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                         else:
                             param_fp32 = param_fp32 - weight_decay * lr * param_fp32
                 if centered_wd != 0:
-                    cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                    if cautious_wd:
-                        param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                    if centered_wd_mode == 'int8':
+                        cwd_target = param_fp32 - cast(decode(), param_fp32)
                     else:
-                        param_fp32 = param_fp32 - centered_wd * lr * cwd_target
+                        if centered_wd_mode == 'int4':
+                            cwd_target = param_fp32 - cast(decode(), param_fp32)
+                        else:
+                            cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                    if fisher_wd:
+                        cwd_fisher_scaled = cwd_fisher * (centered_wd * lr)
+                        if cautious_wd:
+                            param_fp32 = param_fp32 - cwd_target * (where(update_fp32 * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                        else:
+                            param_fp32 = param_fp32 - cwd_target * cwd_fisher_scaled
+                    else:
+                        if cautious_wd:
+                            param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                        else:
+                            param_fp32 = param_fp32 - centered_wd * lr * cwd_target
                 param_fp32 = param_fp32 + -update_fp32
                 param = stochastic_round(param_fp32, step)
             else:
@@ -272,11 +323,24 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                         else:
                             param = param - weight_decay * lr * param
                 if centered_wd != 0:
-                    cwd_target = param - cast(anchor_data, param)
-                    if cautious_wd:
-                        param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                    if centered_wd_mode == 'int8':
+                        cwd_target = param - cast(decode(), param)
                     else:
-                        param = param - centered_wd * lr * cwd_target
+                        if centered_wd_mode == 'int4':
+                            cwd_target = param - cast(decode(), param)
+                        else:
+                            cwd_target = param - cast(anchor_data, param)
+                    if fisher_wd:
+                        cwd_fisher_scaled = cwd_fisher * (centered_wd * lr)
+                        if cautious_wd:
+                            param = param - cwd_target * (where(update * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                        else:
+                            param = param - cwd_target * cwd_fisher_scaled
+                    else:
+                        if cautious_wd:
+                            param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                        else:
+                            param = param - centered_wd * lr * cwd_target
                 param = param + -update
     else:
         if factored_2nd:
@@ -365,6 +429,12 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                             update = update * (step_size * 1.2732395447351628)
                         else:
                             update = update * step_size
+                    if centered_wd != 0 and fisher_wd:
+                        if use_atan2:
+                            cwd_fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                        else:
+                            cwd_fisher = 1 / denom
+                            cwd_fisher = cwd_fisher / maximum(sqrt(mean((param * cwd_fisher) ** 2)) / 1.0, 1.0)
                     if stochastic_rounding and bf16 != 0:
                         param_fp32 = float32(param)
                         update_fp32 = float32(update)
@@ -386,11 +456,24 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                                 else:
                                     param_fp32 = param_fp32 - weight_decay * lr * param_fp32
                         if centered_wd != 0:
-                            cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                            if cautious_wd:
-                                param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                            if centered_wd_mode == 'int8':
+                                cwd_target = param_fp32 - cast(decode(), param_fp32)
                             else:
-                                param_fp32 = param_fp32 - centered_wd * lr * cwd_target
+                                if centered_wd_mode == 'int4':
+                                    cwd_target = param_fp32 - cast(decode(), param_fp32)
+                                else:
+                                    cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                            if fisher_wd:
+                                cwd_fisher_scaled = cwd_fisher * (centered_wd * lr)
+                                if cautious_wd:
+                                    param_fp32 = param_fp32 - cwd_target * (where(update_fp32 * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                                else:
+                                    param_fp32 = param_fp32 - cwd_target * cwd_fisher_scaled
+                            else:
+                                if cautious_wd:
+                                    param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                                else:
+                                    param_fp32 = param_fp32 - centered_wd * lr * cwd_target
                         param_fp32 = param_fp32 + -update_fp32
                         param = stochastic_round(param_fp32, step)
                     else:
@@ -412,11 +495,24 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                                 else:
                                     param = param - weight_decay * lr * param
                         if centered_wd != 0:
-                            cwd_target = param - cast(anchor_data, param)
-                            if cautious_wd:
-                                param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                            if centered_wd_mode == 'int8':
+                                cwd_target = param - cast(decode(), param)
                             else:
-                                param = param - centered_wd * lr * cwd_target
+                                if centered_wd_mode == 'int4':
+                                    cwd_target = param - cast(decode(), param)
+                                else:
+                                    cwd_target = param - cast(anchor_data, param)
+                            if fisher_wd:
+                                cwd_fisher_scaled = cwd_fisher * (centered_wd * lr)
+                                if cautious_wd:
+                                    param = param - cwd_target * (where(update * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                                else:
+                                    param = param - cwd_target * cwd_fisher_scaled
+                            else:
+                                if cautious_wd:
+                                    param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                                else:
+                                    param = param - centered_wd * lr * cwd_target
                         param = param + -update
                 else:
                     if state_precision == 'int8_sr' and not nnmf_factor:
@@ -503,6 +599,12 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                                 update = update * (step_size * 1.2732395447351628)
                             else:
                                 update = update * step_size
+                        if centered_wd != 0 and fisher_wd:
+                            if use_atan2:
+                                cwd_fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                            else:
+                                cwd_fisher = 1 / denom
+                                cwd_fisher = cwd_fisher / maximum(sqrt(mean((param * cwd_fisher) ** 2)) / 1.0, 1.0)
                         if stochastic_rounding and bf16 != 0:
                             param_fp32 = float32(param)
                             update_fp32 = float32(update)
@@ -524,11 +626,24 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                                     else:
                                         param_fp32 = param_fp32 - weight_decay * lr * param_fp32
                             if centered_wd != 0:
-                                cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                                if cautious_wd:
-                                    param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                                if centered_wd_mode == 'int8':
+                                    cwd_target = param_fp32 - cast(decode(), param_fp32)
                                 else:
-                                    param_fp32 = param_fp32 - centered_wd * lr * cwd_target
+                                    if centered_wd_mode == 'int4':
+                                        cwd_target = param_fp32 - cast(decode(), param_fp32)
+                                    else:
+                                        cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                if fisher_wd:
+                                    cwd_fisher_scaled = cwd_fisher * (centered_wd * lr)
+                                    if cautious_wd:
+                                        param_fp32 = param_fp32 - cwd_target * (where(update_fp32 * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                                    else:
+                                        param_fp32 = param_fp32 - cwd_target * cwd_fisher_scaled
+                                else:
+                                    if cautious_wd:
+                                        param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                                    else:
+                                        param_fp32 = param_fp32 - centered_wd * lr * cwd_target
                             param_fp32 = param_fp32 + -update_fp32
                             param = stochastic_round(param_fp32, step)
                         else:
@@ -550,11 +665,24 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                                     else:
                                         param = param - weight_decay * lr * param
                             if centered_wd != 0:
-                                cwd_target = param - cast(anchor_data, param)
-                                if cautious_wd:
-                                    param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                                if centered_wd_mode == 'int8':
+                                    cwd_target = param - cast(decode(), param)
                                 else:
-                                    param = param - centered_wd * lr * cwd_target
+                                    if centered_wd_mode == 'int4':
+                                        cwd_target = param - cast(decode(), param)
+                                    else:
+                                        cwd_target = param - cast(anchor_data, param)
+                                if fisher_wd:
+                                    cwd_fisher_scaled = cwd_fisher * (centered_wd * lr)
+                                    if cautious_wd:
+                                        param = param - cwd_target * (where(update * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                                    else:
+                                        param = param - cwd_target * cwd_fisher_scaled
+                                else:
+                                    if cautious_wd:
+                                        param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                                    else:
+                                        param = param - centered_wd * lr * cwd_target
                             param = param + -update
                     else:
                         if (state_precision == 'fp32' and not nnmf_factor) and (beta1 > 0 and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape)) or not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape) or not (state_precision == 'factored' or nnmf_factor) and (factored_2nd and ((ndim != 1 or vector_reshape) and not (spectral_normalization and ndim >= 3))))):
@@ -638,6 +766,12 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                                 update = update * (step_size * 1.2732395447351628)
                             else:
                                 update = update * step_size
+                        if centered_wd != 0 and fisher_wd:
+                            if use_atan2:
+                                cwd_fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                            else:
+                                cwd_fisher = 1 / denom
+                                cwd_fisher = cwd_fisher / maximum(sqrt(mean((param * cwd_fisher) ** 2)) / 1.0, 1.0)
                         if stochastic_rounding and bf16 != 0:
                             param_fp32 = float32(param)
                             update_fp32 = float32(update)
@@ -659,11 +793,24 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                                     else:
                                         param_fp32 = param_fp32 - weight_decay * lr * param_fp32
                             if centered_wd != 0:
-                                cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                                if cautious_wd:
-                                    param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                                if centered_wd_mode == 'int8':
+                                    cwd_target = param_fp32 - cast(decode(), param_fp32)
                                 else:
-                                    param_fp32 = param_fp32 - centered_wd * lr * cwd_target
+                                    if centered_wd_mode == 'int4':
+                                        cwd_target = param_fp32 - cast(decode(), param_fp32)
+                                    else:
+                                        cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                if fisher_wd:
+                                    cwd_fisher_scaled = cwd_fisher * (centered_wd * lr)
+                                    if cautious_wd:
+                                        param_fp32 = param_fp32 - cwd_target * (where(update_fp32 * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                                    else:
+                                        param_fp32 = param_fp32 - cwd_target * cwd_fisher_scaled
+                                else:
+                                    if cautious_wd:
+                                        param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                                    else:
+                                        param_fp32 = param_fp32 - centered_wd * lr * cwd_target
                             param_fp32 = param_fp32 + -update_fp32
                             param = stochastic_round(param_fp32, step)
                         else:
@@ -685,11 +832,24 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                                     else:
                                         param = param - weight_decay * lr * param
                             if centered_wd != 0:
-                                cwd_target = param - cast(anchor_data, param)
-                                if cautious_wd:
-                                    param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                                if centered_wd_mode == 'int8':
+                                    cwd_target = param - cast(decode(), param)
                                 else:
-                                    param = param - centered_wd * lr * cwd_target
+                                    if centered_wd_mode == 'int4':
+                                        cwd_target = param - cast(decode(), param)
+                                    else:
+                                        cwd_target = param - cast(anchor_data, param)
+                                if fisher_wd:
+                                    cwd_fisher_scaled = cwd_fisher * (centered_wd * lr)
+                                    if cautious_wd:
+                                        param = param - cwd_target * (where(update * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                                    else:
+                                        param = param - cwd_target * cwd_fisher_scaled
+                                else:
+                                    if cautious_wd:
+                                        param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                                    else:
+                                        param = param - centered_wd * lr * cwd_target
                             param = param + -update
             else:
                 if state_precision == 'bf16_sr' and not nnmf_factor:
@@ -770,6 +930,12 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                             update = update * (step_size * 1.2732395447351628)
                         else:
                             update = update * step_size
+                    if centered_wd != 0 and fisher_wd:
+                        if use_atan2:
+                            cwd_fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                        else:
+                            cwd_fisher = 1 / denom
+                            cwd_fisher = cwd_fisher / maximum(sqrt(mean((param * cwd_fisher) ** 2)) / 1.0, 1.0)
                     if stochastic_rounding and bf16 != 0:
                         param_fp32 = float32(param)
                         update_fp32 = float32(update)
@@ -791,11 +957,24 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                                 else:
                                     param_fp32 = param_fp32 - weight_decay * lr * param_fp32
                         if centered_wd != 0:
-                            cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                            if cautious_wd:
-                                param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                            if centered_wd_mode == 'int8':
+                                cwd_target = param_fp32 - cast(decode(), param_fp32)
                             else:
-                                param_fp32 = param_fp32 - centered_wd * lr * cwd_target
+                                if centered_wd_mode == 'int4':
+                                    cwd_target = param_fp32 - cast(decode(), param_fp32)
+                                else:
+                                    cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                            if fisher_wd:
+                                cwd_fisher_scaled = cwd_fisher * (centered_wd * lr)
+                                if cautious_wd:
+                                    param_fp32 = param_fp32 - cwd_target * (where(update_fp32 * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                                else:
+                                    param_fp32 = param_fp32 - cwd_target * cwd_fisher_scaled
+                            else:
+                                if cautious_wd:
+                                    param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                                else:
+                                    param_fp32 = param_fp32 - centered_wd * lr * cwd_target
                         param_fp32 = param_fp32 + -update_fp32
                         param = stochastic_round(param_fp32, step)
                     else:
@@ -817,11 +996,24 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                                 else:
                                     param = param - weight_decay * lr * param
                         if centered_wd != 0:
-                            cwd_target = param - cast(anchor_data, param)
-                            if cautious_wd:
-                                param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                            if centered_wd_mode == 'int8':
+                                cwd_target = param - cast(decode(), param)
                             else:
-                                param = param - centered_wd * lr * cwd_target
+                                if centered_wd_mode == 'int4':
+                                    cwd_target = param - cast(decode(), param)
+                                else:
+                                    cwd_target = param - cast(anchor_data, param)
+                            if fisher_wd:
+                                cwd_fisher_scaled = cwd_fisher * (centered_wd * lr)
+                                if cautious_wd:
+                                    param = param - cwd_target * (where(update * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                                else:
+                                    param = param - cwd_target * cwd_fisher_scaled
+                            else:
+                                if cautious_wd:
+                                    param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                                else:
+                                    param = param - centered_wd * lr * cwd_target
                         param = param + -update
                 else:
                     if state_precision == 'int8_sr' and not nnmf_factor:
@@ -902,6 +1094,12 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                                 update = update * (step_size * 1.2732395447351628)
                             else:
                                 update = update * step_size
+                        if centered_wd != 0 and fisher_wd:
+                            if use_atan2:
+                                cwd_fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                            else:
+                                cwd_fisher = 1 / denom
+                                cwd_fisher = cwd_fisher / maximum(sqrt(mean((param * cwd_fisher) ** 2)) / 1.0, 1.0)
                         if stochastic_rounding and bf16 != 0:
                             param_fp32 = float32(param)
                             update_fp32 = float32(update)
@@ -923,11 +1121,24 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                                     else:
                                         param_fp32 = param_fp32 - weight_decay * lr * param_fp32
                             if centered_wd != 0:
-                                cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                                if cautious_wd:
-                                    param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                                if centered_wd_mode == 'int8':
+                                    cwd_target = param_fp32 - cast(decode(), param_fp32)
                                 else:
-                                    param_fp32 = param_fp32 - centered_wd * lr * cwd_target
+                                    if centered_wd_mode == 'int4':
+                                        cwd_target = param_fp32 - cast(decode(), param_fp32)
+                                    else:
+                                        cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                if fisher_wd:
+                                    cwd_fisher_scaled = cwd_fisher * (centered_wd * lr)
+                                    if cautious_wd:
+                                        param_fp32 = param_fp32 - cwd_target * (where(update_fp32 * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                                    else:
+                                        param_fp32 = param_fp32 - cwd_target * cwd_fisher_scaled
+                                else:
+                                    if cautious_wd:
+                                        param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                                    else:
+                                        param_fp32 = param_fp32 - centered_wd * lr * cwd_target
                             param_fp32 = param_fp32 + -update_fp32
                             param = stochastic_round(param_fp32, step)
                         else:
@@ -949,11 +1160,24 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                                     else:
                                         param = param - weight_decay * lr * param
                             if centered_wd != 0:
-                                cwd_target = param - cast(anchor_data, param)
-                                if cautious_wd:
-                                    param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                                if centered_wd_mode == 'int8':
+                                    cwd_target = param - cast(decode(), param)
                                 else:
-                                    param = param - centered_wd * lr * cwd_target
+                                    if centered_wd_mode == 'int4':
+                                        cwd_target = param - cast(decode(), param)
+                                    else:
+                                        cwd_target = param - cast(anchor_data, param)
+                                if fisher_wd:
+                                    cwd_fisher_scaled = cwd_fisher * (centered_wd * lr)
+                                    if cautious_wd:
+                                        param = param - cwd_target * (where(update * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                                    else:
+                                        param = param - cwd_target * cwd_fisher_scaled
+                                else:
+                                    if cautious_wd:
+                                        param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                                    else:
+                                        param = param - centered_wd * lr * cwd_target
                             param = param + -update
                     else:
                         if (state_precision == 'fp32' and not nnmf_factor) and (beta1 > 0 and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape)) or not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape) or not (state_precision == 'factored' or nnmf_factor) and (factored_2nd and ((ndim != 1 or vector_reshape) and not (spectral_normalization and ndim >= 3))))):
@@ -1027,6 +1251,12 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                                 update = update * (step_size * 1.2732395447351628)
                             else:
                                 update = update * step_size
+                        if centered_wd != 0 and fisher_wd:
+                            if use_atan2:
+                                cwd_fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                            else:
+                                cwd_fisher = 1 / denom
+                                cwd_fisher = cwd_fisher / maximum(sqrt(mean((param * cwd_fisher) ** 2)) / 1.0, 1.0)
                         if stochastic_rounding and bf16 != 0:
                             param_fp32 = float32(param)
                             update_fp32 = float32(update)
@@ -1048,11 +1278,24 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                                     else:
                                         param_fp32 = param_fp32 - weight_decay * lr * param_fp32
                             if centered_wd != 0:
-                                cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                                if cautious_wd:
-                                    param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                                if centered_wd_mode == 'int8':
+                                    cwd_target = param_fp32 - cast(decode(), param_fp32)
                                 else:
-                                    param_fp32 = param_fp32 - centered_wd * lr * cwd_target
+                                    if centered_wd_mode == 'int4':
+                                        cwd_target = param_fp32 - cast(decode(), param_fp32)
+                                    else:
+                                        cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                if fisher_wd:
+                                    cwd_fisher_scaled = cwd_fisher * (centered_wd * lr)
+                                    if cautious_wd:
+                                        param_fp32 = param_fp32 - cwd_target * (where(update_fp32 * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                                    else:
+                                        param_fp32 = param_fp32 - cwd_target * cwd_fisher_scaled
+                                else:
+                                    if cautious_wd:
+                                        param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                                    else:
+                                        param_fp32 = param_fp32 - centered_wd * lr * cwd_target
                             param_fp32 = param_fp32 + -update_fp32
                             param = stochastic_round(param_fp32, step)
                         else:
@@ -1074,11 +1317,24 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                                     else:
                                         param = param - weight_decay * lr * param
                             if centered_wd != 0:
-                                cwd_target = param - cast(anchor_data, param)
-                                if cautious_wd:
-                                    param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                                if centered_wd_mode == 'int8':
+                                    cwd_target = param - cast(decode(), param)
                                 else:
-                                    param = param - centered_wd * lr * cwd_target
+                                    if centered_wd_mode == 'int4':
+                                        cwd_target = param - cast(decode(), param)
+                                    else:
+                                        cwd_target = param - cast(anchor_data, param)
+                                if fisher_wd:
+                                    cwd_fisher_scaled = cwd_fisher * (centered_wd * lr)
+                                    if cautious_wd:
+                                        param = param - cwd_target * (where(update * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                                    else:
+                                        param = param - cwd_target * cwd_fisher_scaled
+                                else:
+                                    if cautious_wd:
+                                        param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                                    else:
+                                        param = param - centered_wd * lr * cwd_target
                             param = param + -update
         else:
             if state_precision == 'bf16_sr' and not nnmf_factor:
@@ -1159,6 +1415,12 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                         update = update * (step_size * 1.2732395447351628)
                     else:
                         update = update * step_size
+                if centered_wd != 0 and fisher_wd:
+                    if use_atan2:
+                        cwd_fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                    else:
+                        cwd_fisher = 1 / denom
+                        cwd_fisher = cwd_fisher / maximum(sqrt(mean((param * cwd_fisher) ** 2)) / 1.0, 1.0)
                 if stochastic_rounding and bf16 != 0:
                     param_fp32 = float32(param)
                     update_fp32 = float32(update)
@@ -1180,11 +1442,24 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                             else:
                                 param_fp32 = param_fp32 - weight_decay * lr * param_fp32
                     if centered_wd != 0:
-                        cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                        if cautious_wd:
-                            param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                        if centered_wd_mode == 'int8':
+                            cwd_target = param_fp32 - cast(decode(), param_fp32)
                         else:
-                            param_fp32 = param_fp32 - centered_wd * lr * cwd_target
+                            if centered_wd_mode == 'int4':
+                                cwd_target = param_fp32 - cast(decode(), param_fp32)
+                            else:
+                                cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                        if fisher_wd:
+                            cwd_fisher_scaled = cwd_fisher * (centered_wd * lr)
+                            if cautious_wd:
+                                param_fp32 = param_fp32 - cwd_target * (where(update_fp32 * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                            else:
+                                param_fp32 = param_fp32 - cwd_target * cwd_fisher_scaled
+                        else:
+                            if cautious_wd:
+                                param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                            else:
+                                param_fp32 = param_fp32 - centered_wd * lr * cwd_target
                     param_fp32 = param_fp32 + -update_fp32
                     param = stochastic_round(param_fp32, step)
                 else:
@@ -1206,11 +1481,24 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                             else:
                                 param = param - weight_decay * lr * param
                     if centered_wd != 0:
-                        cwd_target = param - cast(anchor_data, param)
-                        if cautious_wd:
-                            param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                        if centered_wd_mode == 'int8':
+                            cwd_target = param - cast(decode(), param)
                         else:
-                            param = param - centered_wd * lr * cwd_target
+                            if centered_wd_mode == 'int4':
+                                cwd_target = param - cast(decode(), param)
+                            else:
+                                cwd_target = param - cast(anchor_data, param)
+                        if fisher_wd:
+                            cwd_fisher_scaled = cwd_fisher * (centered_wd * lr)
+                            if cautious_wd:
+                                param = param - cwd_target * (where(update * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                            else:
+                                param = param - cwd_target * cwd_fisher_scaled
+                        else:
+                            if cautious_wd:
+                                param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                            else:
+                                param = param - centered_wd * lr * cwd_target
                     param = param + -update
             else:
                 if state_precision == 'int8_sr' and not nnmf_factor:
@@ -1291,6 +1579,12 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                             update = update * (step_size * 1.2732395447351628)
                         else:
                             update = update * step_size
+                    if centered_wd != 0 and fisher_wd:
+                        if use_atan2:
+                            cwd_fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                        else:
+                            cwd_fisher = 1 / denom
+                            cwd_fisher = cwd_fisher / maximum(sqrt(mean((param * cwd_fisher) ** 2)) / 1.0, 1.0)
                     if stochastic_rounding and bf16 != 0:
                         param_fp32 = float32(param)
                         update_fp32 = float32(update)
@@ -1312,11 +1606,24 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                                 else:
                                     param_fp32 = param_fp32 - weight_decay * lr * param_fp32
                         if centered_wd != 0:
-                            cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                            if cautious_wd:
-                                param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                            if centered_wd_mode == 'int8':
+                                cwd_target = param_fp32 - cast(decode(), param_fp32)
                             else:
-                                param_fp32 = param_fp32 - centered_wd * lr * cwd_target
+                                if centered_wd_mode == 'int4':
+                                    cwd_target = param_fp32 - cast(decode(), param_fp32)
+                                else:
+                                    cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                            if fisher_wd:
+                                cwd_fisher_scaled = cwd_fisher * (centered_wd * lr)
+                                if cautious_wd:
+                                    param_fp32 = param_fp32 - cwd_target * (where(update_fp32 * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                                else:
+                                    param_fp32 = param_fp32 - cwd_target * cwd_fisher_scaled
+                            else:
+                                if cautious_wd:
+                                    param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                                else:
+                                    param_fp32 = param_fp32 - centered_wd * lr * cwd_target
                         param_fp32 = param_fp32 + -update_fp32
                         param = stochastic_round(param_fp32, step)
                     else:
@@ -1338,11 +1645,24 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                                 else:
                                     param = param - weight_decay * lr * param
                         if centered_wd != 0:
-                            cwd_target = param - cast(anchor_data, param)
-                            if cautious_wd:
-                                param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                            if centered_wd_mode == 'int8':
+                                cwd_target = param - cast(decode(), param)
                             else:
-                                param = param - centered_wd * lr * cwd_target
+                                if centered_wd_mode == 'int4':
+                                    cwd_target = param - cast(decode(), param)
+                                else:
+                                    cwd_target = param - cast(anchor_data, param)
+                            if fisher_wd:
+                                cwd_fisher_scaled = cwd_fisher * (centered_wd * lr)
+                                if cautious_wd:
+                                    param = param - cwd_target * (where(update * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                                else:
+                                    param = param - cwd_target * cwd_fisher_scaled
+                            else:
+                                if cautious_wd:
+                                    param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                                else:
+                                    param = param - centered_wd * lr * cwd_target
                         param = param + -update
                 else:
                     if (state_precision == 'fp32' and not nnmf_factor) and (beta1 > 0 and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape)) or not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape) or not (state_precision == 'factored' or nnmf_factor) and (factored_2nd and ((ndim != 1 or vector_reshape) and not (spectral_normalization and ndim >= 3))))):
@@ -1416,6 +1736,12 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                             update = update * (step_size * 1.2732395447351628)
                         else:
                             update = update * step_size
+                    if centered_wd != 0 and fisher_wd:
+                        if use_atan2:
+                            cwd_fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                        else:
+                            cwd_fisher = 1 / denom
+                            cwd_fisher = cwd_fisher / maximum(sqrt(mean((param * cwd_fisher) ** 2)) / 1.0, 1.0)
                     if stochastic_rounding and bf16 != 0:
                         param_fp32 = float32(param)
                         update_fp32 = float32(update)
@@ -1437,11 +1763,24 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                                 else:
                                     param_fp32 = param_fp32 - weight_decay * lr * param_fp32
                         if centered_wd != 0:
-                            cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                            if cautious_wd:
-                                param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                            if centered_wd_mode == 'int8':
+                                cwd_target = param_fp32 - cast(decode(), param_fp32)
                             else:
-                                param_fp32 = param_fp32 - centered_wd * lr * cwd_target
+                                if centered_wd_mode == 'int4':
+                                    cwd_target = param_fp32 - cast(decode(), param_fp32)
+                                else:
+                                    cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                            if fisher_wd:
+                                cwd_fisher_scaled = cwd_fisher * (centered_wd * lr)
+                                if cautious_wd:
+                                    param_fp32 = param_fp32 - cwd_target * (where(update_fp32 * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                                else:
+                                    param_fp32 = param_fp32 - cwd_target * cwd_fisher_scaled
+                            else:
+                                if cautious_wd:
+                                    param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                                else:
+                                    param_fp32 = param_fp32 - centered_wd * lr * cwd_target
                         param_fp32 = param_fp32 + -update_fp32
                         param = stochastic_round(param_fp32, step)
                     else:
@@ -1463,11 +1802,24 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                                 else:
                                     param = param - weight_decay * lr * param
                         if centered_wd != 0:
-                            cwd_target = param - cast(anchor_data, param)
-                            if cautious_wd:
-                                param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                            if centered_wd_mode == 'int8':
+                                cwd_target = param - cast(decode(), param)
                             else:
-                                param = param - centered_wd * lr * cwd_target
+                                if centered_wd_mode == 'int4':
+                                    cwd_target = param - cast(decode(), param)
+                                else:
+                                    cwd_target = param - cast(anchor_data, param)
+                            if fisher_wd:
+                                cwd_fisher_scaled = cwd_fisher * (centered_wd * lr)
+                                if cautious_wd:
+                                    param = param - cwd_target * (where(update * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                                else:
+                                    param = param - cwd_target * cwd_fisher_scaled
+                            else:
+                                if cautious_wd:
+                                    param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                                else:
+                                    param = param - centered_wd * lr * cwd_target
                         param = param + -update
 """
 
@@ -1502,6 +1854,8 @@ def _device_step(h, param, grad, S):
     spectral_u = S["spectral_u"]
     wd_scaler = S["wd_scaler"]
     anchor_data = S["anchor_data"]
+    anchor_scale = S["anchor_scale"]
+    anchor_min = S["anchor_min"]
     kourkoutas_sq = S["kourkoutas_sq"]
     exp_avg_scale = S["exp_avg_scale"]
     exp_avg_sq_scale = S["exp_avg_sq_scale"]
@@ -1709,16 +2063,35 @@ def _device_step(h, param, grad, S):
                 else:
                     # update = update * step_size
                     F.mul_(update, h["step_size"])
-            # if stochastic_rounding and bf16 != 0:
+            # if centered_wd != 0 and fisher_wd:
             if h["_c14"]:
+                # if use_atan2:
+                if h["_c7"]:
+                    # cwd_fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                    cwd_fisher = F.atan2(wd_scaler, denom)
+                    F.mul_(cwd_fisher, 1.2732395447351628)
+                else:
+                    # cwd_fisher = 1 / denom
+                    cwd_fisher = F.rdiv(denom, 1)
+                    # cwd_fisher = cwd_fisher / maximum(sqrt(mean((param * cwd_fisher) ** 2)) / 1.0, 1.0)
+                    cwd_fisher_1 = F.mul(param, cwd_fisher)
+                    F.pow_(cwd_fisher_1, 2)
+                    cwd_fisher_2 = F.mean(cwd_fisher_1)
+                    F.sqrt_(cwd_fisher_2)
+                    F.div_(cwd_fisher_2, 1.0)
+                    F.maximum_(cwd_fisher_2, 1.0)
+                    cwd_fisher_3 = F.div(cwd_fisher, cwd_fisher_2)
+                    cwd_fisher = cwd_fisher_3
+            # if stochastic_rounding and bf16 != 0:
+            if h["_c15"]:
                 # param_fp32 = float32(param)
                 param_fp32 = F.float32(param)
                 # update_fp32 = float32(update)
                 update_fp32 = F.float32(update)
                 # if weight_decay != 0:
-                if h["_c15"]:
+                if h["_c16"]:
                     # if fisher_wd:
-                    if h["_c16"]:
+                    if h["_c17"]:
                         # if use_atan2:
                         if h["_c7"]:
                             # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
@@ -1739,7 +2112,7 @@ def _device_step(h, param, grad, S):
                         # fisher = fisher * (weight_decay * lr)
                         F.mul_(fisher, h["_k10"])
                         # if cautious_wd:
-                        if h["_c17"]:
+                        if h["_c18"]:
                             # param_fp32 = param_fp32 - param_fp32 * (where(update_fp32 * param_fp32 >= 0, 1.0, 0.0) * fisher)
                             param_fp32_1 = F.mul(update_fp32, param_fp32)
                             param_fp32_2 = F.ge(param_fp32_1, 0)
@@ -1752,7 +2125,7 @@ def _device_step(h, param, grad, S):
                             param_fp32 = F.addcmul(param_fp32, param_fp32, fisher, -1.0)
                     else:
                         # if cautious_wd:
-                        if h["_c17"]:
+                        if h["_c18"]:
                             # param_fp32 = param_fp32 - weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
                             param_fp32_5 = F.mul(update_fp32, param_fp32)
                             param_fp32_6 = F.ge(param_fp32_5, 0)
@@ -1763,31 +2136,62 @@ def _device_step(h, param, grad, S):
                             # param_fp32 = param_fp32 - weight_decay * lr * param_fp32
                             param_fp32 = F.axpy(param_fp32, param_fp32, h["_k12"])
                 # if centered_wd != 0:
-                if h["_c18"]:
-                    # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                    cwd_target_1 = F.cast(anchor_data, param_fp32)
-                    cwd_target = F.sub(param_fp32, cwd_target_1)
-                    # if cautious_wd:
-                    if h["_c17"]:
-                        # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
-                        param_fp32_9 = F.mul(update_fp32, cwd_target)
-                        param_fp32_10 = F.ge(param_fp32_9, 0)
-                        param_fp32_11 = F.where(param_fp32_10, 1.0, 0.0, like=param)
-                        param_fp32_12 = F.addcmul(param_fp32, cwd_target, param_fp32_11, h["_k13"])
-                        param_fp32 = param_fp32_12
+                if h["_c19"]:
+                    # if centered_wd_mode == 'int8':
+                    if h["_c20"]:
+                        # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                        cwd_target_1 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                        cwd_target_2 = F.cast(cwd_target_1, param_fp32)
+                        cwd_target = F.sub(param_fp32, cwd_target_2)
                     else:
-                        # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
-                        param_fp32 = F.axpy(param_fp32, cwd_target, h["_k14"])
+                        # if centered_wd_mode == 'int4':
+                        if h["_c21"]:
+                            # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                            cwd_target_3 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                            cwd_target_4 = F.cast(cwd_target_3, param_fp32)
+                            cwd_target = F.sub(param_fp32, cwd_target_4)
+                        else:
+                            # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                            cwd_target_5 = F.cast(anchor_data, param_fp32)
+                            cwd_target = F.sub(param_fp32, cwd_target_5)
+                    # if fisher_wd:
+                    if h["_c17"]:
+                        # cwd_fisher_scaled = cwd_fisher * (centered_wd * lr)
+                        cwd_fisher_scaled = F.mul(cwd_fisher, h["_k13"])
+                        # if cautious_wd:
+                        if h["_c18"]:
+                            # param_fp32 = param_fp32 - cwd_target * (where(update_fp32 * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                            param_fp32_9 = F.mul(update_fp32, cwd_target)
+                            param_fp32_10 = F.ge(param_fp32_9, 0)
+                            param_fp32_11 = F.where(param_fp32_10, 1.0, 0.0, like=param)
+                            F.mul_(param_fp32_11, cwd_fisher_scaled)
+                            param_fp32_12 = F.addcmul(param_fp32, cwd_target, param_fp32_11, -1.0)
+                            param_fp32 = param_fp32_12
+                        else:
+                            # param_fp32 = param_fp32 - cwd_target * cwd_fisher_scaled
+                            param_fp32 = F.addcmul(param_fp32, cwd_target, cwd_fisher_scaled, -1.0)
+                    else:
+                        # if cautious_wd:
+                        if h["_c18"]:
+                            # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                            param_fp32_13 = F.mul(update_fp32, cwd_target)
+                            param_fp32_14 = F.ge(param_fp32_13, 0)
+                            param_fp32_15 = F.where(param_fp32_14, 1.0, 0.0, like=param)
+                            param_fp32_16 = F.addcmul(param_fp32, cwd_target, param_fp32_15, h["_k14"])
+                            param_fp32 = param_fp32_16
+                        else:
+                            # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
+                            param_fp32 = F.axpy(param_fp32, cwd_target, h["_k15"])
                 # param_fp32 = param_fp32 + -update_fp32
                 param_fp32 = F.sub(param_fp32, update_fp32)
                 # param = stochastic_round(param_fp32, step)
-                param_1 = F.stochastic_round(param_fp32, h["_k15"])
+                param_1 = F.stochastic_round(param_fp32, h["_k16"])
                 F.assign_(param, param_1)
             else:
                 # if weight_decay != 0:
-                if h["_c15"]:
+                if h["_c16"]:
                     # if fisher_wd:
-                    if h["_c16"]:
+                    if h["_c17"]:
                         # if use_atan2:
                         if h["_c7"]:
                             # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
@@ -1806,9 +2210,9 @@ def _device_step(h, param, grad, S):
                             fisher_6 = F.div(fisher, fisher_5)
                             fisher = fisher_6
                         # fisher = fisher * (weight_decay * lr)
-                        F.mul_(fisher, h["_k16"])
+                        F.mul_(fisher, h["_k17"])
                         # if cautious_wd:
-                        if h["_c17"]:
+                        if h["_c18"]:
                             # param = param - param * (where(update * param >= 0, 1.0, 0.0) * fisher)
                             param_2 = F.mul(update, param)
                             param_3 = F.ge(param_2, 0)
@@ -1822,32 +2226,62 @@ def _device_step(h, param, grad, S):
                             F.assign_(param, param_6)
                     else:
                         # if cautious_wd:
-                        if h["_c17"]:
+                        if h["_c18"]:
                             # param = param - weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
                             param_7 = F.mul(update, param)
                             param_8 = F.ge(param_7, 0)
                             param_9 = F.where(param_8, 1.0, 0.0, like=param)
-                            param_10 = F.addcmul(param, param, param_9, h["_k17"])
+                            param_10 = F.addcmul(param, param, param_9, h["_k18"])
                             F.assign_(param, param_10)
                         else:
                             # param = param - weight_decay * lr * param
-                            param_11 = F.axpy(param, param, h["_k18"])
+                            param_11 = F.axpy(param, param, h["_k19"])
                             F.assign_(param, param_11)
                 # if centered_wd != 0:
-                if h["_c18"]:
-                    # cwd_target = param - cast(anchor_data, param)
-                    cwd_target_2 = F.cast(anchor_data, param)
-                    cwd_target = F.sub(param, cwd_target_2)
-                    # if cautious_wd:
-                    if h["_c17"]:
-                        # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
-                        param_12 = F.mul(update, cwd_target)
-                        param_13 = F.ge(param_12, 0)
-                        param_14 = F.where(param_13, 1.0, 0.0, like=param)
-                        F.addcmul_(param, cwd_target, param_14, h["_k19"])
+                if h["_c19"]:
+                    # if centered_wd_mode == 'int8':
+                    if h["_c20"]:
+                        # cwd_target = param - cast(anchor_data, param)
+                        cwd_target_6 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                        cwd_target_7 = F.cast(cwd_target_6, param)
+                        cwd_target = F.sub(param, cwd_target_7)
                     else:
-                        # param = param - centered_wd * lr * cwd_target
-                        F.axpy_(param, cwd_target, h["_k20"])
+                        # if centered_wd_mode == 'int4':
+                        if h["_c21"]:
+                            # cwd_target = param - cast(anchor_data, param)
+                            cwd_target_8 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                            cwd_target_9 = F.cast(cwd_target_8, param)
+                            cwd_target = F.sub(param, cwd_target_9)
+                        else:
+                            # cwd_target = param - cast(anchor_data, param)
+                            cwd_target_10 = F.cast(anchor_data, param)
+                            cwd_target = F.sub(param, cwd_target_10)
+                    # if fisher_wd:
+                    if h["_c17"]:
+                        # cwd_fisher_scaled = cwd_fisher * (centered_wd * lr)
+                        cwd_fisher_scaled = F.mul(cwd_fisher, h["_k20"])
+                        # if cautious_wd:
+                        if h["_c18"]:
+                            # param = param - cwd_target * (where(update * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                            param_12 = F.mul(update, cwd_target)
+                            param_13 = F.ge(param_12, 0)
+                            param_14 = F.where(param_13, 1.0, 0.0, like=param)
+                            F.mul_(param_14, cwd_fisher_scaled)
+                            F.addcmul_(param, cwd_target, param_14, -1.0)
+                        else:
+                            # param = param - cwd_target * cwd_fisher_scaled
+                            F.addcmul_(param, cwd_target, cwd_fisher_scaled, -1.0)
+                    else:
+                        # if cautious_wd:
+                        if h["_c18"]:
+                            # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                            param_15 = F.mul(update, cwd_target)
+                            param_16 = F.ge(param_15, 0)
+                            param_17 = F.where(param_16, 1.0, 0.0, like=param)
+                            F.addcmul_(param, cwd_target, param_17, h["_k21"])
+                        else:
+                            # param = param - centered_wd * lr * cwd_target
+                            F.axpy_(param, cwd_target, h["_k22"])
                 # param = param + -update
                 F.sub_(param, update)
         else:
@@ -1893,12 +2327,12 @@ def _device_step(h, param, grad, S):
                 kourkoutas_sq_4 = F.sum(kourkoutas_sq_3)
                 F.assign_(kourkoutas_sq, kourkoutas_sq_4)
                 # exp_avg_sq = exp_avg_sq * input() + (1 - input()) * grad * grad
-                F.mul_(exp_avg_sq, h["_k21"])
-                F.addcmul_(exp_avg_sq, grad, grad, h["_k22"])
-            else:
-                # exp_avg_sq = exp_avg_sq * beta2 + (1 - beta2) * grad * grad
                 F.mul_(exp_avg_sq, h["_k23"])
                 F.addcmul_(exp_avg_sq, grad, grad, h["_k24"])
+            else:
+                # exp_avg_sq = exp_avg_sq * beta2 + (1 - beta2) * grad * grad
+                F.mul_(exp_avg_sq, h["_k25"])
+                F.addcmul_(exp_avg_sq, grad, grad, h["_k26"])
             # if eps == None:
             if h["_c6"]:
                 pass
@@ -1924,16 +2358,16 @@ def _device_step(h, param, grad, S):
             # if beta1 > 0:
             if h["_c9"]:
                 # exp_avg = lerp(exp_avg, grad, 1 - beta1)
-                F.lerp_(exp_avg, grad, h["_k25"])
+                F.lerp_(exp_avg, grad, h["_k27"])
                 # if nesterov:
                 if h["_c10"]:
                     # if nesterov_coef == None:
                     if h["_c11"]:
                         # update = lerp(exp_avg, grad, 1 - beta1)
-                        update = F.lerp(exp_avg, grad, h["_k26"])
+                        update = F.lerp(exp_avg, grad, h["_k28"])
                     else:
                         # update = lerp(exp_avg, grad, 1 - nesterov_coef)
-                        update = F.lerp(exp_avg, grad, h["_k27"])
+                        update = F.lerp(exp_avg, grad, h["_k29"])
                 else:
                     # update = copy(exp_avg)
                     update = F.copy(exp_avg)
@@ -1980,8 +2414,8 @@ def _device_step(h, param, grad, S):
                     # spectral_sigma = vdot(spectral_u, spectral_ur)
                     spectral_sigma = F.vdot(spectral_u, spectral_ur, kind="row")
                     # update = spectral_x * (sqrt(rows / cols) / maximum(spectral_sigma, 1 / (sqrt(rows) + sqrt(cols))) * spectral_lr)
-                    update_4 = F.maximum(spectral_sigma, h["_k28"])
-                    F.rdiv_(update_4, h["_k29"])
+                    update_4 = F.maximum(spectral_sigma, h["_k30"])
+                    F.rdiv_(update_4, h["_k31"])
                     F.mul_(update_4, h["spectral_lr"])
                     update = F.mul(spectral_x, update_4)
                 else:
@@ -1995,20 +2429,39 @@ def _device_step(h, param, grad, S):
                 # if use_atan2:
                 if h["_c7"]:
                     # update = update * (step_size * 1.2732395447351628)
-                    F.mul_(update, h["_k30"])
+                    F.mul_(update, h["_k32"])
                 else:
                     # update = update * step_size
                     F.mul_(update, h["step_size"])
-            # if stochastic_rounding and bf16 != 0:
+            # if centered_wd != 0 and fisher_wd:
             if h["_c14"]:
+                # if use_atan2:
+                if h["_c7"]:
+                    # cwd_fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                    cwd_fisher = F.atan2(wd_scaler, denom)
+                    F.mul_(cwd_fisher, 1.2732395447351628)
+                else:
+                    # cwd_fisher = 1 / denom
+                    cwd_fisher = F.rdiv(denom, 1)
+                    # cwd_fisher = cwd_fisher / maximum(sqrt(mean((param * cwd_fisher) ** 2)) / 1.0, 1.0)
+                    cwd_fisher_4 = F.mul(param, cwd_fisher)
+                    F.pow_(cwd_fisher_4, 2)
+                    cwd_fisher_5 = F.mean(cwd_fisher_4)
+                    F.sqrt_(cwd_fisher_5)
+                    F.div_(cwd_fisher_5, 1.0)
+                    F.maximum_(cwd_fisher_5, 1.0)
+                    cwd_fisher_6 = F.div(cwd_fisher, cwd_fisher_5)
+                    cwd_fisher = cwd_fisher_6
+            # if stochastic_rounding and bf16 != 0:
+            if h["_c15"]:
                 # param_fp32 = float32(param)
                 param_fp32 = F.float32(param)
                 # update_fp32 = float32(update)
                 update_fp32 = F.float32(update)
                 # if weight_decay != 0:
-                if h["_c15"]:
+                if h["_c16"]:
                     # if fisher_wd:
-                    if h["_c16"]:
+                    if h["_c17"]:
                         # if use_atan2:
                         if h["_c7"]:
                             # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
@@ -2027,57 +2480,88 @@ def _device_step(h, param, grad, S):
                             fisher_9 = F.div(fisher, fisher_8)
                             fisher = fisher_9
                         # fisher = fisher * (weight_decay * lr)
-                        F.mul_(fisher, h["_k31"])
+                        F.mul_(fisher, h["_k33"])
                         # if cautious_wd:
-                        if h["_c17"]:
+                        if h["_c18"]:
                             # param_fp32 = param_fp32 - param_fp32 * (where(update_fp32 * param_fp32 >= 0, 1.0, 0.0) * fisher)
-                            param_fp32_13 = F.mul(update_fp32, param_fp32)
-                            param_fp32_14 = F.ge(param_fp32_13, 0)
-                            param_fp32_15 = F.where(param_fp32_14, 1.0, 0.0, like=param)
-                            F.mul_(param_fp32_15, fisher)
-                            param_fp32_16 = F.addcmul(param_fp32, param_fp32, param_fp32_15, -1.0)
-                            param_fp32 = param_fp32_16
+                            param_fp32_17 = F.mul(update_fp32, param_fp32)
+                            param_fp32_18 = F.ge(param_fp32_17, 0)
+                            param_fp32_19 = F.where(param_fp32_18, 1.0, 0.0, like=param)
+                            F.mul_(param_fp32_19, fisher)
+                            param_fp32_20 = F.addcmul(param_fp32, param_fp32, param_fp32_19, -1.0)
+                            param_fp32 = param_fp32_20
                         else:
                             # param_fp32 = param_fp32 - param_fp32 * fisher
                             param_fp32 = F.addcmul(param_fp32, param_fp32, fisher, -1.0)
                     else:
                         # if cautious_wd:
-                        if h["_c17"]:
+                        if h["_c18"]:
                             # param_fp32 = param_fp32 - weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
-                            param_fp32_17 = F.mul(update_fp32, param_fp32)
-                            param_fp32_18 = F.ge(param_fp32_17, 0)
-                            param_fp32_19 = F.where(param_fp32_18, 1.0, 0.0, like=param)
-                            param_fp32_20 = F.addcmul(param_fp32, param_fp32, param_fp32_19, h["_k32"])
-                            param_fp32 = param_fp32_20
+                            param_fp32_21 = F.mul(update_fp32, param_fp32)
+                            param_fp32_22 = F.ge(param_fp32_21, 0)
+                            param_fp32_23 = F.where(param_fp32_22, 1.0, 0.0, like=param)
+                            param_fp32_24 = F.addcmul(param_fp32, param_fp32, param_fp32_23, h["_k34"])
+                            param_fp32 = param_fp32_24
                         else:
                             # param_fp32 = param_fp32 - weight_decay * lr * param_fp32
-                            param_fp32 = F.axpy(param_fp32, param_fp32, h["_k33"])
+                            param_fp32 = F.axpy(param_fp32, param_fp32, h["_k35"])
                 # if centered_wd != 0:
-                if h["_c18"]:
-                    # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                    cwd_target_3 = F.cast(anchor_data, param_fp32)
-                    cwd_target = F.sub(param_fp32, cwd_target_3)
-                    # if cautious_wd:
-                    if h["_c17"]:
-                        # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
-                        param_fp32_21 = F.mul(update_fp32, cwd_target)
-                        param_fp32_22 = F.ge(param_fp32_21, 0)
-                        param_fp32_23 = F.where(param_fp32_22, 1.0, 0.0, like=param)
-                        param_fp32_24 = F.addcmul(param_fp32, cwd_target, param_fp32_23, h["_k34"])
-                        param_fp32 = param_fp32_24
+                if h["_c19"]:
+                    # if centered_wd_mode == 'int8':
+                    if h["_c20"]:
+                        # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                        cwd_target_11 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                        cwd_target_12 = F.cast(cwd_target_11, param_fp32)
+                        cwd_target = F.sub(param_fp32, cwd_target_12)
                     else:
-                        # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
-                        param_fp32 = F.axpy(param_fp32, cwd_target, h["_k35"])
+                        # if centered_wd_mode == 'int4':
+                        if h["_c21"]:
+                            # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                            cwd_target_13 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                            cwd_target_14 = F.cast(cwd_target_13, param_fp32)
+                            cwd_target = F.sub(param_fp32, cwd_target_14)
+                        else:
+                            # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                            cwd_target_15 = F.cast(anchor_data, param_fp32)
+                            cwd_target = F.sub(param_fp32, cwd_target_15)
+                    # if fisher_wd:
+                    if h["_c17"]:
+                        # cwd_fisher_scaled = cwd_fisher * (centered_wd * lr)
+                        cwd_fisher_scaled = F.mul(cwd_fisher, h["_k36"])
+                        # if cautious_wd:
+                        if h["_c18"]:
+                            # param_fp32 = param_fp32 - cwd_target * (where(update_fp32 * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                            param_fp32_25 = F.mul(update_fp32, cwd_target)
+                            param_fp32_26 = F.ge(param_fp32_25, 0)
+                            param_fp32_27 = F.where(param_fp32_26, 1.0, 0.0, like=param)
+                            F.mul_(param_fp32_27, cwd_fisher_scaled)
+                            param_fp32_28 = F.addcmul(param_fp32, cwd_target, param_fp32_27, -1.0)
+                            param_fp32 = param_fp32_28
+                        else:
+                            # param_fp32 = param_fp32 - cwd_target * cwd_fisher_scaled
+                            param_fp32 = F.addcmul(param_fp32, cwd_target, cwd_fisher_scaled, -1.0)
+                    else:
+                        # if cautious_wd:
+                        if h["_c18"]:
+                            # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                            param_fp32_29 = F.mul(update_fp32, cwd_target)
+                            param_fp32_30 = F.ge(param_fp32_29, 0)
+                            param_fp32_31 = F.where(param_fp32_30, 1.0, 0.0, like=param)
+                            param_fp32_32 = F.addcmul(param_fp32, cwd_target, param_fp32_31, h["_k37"])
+                            param_fp32 = param_fp32_32
+                        else:
+                            # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
+                            param_fp32 = F.axpy(param_fp32, cwd_target, h["_k38"])
                 # param_fp32 = param_fp32 + -update_fp32
                 param_fp32 = F.sub(param_fp32, update_fp32)
                 # param = stochastic_round(param_fp32, step)
-                param_15 = F.stochastic_round(param_fp32, h["_k36"])
-                F.assign_(param, param_15)
+                param_18 = F.stochastic_round(param_fp32, h["_k39"])
+                F.assign_(param, param_18)
             else:
                 # if weight_decay != 0:
-                if h["_c15"]:
+                if h["_c16"]:
                     # if fisher_wd:
-                    if h["_c16"]:
+                    if h["_c17"]:
                         # if use_atan2:
                         if h["_c7"]:
                             # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
@@ -2096,59 +2580,89 @@ def _device_step(h, param, grad, S):
                             fisher_12 = F.div(fisher, fisher_11)
                             fisher = fisher_12
                         # fisher = fisher * (weight_decay * lr)
-                        F.mul_(fisher, h["_k37"])
+                        F.mul_(fisher, h["_k40"])
                         # if cautious_wd:
-                        if h["_c17"]:
+                        if h["_c18"]:
                             # param = param - param * (where(update * param >= 0, 1.0, 0.0) * fisher)
-                            param_16 = F.mul(update, param)
-                            param_17 = F.ge(param_16, 0)
-                            param_18 = F.where(param_17, 1.0, 0.0, like=param)
-                            F.mul_(param_18, fisher)
-                            param_19 = F.addcmul(param, param, param_18, -1.0)
-                            F.assign_(param, param_19)
+                            param_19 = F.mul(update, param)
+                            param_20 = F.ge(param_19, 0)
+                            param_21 = F.where(param_20, 1.0, 0.0, like=param)
+                            F.mul_(param_21, fisher)
+                            param_22 = F.addcmul(param, param, param_21, -1.0)
+                            F.assign_(param, param_22)
                         else:
                             # param = param - param * fisher
-                            param_20 = F.addcmul(param, param, fisher, -1.0)
-                            F.assign_(param, param_20)
+                            param_23 = F.addcmul(param, param, fisher, -1.0)
+                            F.assign_(param, param_23)
                     else:
                         # if cautious_wd:
-                        if h["_c17"]:
+                        if h["_c18"]:
                             # param = param - weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
-                            param_21 = F.mul(update, param)
-                            param_22 = F.ge(param_21, 0)
-                            param_23 = F.where(param_22, 1.0, 0.0, like=param)
-                            param_24 = F.addcmul(param, param, param_23, h["_k38"])
-                            F.assign_(param, param_24)
+                            param_24 = F.mul(update, param)
+                            param_25 = F.ge(param_24, 0)
+                            param_26 = F.where(param_25, 1.0, 0.0, like=param)
+                            param_27 = F.addcmul(param, param, param_26, h["_k41"])
+                            F.assign_(param, param_27)
                         else:
                             # param = param - weight_decay * lr * param
-                            param_25 = F.axpy(param, param, h["_k39"])
-                            F.assign_(param, param_25)
+                            param_28 = F.axpy(param, param, h["_k42"])
+                            F.assign_(param, param_28)
                 # if centered_wd != 0:
-                if h["_c18"]:
-                    # cwd_target = param - cast(anchor_data, param)
-                    cwd_target_4 = F.cast(anchor_data, param)
-                    cwd_target = F.sub(param, cwd_target_4)
-                    # if cautious_wd:
-                    if h["_c17"]:
-                        # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
-                        param_26 = F.mul(update, cwd_target)
-                        param_27 = F.ge(param_26, 0)
-                        param_28 = F.where(param_27, 1.0, 0.0, like=param)
-                        F.addcmul_(param, cwd_target, param_28, h["_k40"])
+                if h["_c19"]:
+                    # if centered_wd_mode == 'int8':
+                    if h["_c20"]:
+                        # cwd_target = param - cast(anchor_data, param)
+                        cwd_target_16 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                        cwd_target_17 = F.cast(cwd_target_16, param)
+                        cwd_target = F.sub(param, cwd_target_17)
                     else:
-                        # param = param - centered_wd * lr * cwd_target
-                        F.axpy_(param, cwd_target, h["_k41"])
+                        # if centered_wd_mode == 'int4':
+                        if h["_c21"]:
+                            # cwd_target = param - cast(anchor_data, param)
+                            cwd_target_18 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                            cwd_target_19 = F.cast(cwd_target_18, param)
+                            cwd_target = F.sub(param, cwd_target_19)
+                        else:
+                            # cwd_target = param - cast(anchor_data, param)
+                            cwd_target_20 = F.cast(anchor_data, param)
+                            cwd_target = F.sub(param, cwd_target_20)
+                    # if fisher_wd:
+                    if h["_c17"]:
+                        # cwd_fisher_scaled = cwd_fisher * (centered_wd * lr)
+                        cwd_fisher_scaled = F.mul(cwd_fisher, h["_k43"])
+                        # if cautious_wd:
+                        if h["_c18"]:
+                            # param = param - cwd_target * (where(update * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                            param_29 = F.mul(update, cwd_target)
+                            param_30 = F.ge(param_29, 0)
+                            param_31 = F.where(param_30, 1.0, 0.0, like=param)
+                            F.mul_(param_31, cwd_fisher_scaled)
+                            F.addcmul_(param, cwd_target, param_31, -1.0)
+                        else:
+                            # param = param - cwd_target * cwd_fisher_scaled
+                            F.addcmul_(param, cwd_target, cwd_fisher_scaled, -1.0)
+                    else:
+                        # if cautious_wd:
+                        if h["_c18"]:
+                            # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                            param_32 = F.mul(update, cwd_target)
+                            param_33 = F.ge(param_32, 0)
+                            param_34 = F.where(param_33, 1.0, 0.0, like=param)
+                            F.addcmul_(param, cwd_target, param_34, h["_k44"])
+                        else:
+                            # param = param - centered_wd * lr * cwd_target
+                            F.axpy_(param, cwd_target, h["_k45"])
                 # param = param + -update
                 F.sub_(param, update)
     else:
         # if factored_2nd:
-        if h["_c19"]:
+        if h["_c22"]:
             # if (ndim != 1 or vector_reshape) and not (spectral_normalization and ndim >= 3):
-            if h["_c20"]:
+            if h["_c23"]:
                 # if state_precision == 'bf16_sr' and not nnmf_factor:
-                if h["_c21"]:
+                if h["_c24"]:
                     # if beta1 > 0 and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape)) or not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape) or not (state_precision == 'factored' or nnmf_factor) and (factored_2nd and ((ndim != 1 or vector_reshape) and not (spectral_normalization and ndim >= 3)))):
-                    if h["_c22"]:
+                    if h["_c25"]:
                         # grad = float32(grad)
                         grad = F.float32(grad)
                     # if orthogonal_gradient == 'flattened' or orthogonal_gradient == 'iterative' and (ndim < 2 or param_attr('_is_dora_scale', False) or param_attr('is_vector', False)):
@@ -2194,10 +2708,10 @@ def _device_step(h, param, grad, S):
                         exp_avg_sq_full = F.outer(mu_v_nmf, mv_v_nmf)
                         # exp_avg_sq_full = float32(exp_avg_sq_full) * input() + (1 - input()) * float32(grad) * float32(grad)
                         exp_avg_sq_full_1 = F.float32(exp_avg_sq_full)
-                        exp_avg_sq_full_2 = F.mul(exp_avg_sq_full_1, h["_k42"])
+                        exp_avg_sq_full_2 = F.mul(exp_avg_sq_full_1, h["_k46"])
                         exp_avg_sq_full_3 = F.float32(grad)
                         exp_avg_sq_full_4 = F.float32(grad)
-                        F.addcmul_(exp_avg_sq_full_2, exp_avg_sq_full_3, exp_avg_sq_full_4, h["_k43"])
+                        F.addcmul_(exp_avg_sq_full_2, exp_avg_sq_full_3, exp_avg_sq_full_4, h["_k47"])
                         exp_avg_sq_full = exp_avg_sq_full_2
                         # exp_avg_sq_abs = abs(float32(exp_avg_sq_full))
                         exp_avg_sq_abs_3 = F.float32(exp_avg_sq_full)
@@ -2217,10 +2731,10 @@ def _device_step(h, param, grad, S):
                         exp_avg_sq_full = F.outer(mu_v_nmf, mv_v_nmf)
                         # exp_avg_sq_full = float32(exp_avg_sq_full) * beta2 + (1 - beta2) * float32(grad) * float32(grad)
                         exp_avg_sq_full_5 = F.float32(exp_avg_sq_full)
-                        exp_avg_sq_full_6 = F.mul(exp_avg_sq_full_5, h["_k44"])
+                        exp_avg_sq_full_6 = F.mul(exp_avg_sq_full_5, h["_k48"])
                         exp_avg_sq_full_7 = F.float32(grad)
                         exp_avg_sq_full_8 = F.float32(grad)
-                        F.addcmul_(exp_avg_sq_full_6, exp_avg_sq_full_7, exp_avg_sq_full_8, h["_k45"])
+                        F.addcmul_(exp_avg_sq_full_6, exp_avg_sq_full_7, exp_avg_sq_full_8, h["_k49"])
                         exp_avg_sq_full = exp_avg_sq_full_6
                         # exp_avg_sq_abs = abs(float32(exp_avg_sq_full))
                         exp_avg_sq_abs_4 = F.float32(exp_avg_sq_full)
@@ -2266,7 +2780,7 @@ def _device_step(h, param, grad, S):
                         # exp_avg_work = exp_avg
                         exp_avg_work = F.decode("bf16_sr", False, {"": exp_avg})
                         # exp_avg_work = lerp(exp_avg_work, grad, 1 - beta1)
-                        F.lerp_(exp_avg_work, grad, h["_k46"])
+                        F.lerp_(exp_avg_work, grad, h["_k50"])
                         # exp_avg = exp_avg_work
                         F.encode_("bf16_sr", False, {"": exp_avg}, exp_avg_work)
                         # if nesterov:
@@ -2274,10 +2788,10 @@ def _device_step(h, param, grad, S):
                             # if nesterov_coef == None:
                             if h["_c11"]:
                                 # update = lerp(exp_avg_work, grad, 1 - beta1)
-                                update = F.lerp(exp_avg_work, grad, h["_k48"])
+                                update = F.lerp(exp_avg_work, grad, h["_k52"])
                             else:
                                 # update = lerp(exp_avg_work, grad, 1 - nesterov_coef)
-                                update = F.lerp(exp_avg_work, grad, h["_k49"])
+                                update = F.lerp(exp_avg_work, grad, h["_k53"])
                         else:
                             # update = copy(exp_avg_work)
                             update = F.copy(exp_avg_work)
@@ -2327,8 +2841,8 @@ def _device_step(h, param, grad, S):
                             # spectral_sigma = vdot(spectral_u, spectral_ur)
                             spectral_sigma = F.vdot(spectral_u, spectral_ur, kind="row")
                             # update = spectral_x * (sqrt(rows / cols) / maximum(spectral_sigma, 1 / (sqrt(rows) + sqrt(cols))) * spectral_lr)
-                            update_10 = F.maximum(spectral_sigma, h["_k50"])
-                            F.rdiv_(update_10, h["_k51"])
+                            update_10 = F.maximum(spectral_sigma, h["_k54"])
+                            F.rdiv_(update_10, h["_k55"])
                             F.mul_(update_10, h["spectral_lr"])
                             update = F.mul(spectral_x, update_10)
                         else:
@@ -2342,20 +2856,39 @@ def _device_step(h, param, grad, S):
                         # if use_atan2:
                         if h["_c7"]:
                             # update = update * (step_size * 1.2732395447351628)
-                            F.mul_(update, h["_k52"])
+                            F.mul_(update, h["_k56"])
                         else:
                             # update = update * step_size
                             F.mul_(update, h["step_size"])
-                    # if stochastic_rounding and bf16 != 0:
+                    # if centered_wd != 0 and fisher_wd:
                     if h["_c14"]:
+                        # if use_atan2:
+                        if h["_c7"]:
+                            # cwd_fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                            cwd_fisher = F.atan2(wd_scaler, denom)
+                            F.mul_(cwd_fisher, 1.2732395447351628)
+                        else:
+                            # cwd_fisher = 1 / denom
+                            cwd_fisher = F.rdiv(denom, 1)
+                            # cwd_fisher = cwd_fisher / maximum(sqrt(mean((param * cwd_fisher) ** 2)) / 1.0, 1.0)
+                            cwd_fisher_7 = F.mul(param, cwd_fisher)
+                            F.pow_(cwd_fisher_7, 2)
+                            cwd_fisher_8 = F.mean(cwd_fisher_7)
+                            F.sqrt_(cwd_fisher_8)
+                            F.div_(cwd_fisher_8, 1.0)
+                            F.maximum_(cwd_fisher_8, 1.0)
+                            cwd_fisher_9 = F.div(cwd_fisher, cwd_fisher_8)
+                            cwd_fisher = cwd_fisher_9
+                    # if stochastic_rounding and bf16 != 0:
+                    if h["_c15"]:
                         # param_fp32 = float32(param)
                         param_fp32 = F.float32(param)
                         # update_fp32 = float32(update)
                         update_fp32 = F.float32(update)
                         # if weight_decay != 0:
-                        if h["_c15"]:
+                        if h["_c16"]:
                             # if fisher_wd:
-                            if h["_c16"]:
+                            if h["_c17"]:
                                 # if use_atan2:
                                 if h["_c7"]:
                                     # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
@@ -2374,57 +2907,88 @@ def _device_step(h, param, grad, S):
                                     fisher_15 = F.div(fisher, fisher_14)
                                     fisher = fisher_15
                                 # fisher = fisher * (weight_decay * lr)
-                                F.mul_(fisher, h["_k53"])
+                                F.mul_(fisher, h["_k57"])
                                 # if cautious_wd:
-                                if h["_c17"]:
+                                if h["_c18"]:
                                     # param_fp32 = param_fp32 - param_fp32 * (where(update_fp32 * param_fp32 >= 0, 1.0, 0.0) * fisher)
-                                    param_fp32_25 = F.mul(update_fp32, param_fp32)
-                                    param_fp32_26 = F.ge(param_fp32_25, 0)
-                                    param_fp32_27 = F.where(param_fp32_26, 1.0, 0.0, like=param)
-                                    F.mul_(param_fp32_27, fisher)
-                                    param_fp32_28 = F.addcmul(param_fp32, param_fp32, param_fp32_27, -1.0)
-                                    param_fp32 = param_fp32_28
+                                    param_fp32_33 = F.mul(update_fp32, param_fp32)
+                                    param_fp32_34 = F.ge(param_fp32_33, 0)
+                                    param_fp32_35 = F.where(param_fp32_34, 1.0, 0.0, like=param)
+                                    F.mul_(param_fp32_35, fisher)
+                                    param_fp32_36 = F.addcmul(param_fp32, param_fp32, param_fp32_35, -1.0)
+                                    param_fp32 = param_fp32_36
                                 else:
                                     # param_fp32 = param_fp32 - param_fp32 * fisher
                                     param_fp32 = F.addcmul(param_fp32, param_fp32, fisher, -1.0)
                             else:
                                 # if cautious_wd:
-                                if h["_c17"]:
+                                if h["_c18"]:
                                     # param_fp32 = param_fp32 - weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
-                                    param_fp32_29 = F.mul(update_fp32, param_fp32)
-                                    param_fp32_30 = F.ge(param_fp32_29, 0)
-                                    param_fp32_31 = F.where(param_fp32_30, 1.0, 0.0, like=param)
-                                    param_fp32_32 = F.addcmul(param_fp32, param_fp32, param_fp32_31, h["_k54"])
-                                    param_fp32 = param_fp32_32
+                                    param_fp32_37 = F.mul(update_fp32, param_fp32)
+                                    param_fp32_38 = F.ge(param_fp32_37, 0)
+                                    param_fp32_39 = F.where(param_fp32_38, 1.0, 0.0, like=param)
+                                    param_fp32_40 = F.addcmul(param_fp32, param_fp32, param_fp32_39, h["_k58"])
+                                    param_fp32 = param_fp32_40
                                 else:
                                     # param_fp32 = param_fp32 - weight_decay * lr * param_fp32
-                                    param_fp32 = F.axpy(param_fp32, param_fp32, h["_k55"])
+                                    param_fp32 = F.axpy(param_fp32, param_fp32, h["_k59"])
                         # if centered_wd != 0:
-                        if h["_c18"]:
-                            # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                            cwd_target_5 = F.cast(anchor_data, param_fp32)
-                            cwd_target = F.sub(param_fp32, cwd_target_5)
-                            # if cautious_wd:
-                            if h["_c17"]:
-                                # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
-                                param_fp32_33 = F.mul(update_fp32, cwd_target)
-                                param_fp32_34 = F.ge(param_fp32_33, 0)
-                                param_fp32_35 = F.where(param_fp32_34, 1.0, 0.0, like=param)
-                                param_fp32_36 = F.addcmul(param_fp32, cwd_target, param_fp32_35, h["_k56"])
-                                param_fp32 = param_fp32_36
+                        if h["_c19"]:
+                            # if centered_wd_mode == 'int8':
+                            if h["_c20"]:
+                                # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                cwd_target_21 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                cwd_target_22 = F.cast(cwd_target_21, param_fp32)
+                                cwd_target = F.sub(param_fp32, cwd_target_22)
                             else:
-                                # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
-                                param_fp32 = F.axpy(param_fp32, cwd_target, h["_k57"])
+                                # if centered_wd_mode == 'int4':
+                                if h["_c21"]:
+                                    # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                    cwd_target_23 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                    cwd_target_24 = F.cast(cwd_target_23, param_fp32)
+                                    cwd_target = F.sub(param_fp32, cwd_target_24)
+                                else:
+                                    # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                    cwd_target_25 = F.cast(anchor_data, param_fp32)
+                                    cwd_target = F.sub(param_fp32, cwd_target_25)
+                            # if fisher_wd:
+                            if h["_c17"]:
+                                # cwd_fisher_scaled = cwd_fisher * (centered_wd * lr)
+                                cwd_fisher_scaled = F.mul(cwd_fisher, h["_k60"])
+                                # if cautious_wd:
+                                if h["_c18"]:
+                                    # param_fp32 = param_fp32 - cwd_target * (where(update_fp32 * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                                    param_fp32_41 = F.mul(update_fp32, cwd_target)
+                                    param_fp32_42 = F.ge(param_fp32_41, 0)
+                                    param_fp32_43 = F.where(param_fp32_42, 1.0, 0.0, like=param)
+                                    F.mul_(param_fp32_43, cwd_fisher_scaled)
+                                    param_fp32_44 = F.addcmul(param_fp32, cwd_target, param_fp32_43, -1.0)
+                                    param_fp32 = param_fp32_44
+                                else:
+                                    # param_fp32 = param_fp32 - cwd_target * cwd_fisher_scaled
+                                    param_fp32 = F.addcmul(param_fp32, cwd_target, cwd_fisher_scaled, -1.0)
+                            else:
+                                # if cautious_wd:
+                                if h["_c18"]:
+                                    # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                                    param_fp32_45 = F.mul(update_fp32, cwd_target)
+                                    param_fp32_46 = F.ge(param_fp32_45, 0)
+                                    param_fp32_47 = F.where(param_fp32_46, 1.0, 0.0, like=param)
+                                    param_fp32_48 = F.addcmul(param_fp32, cwd_target, param_fp32_47, h["_k61"])
+                                    param_fp32 = param_fp32_48
+                                else:
+                                    # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
+                                    param_fp32 = F.axpy(param_fp32, cwd_target, h["_k62"])
                         # param_fp32 = param_fp32 + -update_fp32
                         param_fp32 = F.sub(param_fp32, update_fp32)
                         # param = stochastic_round(param_fp32, step)
-                        param_29 = F.stochastic_round(param_fp32, h["_k58"])
-                        F.assign_(param, param_29)
+                        param_35 = F.stochastic_round(param_fp32, h["_k63"])
+                        F.assign_(param, param_35)
                     else:
                         # if weight_decay != 0:
-                        if h["_c15"]:
+                        if h["_c16"]:
                             # if fisher_wd:
-                            if h["_c16"]:
+                            if h["_c17"]:
                                 # if use_atan2:
                                 if h["_c7"]:
                                     # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
@@ -2443,55 +3007,85 @@ def _device_step(h, param, grad, S):
                                     fisher_18 = F.div(fisher, fisher_17)
                                     fisher = fisher_18
                                 # fisher = fisher * (weight_decay * lr)
-                                F.mul_(fisher, h["_k59"])
+                                F.mul_(fisher, h["_k64"])
                                 # if cautious_wd:
-                                if h["_c17"]:
+                                if h["_c18"]:
                                     # param = param - param * (where(update * param >= 0, 1.0, 0.0) * fisher)
-                                    param_30 = F.mul(update, param)
-                                    param_31 = F.ge(param_30, 0)
-                                    param_32 = F.where(param_31, 1.0, 0.0, like=param)
-                                    F.mul_(param_32, fisher)
-                                    param_33 = F.addcmul(param, param, param_32, -1.0)
-                                    F.assign_(param, param_33)
+                                    param_36 = F.mul(update, param)
+                                    param_37 = F.ge(param_36, 0)
+                                    param_38 = F.where(param_37, 1.0, 0.0, like=param)
+                                    F.mul_(param_38, fisher)
+                                    param_39 = F.addcmul(param, param, param_38, -1.0)
+                                    F.assign_(param, param_39)
                                 else:
                                     # param = param - param * fisher
-                                    param_34 = F.addcmul(param, param, fisher, -1.0)
-                                    F.assign_(param, param_34)
+                                    param_40 = F.addcmul(param, param, fisher, -1.0)
+                                    F.assign_(param, param_40)
                             else:
                                 # if cautious_wd:
-                                if h["_c17"]:
+                                if h["_c18"]:
                                     # param = param - weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
-                                    param_35 = F.mul(update, param)
-                                    param_36 = F.ge(param_35, 0)
-                                    param_37 = F.where(param_36, 1.0, 0.0, like=param)
-                                    param_38 = F.addcmul(param, param, param_37, h["_k60"])
-                                    F.assign_(param, param_38)
+                                    param_41 = F.mul(update, param)
+                                    param_42 = F.ge(param_41, 0)
+                                    param_43 = F.where(param_42, 1.0, 0.0, like=param)
+                                    param_44 = F.addcmul(param, param, param_43, h["_k65"])
+                                    F.assign_(param, param_44)
                                 else:
                                     # param = param - weight_decay * lr * param
-                                    param_39 = F.axpy(param, param, h["_k61"])
-                                    F.assign_(param, param_39)
+                                    param_45 = F.axpy(param, param, h["_k66"])
+                                    F.assign_(param, param_45)
                         # if centered_wd != 0:
-                        if h["_c18"]:
-                            # cwd_target = param - cast(anchor_data, param)
-                            cwd_target_6 = F.cast(anchor_data, param)
-                            cwd_target = F.sub(param, cwd_target_6)
-                            # if cautious_wd:
-                            if h["_c17"]:
-                                # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
-                                param_40 = F.mul(update, cwd_target)
-                                param_41 = F.ge(param_40, 0)
-                                param_42 = F.where(param_41, 1.0, 0.0, like=param)
-                                F.addcmul_(param, cwd_target, param_42, h["_k62"])
+                        if h["_c19"]:
+                            # if centered_wd_mode == 'int8':
+                            if h["_c20"]:
+                                # cwd_target = param - cast(anchor_data, param)
+                                cwd_target_26 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                cwd_target_27 = F.cast(cwd_target_26, param)
+                                cwd_target = F.sub(param, cwd_target_27)
                             else:
-                                # param = param - centered_wd * lr * cwd_target
-                                F.axpy_(param, cwd_target, h["_k63"])
+                                # if centered_wd_mode == 'int4':
+                                if h["_c21"]:
+                                    # cwd_target = param - cast(anchor_data, param)
+                                    cwd_target_28 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                    cwd_target_29 = F.cast(cwd_target_28, param)
+                                    cwd_target = F.sub(param, cwd_target_29)
+                                else:
+                                    # cwd_target = param - cast(anchor_data, param)
+                                    cwd_target_30 = F.cast(anchor_data, param)
+                                    cwd_target = F.sub(param, cwd_target_30)
+                            # if fisher_wd:
+                            if h["_c17"]:
+                                # cwd_fisher_scaled = cwd_fisher * (centered_wd * lr)
+                                cwd_fisher_scaled = F.mul(cwd_fisher, h["_k67"])
+                                # if cautious_wd:
+                                if h["_c18"]:
+                                    # param = param - cwd_target * (where(update * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                                    param_46 = F.mul(update, cwd_target)
+                                    param_47 = F.ge(param_46, 0)
+                                    param_48 = F.where(param_47, 1.0, 0.0, like=param)
+                                    F.mul_(param_48, cwd_fisher_scaled)
+                                    F.addcmul_(param, cwd_target, param_48, -1.0)
+                                else:
+                                    # param = param - cwd_target * cwd_fisher_scaled
+                                    F.addcmul_(param, cwd_target, cwd_fisher_scaled, -1.0)
+                            else:
+                                # if cautious_wd:
+                                if h["_c18"]:
+                                    # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                                    param_49 = F.mul(update, cwd_target)
+                                    param_50 = F.ge(param_49, 0)
+                                    param_51 = F.where(param_50, 1.0, 0.0, like=param)
+                                    F.addcmul_(param, cwd_target, param_51, h["_k68"])
+                                else:
+                                    # param = param - centered_wd * lr * cwd_target
+                                    F.axpy_(param, cwd_target, h["_k69"])
                         # param = param + -update
                         F.sub_(param, update)
                 else:
                     # if state_precision == 'int8_sr' and not nnmf_factor:
-                    if h["_c23"]:
+                    if h["_c26"]:
                         # if beta1 > 0 and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape)) or not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape) or not (state_precision == 'factored' or nnmf_factor) and (factored_2nd and ((ndim != 1 or vector_reshape) and not (spectral_normalization and ndim >= 3)))):
-                        if h["_c22"]:
+                        if h["_c25"]:
                             # grad = float32(grad)
                             grad = F.float32(grad)
                         # if orthogonal_gradient == 'flattened' or orthogonal_gradient == 'iterative' and (ndim < 2 or param_attr('_is_dora_scale', False) or param_attr('is_vector', False)):
@@ -2537,10 +3131,10 @@ def _device_step(h, param, grad, S):
                             exp_avg_sq_full = F.outer(mu_v_nmf, mv_v_nmf)
                             # exp_avg_sq_full = float32(exp_avg_sq_full) * input() + (1 - input()) * float32(grad) * float32(grad)
                             exp_avg_sq_full_9 = F.float32(exp_avg_sq_full)
-                            exp_avg_sq_full_10 = F.mul(exp_avg_sq_full_9, h["_k64"])
+                            exp_avg_sq_full_10 = F.mul(exp_avg_sq_full_9, h["_k70"])
                             exp_avg_sq_full_11 = F.float32(grad)
                             exp_avg_sq_full_12 = F.float32(grad)
-                            F.addcmul_(exp_avg_sq_full_10, exp_avg_sq_full_11, exp_avg_sq_full_12, h["_k65"])
+                            F.addcmul_(exp_avg_sq_full_10, exp_avg_sq_full_11, exp_avg_sq_full_12, h["_k71"])
                             exp_avg_sq_full = exp_avg_sq_full_10
                             # exp_avg_sq_abs = abs(float32(exp_avg_sq_full))
                             exp_avg_sq_abs_5 = F.float32(exp_avg_sq_full)
@@ -2560,10 +3154,10 @@ def _device_step(h, param, grad, S):
                             exp_avg_sq_full = F.outer(mu_v_nmf, mv_v_nmf)
                             # exp_avg_sq_full = float32(exp_avg_sq_full) * beta2 + (1 - beta2) * float32(grad) * float32(grad)
                             exp_avg_sq_full_13 = F.float32(exp_avg_sq_full)
-                            exp_avg_sq_full_14 = F.mul(exp_avg_sq_full_13, h["_k66"])
+                            exp_avg_sq_full_14 = F.mul(exp_avg_sq_full_13, h["_k72"])
                             exp_avg_sq_full_15 = F.float32(grad)
                             exp_avg_sq_full_16 = F.float32(grad)
-                            F.addcmul_(exp_avg_sq_full_14, exp_avg_sq_full_15, exp_avg_sq_full_16, h["_k67"])
+                            F.addcmul_(exp_avg_sq_full_14, exp_avg_sq_full_15, exp_avg_sq_full_16, h["_k73"])
                             exp_avg_sq_full = exp_avg_sq_full_14
                             # exp_avg_sq_abs = abs(float32(exp_avg_sq_full))
                             exp_avg_sq_abs_6 = F.float32(exp_avg_sq_full)
@@ -2609,7 +3203,7 @@ def _device_step(h, param, grad, S):
                             # exp_avg_work = exp_avg
                             exp_avg_work = F.decode("int8_sr", False, {"": exp_avg, "_scale": exp_avg_scale})
                             # exp_avg_work = lerp(exp_avg_work, grad, 1 - beta1)
-                            F.lerp_(exp_avg_work, grad, h["_k68"])
+                            F.lerp_(exp_avg_work, grad, h["_k74"])
                             # exp_avg = exp_avg_work
                             F.encode_("int8_sr", False, {"": exp_avg, "_scale": exp_avg_scale}, exp_avg_work)
                             # if nesterov:
@@ -2617,10 +3211,10 @@ def _device_step(h, param, grad, S):
                                 # if nesterov_coef == None:
                                 if h["_c11"]:
                                     # update = lerp(exp_avg_work, grad, 1 - beta1)
-                                    update = F.lerp(exp_avg_work, grad, h["_k70"])
+                                    update = F.lerp(exp_avg_work, grad, h["_k76"])
                                 else:
                                     # update = lerp(exp_avg_work, grad, 1 - nesterov_coef)
-                                    update = F.lerp(exp_avg_work, grad, h["_k71"])
+                                    update = F.lerp(exp_avg_work, grad, h["_k77"])
                             else:
                                 # update = copy(exp_avg_work)
                                 update = F.copy(exp_avg_work)
@@ -2670,8 +3264,8 @@ def _device_step(h, param, grad, S):
                                 # spectral_sigma = vdot(spectral_u, spectral_ur)
                                 spectral_sigma = F.vdot(spectral_u, spectral_ur, kind="row")
                                 # update = spectral_x * (sqrt(rows / cols) / maximum(spectral_sigma, 1 / (sqrt(rows) + sqrt(cols))) * spectral_lr)
-                                update_16 = F.maximum(spectral_sigma, h["_k72"])
-                                F.rdiv_(update_16, h["_k73"])
+                                update_16 = F.maximum(spectral_sigma, h["_k78"])
+                                F.rdiv_(update_16, h["_k79"])
                                 F.mul_(update_16, h["spectral_lr"])
                                 update = F.mul(spectral_x, update_16)
                             else:
@@ -2685,20 +3279,39 @@ def _device_step(h, param, grad, S):
                             # if use_atan2:
                             if h["_c7"]:
                                 # update = update * (step_size * 1.2732395447351628)
-                                F.mul_(update, h["_k74"])
+                                F.mul_(update, h["_k80"])
                             else:
                                 # update = update * step_size
                                 F.mul_(update, h["step_size"])
-                        # if stochastic_rounding and bf16 != 0:
+                        # if centered_wd != 0 and fisher_wd:
                         if h["_c14"]:
+                            # if use_atan2:
+                            if h["_c7"]:
+                                # cwd_fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                                cwd_fisher = F.atan2(wd_scaler, denom)
+                                F.mul_(cwd_fisher, 1.2732395447351628)
+                            else:
+                                # cwd_fisher = 1 / denom
+                                cwd_fisher = F.rdiv(denom, 1)
+                                # cwd_fisher = cwd_fisher / maximum(sqrt(mean((param * cwd_fisher) ** 2)) / 1.0, 1.0)
+                                cwd_fisher_10 = F.mul(param, cwd_fisher)
+                                F.pow_(cwd_fisher_10, 2)
+                                cwd_fisher_11 = F.mean(cwd_fisher_10)
+                                F.sqrt_(cwd_fisher_11)
+                                F.div_(cwd_fisher_11, 1.0)
+                                F.maximum_(cwd_fisher_11, 1.0)
+                                cwd_fisher_12 = F.div(cwd_fisher, cwd_fisher_11)
+                                cwd_fisher = cwd_fisher_12
+                        # if stochastic_rounding and bf16 != 0:
+                        if h["_c15"]:
                             # param_fp32 = float32(param)
                             param_fp32 = F.float32(param)
                             # update_fp32 = float32(update)
                             update_fp32 = F.float32(update)
                             # if weight_decay != 0:
-                            if h["_c15"]:
+                            if h["_c16"]:
                                 # if fisher_wd:
-                                if h["_c16"]:
+                                if h["_c17"]:
                                     # if use_atan2:
                                     if h["_c7"]:
                                         # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
@@ -2717,57 +3330,88 @@ def _device_step(h, param, grad, S):
                                         fisher_21 = F.div(fisher, fisher_20)
                                         fisher = fisher_21
                                     # fisher = fisher * (weight_decay * lr)
-                                    F.mul_(fisher, h["_k75"])
+                                    F.mul_(fisher, h["_k81"])
                                     # if cautious_wd:
-                                    if h["_c17"]:
+                                    if h["_c18"]:
                                         # param_fp32 = param_fp32 - param_fp32 * (where(update_fp32 * param_fp32 >= 0, 1.0, 0.0) * fisher)
-                                        param_fp32_37 = F.mul(update_fp32, param_fp32)
-                                        param_fp32_38 = F.ge(param_fp32_37, 0)
-                                        param_fp32_39 = F.where(param_fp32_38, 1.0, 0.0, like=param)
-                                        F.mul_(param_fp32_39, fisher)
-                                        param_fp32_40 = F.addcmul(param_fp32, param_fp32, param_fp32_39, -1.0)
-                                        param_fp32 = param_fp32_40
+                                        param_fp32_49 = F.mul(update_fp32, param_fp32)
+                                        param_fp32_50 = F.ge(param_fp32_49, 0)
+                                        param_fp32_51 = F.where(param_fp32_50, 1.0, 0.0, like=param)
+                                        F.mul_(param_fp32_51, fisher)
+                                        param_fp32_52 = F.addcmul(param_fp32, param_fp32, param_fp32_51, -1.0)
+                                        param_fp32 = param_fp32_52
                                     else:
                                         # param_fp32 = param_fp32 - param_fp32 * fisher
                                         param_fp32 = F.addcmul(param_fp32, param_fp32, fisher, -1.0)
                                 else:
                                     # if cautious_wd:
-                                    if h["_c17"]:
+                                    if h["_c18"]:
                                         # param_fp32 = param_fp32 - weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
-                                        param_fp32_41 = F.mul(update_fp32, param_fp32)
-                                        param_fp32_42 = F.ge(param_fp32_41, 0)
-                                        param_fp32_43 = F.where(param_fp32_42, 1.0, 0.0, like=param)
-                                        param_fp32_44 = F.addcmul(param_fp32, param_fp32, param_fp32_43, h["_k76"])
-                                        param_fp32 = param_fp32_44
+                                        param_fp32_53 = F.mul(update_fp32, param_fp32)
+                                        param_fp32_54 = F.ge(param_fp32_53, 0)
+                                        param_fp32_55 = F.where(param_fp32_54, 1.0, 0.0, like=param)
+                                        param_fp32_56 = F.addcmul(param_fp32, param_fp32, param_fp32_55, h["_k82"])
+                                        param_fp32 = param_fp32_56
                                     else:
                                         # param_fp32 = param_fp32 - weight_decay * lr * param_fp32
-                                        param_fp32 = F.axpy(param_fp32, param_fp32, h["_k77"])
+                                        param_fp32 = F.axpy(param_fp32, param_fp32, h["_k83"])
                             # if centered_wd != 0:
-                            if h["_c18"]:
-                                # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                                cwd_target_7 = F.cast(anchor_data, param_fp32)
-                                cwd_target = F.sub(param_fp32, cwd_target_7)
-                                # if cautious_wd:
-                                if h["_c17"]:
-                                    # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
-                                    param_fp32_45 = F.mul(update_fp32, cwd_target)
-                                    param_fp32_46 = F.ge(param_fp32_45, 0)
-                                    param_fp32_47 = F.where(param_fp32_46, 1.0, 0.0, like=param)
-                                    param_fp32_48 = F.addcmul(param_fp32, cwd_target, param_fp32_47, h["_k78"])
-                                    param_fp32 = param_fp32_48
+                            if h["_c19"]:
+                                # if centered_wd_mode == 'int8':
+                                if h["_c20"]:
+                                    # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                    cwd_target_31 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                    cwd_target_32 = F.cast(cwd_target_31, param_fp32)
+                                    cwd_target = F.sub(param_fp32, cwd_target_32)
                                 else:
-                                    # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
-                                    param_fp32 = F.axpy(param_fp32, cwd_target, h["_k79"])
+                                    # if centered_wd_mode == 'int4':
+                                    if h["_c21"]:
+                                        # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                        cwd_target_33 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                        cwd_target_34 = F.cast(cwd_target_33, param_fp32)
+                                        cwd_target = F.sub(param_fp32, cwd_target_34)
+                                    else:
+                                        # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                        cwd_target_35 = F.cast(anchor_data, param_fp32)
+                                        cwd_target = F.sub(param_fp32, cwd_target_35)
+                                # if fisher_wd:
+                                if h["_c17"]:
+                                    # cwd_fisher_scaled = cwd_fisher * (centered_wd * lr)
+                                    cwd_fisher_scaled = F.mul(cwd_fisher, h["_k84"])
+                                    # if cautious_wd:
+                                    if h["_c18"]:
+                                        # param_fp32 = param_fp32 - cwd_target * (where(update_fp32 * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                                        param_fp32_57 = F.mul(update_fp32, cwd_target)
+                                        param_fp32_58 = F.ge(param_fp32_57, 0)
+                                        param_fp32_59 = F.where(param_fp32_58, 1.0, 0.0, like=param)
+                                        F.mul_(param_fp32_59, cwd_fisher_scaled)
+                                        param_fp32_60 = F.addcmul(param_fp32, cwd_target, param_fp32_59, -1.0)
+                                        param_fp32 = param_fp32_60
+                                    else:
+                                        # param_fp32 = param_fp32 - cwd_target * cwd_fisher_scaled
+                                        param_fp32 = F.addcmul(param_fp32, cwd_target, cwd_fisher_scaled, -1.0)
+                                else:
+                                    # if cautious_wd:
+                                    if h["_c18"]:
+                                        # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                                        param_fp32_61 = F.mul(update_fp32, cwd_target)
+                                        param_fp32_62 = F.ge(param_fp32_61, 0)
+                                        param_fp32_63 = F.where(param_fp32_62, 1.0, 0.0, like=param)
+                                        param_fp32_64 = F.addcmul(param_fp32, cwd_target, param_fp32_63, h["_k85"])
+                                        param_fp32 = param_fp32_64
+                                    else:
+                                        # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
+                                        param_fp32 = F.axpy(param_fp32, cwd_target, h["_k86"])
                             # param_fp32 = param_fp32 + -update_fp32
                             param_fp32 = F.sub(param_fp32, update_fp32)
                             # param = stochastic_round(param_fp32, step)
-                            param_43 = F.stochastic_round(param_fp32, h["_k80"])
-                            F.assign_(param, param_43)
+                            param_52 = F.stochastic_round(param_fp32, h["_k87"])
+                            F.assign_(param, param_52)
                         else:
                             # if weight_decay != 0:
-                            if h["_c15"]:
+                            if h["_c16"]:
                                 # if fisher_wd:
-                                if h["_c16"]:
+                                if h["_c17"]:
                                     # if use_atan2:
                                     if h["_c7"]:
                                         # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
@@ -2786,53 +3430,83 @@ def _device_step(h, param, grad, S):
                                         fisher_24 = F.div(fisher, fisher_23)
                                         fisher = fisher_24
                                     # fisher = fisher * (weight_decay * lr)
-                                    F.mul_(fisher, h["_k81"])
+                                    F.mul_(fisher, h["_k88"])
                                     # if cautious_wd:
-                                    if h["_c17"]:
+                                    if h["_c18"]:
                                         # param = param - param * (where(update * param >= 0, 1.0, 0.0) * fisher)
-                                        param_44 = F.mul(update, param)
-                                        param_45 = F.ge(param_44, 0)
-                                        param_46 = F.where(param_45, 1.0, 0.0, like=param)
-                                        F.mul_(param_46, fisher)
-                                        param_47 = F.addcmul(param, param, param_46, -1.0)
-                                        F.assign_(param, param_47)
+                                        param_53 = F.mul(update, param)
+                                        param_54 = F.ge(param_53, 0)
+                                        param_55 = F.where(param_54, 1.0, 0.0, like=param)
+                                        F.mul_(param_55, fisher)
+                                        param_56 = F.addcmul(param, param, param_55, -1.0)
+                                        F.assign_(param, param_56)
                                     else:
                                         # param = param - param * fisher
-                                        param_48 = F.addcmul(param, param, fisher, -1.0)
-                                        F.assign_(param, param_48)
+                                        param_57 = F.addcmul(param, param, fisher, -1.0)
+                                        F.assign_(param, param_57)
                                 else:
                                     # if cautious_wd:
-                                    if h["_c17"]:
+                                    if h["_c18"]:
                                         # param = param - weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
-                                        param_49 = F.mul(update, param)
-                                        param_50 = F.ge(param_49, 0)
-                                        param_51 = F.where(param_50, 1.0, 0.0, like=param)
-                                        param_52 = F.addcmul(param, param, param_51, h["_k82"])
-                                        F.assign_(param, param_52)
+                                        param_58 = F.mul(update, param)
+                                        param_59 = F.ge(param_58, 0)
+                                        param_60 = F.where(param_59, 1.0, 0.0, like=param)
+                                        param_61 = F.addcmul(param, param, param_60, h["_k89"])
+                                        F.assign_(param, param_61)
                                     else:
                                         # param = param - weight_decay * lr * param
-                                        param_53 = F.axpy(param, param, h["_k83"])
-                                        F.assign_(param, param_53)
+                                        param_62 = F.axpy(param, param, h["_k90"])
+                                        F.assign_(param, param_62)
                             # if centered_wd != 0:
-                            if h["_c18"]:
-                                # cwd_target = param - cast(anchor_data, param)
-                                cwd_target_8 = F.cast(anchor_data, param)
-                                cwd_target = F.sub(param, cwd_target_8)
-                                # if cautious_wd:
-                                if h["_c17"]:
-                                    # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
-                                    param_54 = F.mul(update, cwd_target)
-                                    param_55 = F.ge(param_54, 0)
-                                    param_56 = F.where(param_55, 1.0, 0.0, like=param)
-                                    F.addcmul_(param, cwd_target, param_56, h["_k84"])
+                            if h["_c19"]:
+                                # if centered_wd_mode == 'int8':
+                                if h["_c20"]:
+                                    # cwd_target = param - cast(anchor_data, param)
+                                    cwd_target_36 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                    cwd_target_37 = F.cast(cwd_target_36, param)
+                                    cwd_target = F.sub(param, cwd_target_37)
                                 else:
-                                    # param = param - centered_wd * lr * cwd_target
-                                    F.axpy_(param, cwd_target, h["_k85"])
+                                    # if centered_wd_mode == 'int4':
+                                    if h["_c21"]:
+                                        # cwd_target = param - cast(anchor_data, param)
+                                        cwd_target_38 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                        cwd_target_39 = F.cast(cwd_target_38, param)
+                                        cwd_target = F.sub(param, cwd_target_39)
+                                    else:
+                                        # cwd_target = param - cast(anchor_data, param)
+                                        cwd_target_40 = F.cast(anchor_data, param)
+                                        cwd_target = F.sub(param, cwd_target_40)
+                                # if fisher_wd:
+                                if h["_c17"]:
+                                    # cwd_fisher_scaled = cwd_fisher * (centered_wd * lr)
+                                    cwd_fisher_scaled = F.mul(cwd_fisher, h["_k91"])
+                                    # if cautious_wd:
+                                    if h["_c18"]:
+                                        # param = param - cwd_target * (where(update * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                                        param_63 = F.mul(update, cwd_target)
+                                        param_64 = F.ge(param_63, 0)
+                                        param_65 = F.where(param_64, 1.0, 0.0, like=param)
+                                        F.mul_(param_65, cwd_fisher_scaled)
+                                        F.addcmul_(param, cwd_target, param_65, -1.0)
+                                    else:
+                                        # param = param - cwd_target * cwd_fisher_scaled
+                                        F.addcmul_(param, cwd_target, cwd_fisher_scaled, -1.0)
+                                else:
+                                    # if cautious_wd:
+                                    if h["_c18"]:
+                                        # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                                        param_66 = F.mul(update, cwd_target)
+                                        param_67 = F.ge(param_66, 0)
+                                        param_68 = F.where(param_67, 1.0, 0.0, like=param)
+                                        F.addcmul_(param, cwd_target, param_68, h["_k92"])
+                                    else:
+                                        # param = param - centered_wd * lr * cwd_target
+                                        F.axpy_(param, cwd_target, h["_k93"])
                             # param = param + -update
                             F.sub_(param, update)
                     else:
                         # if (state_precision == 'fp32' and not nnmf_factor) and (beta1 > 0 and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape)) or not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape) or not (state_precision == 'factored' or nnmf_factor) and (factored_2nd and ((ndim != 1 or vector_reshape) and not (spectral_normalization and ndim >= 3))))):
-                        if h["_c24"]:
+                        if h["_c27"]:
                             # grad = float32(grad)
                             grad = F.float32(grad)
                         # if orthogonal_gradient == 'flattened' or orthogonal_gradient == 'iterative' and (ndim < 2 or param_attr('_is_dora_scale', False) or param_attr('is_vector', False)):
@@ -2878,10 +3552,10 @@ def _device_step(h, param, grad, S):
                             exp_avg_sq_full = F.outer(mu_v_nmf, mv_v_nmf)
                             # exp_avg_sq_full = float32(exp_avg_sq_full) * input() + (1 - input()) * float32(grad) * float32(grad)
                             exp_avg_sq_full_17 = F.float32(exp_avg_sq_full)
-                            exp_avg_sq_full_18 = F.mul(exp_avg_sq_full_17, h["_k86"])
+                            exp_avg_sq_full_18 = F.mul(exp_avg_sq_full_17, h["_k94"])
                             exp_avg_sq_full_19 = F.float32(grad)
                             exp_avg_sq_full_20 = F.float32(grad)
-                            F.addcmul_(exp_avg_sq_full_18, exp_avg_sq_full_19, exp_avg_sq_full_20, h["_k87"])
+                            F.addcmul_(exp_avg_sq_full_18, exp_avg_sq_full_19, exp_avg_sq_full_20, h["_k95"])
                             exp_avg_sq_full = exp_avg_sq_full_18
                             # exp_avg_sq_abs = abs(float32(exp_avg_sq_full))
                             exp_avg_sq_abs_7 = F.float32(exp_avg_sq_full)
@@ -2901,10 +3575,10 @@ def _device_step(h, param, grad, S):
                             exp_avg_sq_full = F.outer(mu_v_nmf, mv_v_nmf)
                             # exp_avg_sq_full = float32(exp_avg_sq_full) * beta2 + (1 - beta2) * float32(grad) * float32(grad)
                             exp_avg_sq_full_21 = F.float32(exp_avg_sq_full)
-                            exp_avg_sq_full_22 = F.mul(exp_avg_sq_full_21, h["_k88"])
+                            exp_avg_sq_full_22 = F.mul(exp_avg_sq_full_21, h["_k96"])
                             exp_avg_sq_full_23 = F.float32(grad)
                             exp_avg_sq_full_24 = F.float32(grad)
-                            F.addcmul_(exp_avg_sq_full_22, exp_avg_sq_full_23, exp_avg_sq_full_24, h["_k89"])
+                            F.addcmul_(exp_avg_sq_full_22, exp_avg_sq_full_23, exp_avg_sq_full_24, h["_k97"])
                             exp_avg_sq_full = exp_avg_sq_full_22
                             # exp_avg_sq_abs = abs(float32(exp_avg_sq_full))
                             exp_avg_sq_abs_8 = F.float32(exp_avg_sq_full)
@@ -2948,16 +3622,16 @@ def _device_step(h, param, grad, S):
                         # if beta1 > 0:
                         if h["_c9"]:
                             # exp_avg = lerp(exp_avg, grad, 1 - beta1)
-                            F.lerp_(exp_avg, grad, h["_k90"])
+                            F.lerp_(exp_avg, grad, h["_k98"])
                             # if nesterov:
                             if h["_c10"]:
                                 # if nesterov_coef == None:
                                 if h["_c11"]:
                                     # update = lerp(exp_avg, grad, 1 - beta1)
-                                    update = F.lerp(exp_avg, grad, h["_k91"])
+                                    update = F.lerp(exp_avg, grad, h["_k99"])
                                 else:
                                     # update = lerp(exp_avg, grad, 1 - nesterov_coef)
-                                    update = F.lerp(exp_avg, grad, h["_k92"])
+                                    update = F.lerp(exp_avg, grad, h["_k100"])
                             else:
                                 # update = copy(exp_avg)
                                 update = F.copy(exp_avg)
@@ -3007,8 +3681,8 @@ def _device_step(h, param, grad, S):
                                 # spectral_sigma = vdot(spectral_u, spectral_ur)
                                 spectral_sigma = F.vdot(spectral_u, spectral_ur, kind="row")
                                 # update = spectral_x * (sqrt(rows / cols) / maximum(spectral_sigma, 1 / (sqrt(rows) + sqrt(cols))) * spectral_lr)
-                                update_22 = F.maximum(spectral_sigma, h["_k93"])
-                                F.rdiv_(update_22, h["_k94"])
+                                update_22 = F.maximum(spectral_sigma, h["_k101"])
+                                F.rdiv_(update_22, h["_k102"])
                                 F.mul_(update_22, h["spectral_lr"])
                                 update = F.mul(spectral_x, update_22)
                             else:
@@ -3022,20 +3696,39 @@ def _device_step(h, param, grad, S):
                             # if use_atan2:
                             if h["_c7"]:
                                 # update = update * (step_size * 1.2732395447351628)
-                                F.mul_(update, h["_k95"])
+                                F.mul_(update, h["_k103"])
                             else:
                                 # update = update * step_size
                                 F.mul_(update, h["step_size"])
-                        # if stochastic_rounding and bf16 != 0:
+                        # if centered_wd != 0 and fisher_wd:
                         if h["_c14"]:
+                            # if use_atan2:
+                            if h["_c7"]:
+                                # cwd_fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                                cwd_fisher = F.atan2(wd_scaler, denom)
+                                F.mul_(cwd_fisher, 1.2732395447351628)
+                            else:
+                                # cwd_fisher = 1 / denom
+                                cwd_fisher = F.rdiv(denom, 1)
+                                # cwd_fisher = cwd_fisher / maximum(sqrt(mean((param * cwd_fisher) ** 2)) / 1.0, 1.0)
+                                cwd_fisher_13 = F.mul(param, cwd_fisher)
+                                F.pow_(cwd_fisher_13, 2)
+                                cwd_fisher_14 = F.mean(cwd_fisher_13)
+                                F.sqrt_(cwd_fisher_14)
+                                F.div_(cwd_fisher_14, 1.0)
+                                F.maximum_(cwd_fisher_14, 1.0)
+                                cwd_fisher_15 = F.div(cwd_fisher, cwd_fisher_14)
+                                cwd_fisher = cwd_fisher_15
+                        # if stochastic_rounding and bf16 != 0:
+                        if h["_c15"]:
                             # param_fp32 = float32(param)
                             param_fp32 = F.float32(param)
                             # update_fp32 = float32(update)
                             update_fp32 = F.float32(update)
                             # if weight_decay != 0:
-                            if h["_c15"]:
+                            if h["_c16"]:
                                 # if fisher_wd:
-                                if h["_c16"]:
+                                if h["_c17"]:
                                     # if use_atan2:
                                     if h["_c7"]:
                                         # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
@@ -3054,57 +3747,88 @@ def _device_step(h, param, grad, S):
                                         fisher_27 = F.div(fisher, fisher_26)
                                         fisher = fisher_27
                                     # fisher = fisher * (weight_decay * lr)
-                                    F.mul_(fisher, h["_k96"])
+                                    F.mul_(fisher, h["_k104"])
                                     # if cautious_wd:
-                                    if h["_c17"]:
+                                    if h["_c18"]:
                                         # param_fp32 = param_fp32 - param_fp32 * (where(update_fp32 * param_fp32 >= 0, 1.0, 0.0) * fisher)
-                                        param_fp32_49 = F.mul(update_fp32, param_fp32)
-                                        param_fp32_50 = F.ge(param_fp32_49, 0)
-                                        param_fp32_51 = F.where(param_fp32_50, 1.0, 0.0, like=param)
-                                        F.mul_(param_fp32_51, fisher)
-                                        param_fp32_52 = F.addcmul(param_fp32, param_fp32, param_fp32_51, -1.0)
-                                        param_fp32 = param_fp32_52
+                                        param_fp32_65 = F.mul(update_fp32, param_fp32)
+                                        param_fp32_66 = F.ge(param_fp32_65, 0)
+                                        param_fp32_67 = F.where(param_fp32_66, 1.0, 0.0, like=param)
+                                        F.mul_(param_fp32_67, fisher)
+                                        param_fp32_68 = F.addcmul(param_fp32, param_fp32, param_fp32_67, -1.0)
+                                        param_fp32 = param_fp32_68
                                     else:
                                         # param_fp32 = param_fp32 - param_fp32 * fisher
                                         param_fp32 = F.addcmul(param_fp32, param_fp32, fisher, -1.0)
                                 else:
                                     # if cautious_wd:
-                                    if h["_c17"]:
+                                    if h["_c18"]:
                                         # param_fp32 = param_fp32 - weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
-                                        param_fp32_53 = F.mul(update_fp32, param_fp32)
-                                        param_fp32_54 = F.ge(param_fp32_53, 0)
-                                        param_fp32_55 = F.where(param_fp32_54, 1.0, 0.0, like=param)
-                                        param_fp32_56 = F.addcmul(param_fp32, param_fp32, param_fp32_55, h["_k97"])
-                                        param_fp32 = param_fp32_56
+                                        param_fp32_69 = F.mul(update_fp32, param_fp32)
+                                        param_fp32_70 = F.ge(param_fp32_69, 0)
+                                        param_fp32_71 = F.where(param_fp32_70, 1.0, 0.0, like=param)
+                                        param_fp32_72 = F.addcmul(param_fp32, param_fp32, param_fp32_71, h["_k105"])
+                                        param_fp32 = param_fp32_72
                                     else:
                                         # param_fp32 = param_fp32 - weight_decay * lr * param_fp32
-                                        param_fp32 = F.axpy(param_fp32, param_fp32, h["_k98"])
+                                        param_fp32 = F.axpy(param_fp32, param_fp32, h["_k106"])
                             # if centered_wd != 0:
-                            if h["_c18"]:
-                                # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                                cwd_target_9 = F.cast(anchor_data, param_fp32)
-                                cwd_target = F.sub(param_fp32, cwd_target_9)
-                                # if cautious_wd:
-                                if h["_c17"]:
-                                    # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
-                                    param_fp32_57 = F.mul(update_fp32, cwd_target)
-                                    param_fp32_58 = F.ge(param_fp32_57, 0)
-                                    param_fp32_59 = F.where(param_fp32_58, 1.0, 0.0, like=param)
-                                    param_fp32_60 = F.addcmul(param_fp32, cwd_target, param_fp32_59, h["_k99"])
-                                    param_fp32 = param_fp32_60
+                            if h["_c19"]:
+                                # if centered_wd_mode == 'int8':
+                                if h["_c20"]:
+                                    # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                    cwd_target_41 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                    cwd_target_42 = F.cast(cwd_target_41, param_fp32)
+                                    cwd_target = F.sub(param_fp32, cwd_target_42)
                                 else:
-                                    # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
-                                    param_fp32 = F.axpy(param_fp32, cwd_target, h["_k100"])
+                                    # if centered_wd_mode == 'int4':
+                                    if h["_c21"]:
+                                        # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                        cwd_target_43 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                        cwd_target_44 = F.cast(cwd_target_43, param_fp32)
+                                        cwd_target = F.sub(param_fp32, cwd_target_44)
+                                    else:
+                                        # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                        cwd_target_45 = F.cast(anchor_data, param_fp32)
+                                        cwd_target = F.sub(param_fp32, cwd_target_45)
+                                # if fisher_wd:
+                                if h["_c17"]:
+                                    # cwd_fisher_scaled = cwd_fisher * (centered_wd * lr)
+                                    cwd_fisher_scaled = F.mul(cwd_fisher, h["_k107"])
+                                    # if cautious_wd:
+                                    if h["_c18"]:
+                                        # param_fp32 = param_fp32 - cwd_target * (where(update_fp32 * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                                        param_fp32_73 = F.mul(update_fp32, cwd_target)
+                                        param_fp32_74 = F.ge(param_fp32_73, 0)
+                                        param_fp32_75 = F.where(param_fp32_74, 1.0, 0.0, like=param)
+                                        F.mul_(param_fp32_75, cwd_fisher_scaled)
+                                        param_fp32_76 = F.addcmul(param_fp32, cwd_target, param_fp32_75, -1.0)
+                                        param_fp32 = param_fp32_76
+                                    else:
+                                        # param_fp32 = param_fp32 - cwd_target * cwd_fisher_scaled
+                                        param_fp32 = F.addcmul(param_fp32, cwd_target, cwd_fisher_scaled, -1.0)
+                                else:
+                                    # if cautious_wd:
+                                    if h["_c18"]:
+                                        # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                                        param_fp32_77 = F.mul(update_fp32, cwd_target)
+                                        param_fp32_78 = F.ge(param_fp32_77, 0)
+                                        param_fp32_79 = F.where(param_fp32_78, 1.0, 0.0, like=param)
+                                        param_fp32_80 = F.addcmul(param_fp32, cwd_target, param_fp32_79, h["_k108"])
+                                        param_fp32 = param_fp32_80
+                                    else:
+                                        # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
+                                        param_fp32 = F.axpy(param_fp32, cwd_target, h["_k109"])
                             # param_fp32 = param_fp32 + -update_fp32
                             param_fp32 = F.sub(param_fp32, update_fp32)
                             # param = stochastic_round(param_fp32, step)
-                            param_57 = F.stochastic_round(param_fp32, h["_k101"])
-                            F.assign_(param, param_57)
+                            param_69 = F.stochastic_round(param_fp32, h["_k110"])
+                            F.assign_(param, param_69)
                         else:
                             # if weight_decay != 0:
-                            if h["_c15"]:
+                            if h["_c16"]:
                                 # if fisher_wd:
-                                if h["_c16"]:
+                                if h["_c17"]:
                                     # if use_atan2:
                                     if h["_c7"]:
                                         # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
@@ -3123,55 +3847,85 @@ def _device_step(h, param, grad, S):
                                         fisher_30 = F.div(fisher, fisher_29)
                                         fisher = fisher_30
                                     # fisher = fisher * (weight_decay * lr)
-                                    F.mul_(fisher, h["_k102"])
+                                    F.mul_(fisher, h["_k111"])
                                     # if cautious_wd:
-                                    if h["_c17"]:
+                                    if h["_c18"]:
                                         # param = param - param * (where(update * param >= 0, 1.0, 0.0) * fisher)
-                                        param_58 = F.mul(update, param)
-                                        param_59 = F.ge(param_58, 0)
-                                        param_60 = F.where(param_59, 1.0, 0.0, like=param)
-                                        F.mul_(param_60, fisher)
-                                        param_61 = F.addcmul(param, param, param_60, -1.0)
-                                        F.assign_(param, param_61)
+                                        param_70 = F.mul(update, param)
+                                        param_71 = F.ge(param_70, 0)
+                                        param_72 = F.where(param_71, 1.0, 0.0, like=param)
+                                        F.mul_(param_72, fisher)
+                                        param_73 = F.addcmul(param, param, param_72, -1.0)
+                                        F.assign_(param, param_73)
                                     else:
                                         # param = param - param * fisher
-                                        param_62 = F.addcmul(param, param, fisher, -1.0)
-                                        F.assign_(param, param_62)
+                                        param_74 = F.addcmul(param, param, fisher, -1.0)
+                                        F.assign_(param, param_74)
                                 else:
                                     # if cautious_wd:
-                                    if h["_c17"]:
+                                    if h["_c18"]:
                                         # param = param - weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
-                                        param_63 = F.mul(update, param)
-                                        param_64 = F.ge(param_63, 0)
-                                        param_65 = F.where(param_64, 1.0, 0.0, like=param)
-                                        param_66 = F.addcmul(param, param, param_65, h["_k103"])
-                                        F.assign_(param, param_66)
+                                        param_75 = F.mul(update, param)
+                                        param_76 = F.ge(param_75, 0)
+                                        param_77 = F.where(param_76, 1.0, 0.0, like=param)
+                                        param_78 = F.addcmul(param, param, param_77, h["_k112"])
+                                        F.assign_(param, param_78)
                                     else:
                                         # param = param - weight_decay * lr * param
-                                        param_67 = F.axpy(param, param, h["_k104"])
-                                        F.assign_(param, param_67)
+                                        param_79 = F.axpy(param, param, h["_k113"])
+                                        F.assign_(param, param_79)
                             # if centered_wd != 0:
-                            if h["_c18"]:
-                                # cwd_target = param - cast(anchor_data, param)
-                                cwd_target_10 = F.cast(anchor_data, param)
-                                cwd_target = F.sub(param, cwd_target_10)
-                                # if cautious_wd:
-                                if h["_c17"]:
-                                    # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
-                                    param_68 = F.mul(update, cwd_target)
-                                    param_69 = F.ge(param_68, 0)
-                                    param_70 = F.where(param_69, 1.0, 0.0, like=param)
-                                    F.addcmul_(param, cwd_target, param_70, h["_k105"])
+                            if h["_c19"]:
+                                # if centered_wd_mode == 'int8':
+                                if h["_c20"]:
+                                    # cwd_target = param - cast(anchor_data, param)
+                                    cwd_target_46 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                    cwd_target_47 = F.cast(cwd_target_46, param)
+                                    cwd_target = F.sub(param, cwd_target_47)
                                 else:
-                                    # param = param - centered_wd * lr * cwd_target
-                                    F.axpy_(param, cwd_target, h["_k106"])
+                                    # if centered_wd_mode == 'int4':
+                                    if h["_c21"]:
+                                        # cwd_target = param - cast(anchor_data, param)
+                                        cwd_target_48 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                        cwd_target_49 = F.cast(cwd_target_48, param)
+                                        cwd_target = F.sub(param, cwd_target_49)
+                                    else:
+                                        # cwd_target = param - cast(anchor_data, param)
+                                        cwd_target_50 = F.cast(anchor_data, param)
+                                        cwd_target = F.sub(param, cwd_target_50)
+                                # if fisher_wd:
+                                if h["_c17"]:
+                                    # cwd_fisher_scaled = cwd_fisher * (centered_wd * lr)
+                                    cwd_fisher_scaled = F.mul(cwd_fisher, h["_k114"])
+                                    # if cautious_wd:
+                                    if h["_c18"]:
+                                        # param = param - cwd_target * (where(update * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                                        param_80 = F.mul(update, cwd_target)
+                                        param_81 = F.ge(param_80, 0)
+                                        param_82 = F.where(param_81, 1.0, 0.0, like=param)
+                                        F.mul_(param_82, cwd_fisher_scaled)
+                                        F.addcmul_(param, cwd_target, param_82, -1.0)
+                                    else:
+                                        # param = param - cwd_target * cwd_fisher_scaled
+                                        F.addcmul_(param, cwd_target, cwd_fisher_scaled, -1.0)
+                                else:
+                                    # if cautious_wd:
+                                    if h["_c18"]:
+                                        # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                                        param_83 = F.mul(update, cwd_target)
+                                        param_84 = F.ge(param_83, 0)
+                                        param_85 = F.where(param_84, 1.0, 0.0, like=param)
+                                        F.addcmul_(param, cwd_target, param_85, h["_k115"])
+                                    else:
+                                        # param = param - centered_wd * lr * cwd_target
+                                        F.axpy_(param, cwd_target, h["_k116"])
                             # param = param + -update
                             F.sub_(param, update)
             else:
                 # if state_precision == 'bf16_sr' and not nnmf_factor:
-                if h["_c21"]:
+                if h["_c24"]:
                     # if beta1 > 0 and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape)) or not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape) or not (state_precision == 'factored' or nnmf_factor) and (factored_2nd and ((ndim != 1 or vector_reshape) and not (spectral_normalization and ndim >= 3)))):
-                    if h["_c22"]:
+                    if h["_c25"]:
                         # grad = float32(grad)
                         grad = F.float32(grad)
                     # if orthogonal_gradient == 'flattened' or orthogonal_gradient == 'iterative' and (ndim < 2 or param_attr('_is_dora_scale', False) or param_attr('is_vector', False)):
@@ -3216,16 +3970,16 @@ def _device_step(h, param, grad, S):
                         # exp_avg_sq_work = exp_avg_sq
                         exp_avg_sq_work = F.decode("bf16_sr", True, {"": exp_avg_sq})
                         # exp_avg_sq_work = exp_avg_sq_work * input() + (1 - input()) * grad * grad
-                        F.mul_(exp_avg_sq_work, h["_k107"])
-                        F.addcmul_(exp_avg_sq_work, grad, grad, h["_k108"])
+                        F.mul_(exp_avg_sq_work, h["_k117"])
+                        F.addcmul_(exp_avg_sq_work, grad, grad, h["_k118"])
                         # exp_avg_sq = exp_avg_sq_work
                         F.encode_("bf16_sr", True, {"": exp_avg_sq}, exp_avg_sq_work)
                     else:
                         # exp_avg_sq_work = exp_avg_sq
                         exp_avg_sq_work = F.decode("bf16_sr", True, {"": exp_avg_sq})
                         # exp_avg_sq_work = exp_avg_sq_work * beta2 + (1 - beta2) * grad * grad
-                        F.mul_(exp_avg_sq_work, h["_k110"])
-                        F.addcmul_(exp_avg_sq_work, grad, grad, h["_k111"])
+                        F.mul_(exp_avg_sq_work, h["_k120"])
+                        F.addcmul_(exp_avg_sq_work, grad, grad, h["_k121"])
                         # exp_avg_sq = exp_avg_sq_work
                         F.encode_("bf16_sr", True, {"": exp_avg_sq}, exp_avg_sq_work)
                     # if eps == None:
@@ -3255,7 +4009,7 @@ def _device_step(h, param, grad, S):
                         # exp_avg_work = exp_avg
                         exp_avg_work = F.decode("bf16_sr", False, {"": exp_avg})
                         # exp_avg_work = lerp(exp_avg_work, grad, 1 - beta1)
-                        F.lerp_(exp_avg_work, grad, h["_k113"])
+                        F.lerp_(exp_avg_work, grad, h["_k123"])
                         # exp_avg = exp_avg_work
                         F.encode_("bf16_sr", False, {"": exp_avg}, exp_avg_work)
                         # if nesterov:
@@ -3263,10 +4017,10 @@ def _device_step(h, param, grad, S):
                             # if nesterov_coef == None:
                             if h["_c11"]:
                                 # update = lerp(exp_avg_work, grad, 1 - beta1)
-                                update = F.lerp(exp_avg_work, grad, h["_k115"])
+                                update = F.lerp(exp_avg_work, grad, h["_k125"])
                             else:
                                 # update = lerp(exp_avg_work, grad, 1 - nesterov_coef)
-                                update = F.lerp(exp_avg_work, grad, h["_k116"])
+                                update = F.lerp(exp_avg_work, grad, h["_k126"])
                         else:
                             # update = copy(exp_avg_work)
                             update = F.copy(exp_avg_work)
@@ -3313,8 +4067,8 @@ def _device_step(h, param, grad, S):
                             # spectral_sigma = vdot(spectral_u, spectral_ur)
                             spectral_sigma = F.vdot(spectral_u, spectral_ur, kind="row")
                             # update = spectral_x * (sqrt(rows / cols) / maximum(spectral_sigma, 1 / (sqrt(rows) + sqrt(cols))) * spectral_lr)
-                            update_25 = F.maximum(spectral_sigma, h["_k117"])
-                            F.rdiv_(update_25, h["_k118"])
+                            update_25 = F.maximum(spectral_sigma, h["_k127"])
+                            F.rdiv_(update_25, h["_k128"])
                             F.mul_(update_25, h["spectral_lr"])
                             update = F.mul(spectral_x, update_25)
                         else:
@@ -3328,20 +4082,39 @@ def _device_step(h, param, grad, S):
                         # if use_atan2:
                         if h["_c7"]:
                             # update = update * (step_size * 1.2732395447351628)
-                            F.mul_(update, h["_k119"])
+                            F.mul_(update, h["_k129"])
                         else:
                             # update = update * step_size
                             F.mul_(update, h["step_size"])
-                    # if stochastic_rounding and bf16 != 0:
+                    # if centered_wd != 0 and fisher_wd:
                     if h["_c14"]:
+                        # if use_atan2:
+                        if h["_c7"]:
+                            # cwd_fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                            cwd_fisher = F.atan2(wd_scaler, denom)
+                            F.mul_(cwd_fisher, 1.2732395447351628)
+                        else:
+                            # cwd_fisher = 1 / denom
+                            cwd_fisher = F.rdiv(denom, 1)
+                            # cwd_fisher = cwd_fisher / maximum(sqrt(mean((param * cwd_fisher) ** 2)) / 1.0, 1.0)
+                            cwd_fisher_16 = F.mul(param, cwd_fisher)
+                            F.pow_(cwd_fisher_16, 2)
+                            cwd_fisher_17 = F.mean(cwd_fisher_16)
+                            F.sqrt_(cwd_fisher_17)
+                            F.div_(cwd_fisher_17, 1.0)
+                            F.maximum_(cwd_fisher_17, 1.0)
+                            cwd_fisher_18 = F.div(cwd_fisher, cwd_fisher_17)
+                            cwd_fisher = cwd_fisher_18
+                    # if stochastic_rounding and bf16 != 0:
+                    if h["_c15"]:
                         # param_fp32 = float32(param)
                         param_fp32 = F.float32(param)
                         # update_fp32 = float32(update)
                         update_fp32 = F.float32(update)
                         # if weight_decay != 0:
-                        if h["_c15"]:
+                        if h["_c16"]:
                             # if fisher_wd:
-                            if h["_c16"]:
+                            if h["_c17"]:
                                 # if use_atan2:
                                 if h["_c7"]:
                                     # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
@@ -3360,57 +4133,88 @@ def _device_step(h, param, grad, S):
                                     fisher_33 = F.div(fisher, fisher_32)
                                     fisher = fisher_33
                                 # fisher = fisher * (weight_decay * lr)
-                                F.mul_(fisher, h["_k120"])
+                                F.mul_(fisher, h["_k130"])
                                 # if cautious_wd:
-                                if h["_c17"]:
+                                if h["_c18"]:
                                     # param_fp32 = param_fp32 - param_fp32 * (where(update_fp32 * param_fp32 >= 0, 1.0, 0.0) * fisher)
-                                    param_fp32_61 = F.mul(update_fp32, param_fp32)
-                                    param_fp32_62 = F.ge(param_fp32_61, 0)
-                                    param_fp32_63 = F.where(param_fp32_62, 1.0, 0.0, like=param)
-                                    F.mul_(param_fp32_63, fisher)
-                                    param_fp32_64 = F.addcmul(param_fp32, param_fp32, param_fp32_63, -1.0)
-                                    param_fp32 = param_fp32_64
+                                    param_fp32_81 = F.mul(update_fp32, param_fp32)
+                                    param_fp32_82 = F.ge(param_fp32_81, 0)
+                                    param_fp32_83 = F.where(param_fp32_82, 1.0, 0.0, like=param)
+                                    F.mul_(param_fp32_83, fisher)
+                                    param_fp32_84 = F.addcmul(param_fp32, param_fp32, param_fp32_83, -1.0)
+                                    param_fp32 = param_fp32_84
                                 else:
                                     # param_fp32 = param_fp32 - param_fp32 * fisher
                                     param_fp32 = F.addcmul(param_fp32, param_fp32, fisher, -1.0)
                             else:
                                 # if cautious_wd:
-                                if h["_c17"]:
+                                if h["_c18"]:
                                     # param_fp32 = param_fp32 - weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
-                                    param_fp32_65 = F.mul(update_fp32, param_fp32)
-                                    param_fp32_66 = F.ge(param_fp32_65, 0)
-                                    param_fp32_67 = F.where(param_fp32_66, 1.0, 0.0, like=param)
-                                    param_fp32_68 = F.addcmul(param_fp32, param_fp32, param_fp32_67, h["_k121"])
-                                    param_fp32 = param_fp32_68
+                                    param_fp32_85 = F.mul(update_fp32, param_fp32)
+                                    param_fp32_86 = F.ge(param_fp32_85, 0)
+                                    param_fp32_87 = F.where(param_fp32_86, 1.0, 0.0, like=param)
+                                    param_fp32_88 = F.addcmul(param_fp32, param_fp32, param_fp32_87, h["_k131"])
+                                    param_fp32 = param_fp32_88
                                 else:
                                     # param_fp32 = param_fp32 - weight_decay * lr * param_fp32
-                                    param_fp32 = F.axpy(param_fp32, param_fp32, h["_k122"])
+                                    param_fp32 = F.axpy(param_fp32, param_fp32, h["_k132"])
                         # if centered_wd != 0:
-                        if h["_c18"]:
-                            # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                            cwd_target_11 = F.cast(anchor_data, param_fp32)
-                            cwd_target = F.sub(param_fp32, cwd_target_11)
-                            # if cautious_wd:
-                            if h["_c17"]:
-                                # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
-                                param_fp32_69 = F.mul(update_fp32, cwd_target)
-                                param_fp32_70 = F.ge(param_fp32_69, 0)
-                                param_fp32_71 = F.where(param_fp32_70, 1.0, 0.0, like=param)
-                                param_fp32_72 = F.addcmul(param_fp32, cwd_target, param_fp32_71, h["_k123"])
-                                param_fp32 = param_fp32_72
+                        if h["_c19"]:
+                            # if centered_wd_mode == 'int8':
+                            if h["_c20"]:
+                                # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                cwd_target_51 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                cwd_target_52 = F.cast(cwd_target_51, param_fp32)
+                                cwd_target = F.sub(param_fp32, cwd_target_52)
                             else:
-                                # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
-                                param_fp32 = F.axpy(param_fp32, cwd_target, h["_k124"])
+                                # if centered_wd_mode == 'int4':
+                                if h["_c21"]:
+                                    # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                    cwd_target_53 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                    cwd_target_54 = F.cast(cwd_target_53, param_fp32)
+                                    cwd_target = F.sub(param_fp32, cwd_target_54)
+                                else:
+                                    # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                    cwd_target_55 = F.cast(anchor_data, param_fp32)
+                                    cwd_target = F.sub(param_fp32, cwd_target_55)
+                            # if fisher_wd:
+                            if h["_c17"]:
+                                # cwd_fisher_scaled = cwd_fisher * (centered_wd * lr)
+                                cwd_fisher_scaled = F.mul(cwd_fisher, h["_k133"])
+                                # if cautious_wd:
+                                if h["_c18"]:
+                                    # param_fp32 = param_fp32 - cwd_target * (where(update_fp32 * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                                    param_fp32_89 = F.mul(update_fp32, cwd_target)
+                                    param_fp32_90 = F.ge(param_fp32_89, 0)
+                                    param_fp32_91 = F.where(param_fp32_90, 1.0, 0.0, like=param)
+                                    F.mul_(param_fp32_91, cwd_fisher_scaled)
+                                    param_fp32_92 = F.addcmul(param_fp32, cwd_target, param_fp32_91, -1.0)
+                                    param_fp32 = param_fp32_92
+                                else:
+                                    # param_fp32 = param_fp32 - cwd_target * cwd_fisher_scaled
+                                    param_fp32 = F.addcmul(param_fp32, cwd_target, cwd_fisher_scaled, -1.0)
+                            else:
+                                # if cautious_wd:
+                                if h["_c18"]:
+                                    # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                                    param_fp32_93 = F.mul(update_fp32, cwd_target)
+                                    param_fp32_94 = F.ge(param_fp32_93, 0)
+                                    param_fp32_95 = F.where(param_fp32_94, 1.0, 0.0, like=param)
+                                    param_fp32_96 = F.addcmul(param_fp32, cwd_target, param_fp32_95, h["_k134"])
+                                    param_fp32 = param_fp32_96
+                                else:
+                                    # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
+                                    param_fp32 = F.axpy(param_fp32, cwd_target, h["_k135"])
                         # param_fp32 = param_fp32 + -update_fp32
                         param_fp32 = F.sub(param_fp32, update_fp32)
                         # param = stochastic_round(param_fp32, step)
-                        param_71 = F.stochastic_round(param_fp32, h["_k125"])
-                        F.assign_(param, param_71)
+                        param_86 = F.stochastic_round(param_fp32, h["_k136"])
+                        F.assign_(param, param_86)
                     else:
                         # if weight_decay != 0:
-                        if h["_c15"]:
+                        if h["_c16"]:
                             # if fisher_wd:
-                            if h["_c16"]:
+                            if h["_c17"]:
                                 # if use_atan2:
                                 if h["_c7"]:
                                     # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
@@ -3429,55 +4233,85 @@ def _device_step(h, param, grad, S):
                                     fisher_36 = F.div(fisher, fisher_35)
                                     fisher = fisher_36
                                 # fisher = fisher * (weight_decay * lr)
-                                F.mul_(fisher, h["_k126"])
+                                F.mul_(fisher, h["_k137"])
                                 # if cautious_wd:
-                                if h["_c17"]:
+                                if h["_c18"]:
                                     # param = param - param * (where(update * param >= 0, 1.0, 0.0) * fisher)
-                                    param_72 = F.mul(update, param)
-                                    param_73 = F.ge(param_72, 0)
-                                    param_74 = F.where(param_73, 1.0, 0.0, like=param)
-                                    F.mul_(param_74, fisher)
-                                    param_75 = F.addcmul(param, param, param_74, -1.0)
-                                    F.assign_(param, param_75)
+                                    param_87 = F.mul(update, param)
+                                    param_88 = F.ge(param_87, 0)
+                                    param_89 = F.where(param_88, 1.0, 0.0, like=param)
+                                    F.mul_(param_89, fisher)
+                                    param_90 = F.addcmul(param, param, param_89, -1.0)
+                                    F.assign_(param, param_90)
                                 else:
                                     # param = param - param * fisher
-                                    param_76 = F.addcmul(param, param, fisher, -1.0)
-                                    F.assign_(param, param_76)
+                                    param_91 = F.addcmul(param, param, fisher, -1.0)
+                                    F.assign_(param, param_91)
                             else:
                                 # if cautious_wd:
-                                if h["_c17"]:
+                                if h["_c18"]:
                                     # param = param - weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
-                                    param_77 = F.mul(update, param)
-                                    param_78 = F.ge(param_77, 0)
-                                    param_79 = F.where(param_78, 1.0, 0.0, like=param)
-                                    param_80 = F.addcmul(param, param, param_79, h["_k127"])
-                                    F.assign_(param, param_80)
+                                    param_92 = F.mul(update, param)
+                                    param_93 = F.ge(param_92, 0)
+                                    param_94 = F.where(param_93, 1.0, 0.0, like=param)
+                                    param_95 = F.addcmul(param, param, param_94, h["_k138"])
+                                    F.assign_(param, param_95)
                                 else:
                                     # param = param - weight_decay * lr * param
-                                    param_81 = F.axpy(param, param, h["_k128"])
-                                    F.assign_(param, param_81)
+                                    param_96 = F.axpy(param, param, h["_k139"])
+                                    F.assign_(param, param_96)
                         # if centered_wd != 0:
-                        if h["_c18"]:
-                            # cwd_target = param - cast(anchor_data, param)
-                            cwd_target_12 = F.cast(anchor_data, param)
-                            cwd_target = F.sub(param, cwd_target_12)
-                            # if cautious_wd:
-                            if h["_c17"]:
-                                # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
-                                param_82 = F.mul(update, cwd_target)
-                                param_83 = F.ge(param_82, 0)
-                                param_84 = F.where(param_83, 1.0, 0.0, like=param)
-                                F.addcmul_(param, cwd_target, param_84, h["_k129"])
+                        if h["_c19"]:
+                            # if centered_wd_mode == 'int8':
+                            if h["_c20"]:
+                                # cwd_target = param - cast(anchor_data, param)
+                                cwd_target_56 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                cwd_target_57 = F.cast(cwd_target_56, param)
+                                cwd_target = F.sub(param, cwd_target_57)
                             else:
-                                # param = param - centered_wd * lr * cwd_target
-                                F.axpy_(param, cwd_target, h["_k130"])
+                                # if centered_wd_mode == 'int4':
+                                if h["_c21"]:
+                                    # cwd_target = param - cast(anchor_data, param)
+                                    cwd_target_58 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                    cwd_target_59 = F.cast(cwd_target_58, param)
+                                    cwd_target = F.sub(param, cwd_target_59)
+                                else:
+                                    # cwd_target = param - cast(anchor_data, param)
+                                    cwd_target_60 = F.cast(anchor_data, param)
+                                    cwd_target = F.sub(param, cwd_target_60)
+                            # if fisher_wd:
+                            if h["_c17"]:
+                                # cwd_fisher_scaled = cwd_fisher * (centered_wd * lr)
+                                cwd_fisher_scaled = F.mul(cwd_fisher, h["_k140"])
+                                # if cautious_wd:
+                                if h["_c18"]:
+                                    # param = param - cwd_target * (where(update * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                                    param_97 = F.mul(update, cwd_target)
+                                    param_98 = F.ge(param_97, 0)
+                                    param_99 = F.where(param_98, 1.0, 0.0, like=param)
+                                    F.mul_(param_99, cwd_fisher_scaled)
+                                    F.addcmul_(param, cwd_target, param_99, -1.0)
+                                else:
+                                    # param = param - cwd_target * cwd_fisher_scaled
+                                    F.addcmul_(param, cwd_target, cwd_fisher_scaled, -1.0)
+                            else:
+                                # if cautious_wd:
+                                if h["_c18"]:
+                                    # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                                    param_100 = F.mul(update, cwd_target)
+                                    param_101 = F.ge(param_100, 0)
+                                    param_102 = F.where(param_101, 1.0, 0.0, like=param)
+                                    F.addcmul_(param, cwd_target, param_102, h["_k141"])
+                                else:
+                                    # param = param - centered_wd * lr * cwd_target
+                                    F.axpy_(param, cwd_target, h["_k142"])
                         # param = param + -update
                         F.sub_(param, update)
                 else:
                     # if state_precision == 'int8_sr' and not nnmf_factor:
-                    if h["_c23"]:
+                    if h["_c26"]:
                         # if beta1 > 0 and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape)) or not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape) or not (state_precision == 'factored' or nnmf_factor) and (factored_2nd and ((ndim != 1 or vector_reshape) and not (spectral_normalization and ndim >= 3)))):
-                        if h["_c22"]:
+                        if h["_c25"]:
                             # grad = float32(grad)
                             grad = F.float32(grad)
                         # if orthogonal_gradient == 'flattened' or orthogonal_gradient == 'iterative' and (ndim < 2 or param_attr('_is_dora_scale', False) or param_attr('is_vector', False)):
@@ -3522,16 +4356,16 @@ def _device_step(h, param, grad, S):
                             # exp_avg_sq_work = exp_avg_sq
                             exp_avg_sq_work = F.decode("int8_sr", True, {"": exp_avg_sq, "_scale": exp_avg_sq_scale})
                             # exp_avg_sq_work = exp_avg_sq_work * input() + (1 - input()) * grad * grad
-                            F.mul_(exp_avg_sq_work, h["_k131"])
-                            F.addcmul_(exp_avg_sq_work, grad, grad, h["_k132"])
+                            F.mul_(exp_avg_sq_work, h["_k143"])
+                            F.addcmul_(exp_avg_sq_work, grad, grad, h["_k144"])
                             # exp_avg_sq = exp_avg_sq_work
                             F.encode_("int8_sr", True, {"": exp_avg_sq, "_scale": exp_avg_sq_scale}, exp_avg_sq_work)
                         else:
                             # exp_avg_sq_work = exp_avg_sq
                             exp_avg_sq_work = F.decode("int8_sr", True, {"": exp_avg_sq, "_scale": exp_avg_sq_scale})
                             # exp_avg_sq_work = exp_avg_sq_work * beta2 + (1 - beta2) * grad * grad
-                            F.mul_(exp_avg_sq_work, h["_k134"])
-                            F.addcmul_(exp_avg_sq_work, grad, grad, h["_k135"])
+                            F.mul_(exp_avg_sq_work, h["_k146"])
+                            F.addcmul_(exp_avg_sq_work, grad, grad, h["_k147"])
                             # exp_avg_sq = exp_avg_sq_work
                             F.encode_("int8_sr", True, {"": exp_avg_sq, "_scale": exp_avg_sq_scale}, exp_avg_sq_work)
                         # if eps == None:
@@ -3561,7 +4395,7 @@ def _device_step(h, param, grad, S):
                             # exp_avg_work = exp_avg
                             exp_avg_work = F.decode("int8_sr", False, {"": exp_avg, "_scale": exp_avg_scale})
                             # exp_avg_work = lerp(exp_avg_work, grad, 1 - beta1)
-                            F.lerp_(exp_avg_work, grad, h["_k137"])
+                            F.lerp_(exp_avg_work, grad, h["_k149"])
                             # exp_avg = exp_avg_work
                             F.encode_("int8_sr", False, {"": exp_avg, "_scale": exp_avg_scale}, exp_avg_work)
                             # if nesterov:
@@ -3569,10 +4403,10 @@ def _device_step(h, param, grad, S):
                                 # if nesterov_coef == None:
                                 if h["_c11"]:
                                     # update = lerp(exp_avg_work, grad, 1 - beta1)
-                                    update = F.lerp(exp_avg_work, grad, h["_k139"])
+                                    update = F.lerp(exp_avg_work, grad, h["_k151"])
                                 else:
                                     # update = lerp(exp_avg_work, grad, 1 - nesterov_coef)
-                                    update = F.lerp(exp_avg_work, grad, h["_k140"])
+                                    update = F.lerp(exp_avg_work, grad, h["_k152"])
                             else:
                                 # update = copy(exp_avg_work)
                                 update = F.copy(exp_avg_work)
@@ -3619,8 +4453,8 @@ def _device_step(h, param, grad, S):
                                 # spectral_sigma = vdot(spectral_u, spectral_ur)
                                 spectral_sigma = F.vdot(spectral_u, spectral_ur, kind="row")
                                 # update = spectral_x * (sqrt(rows / cols) / maximum(spectral_sigma, 1 / (sqrt(rows) + sqrt(cols))) * spectral_lr)
-                                update_28 = F.maximum(spectral_sigma, h["_k141"])
-                                F.rdiv_(update_28, h["_k142"])
+                                update_28 = F.maximum(spectral_sigma, h["_k153"])
+                                F.rdiv_(update_28, h["_k154"])
                                 F.mul_(update_28, h["spectral_lr"])
                                 update = F.mul(spectral_x, update_28)
                             else:
@@ -3634,20 +4468,39 @@ def _device_step(h, param, grad, S):
                             # if use_atan2:
                             if h["_c7"]:
                                 # update = update * (step_size * 1.2732395447351628)
-                                F.mul_(update, h["_k143"])
+                                F.mul_(update, h["_k155"])
                             else:
                                 # update = update * step_size
                                 F.mul_(update, h["step_size"])
-                        # if stochastic_rounding and bf16 != 0:
+                        # if centered_wd != 0 and fisher_wd:
                         if h["_c14"]:
+                            # if use_atan2:
+                            if h["_c7"]:
+                                # cwd_fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                                cwd_fisher = F.atan2(wd_scaler, denom)
+                                F.mul_(cwd_fisher, 1.2732395447351628)
+                            else:
+                                # cwd_fisher = 1 / denom
+                                cwd_fisher = F.rdiv(denom, 1)
+                                # cwd_fisher = cwd_fisher / maximum(sqrt(mean((param * cwd_fisher) ** 2)) / 1.0, 1.0)
+                                cwd_fisher_19 = F.mul(param, cwd_fisher)
+                                F.pow_(cwd_fisher_19, 2)
+                                cwd_fisher_20 = F.mean(cwd_fisher_19)
+                                F.sqrt_(cwd_fisher_20)
+                                F.div_(cwd_fisher_20, 1.0)
+                                F.maximum_(cwd_fisher_20, 1.0)
+                                cwd_fisher_21 = F.div(cwd_fisher, cwd_fisher_20)
+                                cwd_fisher = cwd_fisher_21
+                        # if stochastic_rounding and bf16 != 0:
+                        if h["_c15"]:
                             # param_fp32 = float32(param)
                             param_fp32 = F.float32(param)
                             # update_fp32 = float32(update)
                             update_fp32 = F.float32(update)
                             # if weight_decay != 0:
-                            if h["_c15"]:
+                            if h["_c16"]:
                                 # if fisher_wd:
-                                if h["_c16"]:
+                                if h["_c17"]:
                                     # if use_atan2:
                                     if h["_c7"]:
                                         # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
@@ -3666,57 +4519,88 @@ def _device_step(h, param, grad, S):
                                         fisher_39 = F.div(fisher, fisher_38)
                                         fisher = fisher_39
                                     # fisher = fisher * (weight_decay * lr)
-                                    F.mul_(fisher, h["_k144"])
+                                    F.mul_(fisher, h["_k156"])
                                     # if cautious_wd:
-                                    if h["_c17"]:
+                                    if h["_c18"]:
                                         # param_fp32 = param_fp32 - param_fp32 * (where(update_fp32 * param_fp32 >= 0, 1.0, 0.0) * fisher)
-                                        param_fp32_73 = F.mul(update_fp32, param_fp32)
-                                        param_fp32_74 = F.ge(param_fp32_73, 0)
-                                        param_fp32_75 = F.where(param_fp32_74, 1.0, 0.0, like=param)
-                                        F.mul_(param_fp32_75, fisher)
-                                        param_fp32_76 = F.addcmul(param_fp32, param_fp32, param_fp32_75, -1.0)
-                                        param_fp32 = param_fp32_76
+                                        param_fp32_97 = F.mul(update_fp32, param_fp32)
+                                        param_fp32_98 = F.ge(param_fp32_97, 0)
+                                        param_fp32_99 = F.where(param_fp32_98, 1.0, 0.0, like=param)
+                                        F.mul_(param_fp32_99, fisher)
+                                        param_fp32_100 = F.addcmul(param_fp32, param_fp32, param_fp32_99, -1.0)
+                                        param_fp32 = param_fp32_100
                                     else:
                                         # param_fp32 = param_fp32 - param_fp32 * fisher
                                         param_fp32 = F.addcmul(param_fp32, param_fp32, fisher, -1.0)
                                 else:
                                     # if cautious_wd:
-                                    if h["_c17"]:
+                                    if h["_c18"]:
                                         # param_fp32 = param_fp32 - weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
-                                        param_fp32_77 = F.mul(update_fp32, param_fp32)
-                                        param_fp32_78 = F.ge(param_fp32_77, 0)
-                                        param_fp32_79 = F.where(param_fp32_78, 1.0, 0.0, like=param)
-                                        param_fp32_80 = F.addcmul(param_fp32, param_fp32, param_fp32_79, h["_k145"])
-                                        param_fp32 = param_fp32_80
+                                        param_fp32_101 = F.mul(update_fp32, param_fp32)
+                                        param_fp32_102 = F.ge(param_fp32_101, 0)
+                                        param_fp32_103 = F.where(param_fp32_102, 1.0, 0.0, like=param)
+                                        param_fp32_104 = F.addcmul(param_fp32, param_fp32, param_fp32_103, h["_k157"])
+                                        param_fp32 = param_fp32_104
                                     else:
                                         # param_fp32 = param_fp32 - weight_decay * lr * param_fp32
-                                        param_fp32 = F.axpy(param_fp32, param_fp32, h["_k146"])
+                                        param_fp32 = F.axpy(param_fp32, param_fp32, h["_k158"])
                             # if centered_wd != 0:
-                            if h["_c18"]:
-                                # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                                cwd_target_13 = F.cast(anchor_data, param_fp32)
-                                cwd_target = F.sub(param_fp32, cwd_target_13)
-                                # if cautious_wd:
-                                if h["_c17"]:
-                                    # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
-                                    param_fp32_81 = F.mul(update_fp32, cwd_target)
-                                    param_fp32_82 = F.ge(param_fp32_81, 0)
-                                    param_fp32_83 = F.where(param_fp32_82, 1.0, 0.0, like=param)
-                                    param_fp32_84 = F.addcmul(param_fp32, cwd_target, param_fp32_83, h["_k147"])
-                                    param_fp32 = param_fp32_84
+                            if h["_c19"]:
+                                # if centered_wd_mode == 'int8':
+                                if h["_c20"]:
+                                    # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                    cwd_target_61 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                    cwd_target_62 = F.cast(cwd_target_61, param_fp32)
+                                    cwd_target = F.sub(param_fp32, cwd_target_62)
                                 else:
-                                    # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
-                                    param_fp32 = F.axpy(param_fp32, cwd_target, h["_k148"])
+                                    # if centered_wd_mode == 'int4':
+                                    if h["_c21"]:
+                                        # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                        cwd_target_63 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                        cwd_target_64 = F.cast(cwd_target_63, param_fp32)
+                                        cwd_target = F.sub(param_fp32, cwd_target_64)
+                                    else:
+                                        # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                        cwd_target_65 = F.cast(anchor_data, param_fp32)
+                                        cwd_target = F.sub(param_fp32, cwd_target_65)
+                                # if fisher_wd:
+                                if h["_c17"]:
+                                    # cwd_fisher_scaled = cwd_fisher * (centered_wd * lr)
+                                    cwd_fisher_scaled = F.mul(cwd_fisher, h["_k159"])
+                                    # if cautious_wd:
+                                    if h["_c18"]:
+                                        # param_fp32 = param_fp32 - cwd_target * (where(update_fp32 * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                                        param_fp32_105 = F.mul(update_fp32, cwd_target)
+                                        param_fp32_106 = F.ge(param_fp32_105, 0)
+                                        param_fp32_107 = F.where(param_fp32_106, 1.0, 0.0, like=param)
+                                        F.mul_(param_fp32_107, cwd_fisher_scaled)
+                                        param_fp32_108 = F.addcmul(param_fp32, cwd_target, param_fp32_107, -1.0)
+                                        param_fp32 = param_fp32_108
+                                    else:
+                                        # param_fp32 = param_fp32 - cwd_target * cwd_fisher_scaled
+                                        param_fp32 = F.addcmul(param_fp32, cwd_target, cwd_fisher_scaled, -1.0)
+                                else:
+                                    # if cautious_wd:
+                                    if h["_c18"]:
+                                        # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                                        param_fp32_109 = F.mul(update_fp32, cwd_target)
+                                        param_fp32_110 = F.ge(param_fp32_109, 0)
+                                        param_fp32_111 = F.where(param_fp32_110, 1.0, 0.0, like=param)
+                                        param_fp32_112 = F.addcmul(param_fp32, cwd_target, param_fp32_111, h["_k160"])
+                                        param_fp32 = param_fp32_112
+                                    else:
+                                        # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
+                                        param_fp32 = F.axpy(param_fp32, cwd_target, h["_k161"])
                             # param_fp32 = param_fp32 + -update_fp32
                             param_fp32 = F.sub(param_fp32, update_fp32)
                             # param = stochastic_round(param_fp32, step)
-                            param_85 = F.stochastic_round(param_fp32, h["_k149"])
-                            F.assign_(param, param_85)
+                            param_103 = F.stochastic_round(param_fp32, h["_k162"])
+                            F.assign_(param, param_103)
                         else:
                             # if weight_decay != 0:
-                            if h["_c15"]:
+                            if h["_c16"]:
                                 # if fisher_wd:
-                                if h["_c16"]:
+                                if h["_c17"]:
                                     # if use_atan2:
                                     if h["_c7"]:
                                         # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
@@ -3735,53 +4619,83 @@ def _device_step(h, param, grad, S):
                                         fisher_42 = F.div(fisher, fisher_41)
                                         fisher = fisher_42
                                     # fisher = fisher * (weight_decay * lr)
-                                    F.mul_(fisher, h["_k150"])
+                                    F.mul_(fisher, h["_k163"])
                                     # if cautious_wd:
-                                    if h["_c17"]:
+                                    if h["_c18"]:
                                         # param = param - param * (where(update * param >= 0, 1.0, 0.0) * fisher)
-                                        param_86 = F.mul(update, param)
-                                        param_87 = F.ge(param_86, 0)
-                                        param_88 = F.where(param_87, 1.0, 0.0, like=param)
-                                        F.mul_(param_88, fisher)
-                                        param_89 = F.addcmul(param, param, param_88, -1.0)
-                                        F.assign_(param, param_89)
+                                        param_104 = F.mul(update, param)
+                                        param_105 = F.ge(param_104, 0)
+                                        param_106 = F.where(param_105, 1.0, 0.0, like=param)
+                                        F.mul_(param_106, fisher)
+                                        param_107 = F.addcmul(param, param, param_106, -1.0)
+                                        F.assign_(param, param_107)
                                     else:
                                         # param = param - param * fisher
-                                        param_90 = F.addcmul(param, param, fisher, -1.0)
-                                        F.assign_(param, param_90)
+                                        param_108 = F.addcmul(param, param, fisher, -1.0)
+                                        F.assign_(param, param_108)
                                 else:
                                     # if cautious_wd:
-                                    if h["_c17"]:
+                                    if h["_c18"]:
                                         # param = param - weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
-                                        param_91 = F.mul(update, param)
-                                        param_92 = F.ge(param_91, 0)
-                                        param_93 = F.where(param_92, 1.0, 0.0, like=param)
-                                        param_94 = F.addcmul(param, param, param_93, h["_k151"])
-                                        F.assign_(param, param_94)
+                                        param_109 = F.mul(update, param)
+                                        param_110 = F.ge(param_109, 0)
+                                        param_111 = F.where(param_110, 1.0, 0.0, like=param)
+                                        param_112 = F.addcmul(param, param, param_111, h["_k164"])
+                                        F.assign_(param, param_112)
                                     else:
                                         # param = param - weight_decay * lr * param
-                                        param_95 = F.axpy(param, param, h["_k152"])
-                                        F.assign_(param, param_95)
+                                        param_113 = F.axpy(param, param, h["_k165"])
+                                        F.assign_(param, param_113)
                             # if centered_wd != 0:
-                            if h["_c18"]:
-                                # cwd_target = param - cast(anchor_data, param)
-                                cwd_target_14 = F.cast(anchor_data, param)
-                                cwd_target = F.sub(param, cwd_target_14)
-                                # if cautious_wd:
-                                if h["_c17"]:
-                                    # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
-                                    param_96 = F.mul(update, cwd_target)
-                                    param_97 = F.ge(param_96, 0)
-                                    param_98 = F.where(param_97, 1.0, 0.0, like=param)
-                                    F.addcmul_(param, cwd_target, param_98, h["_k153"])
+                            if h["_c19"]:
+                                # if centered_wd_mode == 'int8':
+                                if h["_c20"]:
+                                    # cwd_target = param - cast(anchor_data, param)
+                                    cwd_target_66 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                    cwd_target_67 = F.cast(cwd_target_66, param)
+                                    cwd_target = F.sub(param, cwd_target_67)
                                 else:
-                                    # param = param - centered_wd * lr * cwd_target
-                                    F.axpy_(param, cwd_target, h["_k154"])
+                                    # if centered_wd_mode == 'int4':
+                                    if h["_c21"]:
+                                        # cwd_target = param - cast(anchor_data, param)
+                                        cwd_target_68 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                        cwd_target_69 = F.cast(cwd_target_68, param)
+                                        cwd_target = F.sub(param, cwd_target_69)
+                                    else:
+                                        # cwd_target = param - cast(anchor_data, param)
+                                        cwd_target_70 = F.cast(anchor_data, param)
+                                        cwd_target = F.sub(param, cwd_target_70)
+                                # if fisher_wd:
+                                if h["_c17"]:
+                                    # cwd_fisher_scaled = cwd_fisher * (centered_wd * lr)
+                                    cwd_fisher_scaled = F.mul(cwd_fisher, h["_k166"])
+                                    # if cautious_wd:
+                                    if h["_c18"]:
+                                        # param = param - cwd_target * (where(update * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                                        param_114 = F.mul(update, cwd_target)
+                                        param_115 = F.ge(param_114, 0)
+                                        param_116 = F.where(param_115, 1.0, 0.0, like=param)
+                                        F.mul_(param_116, cwd_fisher_scaled)
+                                        F.addcmul_(param, cwd_target, param_116, -1.0)
+                                    else:
+                                        # param = param - cwd_target * cwd_fisher_scaled
+                                        F.addcmul_(param, cwd_target, cwd_fisher_scaled, -1.0)
+                                else:
+                                    # if cautious_wd:
+                                    if h["_c18"]:
+                                        # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                                        param_117 = F.mul(update, cwd_target)
+                                        param_118 = F.ge(param_117, 0)
+                                        param_119 = F.where(param_118, 1.0, 0.0, like=param)
+                                        F.addcmul_(param, cwd_target, param_119, h["_k167"])
+                                    else:
+                                        # param = param - centered_wd * lr * cwd_target
+                                        F.axpy_(param, cwd_target, h["_k168"])
                             # param = param + -update
                             F.sub_(param, update)
                     else:
                         # if (state_precision == 'fp32' and not nnmf_factor) and (beta1 > 0 and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape)) or not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape) or not (state_precision == 'factored' or nnmf_factor) and (factored_2nd and ((ndim != 1 or vector_reshape) and not (spectral_normalization and ndim >= 3))))):
-                        if h["_c24"]:
+                        if h["_c27"]:
                             # grad = float32(grad)
                             grad = F.float32(grad)
                         # if orthogonal_gradient == 'flattened' or orthogonal_gradient == 'iterative' and (ndim < 2 or param_attr('_is_dora_scale', False) or param_attr('is_vector', False)):
@@ -3824,12 +4738,12 @@ def _device_step(h, param, grad, S):
                             kourkoutas_sq_16 = F.sum(kourkoutas_sq_15)
                             F.assign_(kourkoutas_sq, kourkoutas_sq_16)
                             # exp_avg_sq = exp_avg_sq * input() + (1 - input()) * grad * grad
-                            F.mul_(exp_avg_sq, h["_k155"])
-                            F.addcmul_(exp_avg_sq, grad, grad, h["_k156"])
+                            F.mul_(exp_avg_sq, h["_k169"])
+                            F.addcmul_(exp_avg_sq, grad, grad, h["_k170"])
                         else:
                             # exp_avg_sq = exp_avg_sq * beta2 + (1 - beta2) * grad * grad
-                            F.mul_(exp_avg_sq, h["_k157"])
-                            F.addcmul_(exp_avg_sq, grad, grad, h["_k158"])
+                            F.mul_(exp_avg_sq, h["_k171"])
+                            F.addcmul_(exp_avg_sq, grad, grad, h["_k172"])
                         # if eps == None:
                         if h["_c6"]:
                             pass
@@ -3855,16 +4769,16 @@ def _device_step(h, param, grad, S):
                         # if beta1 > 0:
                         if h["_c9"]:
                             # exp_avg = lerp(exp_avg, grad, 1 - beta1)
-                            F.lerp_(exp_avg, grad, h["_k159"])
+                            F.lerp_(exp_avg, grad, h["_k173"])
                             # if nesterov:
                             if h["_c10"]:
                                 # if nesterov_coef == None:
                                 if h["_c11"]:
                                     # update = lerp(exp_avg, grad, 1 - beta1)
-                                    update = F.lerp(exp_avg, grad, h["_k160"])
+                                    update = F.lerp(exp_avg, grad, h["_k174"])
                                 else:
                                     # update = lerp(exp_avg, grad, 1 - nesterov_coef)
-                                    update = F.lerp(exp_avg, grad, h["_k161"])
+                                    update = F.lerp(exp_avg, grad, h["_k175"])
                             else:
                                 # update = copy(exp_avg)
                                 update = F.copy(exp_avg)
@@ -3911,8 +4825,8 @@ def _device_step(h, param, grad, S):
                                 # spectral_sigma = vdot(spectral_u, spectral_ur)
                                 spectral_sigma = F.vdot(spectral_u, spectral_ur, kind="row")
                                 # update = spectral_x * (sqrt(rows / cols) / maximum(spectral_sigma, 1 / (sqrt(rows) + sqrt(cols))) * spectral_lr)
-                                update_31 = F.maximum(spectral_sigma, h["_k162"])
-                                F.rdiv_(update_31, h["_k163"])
+                                update_31 = F.maximum(spectral_sigma, h["_k176"])
+                                F.rdiv_(update_31, h["_k177"])
                                 F.mul_(update_31, h["spectral_lr"])
                                 update = F.mul(spectral_x, update_31)
                             else:
@@ -3926,20 +4840,39 @@ def _device_step(h, param, grad, S):
                             # if use_atan2:
                             if h["_c7"]:
                                 # update = update * (step_size * 1.2732395447351628)
-                                F.mul_(update, h["_k164"])
+                                F.mul_(update, h["_k178"])
                             else:
                                 # update = update * step_size
                                 F.mul_(update, h["step_size"])
-                        # if stochastic_rounding and bf16 != 0:
+                        # if centered_wd != 0 and fisher_wd:
                         if h["_c14"]:
+                            # if use_atan2:
+                            if h["_c7"]:
+                                # cwd_fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                                cwd_fisher = F.atan2(wd_scaler, denom)
+                                F.mul_(cwd_fisher, 1.2732395447351628)
+                            else:
+                                # cwd_fisher = 1 / denom
+                                cwd_fisher = F.rdiv(denom, 1)
+                                # cwd_fisher = cwd_fisher / maximum(sqrt(mean((param * cwd_fisher) ** 2)) / 1.0, 1.0)
+                                cwd_fisher_22 = F.mul(param, cwd_fisher)
+                                F.pow_(cwd_fisher_22, 2)
+                                cwd_fisher_23 = F.mean(cwd_fisher_22)
+                                F.sqrt_(cwd_fisher_23)
+                                F.div_(cwd_fisher_23, 1.0)
+                                F.maximum_(cwd_fisher_23, 1.0)
+                                cwd_fisher_24 = F.div(cwd_fisher, cwd_fisher_23)
+                                cwd_fisher = cwd_fisher_24
+                        # if stochastic_rounding and bf16 != 0:
+                        if h["_c15"]:
                             # param_fp32 = float32(param)
                             param_fp32 = F.float32(param)
                             # update_fp32 = float32(update)
                             update_fp32 = F.float32(update)
                             # if weight_decay != 0:
-                            if h["_c15"]:
+                            if h["_c16"]:
                                 # if fisher_wd:
-                                if h["_c16"]:
+                                if h["_c17"]:
                                     # if use_atan2:
                                     if h["_c7"]:
                                         # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
@@ -3958,57 +4891,88 @@ def _device_step(h, param, grad, S):
                                         fisher_45 = F.div(fisher, fisher_44)
                                         fisher = fisher_45
                                     # fisher = fisher * (weight_decay * lr)
-                                    F.mul_(fisher, h["_k165"])
+                                    F.mul_(fisher, h["_k179"])
                                     # if cautious_wd:
-                                    if h["_c17"]:
+                                    if h["_c18"]:
                                         # param_fp32 = param_fp32 - param_fp32 * (where(update_fp32 * param_fp32 >= 0, 1.0, 0.0) * fisher)
-                                        param_fp32_85 = F.mul(update_fp32, param_fp32)
-                                        param_fp32_86 = F.ge(param_fp32_85, 0)
-                                        param_fp32_87 = F.where(param_fp32_86, 1.0, 0.0, like=param)
-                                        F.mul_(param_fp32_87, fisher)
-                                        param_fp32_88 = F.addcmul(param_fp32, param_fp32, param_fp32_87, -1.0)
-                                        param_fp32 = param_fp32_88
+                                        param_fp32_113 = F.mul(update_fp32, param_fp32)
+                                        param_fp32_114 = F.ge(param_fp32_113, 0)
+                                        param_fp32_115 = F.where(param_fp32_114, 1.0, 0.0, like=param)
+                                        F.mul_(param_fp32_115, fisher)
+                                        param_fp32_116 = F.addcmul(param_fp32, param_fp32, param_fp32_115, -1.0)
+                                        param_fp32 = param_fp32_116
                                     else:
                                         # param_fp32 = param_fp32 - param_fp32 * fisher
                                         param_fp32 = F.addcmul(param_fp32, param_fp32, fisher, -1.0)
                                 else:
                                     # if cautious_wd:
-                                    if h["_c17"]:
+                                    if h["_c18"]:
                                         # param_fp32 = param_fp32 - weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
-                                        param_fp32_89 = F.mul(update_fp32, param_fp32)
-                                        param_fp32_90 = F.ge(param_fp32_89, 0)
-                                        param_fp32_91 = F.where(param_fp32_90, 1.0, 0.0, like=param)
-                                        param_fp32_92 = F.addcmul(param_fp32, param_fp32, param_fp32_91, h["_k166"])
-                                        param_fp32 = param_fp32_92
+                                        param_fp32_117 = F.mul(update_fp32, param_fp32)
+                                        param_fp32_118 = F.ge(param_fp32_117, 0)
+                                        param_fp32_119 = F.where(param_fp32_118, 1.0, 0.0, like=param)
+                                        param_fp32_120 = F.addcmul(param_fp32, param_fp32, param_fp32_119, h["_k180"])
+                                        param_fp32 = param_fp32_120
                                     else:
                                         # param_fp32 = param_fp32 - weight_decay * lr * param_fp32
-                                        param_fp32 = F.axpy(param_fp32, param_fp32, h["_k167"])
+                                        param_fp32 = F.axpy(param_fp32, param_fp32, h["_k181"])
                             # if centered_wd != 0:
-                            if h["_c18"]:
-                                # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                                cwd_target_15 = F.cast(anchor_data, param_fp32)
-                                cwd_target = F.sub(param_fp32, cwd_target_15)
-                                # if cautious_wd:
-                                if h["_c17"]:
-                                    # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
-                                    param_fp32_93 = F.mul(update_fp32, cwd_target)
-                                    param_fp32_94 = F.ge(param_fp32_93, 0)
-                                    param_fp32_95 = F.where(param_fp32_94, 1.0, 0.0, like=param)
-                                    param_fp32_96 = F.addcmul(param_fp32, cwd_target, param_fp32_95, h["_k168"])
-                                    param_fp32 = param_fp32_96
+                            if h["_c19"]:
+                                # if centered_wd_mode == 'int8':
+                                if h["_c20"]:
+                                    # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                    cwd_target_71 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                    cwd_target_72 = F.cast(cwd_target_71, param_fp32)
+                                    cwd_target = F.sub(param_fp32, cwd_target_72)
                                 else:
-                                    # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
-                                    param_fp32 = F.axpy(param_fp32, cwd_target, h["_k169"])
+                                    # if centered_wd_mode == 'int4':
+                                    if h["_c21"]:
+                                        # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                        cwd_target_73 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                        cwd_target_74 = F.cast(cwd_target_73, param_fp32)
+                                        cwd_target = F.sub(param_fp32, cwd_target_74)
+                                    else:
+                                        # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                        cwd_target_75 = F.cast(anchor_data, param_fp32)
+                                        cwd_target = F.sub(param_fp32, cwd_target_75)
+                                # if fisher_wd:
+                                if h["_c17"]:
+                                    # cwd_fisher_scaled = cwd_fisher * (centered_wd * lr)
+                                    cwd_fisher_scaled = F.mul(cwd_fisher, h["_k182"])
+                                    # if cautious_wd:
+                                    if h["_c18"]:
+                                        # param_fp32 = param_fp32 - cwd_target * (where(update_fp32 * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                                        param_fp32_121 = F.mul(update_fp32, cwd_target)
+                                        param_fp32_122 = F.ge(param_fp32_121, 0)
+                                        param_fp32_123 = F.where(param_fp32_122, 1.0, 0.0, like=param)
+                                        F.mul_(param_fp32_123, cwd_fisher_scaled)
+                                        param_fp32_124 = F.addcmul(param_fp32, cwd_target, param_fp32_123, -1.0)
+                                        param_fp32 = param_fp32_124
+                                    else:
+                                        # param_fp32 = param_fp32 - cwd_target * cwd_fisher_scaled
+                                        param_fp32 = F.addcmul(param_fp32, cwd_target, cwd_fisher_scaled, -1.0)
+                                else:
+                                    # if cautious_wd:
+                                    if h["_c18"]:
+                                        # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                                        param_fp32_125 = F.mul(update_fp32, cwd_target)
+                                        param_fp32_126 = F.ge(param_fp32_125, 0)
+                                        param_fp32_127 = F.where(param_fp32_126, 1.0, 0.0, like=param)
+                                        param_fp32_128 = F.addcmul(param_fp32, cwd_target, param_fp32_127, h["_k183"])
+                                        param_fp32 = param_fp32_128
+                                    else:
+                                        # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
+                                        param_fp32 = F.axpy(param_fp32, cwd_target, h["_k184"])
                             # param_fp32 = param_fp32 + -update_fp32
                             param_fp32 = F.sub(param_fp32, update_fp32)
                             # param = stochastic_round(param_fp32, step)
-                            param_99 = F.stochastic_round(param_fp32, h["_k170"])
-                            F.assign_(param, param_99)
+                            param_120 = F.stochastic_round(param_fp32, h["_k185"])
+                            F.assign_(param, param_120)
                         else:
                             # if weight_decay != 0:
-                            if h["_c15"]:
+                            if h["_c16"]:
                                 # if fisher_wd:
-                                if h["_c16"]:
+                                if h["_c17"]:
                                     # if use_atan2:
                                     if h["_c7"]:
                                         # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
@@ -4027,55 +4991,85 @@ def _device_step(h, param, grad, S):
                                         fisher_48 = F.div(fisher, fisher_47)
                                         fisher = fisher_48
                                     # fisher = fisher * (weight_decay * lr)
-                                    F.mul_(fisher, h["_k171"])
+                                    F.mul_(fisher, h["_k186"])
                                     # if cautious_wd:
-                                    if h["_c17"]:
+                                    if h["_c18"]:
                                         # param = param - param * (where(update * param >= 0, 1.0, 0.0) * fisher)
-                                        param_100 = F.mul(update, param)
-                                        param_101 = F.ge(param_100, 0)
-                                        param_102 = F.where(param_101, 1.0, 0.0, like=param)
-                                        F.mul_(param_102, fisher)
-                                        param_103 = F.addcmul(param, param, param_102, -1.0)
-                                        F.assign_(param, param_103)
+                                        param_121 = F.mul(update, param)
+                                        param_122 = F.ge(param_121, 0)
+                                        param_123 = F.where(param_122, 1.0, 0.0, like=param)
+                                        F.mul_(param_123, fisher)
+                                        param_124 = F.addcmul(param, param, param_123, -1.0)
+                                        F.assign_(param, param_124)
                                     else:
                                         # param = param - param * fisher
-                                        param_104 = F.addcmul(param, param, fisher, -1.0)
-                                        F.assign_(param, param_104)
+                                        param_125 = F.addcmul(param, param, fisher, -1.0)
+                                        F.assign_(param, param_125)
                                 else:
                                     # if cautious_wd:
-                                    if h["_c17"]:
+                                    if h["_c18"]:
                                         # param = param - weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
-                                        param_105 = F.mul(update, param)
-                                        param_106 = F.ge(param_105, 0)
-                                        param_107 = F.where(param_106, 1.0, 0.0, like=param)
-                                        param_108 = F.addcmul(param, param, param_107, h["_k172"])
-                                        F.assign_(param, param_108)
+                                        param_126 = F.mul(update, param)
+                                        param_127 = F.ge(param_126, 0)
+                                        param_128 = F.where(param_127, 1.0, 0.0, like=param)
+                                        param_129 = F.addcmul(param, param, param_128, h["_k187"])
+                                        F.assign_(param, param_129)
                                     else:
                                         # param = param - weight_decay * lr * param
-                                        param_109 = F.axpy(param, param, h["_k173"])
-                                        F.assign_(param, param_109)
+                                        param_130 = F.axpy(param, param, h["_k188"])
+                                        F.assign_(param, param_130)
                             # if centered_wd != 0:
-                            if h["_c18"]:
-                                # cwd_target = param - cast(anchor_data, param)
-                                cwd_target_16 = F.cast(anchor_data, param)
-                                cwd_target = F.sub(param, cwd_target_16)
-                                # if cautious_wd:
-                                if h["_c17"]:
-                                    # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
-                                    param_110 = F.mul(update, cwd_target)
-                                    param_111 = F.ge(param_110, 0)
-                                    param_112 = F.where(param_111, 1.0, 0.0, like=param)
-                                    F.addcmul_(param, cwd_target, param_112, h["_k174"])
+                            if h["_c19"]:
+                                # if centered_wd_mode == 'int8':
+                                if h["_c20"]:
+                                    # cwd_target = param - cast(anchor_data, param)
+                                    cwd_target_76 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                    cwd_target_77 = F.cast(cwd_target_76, param)
+                                    cwd_target = F.sub(param, cwd_target_77)
                                 else:
-                                    # param = param - centered_wd * lr * cwd_target
-                                    F.axpy_(param, cwd_target, h["_k175"])
+                                    # if centered_wd_mode == 'int4':
+                                    if h["_c21"]:
+                                        # cwd_target = param - cast(anchor_data, param)
+                                        cwd_target_78 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                        cwd_target_79 = F.cast(cwd_target_78, param)
+                                        cwd_target = F.sub(param, cwd_target_79)
+                                    else:
+                                        # cwd_target = param - cast(anchor_data, param)
+                                        cwd_target_80 = F.cast(anchor_data, param)
+                                        cwd_target = F.sub(param, cwd_target_80)
+                                # if fisher_wd:
+                                if h["_c17"]:
+                                    # cwd_fisher_scaled = cwd_fisher * (centered_wd * lr)
+                                    cwd_fisher_scaled = F.mul(cwd_fisher, h["_k189"])
+                                    # if cautious_wd:
+                                    if h["_c18"]:
+                                        # param = param - cwd_target * (where(update * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                                        param_131 = F.mul(update, cwd_target)
+                                        param_132 = F.ge(param_131, 0)
+                                        param_133 = F.where(param_132, 1.0, 0.0, like=param)
+                                        F.mul_(param_133, cwd_fisher_scaled)
+                                        F.addcmul_(param, cwd_target, param_133, -1.0)
+                                    else:
+                                        # param = param - cwd_target * cwd_fisher_scaled
+                                        F.addcmul_(param, cwd_target, cwd_fisher_scaled, -1.0)
+                                else:
+                                    # if cautious_wd:
+                                    if h["_c18"]:
+                                        # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                                        param_134 = F.mul(update, cwd_target)
+                                        param_135 = F.ge(param_134, 0)
+                                        param_136 = F.where(param_135, 1.0, 0.0, like=param)
+                                        F.addcmul_(param, cwd_target, param_136, h["_k190"])
+                                    else:
+                                        # param = param - centered_wd * lr * cwd_target
+                                        F.axpy_(param, cwd_target, h["_k191"])
                             # param = param + -update
                             F.sub_(param, update)
         else:
             # if state_precision == 'bf16_sr' and not nnmf_factor:
-            if h["_c21"]:
+            if h["_c24"]:
                 # if beta1 > 0 and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape)) or not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape) or not (state_precision == 'factored' or nnmf_factor) and (factored_2nd and ((ndim != 1 or vector_reshape) and not (spectral_normalization and ndim >= 3)))):
-                if h["_c22"]:
+                if h["_c25"]:
                     # grad = float32(grad)
                     grad = F.float32(grad)
                 # if orthogonal_gradient == 'flattened' or orthogonal_gradient == 'iterative' and (ndim < 2 or param_attr('_is_dora_scale', False) or param_attr('is_vector', False)):
@@ -4120,16 +5114,16 @@ def _device_step(h, param, grad, S):
                     # exp_avg_sq_work = exp_avg_sq
                     exp_avg_sq_work = F.decode("bf16_sr", True, {"": exp_avg_sq})
                     # exp_avg_sq_work = exp_avg_sq_work * input() + (1 - input()) * grad * grad
-                    F.mul_(exp_avg_sq_work, h["_k176"])
-                    F.addcmul_(exp_avg_sq_work, grad, grad, h["_k177"])
+                    F.mul_(exp_avg_sq_work, h["_k192"])
+                    F.addcmul_(exp_avg_sq_work, grad, grad, h["_k193"])
                     # exp_avg_sq = exp_avg_sq_work
                     F.encode_("bf16_sr", True, {"": exp_avg_sq}, exp_avg_sq_work)
                 else:
                     # exp_avg_sq_work = exp_avg_sq
                     exp_avg_sq_work = F.decode("bf16_sr", True, {"": exp_avg_sq})
                     # exp_avg_sq_work = exp_avg_sq_work * beta2 + (1 - beta2) * grad * grad
-                    F.mul_(exp_avg_sq_work, h["_k179"])
-                    F.addcmul_(exp_avg_sq_work, grad, grad, h["_k180"])
+                    F.mul_(exp_avg_sq_work, h["_k195"])
+                    F.addcmul_(exp_avg_sq_work, grad, grad, h["_k196"])
                     # exp_avg_sq = exp_avg_sq_work
                     F.encode_("bf16_sr", True, {"": exp_avg_sq}, exp_avg_sq_work)
                 # if eps == None:
@@ -4159,7 +5153,7 @@ def _device_step(h, param, grad, S):
                     # exp_avg_work = exp_avg
                     exp_avg_work = F.decode("bf16_sr", False, {"": exp_avg})
                     # exp_avg_work = lerp(exp_avg_work, grad, 1 - beta1)
-                    F.lerp_(exp_avg_work, grad, h["_k182"])
+                    F.lerp_(exp_avg_work, grad, h["_k198"])
                     # exp_avg = exp_avg_work
                     F.encode_("bf16_sr", False, {"": exp_avg}, exp_avg_work)
                     # if nesterov:
@@ -4167,10 +5161,10 @@ def _device_step(h, param, grad, S):
                         # if nesterov_coef == None:
                         if h["_c11"]:
                             # update = lerp(exp_avg_work, grad, 1 - beta1)
-                            update = F.lerp(exp_avg_work, grad, h["_k184"])
+                            update = F.lerp(exp_avg_work, grad, h["_k200"])
                         else:
                             # update = lerp(exp_avg_work, grad, 1 - nesterov_coef)
-                            update = F.lerp(exp_avg_work, grad, h["_k185"])
+                            update = F.lerp(exp_avg_work, grad, h["_k201"])
                     else:
                         # update = copy(exp_avg_work)
                         update = F.copy(exp_avg_work)
@@ -4217,8 +5211,8 @@ def _device_step(h, param, grad, S):
                         # spectral_sigma = vdot(spectral_u, spectral_ur)
                         spectral_sigma = F.vdot(spectral_u, spectral_ur, kind="row")
                         # update = spectral_x * (sqrt(rows / cols) / maximum(spectral_sigma, 1 / (sqrt(rows) + sqrt(cols))) * spectral_lr)
-                        update_34 = F.maximum(spectral_sigma, h["_k186"])
-                        F.rdiv_(update_34, h["_k187"])
+                        update_34 = F.maximum(spectral_sigma, h["_k202"])
+                        F.rdiv_(update_34, h["_k203"])
                         F.mul_(update_34, h["spectral_lr"])
                         update = F.mul(spectral_x, update_34)
                     else:
@@ -4232,20 +5226,39 @@ def _device_step(h, param, grad, S):
                     # if use_atan2:
                     if h["_c7"]:
                         # update = update * (step_size * 1.2732395447351628)
-                        F.mul_(update, h["_k188"])
+                        F.mul_(update, h["_k204"])
                     else:
                         # update = update * step_size
                         F.mul_(update, h["step_size"])
-                # if stochastic_rounding and bf16 != 0:
+                # if centered_wd != 0 and fisher_wd:
                 if h["_c14"]:
+                    # if use_atan2:
+                    if h["_c7"]:
+                        # cwd_fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                        cwd_fisher = F.atan2(wd_scaler, denom)
+                        F.mul_(cwd_fisher, 1.2732395447351628)
+                    else:
+                        # cwd_fisher = 1 / denom
+                        cwd_fisher = F.rdiv(denom, 1)
+                        # cwd_fisher = cwd_fisher / maximum(sqrt(mean((param * cwd_fisher) ** 2)) / 1.0, 1.0)
+                        cwd_fisher_25 = F.mul(param, cwd_fisher)
+                        F.pow_(cwd_fisher_25, 2)
+                        cwd_fisher_26 = F.mean(cwd_fisher_25)
+                        F.sqrt_(cwd_fisher_26)
+                        F.div_(cwd_fisher_26, 1.0)
+                        F.maximum_(cwd_fisher_26, 1.0)
+                        cwd_fisher_27 = F.div(cwd_fisher, cwd_fisher_26)
+                        cwd_fisher = cwd_fisher_27
+                # if stochastic_rounding and bf16 != 0:
+                if h["_c15"]:
                     # param_fp32 = float32(param)
                     param_fp32 = F.float32(param)
                     # update_fp32 = float32(update)
                     update_fp32 = F.float32(update)
                     # if weight_decay != 0:
-                    if h["_c15"]:
+                    if h["_c16"]:
                         # if fisher_wd:
-                        if h["_c16"]:
+                        if h["_c17"]:
                             # if use_atan2:
                             if h["_c7"]:
                                 # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
@@ -4264,57 +5277,88 @@ def _device_step(h, param, grad, S):
                                 fisher_51 = F.div(fisher, fisher_50)
                                 fisher = fisher_51
                             # fisher = fisher * (weight_decay * lr)
-                            F.mul_(fisher, h["_k189"])
+                            F.mul_(fisher, h["_k205"])
                             # if cautious_wd:
-                            if h["_c17"]:
+                            if h["_c18"]:
                                 # param_fp32 = param_fp32 - param_fp32 * (where(update_fp32 * param_fp32 >= 0, 1.0, 0.0) * fisher)
-                                param_fp32_97 = F.mul(update_fp32, param_fp32)
-                                param_fp32_98 = F.ge(param_fp32_97, 0)
-                                param_fp32_99 = F.where(param_fp32_98, 1.0, 0.0, like=param)
-                                F.mul_(param_fp32_99, fisher)
-                                param_fp32_100 = F.addcmul(param_fp32, param_fp32, param_fp32_99, -1.0)
-                                param_fp32 = param_fp32_100
+                                param_fp32_129 = F.mul(update_fp32, param_fp32)
+                                param_fp32_130 = F.ge(param_fp32_129, 0)
+                                param_fp32_131 = F.where(param_fp32_130, 1.0, 0.0, like=param)
+                                F.mul_(param_fp32_131, fisher)
+                                param_fp32_132 = F.addcmul(param_fp32, param_fp32, param_fp32_131, -1.0)
+                                param_fp32 = param_fp32_132
                             else:
                                 # param_fp32 = param_fp32 - param_fp32 * fisher
                                 param_fp32 = F.addcmul(param_fp32, param_fp32, fisher, -1.0)
                         else:
                             # if cautious_wd:
-                            if h["_c17"]:
+                            if h["_c18"]:
                                 # param_fp32 = param_fp32 - weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
-                                param_fp32_101 = F.mul(update_fp32, param_fp32)
-                                param_fp32_102 = F.ge(param_fp32_101, 0)
-                                param_fp32_103 = F.where(param_fp32_102, 1.0, 0.0, like=param)
-                                param_fp32_104 = F.addcmul(param_fp32, param_fp32, param_fp32_103, h["_k190"])
-                                param_fp32 = param_fp32_104
+                                param_fp32_133 = F.mul(update_fp32, param_fp32)
+                                param_fp32_134 = F.ge(param_fp32_133, 0)
+                                param_fp32_135 = F.where(param_fp32_134, 1.0, 0.0, like=param)
+                                param_fp32_136 = F.addcmul(param_fp32, param_fp32, param_fp32_135, h["_k206"])
+                                param_fp32 = param_fp32_136
                             else:
                                 # param_fp32 = param_fp32 - weight_decay * lr * param_fp32
-                                param_fp32 = F.axpy(param_fp32, param_fp32, h["_k191"])
+                                param_fp32 = F.axpy(param_fp32, param_fp32, h["_k207"])
                     # if centered_wd != 0:
-                    if h["_c18"]:
-                        # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                        cwd_target_17 = F.cast(anchor_data, param_fp32)
-                        cwd_target = F.sub(param_fp32, cwd_target_17)
-                        # if cautious_wd:
-                        if h["_c17"]:
-                            # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
-                            param_fp32_105 = F.mul(update_fp32, cwd_target)
-                            param_fp32_106 = F.ge(param_fp32_105, 0)
-                            param_fp32_107 = F.where(param_fp32_106, 1.0, 0.0, like=param)
-                            param_fp32_108 = F.addcmul(param_fp32, cwd_target, param_fp32_107, h["_k192"])
-                            param_fp32 = param_fp32_108
+                    if h["_c19"]:
+                        # if centered_wd_mode == 'int8':
+                        if h["_c20"]:
+                            # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                            cwd_target_81 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                            cwd_target_82 = F.cast(cwd_target_81, param_fp32)
+                            cwd_target = F.sub(param_fp32, cwd_target_82)
                         else:
-                            # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
-                            param_fp32 = F.axpy(param_fp32, cwd_target, h["_k193"])
+                            # if centered_wd_mode == 'int4':
+                            if h["_c21"]:
+                                # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                cwd_target_83 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                cwd_target_84 = F.cast(cwd_target_83, param_fp32)
+                                cwd_target = F.sub(param_fp32, cwd_target_84)
+                            else:
+                                # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                cwd_target_85 = F.cast(anchor_data, param_fp32)
+                                cwd_target = F.sub(param_fp32, cwd_target_85)
+                        # if fisher_wd:
+                        if h["_c17"]:
+                            # cwd_fisher_scaled = cwd_fisher * (centered_wd * lr)
+                            cwd_fisher_scaled = F.mul(cwd_fisher, h["_k208"])
+                            # if cautious_wd:
+                            if h["_c18"]:
+                                # param_fp32 = param_fp32 - cwd_target * (where(update_fp32 * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                                param_fp32_137 = F.mul(update_fp32, cwd_target)
+                                param_fp32_138 = F.ge(param_fp32_137, 0)
+                                param_fp32_139 = F.where(param_fp32_138, 1.0, 0.0, like=param)
+                                F.mul_(param_fp32_139, cwd_fisher_scaled)
+                                param_fp32_140 = F.addcmul(param_fp32, cwd_target, param_fp32_139, -1.0)
+                                param_fp32 = param_fp32_140
+                            else:
+                                # param_fp32 = param_fp32 - cwd_target * cwd_fisher_scaled
+                                param_fp32 = F.addcmul(param_fp32, cwd_target, cwd_fisher_scaled, -1.0)
+                        else:
+                            # if cautious_wd:
+                            if h["_c18"]:
+                                # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                                param_fp32_141 = F.mul(update_fp32, cwd_target)
+                                param_fp32_142 = F.ge(param_fp32_141, 0)
+                                param_fp32_143 = F.where(param_fp32_142, 1.0, 0.0, like=param)
+                                param_fp32_144 = F.addcmul(param_fp32, cwd_target, param_fp32_143, h["_k209"])
+                                param_fp32 = param_fp32_144
+                            else:
+                                # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
+                                param_fp32 = F.axpy(param_fp32, cwd_target, h["_k210"])
                     # param_fp32 = param_fp32 + -update_fp32
                     param_fp32 = F.sub(param_fp32, update_fp32)
                     # param = stochastic_round(param_fp32, step)
-                    param_113 = F.stochastic_round(param_fp32, h["_k194"])
-                    F.assign_(param, param_113)
+                    param_137 = F.stochastic_round(param_fp32, h["_k211"])
+                    F.assign_(param, param_137)
                 else:
                     # if weight_decay != 0:
-                    if h["_c15"]:
+                    if h["_c16"]:
                         # if fisher_wd:
-                        if h["_c16"]:
+                        if h["_c17"]:
                             # if use_atan2:
                             if h["_c7"]:
                                 # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
@@ -4333,55 +5377,85 @@ def _device_step(h, param, grad, S):
                                 fisher_54 = F.div(fisher, fisher_53)
                                 fisher = fisher_54
                             # fisher = fisher * (weight_decay * lr)
-                            F.mul_(fisher, h["_k195"])
+                            F.mul_(fisher, h["_k212"])
                             # if cautious_wd:
-                            if h["_c17"]:
+                            if h["_c18"]:
                                 # param = param - param * (where(update * param >= 0, 1.0, 0.0) * fisher)
-                                param_114 = F.mul(update, param)
-                                param_115 = F.ge(param_114, 0)
-                                param_116 = F.where(param_115, 1.0, 0.0, like=param)
-                                F.mul_(param_116, fisher)
-                                param_117 = F.addcmul(param, param, param_116, -1.0)
-                                F.assign_(param, param_117)
+                                param_138 = F.mul(update, param)
+                                param_139 = F.ge(param_138, 0)
+                                param_140 = F.where(param_139, 1.0, 0.0, like=param)
+                                F.mul_(param_140, fisher)
+                                param_141 = F.addcmul(param, param, param_140, -1.0)
+                                F.assign_(param, param_141)
                             else:
                                 # param = param - param * fisher
-                                param_118 = F.addcmul(param, param, fisher, -1.0)
-                                F.assign_(param, param_118)
+                                param_142 = F.addcmul(param, param, fisher, -1.0)
+                                F.assign_(param, param_142)
                         else:
                             # if cautious_wd:
-                            if h["_c17"]:
+                            if h["_c18"]:
                                 # param = param - weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
-                                param_119 = F.mul(update, param)
-                                param_120 = F.ge(param_119, 0)
-                                param_121 = F.where(param_120, 1.0, 0.0, like=param)
-                                param_122 = F.addcmul(param, param, param_121, h["_k196"])
-                                F.assign_(param, param_122)
+                                param_143 = F.mul(update, param)
+                                param_144 = F.ge(param_143, 0)
+                                param_145 = F.where(param_144, 1.0, 0.0, like=param)
+                                param_146 = F.addcmul(param, param, param_145, h["_k213"])
+                                F.assign_(param, param_146)
                             else:
                                 # param = param - weight_decay * lr * param
-                                param_123 = F.axpy(param, param, h["_k197"])
-                                F.assign_(param, param_123)
+                                param_147 = F.axpy(param, param, h["_k214"])
+                                F.assign_(param, param_147)
                     # if centered_wd != 0:
-                    if h["_c18"]:
-                        # cwd_target = param - cast(anchor_data, param)
-                        cwd_target_18 = F.cast(anchor_data, param)
-                        cwd_target = F.sub(param, cwd_target_18)
-                        # if cautious_wd:
-                        if h["_c17"]:
-                            # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
-                            param_124 = F.mul(update, cwd_target)
-                            param_125 = F.ge(param_124, 0)
-                            param_126 = F.where(param_125, 1.0, 0.0, like=param)
-                            F.addcmul_(param, cwd_target, param_126, h["_k198"])
+                    if h["_c19"]:
+                        # if centered_wd_mode == 'int8':
+                        if h["_c20"]:
+                            # cwd_target = param - cast(anchor_data, param)
+                            cwd_target_86 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                            cwd_target_87 = F.cast(cwd_target_86, param)
+                            cwd_target = F.sub(param, cwd_target_87)
                         else:
-                            # param = param - centered_wd * lr * cwd_target
-                            F.axpy_(param, cwd_target, h["_k199"])
+                            # if centered_wd_mode == 'int4':
+                            if h["_c21"]:
+                                # cwd_target = param - cast(anchor_data, param)
+                                cwd_target_88 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                cwd_target_89 = F.cast(cwd_target_88, param)
+                                cwd_target = F.sub(param, cwd_target_89)
+                            else:
+                                # cwd_target = param - cast(anchor_data, param)
+                                cwd_target_90 = F.cast(anchor_data, param)
+                                cwd_target = F.sub(param, cwd_target_90)
+                        # if fisher_wd:
+                        if h["_c17"]:
+                            # cwd_fisher_scaled = cwd_fisher * (centered_wd * lr)
+                            cwd_fisher_scaled = F.mul(cwd_fisher, h["_k215"])
+                            # if cautious_wd:
+                            if h["_c18"]:
+                                # param = param - cwd_target * (where(update * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                                param_148 = F.mul(update, cwd_target)
+                                param_149 = F.ge(param_148, 0)
+                                param_150 = F.where(param_149, 1.0, 0.0, like=param)
+                                F.mul_(param_150, cwd_fisher_scaled)
+                                F.addcmul_(param, cwd_target, param_150, -1.0)
+                            else:
+                                # param = param - cwd_target * cwd_fisher_scaled
+                                F.addcmul_(param, cwd_target, cwd_fisher_scaled, -1.0)
+                        else:
+                            # if cautious_wd:
+                            if h["_c18"]:
+                                # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                                param_151 = F.mul(update, cwd_target)
+                                param_152 = F.ge(param_151, 0)
+                                param_153 = F.where(param_152, 1.0, 0.0, like=param)
+                                F.addcmul_(param, cwd_target, param_153, h["_k216"])
+                            else:
+                                # param = param - centered_wd * lr * cwd_target
+                                F.axpy_(param, cwd_target, h["_k217"])
                     # param = param + -update
                     F.sub_(param, update)
             else:
                 # if state_precision == 'int8_sr' and not nnmf_factor:
-                if h["_c23"]:
+                if h["_c26"]:
                     # if beta1 > 0 and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape)) or not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape) or not (state_precision == 'factored' or nnmf_factor) and (factored_2nd and ((ndim != 1 or vector_reshape) and not (spectral_normalization and ndim >= 3)))):
-                    if h["_c22"]:
+                    if h["_c25"]:
                         # grad = float32(grad)
                         grad = F.float32(grad)
                     # if orthogonal_gradient == 'flattened' or orthogonal_gradient == 'iterative' and (ndim < 2 or param_attr('_is_dora_scale', False) or param_attr('is_vector', False)):
@@ -4426,16 +5500,16 @@ def _device_step(h, param, grad, S):
                         # exp_avg_sq_work = exp_avg_sq
                         exp_avg_sq_work = F.decode("int8_sr", True, {"": exp_avg_sq, "_scale": exp_avg_sq_scale})
                         # exp_avg_sq_work = exp_avg_sq_work * input() + (1 - input()) * grad * grad
-                        F.mul_(exp_avg_sq_work, h["_k200"])
-                        F.addcmul_(exp_avg_sq_work, grad, grad, h["_k201"])
+                        F.mul_(exp_avg_sq_work, h["_k218"])
+                        F.addcmul_(exp_avg_sq_work, grad, grad, h["_k219"])
                         # exp_avg_sq = exp_avg_sq_work
                         F.encode_("int8_sr", True, {"": exp_avg_sq, "_scale": exp_avg_sq_scale}, exp_avg_sq_work)
                     else:
                         # exp_avg_sq_work = exp_avg_sq
                         exp_avg_sq_work = F.decode("int8_sr", True, {"": exp_avg_sq, "_scale": exp_avg_sq_scale})
                         # exp_avg_sq_work = exp_avg_sq_work * beta2 + (1 - beta2) * grad * grad
-                        F.mul_(exp_avg_sq_work, h["_k203"])
-                        F.addcmul_(exp_avg_sq_work, grad, grad, h["_k204"])
+                        F.mul_(exp_avg_sq_work, h["_k221"])
+                        F.addcmul_(exp_avg_sq_work, grad, grad, h["_k222"])
                         # exp_avg_sq = exp_avg_sq_work
                         F.encode_("int8_sr", True, {"": exp_avg_sq, "_scale": exp_avg_sq_scale}, exp_avg_sq_work)
                     # if eps == None:
@@ -4465,7 +5539,7 @@ def _device_step(h, param, grad, S):
                         # exp_avg_work = exp_avg
                         exp_avg_work = F.decode("int8_sr", False, {"": exp_avg, "_scale": exp_avg_scale})
                         # exp_avg_work = lerp(exp_avg_work, grad, 1 - beta1)
-                        F.lerp_(exp_avg_work, grad, h["_k206"])
+                        F.lerp_(exp_avg_work, grad, h["_k224"])
                         # exp_avg = exp_avg_work
                         F.encode_("int8_sr", False, {"": exp_avg, "_scale": exp_avg_scale}, exp_avg_work)
                         # if nesterov:
@@ -4473,10 +5547,10 @@ def _device_step(h, param, grad, S):
                             # if nesterov_coef == None:
                             if h["_c11"]:
                                 # update = lerp(exp_avg_work, grad, 1 - beta1)
-                                update = F.lerp(exp_avg_work, grad, h["_k208"])
+                                update = F.lerp(exp_avg_work, grad, h["_k226"])
                             else:
                                 # update = lerp(exp_avg_work, grad, 1 - nesterov_coef)
-                                update = F.lerp(exp_avg_work, grad, h["_k209"])
+                                update = F.lerp(exp_avg_work, grad, h["_k227"])
                         else:
                             # update = copy(exp_avg_work)
                             update = F.copy(exp_avg_work)
@@ -4523,8 +5597,8 @@ def _device_step(h, param, grad, S):
                             # spectral_sigma = vdot(spectral_u, spectral_ur)
                             spectral_sigma = F.vdot(spectral_u, spectral_ur, kind="row")
                             # update = spectral_x * (sqrt(rows / cols) / maximum(spectral_sigma, 1 / (sqrt(rows) + sqrt(cols))) * spectral_lr)
-                            update_37 = F.maximum(spectral_sigma, h["_k210"])
-                            F.rdiv_(update_37, h["_k211"])
+                            update_37 = F.maximum(spectral_sigma, h["_k228"])
+                            F.rdiv_(update_37, h["_k229"])
                             F.mul_(update_37, h["spectral_lr"])
                             update = F.mul(spectral_x, update_37)
                         else:
@@ -4538,20 +5612,39 @@ def _device_step(h, param, grad, S):
                         # if use_atan2:
                         if h["_c7"]:
                             # update = update * (step_size * 1.2732395447351628)
-                            F.mul_(update, h["_k212"])
+                            F.mul_(update, h["_k230"])
                         else:
                             # update = update * step_size
                             F.mul_(update, h["step_size"])
-                    # if stochastic_rounding and bf16 != 0:
+                    # if centered_wd != 0 and fisher_wd:
                     if h["_c14"]:
+                        # if use_atan2:
+                        if h["_c7"]:
+                            # cwd_fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                            cwd_fisher = F.atan2(wd_scaler, denom)
+                            F.mul_(cwd_fisher, 1.2732395447351628)
+                        else:
+                            # cwd_fisher = 1 / denom
+                            cwd_fisher = F.rdiv(denom, 1)
+                            # cwd_fisher = cwd_fisher / maximum(sqrt(mean((param * cwd_fisher) ** 2)) / 1.0, 1.0)
+                            cwd_fisher_28 = F.mul(param, cwd_fisher)
+                            F.pow_(cwd_fisher_28, 2)
+                            cwd_fisher_29 = F.mean(cwd_fisher_28)
+                            F.sqrt_(cwd_fisher_29)
+                            F.div_(cwd_fisher_29, 1.0)
+                            F.maximum_(cwd_fisher_29, 1.0)
+                            cwd_fisher_30 = F.div(cwd_fisher, cwd_fisher_29)
+                            cwd_fisher = cwd_fisher_30
+                    # if stochastic_rounding and bf16 != 0:
+                    if h["_c15"]:
                         # param_fp32 = float32(param)
                         param_fp32 = F.float32(param)
                         # update_fp32 = float32(update)
                         update_fp32 = F.float32(update)
                         # if weight_decay != 0:
-                        if h["_c15"]:
+                        if h["_c16"]:
                             # if fisher_wd:
-                            if h["_c16"]:
+                            if h["_c17"]:
                                 # if use_atan2:
                                 if h["_c7"]:
                                     # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
@@ -4570,57 +5663,88 @@ def _device_step(h, param, grad, S):
                                     fisher_57 = F.div(fisher, fisher_56)
                                     fisher = fisher_57
                                 # fisher = fisher * (weight_decay * lr)
-                                F.mul_(fisher, h["_k213"])
+                                F.mul_(fisher, h["_k231"])
                                 # if cautious_wd:
-                                if h["_c17"]:
+                                if h["_c18"]:
                                     # param_fp32 = param_fp32 - param_fp32 * (where(update_fp32 * param_fp32 >= 0, 1.0, 0.0) * fisher)
-                                    param_fp32_109 = F.mul(update_fp32, param_fp32)
-                                    param_fp32_110 = F.ge(param_fp32_109, 0)
-                                    param_fp32_111 = F.where(param_fp32_110, 1.0, 0.0, like=param)
-                                    F.mul_(param_fp32_111, fisher)
-                                    param_fp32_112 = F.addcmul(param_fp32, param_fp32, param_fp32_111, -1.0)
-                                    param_fp32 = param_fp32_112
+                                    param_fp32_145 = F.mul(update_fp32, param_fp32)
+                                    param_fp32_146 = F.ge(param_fp32_145, 0)
+                                    param_fp32_147 = F.where(param_fp32_146, 1.0, 0.0, like=param)
+                                    F.mul_(param_fp32_147, fisher)
+                                    param_fp32_148 = F.addcmul(param_fp32, param_fp32, param_fp32_147, -1.0)
+                                    param_fp32 = param_fp32_148
                                 else:
                                     # param_fp32 = param_fp32 - param_fp32 * fisher
                                     param_fp32 = F.addcmul(param_fp32, param_fp32, fisher, -1.0)
                             else:
                                 # if cautious_wd:
-                                if h["_c17"]:
+                                if h["_c18"]:
                                     # param_fp32 = param_fp32 - weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
-                                    param_fp32_113 = F.mul(update_fp32, param_fp32)
-                                    param_fp32_114 = F.ge(param_fp32_113, 0)
-                                    param_fp32_115 = F.where(param_fp32_114, 1.0, 0.0, like=param)
-                                    param_fp32_116 = F.addcmul(param_fp32, param_fp32, param_fp32_115, h["_k214"])
-                                    param_fp32 = param_fp32_116
+                                    param_fp32_149 = F.mul(update_fp32, param_fp32)
+                                    param_fp32_150 = F.ge(param_fp32_149, 0)
+                                    param_fp32_151 = F.where(param_fp32_150, 1.0, 0.0, like=param)
+                                    param_fp32_152 = F.addcmul(param_fp32, param_fp32, param_fp32_151, h["_k232"])
+                                    param_fp32 = param_fp32_152
                                 else:
                                     # param_fp32 = param_fp32 - weight_decay * lr * param_fp32
-                                    param_fp32 = F.axpy(param_fp32, param_fp32, h["_k215"])
+                                    param_fp32 = F.axpy(param_fp32, param_fp32, h["_k233"])
                         # if centered_wd != 0:
-                        if h["_c18"]:
-                            # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                            cwd_target_19 = F.cast(anchor_data, param_fp32)
-                            cwd_target = F.sub(param_fp32, cwd_target_19)
-                            # if cautious_wd:
-                            if h["_c17"]:
-                                # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
-                                param_fp32_117 = F.mul(update_fp32, cwd_target)
-                                param_fp32_118 = F.ge(param_fp32_117, 0)
-                                param_fp32_119 = F.where(param_fp32_118, 1.0, 0.0, like=param)
-                                param_fp32_120 = F.addcmul(param_fp32, cwd_target, param_fp32_119, h["_k216"])
-                                param_fp32 = param_fp32_120
+                        if h["_c19"]:
+                            # if centered_wd_mode == 'int8':
+                            if h["_c20"]:
+                                # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                cwd_target_91 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                cwd_target_92 = F.cast(cwd_target_91, param_fp32)
+                                cwd_target = F.sub(param_fp32, cwd_target_92)
                             else:
-                                # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
-                                param_fp32 = F.axpy(param_fp32, cwd_target, h["_k217"])
+                                # if centered_wd_mode == 'int4':
+                                if h["_c21"]:
+                                    # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                    cwd_target_93 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                    cwd_target_94 = F.cast(cwd_target_93, param_fp32)
+                                    cwd_target = F.sub(param_fp32, cwd_target_94)
+                                else:
+                                    # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                    cwd_target_95 = F.cast(anchor_data, param_fp32)
+                                    cwd_target = F.sub(param_fp32, cwd_target_95)
+                            # if fisher_wd:
+                            if h["_c17"]:
+                                # cwd_fisher_scaled = cwd_fisher * (centered_wd * lr)
+                                cwd_fisher_scaled = F.mul(cwd_fisher, h["_k234"])
+                                # if cautious_wd:
+                                if h["_c18"]:
+                                    # param_fp32 = param_fp32 - cwd_target * (where(update_fp32 * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                                    param_fp32_153 = F.mul(update_fp32, cwd_target)
+                                    param_fp32_154 = F.ge(param_fp32_153, 0)
+                                    param_fp32_155 = F.where(param_fp32_154, 1.0, 0.0, like=param)
+                                    F.mul_(param_fp32_155, cwd_fisher_scaled)
+                                    param_fp32_156 = F.addcmul(param_fp32, cwd_target, param_fp32_155, -1.0)
+                                    param_fp32 = param_fp32_156
+                                else:
+                                    # param_fp32 = param_fp32 - cwd_target * cwd_fisher_scaled
+                                    param_fp32 = F.addcmul(param_fp32, cwd_target, cwd_fisher_scaled, -1.0)
+                            else:
+                                # if cautious_wd:
+                                if h["_c18"]:
+                                    # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                                    param_fp32_157 = F.mul(update_fp32, cwd_target)
+                                    param_fp32_158 = F.ge(param_fp32_157, 0)
+                                    param_fp32_159 = F.where(param_fp32_158, 1.0, 0.0, like=param)
+                                    param_fp32_160 = F.addcmul(param_fp32, cwd_target, param_fp32_159, h["_k235"])
+                                    param_fp32 = param_fp32_160
+                                else:
+                                    # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
+                                    param_fp32 = F.axpy(param_fp32, cwd_target, h["_k236"])
                         # param_fp32 = param_fp32 + -update_fp32
                         param_fp32 = F.sub(param_fp32, update_fp32)
                         # param = stochastic_round(param_fp32, step)
-                        param_127 = F.stochastic_round(param_fp32, h["_k218"])
-                        F.assign_(param, param_127)
+                        param_154 = F.stochastic_round(param_fp32, h["_k237"])
+                        F.assign_(param, param_154)
                     else:
                         # if weight_decay != 0:
-                        if h["_c15"]:
+                        if h["_c16"]:
                             # if fisher_wd:
-                            if h["_c16"]:
+                            if h["_c17"]:
                                 # if use_atan2:
                                 if h["_c7"]:
                                     # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
@@ -4639,53 +5763,83 @@ def _device_step(h, param, grad, S):
                                     fisher_60 = F.div(fisher, fisher_59)
                                     fisher = fisher_60
                                 # fisher = fisher * (weight_decay * lr)
-                                F.mul_(fisher, h["_k219"])
+                                F.mul_(fisher, h["_k238"])
                                 # if cautious_wd:
-                                if h["_c17"]:
+                                if h["_c18"]:
                                     # param = param - param * (where(update * param >= 0, 1.0, 0.0) * fisher)
-                                    param_128 = F.mul(update, param)
-                                    param_129 = F.ge(param_128, 0)
-                                    param_130 = F.where(param_129, 1.0, 0.0, like=param)
-                                    F.mul_(param_130, fisher)
-                                    param_131 = F.addcmul(param, param, param_130, -1.0)
-                                    F.assign_(param, param_131)
+                                    param_155 = F.mul(update, param)
+                                    param_156 = F.ge(param_155, 0)
+                                    param_157 = F.where(param_156, 1.0, 0.0, like=param)
+                                    F.mul_(param_157, fisher)
+                                    param_158 = F.addcmul(param, param, param_157, -1.0)
+                                    F.assign_(param, param_158)
                                 else:
                                     # param = param - param * fisher
-                                    param_132 = F.addcmul(param, param, fisher, -1.0)
-                                    F.assign_(param, param_132)
+                                    param_159 = F.addcmul(param, param, fisher, -1.0)
+                                    F.assign_(param, param_159)
                             else:
                                 # if cautious_wd:
-                                if h["_c17"]:
+                                if h["_c18"]:
                                     # param = param - weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
-                                    param_133 = F.mul(update, param)
-                                    param_134 = F.ge(param_133, 0)
-                                    param_135 = F.where(param_134, 1.0, 0.0, like=param)
-                                    param_136 = F.addcmul(param, param, param_135, h["_k220"])
-                                    F.assign_(param, param_136)
+                                    param_160 = F.mul(update, param)
+                                    param_161 = F.ge(param_160, 0)
+                                    param_162 = F.where(param_161, 1.0, 0.0, like=param)
+                                    param_163 = F.addcmul(param, param, param_162, h["_k239"])
+                                    F.assign_(param, param_163)
                                 else:
                                     # param = param - weight_decay * lr * param
-                                    param_137 = F.axpy(param, param, h["_k221"])
-                                    F.assign_(param, param_137)
+                                    param_164 = F.axpy(param, param, h["_k240"])
+                                    F.assign_(param, param_164)
                         # if centered_wd != 0:
-                        if h["_c18"]:
-                            # cwd_target = param - cast(anchor_data, param)
-                            cwd_target_20 = F.cast(anchor_data, param)
-                            cwd_target = F.sub(param, cwd_target_20)
-                            # if cautious_wd:
-                            if h["_c17"]:
-                                # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
-                                param_138 = F.mul(update, cwd_target)
-                                param_139 = F.ge(param_138, 0)
-                                param_140 = F.where(param_139, 1.0, 0.0, like=param)
-                                F.addcmul_(param, cwd_target, param_140, h["_k222"])
+                        if h["_c19"]:
+                            # if centered_wd_mode == 'int8':
+                            if h["_c20"]:
+                                # cwd_target = param - cast(anchor_data, param)
+                                cwd_target_96 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                cwd_target_97 = F.cast(cwd_target_96, param)
+                                cwd_target = F.sub(param, cwd_target_97)
                             else:
-                                # param = param - centered_wd * lr * cwd_target
-                                F.axpy_(param, cwd_target, h["_k223"])
+                                # if centered_wd_mode == 'int4':
+                                if h["_c21"]:
+                                    # cwd_target = param - cast(anchor_data, param)
+                                    cwd_target_98 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                    cwd_target_99 = F.cast(cwd_target_98, param)
+                                    cwd_target = F.sub(param, cwd_target_99)
+                                else:
+                                    # cwd_target = param - cast(anchor_data, param)
+                                    cwd_target_100 = F.cast(anchor_data, param)
+                                    cwd_target = F.sub(param, cwd_target_100)
+                            # if fisher_wd:
+                            if h["_c17"]:
+                                # cwd_fisher_scaled = cwd_fisher * (centered_wd * lr)
+                                cwd_fisher_scaled = F.mul(cwd_fisher, h["_k241"])
+                                # if cautious_wd:
+                                if h["_c18"]:
+                                    # param = param - cwd_target * (where(update * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                                    param_165 = F.mul(update, cwd_target)
+                                    param_166 = F.ge(param_165, 0)
+                                    param_167 = F.where(param_166, 1.0, 0.0, like=param)
+                                    F.mul_(param_167, cwd_fisher_scaled)
+                                    F.addcmul_(param, cwd_target, param_167, -1.0)
+                                else:
+                                    # param = param - cwd_target * cwd_fisher_scaled
+                                    F.addcmul_(param, cwd_target, cwd_fisher_scaled, -1.0)
+                            else:
+                                # if cautious_wd:
+                                if h["_c18"]:
+                                    # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                                    param_168 = F.mul(update, cwd_target)
+                                    param_169 = F.ge(param_168, 0)
+                                    param_170 = F.where(param_169, 1.0, 0.0, like=param)
+                                    F.addcmul_(param, cwd_target, param_170, h["_k242"])
+                                else:
+                                    # param = param - centered_wd * lr * cwd_target
+                                    F.axpy_(param, cwd_target, h["_k243"])
                         # param = param + -update
                         F.sub_(param, update)
                 else:
                     # if (state_precision == 'fp32' and not nnmf_factor) and (beta1 > 0 and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape)) or not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape) or not (state_precision == 'factored' or nnmf_factor) and (factored_2nd and ((ndim != 1 or vector_reshape) and not (spectral_normalization and ndim >= 3))))):
-                    if h["_c24"]:
+                    if h["_c27"]:
                         # grad = float32(grad)
                         grad = F.float32(grad)
                     # if orthogonal_gradient == 'flattened' or orthogonal_gradient == 'iterative' and (ndim < 2 or param_attr('_is_dora_scale', False) or param_attr('is_vector', False)):
@@ -4728,12 +5882,12 @@ def _device_step(h, param, grad, S):
                         kourkoutas_sq_22 = F.sum(kourkoutas_sq_21)
                         F.assign_(kourkoutas_sq, kourkoutas_sq_22)
                         # exp_avg_sq = exp_avg_sq * input() + (1 - input()) * grad * grad
-                        F.mul_(exp_avg_sq, h["_k224"])
-                        F.addcmul_(exp_avg_sq, grad, grad, h["_k225"])
+                        F.mul_(exp_avg_sq, h["_k244"])
+                        F.addcmul_(exp_avg_sq, grad, grad, h["_k245"])
                     else:
                         # exp_avg_sq = exp_avg_sq * beta2 + (1 - beta2) * grad * grad
-                        F.mul_(exp_avg_sq, h["_k226"])
-                        F.addcmul_(exp_avg_sq, grad, grad, h["_k227"])
+                        F.mul_(exp_avg_sq, h["_k246"])
+                        F.addcmul_(exp_avg_sq, grad, grad, h["_k247"])
                     # if eps == None:
                     if h["_c6"]:
                         pass
@@ -4759,16 +5913,16 @@ def _device_step(h, param, grad, S):
                     # if beta1 > 0:
                     if h["_c9"]:
                         # exp_avg = lerp(exp_avg, grad, 1 - beta1)
-                        F.lerp_(exp_avg, grad, h["_k228"])
+                        F.lerp_(exp_avg, grad, h["_k248"])
                         # if nesterov:
                         if h["_c10"]:
                             # if nesterov_coef == None:
                             if h["_c11"]:
                                 # update = lerp(exp_avg, grad, 1 - beta1)
-                                update = F.lerp(exp_avg, grad, h["_k229"])
+                                update = F.lerp(exp_avg, grad, h["_k249"])
                             else:
                                 # update = lerp(exp_avg, grad, 1 - nesterov_coef)
-                                update = F.lerp(exp_avg, grad, h["_k230"])
+                                update = F.lerp(exp_avg, grad, h["_k250"])
                         else:
                             # update = copy(exp_avg)
                             update = F.copy(exp_avg)
@@ -4815,8 +5969,8 @@ def _device_step(h, param, grad, S):
                             # spectral_sigma = vdot(spectral_u, spectral_ur)
                             spectral_sigma = F.vdot(spectral_u, spectral_ur, kind="row")
                             # update = spectral_x * (sqrt(rows / cols) / maximum(spectral_sigma, 1 / (sqrt(rows) + sqrt(cols))) * spectral_lr)
-                            update_40 = F.maximum(spectral_sigma, h["_k231"])
-                            F.rdiv_(update_40, h["_k232"])
+                            update_40 = F.maximum(spectral_sigma, h["_k251"])
+                            F.rdiv_(update_40, h["_k252"])
                             F.mul_(update_40, h["spectral_lr"])
                             update = F.mul(spectral_x, update_40)
                         else:
@@ -4830,20 +5984,39 @@ def _device_step(h, param, grad, S):
                         # if use_atan2:
                         if h["_c7"]:
                             # update = update * (step_size * 1.2732395447351628)
-                            F.mul_(update, h["_k233"])
+                            F.mul_(update, h["_k253"])
                         else:
                             # update = update * step_size
                             F.mul_(update, h["step_size"])
-                    # if stochastic_rounding and bf16 != 0:
+                    # if centered_wd != 0 and fisher_wd:
                     if h["_c14"]:
+                        # if use_atan2:
+                        if h["_c7"]:
+                            # cwd_fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                            cwd_fisher = F.atan2(wd_scaler, denom)
+                            F.mul_(cwd_fisher, 1.2732395447351628)
+                        else:
+                            # cwd_fisher = 1 / denom
+                            cwd_fisher = F.rdiv(denom, 1)
+                            # cwd_fisher = cwd_fisher / maximum(sqrt(mean((param * cwd_fisher) ** 2)) / 1.0, 1.0)
+                            cwd_fisher_31 = F.mul(param, cwd_fisher)
+                            F.pow_(cwd_fisher_31, 2)
+                            cwd_fisher_32 = F.mean(cwd_fisher_31)
+                            F.sqrt_(cwd_fisher_32)
+                            F.div_(cwd_fisher_32, 1.0)
+                            F.maximum_(cwd_fisher_32, 1.0)
+                            cwd_fisher_33 = F.div(cwd_fisher, cwd_fisher_32)
+                            cwd_fisher = cwd_fisher_33
+                    # if stochastic_rounding and bf16 != 0:
+                    if h["_c15"]:
                         # param_fp32 = float32(param)
                         param_fp32 = F.float32(param)
                         # update_fp32 = float32(update)
                         update_fp32 = F.float32(update)
                         # if weight_decay != 0:
-                        if h["_c15"]:
+                        if h["_c16"]:
                             # if fisher_wd:
-                            if h["_c16"]:
+                            if h["_c17"]:
                                 # if use_atan2:
                                 if h["_c7"]:
                                     # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
@@ -4862,57 +6035,88 @@ def _device_step(h, param, grad, S):
                                     fisher_63 = F.div(fisher, fisher_62)
                                     fisher = fisher_63
                                 # fisher = fisher * (weight_decay * lr)
-                                F.mul_(fisher, h["_k234"])
+                                F.mul_(fisher, h["_k254"])
                                 # if cautious_wd:
-                                if h["_c17"]:
+                                if h["_c18"]:
                                     # param_fp32 = param_fp32 - param_fp32 * (where(update_fp32 * param_fp32 >= 0, 1.0, 0.0) * fisher)
-                                    param_fp32_121 = F.mul(update_fp32, param_fp32)
-                                    param_fp32_122 = F.ge(param_fp32_121, 0)
-                                    param_fp32_123 = F.where(param_fp32_122, 1.0, 0.0, like=param)
-                                    F.mul_(param_fp32_123, fisher)
-                                    param_fp32_124 = F.addcmul(param_fp32, param_fp32, param_fp32_123, -1.0)
-                                    param_fp32 = param_fp32_124
+                                    param_fp32_161 = F.mul(update_fp32, param_fp32)
+                                    param_fp32_162 = F.ge(param_fp32_161, 0)
+                                    param_fp32_163 = F.where(param_fp32_162, 1.0, 0.0, like=param)
+                                    F.mul_(param_fp32_163, fisher)
+                                    param_fp32_164 = F.addcmul(param_fp32, param_fp32, param_fp32_163, -1.0)
+                                    param_fp32 = param_fp32_164
                                 else:
                                     # param_fp32 = param_fp32 - param_fp32 * fisher
                                     param_fp32 = F.addcmul(param_fp32, param_fp32, fisher, -1.0)
                             else:
                                 # if cautious_wd:
-                                if h["_c17"]:
+                                if h["_c18"]:
                                     # param_fp32 = param_fp32 - weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
-                                    param_fp32_125 = F.mul(update_fp32, param_fp32)
-                                    param_fp32_126 = F.ge(param_fp32_125, 0)
-                                    param_fp32_127 = F.where(param_fp32_126, 1.0, 0.0, like=param)
-                                    param_fp32_128 = F.addcmul(param_fp32, param_fp32, param_fp32_127, h["_k235"])
-                                    param_fp32 = param_fp32_128
+                                    param_fp32_165 = F.mul(update_fp32, param_fp32)
+                                    param_fp32_166 = F.ge(param_fp32_165, 0)
+                                    param_fp32_167 = F.where(param_fp32_166, 1.0, 0.0, like=param)
+                                    param_fp32_168 = F.addcmul(param_fp32, param_fp32, param_fp32_167, h["_k255"])
+                                    param_fp32 = param_fp32_168
                                 else:
                                     # param_fp32 = param_fp32 - weight_decay * lr * param_fp32
-                                    param_fp32 = F.axpy(param_fp32, param_fp32, h["_k236"])
+                                    param_fp32 = F.axpy(param_fp32, param_fp32, h["_k256"])
                         # if centered_wd != 0:
-                        if h["_c18"]:
-                            # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                            cwd_target_21 = F.cast(anchor_data, param_fp32)
-                            cwd_target = F.sub(param_fp32, cwd_target_21)
-                            # if cautious_wd:
-                            if h["_c17"]:
-                                # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
-                                param_fp32_129 = F.mul(update_fp32, cwd_target)
-                                param_fp32_130 = F.ge(param_fp32_129, 0)
-                                param_fp32_131 = F.where(param_fp32_130, 1.0, 0.0, like=param)
-                                param_fp32_132 = F.addcmul(param_fp32, cwd_target, param_fp32_131, h["_k237"])
-                                param_fp32 = param_fp32_132
+                        if h["_c19"]:
+                            # if centered_wd_mode == 'int8':
+                            if h["_c20"]:
+                                # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                cwd_target_101 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                cwd_target_102 = F.cast(cwd_target_101, param_fp32)
+                                cwd_target = F.sub(param_fp32, cwd_target_102)
                             else:
-                                # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
-                                param_fp32 = F.axpy(param_fp32, cwd_target, h["_k238"])
+                                # if centered_wd_mode == 'int4':
+                                if h["_c21"]:
+                                    # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                    cwd_target_103 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                    cwd_target_104 = F.cast(cwd_target_103, param_fp32)
+                                    cwd_target = F.sub(param_fp32, cwd_target_104)
+                                else:
+                                    # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                    cwd_target_105 = F.cast(anchor_data, param_fp32)
+                                    cwd_target = F.sub(param_fp32, cwd_target_105)
+                            # if fisher_wd:
+                            if h["_c17"]:
+                                # cwd_fisher_scaled = cwd_fisher * (centered_wd * lr)
+                                cwd_fisher_scaled = F.mul(cwd_fisher, h["_k257"])
+                                # if cautious_wd:
+                                if h["_c18"]:
+                                    # param_fp32 = param_fp32 - cwd_target * (where(update_fp32 * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                                    param_fp32_169 = F.mul(update_fp32, cwd_target)
+                                    param_fp32_170 = F.ge(param_fp32_169, 0)
+                                    param_fp32_171 = F.where(param_fp32_170, 1.0, 0.0, like=param)
+                                    F.mul_(param_fp32_171, cwd_fisher_scaled)
+                                    param_fp32_172 = F.addcmul(param_fp32, cwd_target, param_fp32_171, -1.0)
+                                    param_fp32 = param_fp32_172
+                                else:
+                                    # param_fp32 = param_fp32 - cwd_target * cwd_fisher_scaled
+                                    param_fp32 = F.addcmul(param_fp32, cwd_target, cwd_fisher_scaled, -1.0)
+                            else:
+                                # if cautious_wd:
+                                if h["_c18"]:
+                                    # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                                    param_fp32_173 = F.mul(update_fp32, cwd_target)
+                                    param_fp32_174 = F.ge(param_fp32_173, 0)
+                                    param_fp32_175 = F.where(param_fp32_174, 1.0, 0.0, like=param)
+                                    param_fp32_176 = F.addcmul(param_fp32, cwd_target, param_fp32_175, h["_k258"])
+                                    param_fp32 = param_fp32_176
+                                else:
+                                    # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
+                                    param_fp32 = F.axpy(param_fp32, cwd_target, h["_k259"])
                         # param_fp32 = param_fp32 + -update_fp32
                         param_fp32 = F.sub(param_fp32, update_fp32)
                         # param = stochastic_round(param_fp32, step)
-                        param_141 = F.stochastic_round(param_fp32, h["_k239"])
-                        F.assign_(param, param_141)
+                        param_171 = F.stochastic_round(param_fp32, h["_k260"])
+                        F.assign_(param, param_171)
                     else:
                         # if weight_decay != 0:
-                        if h["_c15"]:
+                        if h["_c16"]:
                             # if fisher_wd:
-                            if h["_c16"]:
+                            if h["_c17"]:
                                 # if use_atan2:
                                 if h["_c7"]:
                                     # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
@@ -4931,48 +6135,78 @@ def _device_step(h, param, grad, S):
                                     fisher_66 = F.div(fisher, fisher_65)
                                     fisher = fisher_66
                                 # fisher = fisher * (weight_decay * lr)
-                                F.mul_(fisher, h["_k240"])
+                                F.mul_(fisher, h["_k261"])
                                 # if cautious_wd:
-                                if h["_c17"]:
+                                if h["_c18"]:
                                     # param = param - param * (where(update * param >= 0, 1.0, 0.0) * fisher)
-                                    param_142 = F.mul(update, param)
-                                    param_143 = F.ge(param_142, 0)
-                                    param_144 = F.where(param_143, 1.0, 0.0, like=param)
-                                    F.mul_(param_144, fisher)
-                                    param_145 = F.addcmul(param, param, param_144, -1.0)
-                                    F.assign_(param, param_145)
+                                    param_172 = F.mul(update, param)
+                                    param_173 = F.ge(param_172, 0)
+                                    param_174 = F.where(param_173, 1.0, 0.0, like=param)
+                                    F.mul_(param_174, fisher)
+                                    param_175 = F.addcmul(param, param, param_174, -1.0)
+                                    F.assign_(param, param_175)
                                 else:
                                     # param = param - param * fisher
-                                    param_146 = F.addcmul(param, param, fisher, -1.0)
-                                    F.assign_(param, param_146)
+                                    param_176 = F.addcmul(param, param, fisher, -1.0)
+                                    F.assign_(param, param_176)
                             else:
                                 # if cautious_wd:
-                                if h["_c17"]:
+                                if h["_c18"]:
                                     # param = param - weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
-                                    param_147 = F.mul(update, param)
-                                    param_148 = F.ge(param_147, 0)
-                                    param_149 = F.where(param_148, 1.0, 0.0, like=param)
-                                    param_150 = F.addcmul(param, param, param_149, h["_k241"])
-                                    F.assign_(param, param_150)
+                                    param_177 = F.mul(update, param)
+                                    param_178 = F.ge(param_177, 0)
+                                    param_179 = F.where(param_178, 1.0, 0.0, like=param)
+                                    param_180 = F.addcmul(param, param, param_179, h["_k262"])
+                                    F.assign_(param, param_180)
                                 else:
                                     # param = param - weight_decay * lr * param
-                                    param_151 = F.axpy(param, param, h["_k242"])
-                                    F.assign_(param, param_151)
+                                    param_181 = F.axpy(param, param, h["_k263"])
+                                    F.assign_(param, param_181)
                         # if centered_wd != 0:
-                        if h["_c18"]:
-                            # cwd_target = param - cast(anchor_data, param)
-                            cwd_target_22 = F.cast(anchor_data, param)
-                            cwd_target = F.sub(param, cwd_target_22)
-                            # if cautious_wd:
-                            if h["_c17"]:
-                                # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
-                                param_152 = F.mul(update, cwd_target)
-                                param_153 = F.ge(param_152, 0)
-                                param_154 = F.where(param_153, 1.0, 0.0, like=param)
-                                F.addcmul_(param, cwd_target, param_154, h["_k243"])
+                        if h["_c19"]:
+                            # if centered_wd_mode == 'int8':
+                            if h["_c20"]:
+                                # cwd_target = param - cast(anchor_data, param)
+                                cwd_target_106 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                cwd_target_107 = F.cast(cwd_target_106, param)
+                                cwd_target = F.sub(param, cwd_target_107)
                             else:
-                                # param = param - centered_wd * lr * cwd_target
-                                F.axpy_(param, cwd_target, h["_k244"])
+                                # if centered_wd_mode == 'int4':
+                                if h["_c21"]:
+                                    # cwd_target = param - cast(anchor_data, param)
+                                    cwd_target_108 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                    cwd_target_109 = F.cast(cwd_target_108, param)
+                                    cwd_target = F.sub(param, cwd_target_109)
+                                else:
+                                    # cwd_target = param - cast(anchor_data, param)
+                                    cwd_target_110 = F.cast(anchor_data, param)
+                                    cwd_target = F.sub(param, cwd_target_110)
+                            # if fisher_wd:
+                            if h["_c17"]:
+                                # cwd_fisher_scaled = cwd_fisher * (centered_wd * lr)
+                                cwd_fisher_scaled = F.mul(cwd_fisher, h["_k264"])
+                                # if cautious_wd:
+                                if h["_c18"]:
+                                    # param = param - cwd_target * (where(update * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                                    param_182 = F.mul(update, cwd_target)
+                                    param_183 = F.ge(param_182, 0)
+                                    param_184 = F.where(param_183, 1.0, 0.0, like=param)
+                                    F.mul_(param_184, cwd_fisher_scaled)
+                                    F.addcmul_(param, cwd_target, param_184, -1.0)
+                                else:
+                                    # param = param - cwd_target * cwd_fisher_scaled
+                                    F.addcmul_(param, cwd_target, cwd_fisher_scaled, -1.0)
+                            else:
+                                # if cautious_wd:
+                                if h["_c18"]:
+                                    # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                                    param_185 = F.mul(update, cwd_target)
+                                    param_186 = F.ge(param_185, 0)
+                                    param_187 = F.where(param_186, 1.0, 0.0, like=param)
+                                    F.addcmul_(param, cwd_target, param_187, h["_k265"])
+                                else:
+                                    # param = param - centered_wd * lr * cwd_target
+                                    F.axpy_(param, cwd_target, h["_k266"])
                         # param = param + -update
                         F.sub_(param, update)
 
@@ -5004,7 +6238,7 @@ class AdamW_adv(GeneratedOptimizer):
         layer_key_fn: parameter -> bucket key (default: its shape) (default: ``None``)
         spectral_normalization: scale the update by its spectral norm (one power-iteration step) instead of the step size alone (default: ``False``)
         centered_wd: centered decay coefficient (a pull toward the initial parameter, scaled like weight_decay); 0: off (default: ``0.0``)
-        centered_wd_mode: the anchor's storage: 'float8' (float8_e4m3fn, unscaled) or 'full' (the parameter's dtype); 'int8', 'int4' are not implemented yet (default: ``'float8'``)
+        centered_wd_mode: the anchor's storage: 'float8' (float8_e4m3fn, unscaled), 'full' (the parameter's dtype), 'int8' / 'int4' (asymmetric blocks of 128 / 32) (default: ``'float8'``)
         state_precision: 'factored': rank-1 factored states with a 1-bit sign (float32); 'fp32', 'fp16': the states in that dtype; 'bf16_sr': bfloat16, stochastically rounded; 'int8_sr': blockwise int8 codes with per-2048 scales (feature state_precision) (default: ``'auto'``)
         factored_2nd: factor only the second moment (the first stays dense, in the parameter's dtype); state_precision='factored' takes precedence (default: ``False``)
         nnmf_factor: legacy alias of state_precision='factored' (default: ``False``)

@@ -103,6 +103,12 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                         update = update * (lr * 1.2732395447351628)
                     else:
                         update = update * lr
+                if centered_wd != 0 and fisher_wd:
+                    if use_atan2:
+                        cwd_fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                    else:
+                        cwd_fisher = 1 / denom
+                        cwd_fisher = cwd_fisher / maximum(sqrt(mean((param * cwd_fisher) ** 2)) / 1.0, 1.0)
                 if stochastic_rounding and bf16 != 0:
                     param_fp32 = float32(param)
                     update_fp32 = float32(update)
@@ -124,11 +130,24 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                             else:
                                 param_fp32 = param_fp32 - weight_decay * lr * param_fp32
                     if centered_wd != 0:
-                        cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                        if cautious_wd:
-                            param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                        if centered_wd_mode == 'int8':
+                            cwd_target = param_fp32 - cast(decode(), param_fp32)
                         else:
-                            param_fp32 = param_fp32 - centered_wd * lr * cwd_target
+                            if centered_wd_mode == 'int4':
+                                cwd_target = param_fp32 - cast(decode(), param_fp32)
+                            else:
+                                cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                        if fisher_wd:
+                            cwd_fisher_scaled = cwd_fisher * (centered_wd * lr)
+                            if cautious_wd:
+                                param_fp32 = param_fp32 - cwd_target * (where(update_fp32 * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                            else:
+                                param_fp32 = param_fp32 - cwd_target * cwd_fisher_scaled
+                        else:
+                            if cautious_wd:
+                                param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                            else:
+                                param_fp32 = param_fp32 - centered_wd * lr * cwd_target
                     param_fp32 = param_fp32 + -update_fp32
                     param = stochastic_round(param_fp32, step)
                 else:
@@ -150,11 +169,24 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                             else:
                                 param = param - weight_decay * lr * param
                     if centered_wd != 0:
-                        cwd_target = param - cast(anchor_data, param)
-                        if cautious_wd:
-                            param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                        if centered_wd_mode == 'int8':
+                            cwd_target = param - cast(decode(), param)
                         else:
-                            param = param - centered_wd * lr * cwd_target
+                            if centered_wd_mode == 'int4':
+                                cwd_target = param - cast(decode(), param)
+                            else:
+                                cwd_target = param - cast(anchor_data, param)
+                        if fisher_wd:
+                            cwd_fisher_scaled = cwd_fisher * (centered_wd * lr)
+                            if cautious_wd:
+                                param = param - cwd_target * (where(update * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                            else:
+                                param = param - cwd_target * cwd_fisher_scaled
+                        else:
+                            if cautious_wd:
+                                param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                            else:
+                                param = param - centered_wd * lr * cwd_target
                     param = param + -update
         else:
             if step == 1:
@@ -220,6 +252,12 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                         update = update * (lr * 1.2732395447351628)
                     else:
                         update = update * lr
+                if centered_wd != 0 and fisher_wd:
+                    if use_atan2:
+                        cwd_fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                    else:
+                        cwd_fisher = 1 / denom
+                        cwd_fisher = cwd_fisher / maximum(sqrt(mean((param * cwd_fisher) ** 2)) / 1.0, 1.0)
                 if stochastic_rounding and bf16 != 0:
                     param_fp32 = float32(param)
                     update_fp32 = float32(update)
@@ -241,11 +279,24 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                             else:
                                 param_fp32 = param_fp32 - weight_decay * lr * param_fp32
                     if centered_wd != 0:
-                        cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                        if cautious_wd:
-                            param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                        if centered_wd_mode == 'int8':
+                            cwd_target = param_fp32 - cast(decode(), param_fp32)
                         else:
-                            param_fp32 = param_fp32 - centered_wd * lr * cwd_target
+                            if centered_wd_mode == 'int4':
+                                cwd_target = param_fp32 - cast(decode(), param_fp32)
+                            else:
+                                cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                        if fisher_wd:
+                            cwd_fisher_scaled = cwd_fisher * (centered_wd * lr)
+                            if cautious_wd:
+                                param_fp32 = param_fp32 - cwd_target * (where(update_fp32 * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                            else:
+                                param_fp32 = param_fp32 - cwd_target * cwd_fisher_scaled
+                        else:
+                            if cautious_wd:
+                                param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                            else:
+                                param_fp32 = param_fp32 - centered_wd * lr * cwd_target
                     param_fp32 = param_fp32 + -update_fp32
                     param = stochastic_round(param_fp32, step)
                 else:
@@ -267,11 +318,24 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                             else:
                                 param = param - weight_decay * lr * param
                     if centered_wd != 0:
-                        cwd_target = param - cast(anchor_data, param)
-                        if cautious_wd:
-                            param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                        if centered_wd_mode == 'int8':
+                            cwd_target = param - cast(decode(), param)
                         else:
-                            param = param - centered_wd * lr * cwd_target
+                            if centered_wd_mode == 'int4':
+                                cwd_target = param - cast(decode(), param)
+                            else:
+                                cwd_target = param - cast(anchor_data, param)
+                        if fisher_wd:
+                            cwd_fisher_scaled = cwd_fisher * (centered_wd * lr)
+                            if cautious_wd:
+                                param = param - cwd_target * (where(update * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                            else:
+                                param = param - cwd_target * cwd_fisher_scaled
+                        else:
+                            if cautious_wd:
+                                param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                            else:
+                                param = param - centered_wd * lr * cwd_target
                     param = param + -update
     else:
         if factored_2nd:
@@ -359,6 +423,12 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                                 update = update * (lr * 1.2732395447351628)
                             else:
                                 update = update * lr
+                        if centered_wd != 0 and fisher_wd:
+                            if use_atan2:
+                                cwd_fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                            else:
+                                cwd_fisher = 1 / denom
+                                cwd_fisher = cwd_fisher / maximum(sqrt(mean((param * cwd_fisher) ** 2)) / 1.0, 1.0)
                         if stochastic_rounding and bf16 != 0:
                             param_fp32 = float32(param)
                             update_fp32 = float32(update)
@@ -380,11 +450,24 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                                     else:
                                         param_fp32 = param_fp32 - weight_decay * lr * param_fp32
                             if centered_wd != 0:
-                                cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                                if cautious_wd:
-                                    param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                                if centered_wd_mode == 'int8':
+                                    cwd_target = param_fp32 - cast(decode(), param_fp32)
                                 else:
-                                    param_fp32 = param_fp32 - centered_wd * lr * cwd_target
+                                    if centered_wd_mode == 'int4':
+                                        cwd_target = param_fp32 - cast(decode(), param_fp32)
+                                    else:
+                                        cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                if fisher_wd:
+                                    cwd_fisher_scaled = cwd_fisher * (centered_wd * lr)
+                                    if cautious_wd:
+                                        param_fp32 = param_fp32 - cwd_target * (where(update_fp32 * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                                    else:
+                                        param_fp32 = param_fp32 - cwd_target * cwd_fisher_scaled
+                                else:
+                                    if cautious_wd:
+                                        param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                                    else:
+                                        param_fp32 = param_fp32 - centered_wd * lr * cwd_target
                             param_fp32 = param_fp32 + -update_fp32
                             param = stochastic_round(param_fp32, step)
                         else:
@@ -406,11 +489,24 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                                     else:
                                         param = param - weight_decay * lr * param
                             if centered_wd != 0:
-                                cwd_target = param - cast(anchor_data, param)
-                                if cautious_wd:
-                                    param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                                if centered_wd_mode == 'int8':
+                                    cwd_target = param - cast(decode(), param)
                                 else:
-                                    param = param - centered_wd * lr * cwd_target
+                                    if centered_wd_mode == 'int4':
+                                        cwd_target = param - cast(decode(), param)
+                                    else:
+                                        cwd_target = param - cast(anchor_data, param)
+                                if fisher_wd:
+                                    cwd_fisher_scaled = cwd_fisher * (centered_wd * lr)
+                                    if cautious_wd:
+                                        param = param - cwd_target * (where(update * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                                    else:
+                                        param = param - cwd_target * cwd_fisher_scaled
+                                else:
+                                    if cautious_wd:
+                                        param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                                    else:
+                                        param = param - centered_wd * lr * cwd_target
                             param = param + -update
                     else:
                         if state_precision == 'int8_sr' and not nnmf_factor:
@@ -487,6 +583,12 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                                     update = update * (lr * 1.2732395447351628)
                                 else:
                                     update = update * lr
+                            if centered_wd != 0 and fisher_wd:
+                                if use_atan2:
+                                    cwd_fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                                else:
+                                    cwd_fisher = 1 / denom
+                                    cwd_fisher = cwd_fisher / maximum(sqrt(mean((param * cwd_fisher) ** 2)) / 1.0, 1.0)
                             if stochastic_rounding and bf16 != 0:
                                 param_fp32 = float32(param)
                                 update_fp32 = float32(update)
@@ -508,11 +610,24 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                                         else:
                                             param_fp32 = param_fp32 - weight_decay * lr * param_fp32
                                 if centered_wd != 0:
-                                    cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                                    if cautious_wd:
-                                        param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                                    if centered_wd_mode == 'int8':
+                                        cwd_target = param_fp32 - cast(decode(), param_fp32)
                                     else:
-                                        param_fp32 = param_fp32 - centered_wd * lr * cwd_target
+                                        if centered_wd_mode == 'int4':
+                                            cwd_target = param_fp32 - cast(decode(), param_fp32)
+                                        else:
+                                            cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                    if fisher_wd:
+                                        cwd_fisher_scaled = cwd_fisher * (centered_wd * lr)
+                                        if cautious_wd:
+                                            param_fp32 = param_fp32 - cwd_target * (where(update_fp32 * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                                        else:
+                                            param_fp32 = param_fp32 - cwd_target * cwd_fisher_scaled
+                                    else:
+                                        if cautious_wd:
+                                            param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                                        else:
+                                            param_fp32 = param_fp32 - centered_wd * lr * cwd_target
                                 param_fp32 = param_fp32 + -update_fp32
                                 param = stochastic_round(param_fp32, step)
                             else:
@@ -534,11 +649,24 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                                         else:
                                             param = param - weight_decay * lr * param
                                 if centered_wd != 0:
-                                    cwd_target = param - cast(anchor_data, param)
-                                    if cautious_wd:
-                                        param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                                    if centered_wd_mode == 'int8':
+                                        cwd_target = param - cast(decode(), param)
                                     else:
-                                        param = param - centered_wd * lr * cwd_target
+                                        if centered_wd_mode == 'int4':
+                                            cwd_target = param - cast(decode(), param)
+                                        else:
+                                            cwd_target = param - cast(anchor_data, param)
+                                    if fisher_wd:
+                                        cwd_fisher_scaled = cwd_fisher * (centered_wd * lr)
+                                        if cautious_wd:
+                                            param = param - cwd_target * (where(update * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                                        else:
+                                            param = param - cwd_target * cwd_fisher_scaled
+                                    else:
+                                        if cautious_wd:
+                                            param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                                        else:
+                                            param = param - centered_wd * lr * cwd_target
                                 param = param + -update
                         else:
                             if (state_precision == 'fp32' and not nnmf_factor) and (beta1 > 0 and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape)) or not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape) or not (state_precision == 'factored' or nnmf_factor) and (factored_2nd and ((ndim != 1 or vector_reshape) and not (spectral_normalization and ndim >= 3))))):
@@ -612,6 +740,12 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                                     update = update * (lr * 1.2732395447351628)
                                 else:
                                     update = update * lr
+                            if centered_wd != 0 and fisher_wd:
+                                if use_atan2:
+                                    cwd_fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                                else:
+                                    cwd_fisher = 1 / denom
+                                    cwd_fisher = cwd_fisher / maximum(sqrt(mean((param * cwd_fisher) ** 2)) / 1.0, 1.0)
                             if stochastic_rounding and bf16 != 0:
                                 param_fp32 = float32(param)
                                 update_fp32 = float32(update)
@@ -633,11 +767,24 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                                         else:
                                             param_fp32 = param_fp32 - weight_decay * lr * param_fp32
                                 if centered_wd != 0:
-                                    cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                                    if cautious_wd:
-                                        param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                                    if centered_wd_mode == 'int8':
+                                        cwd_target = param_fp32 - cast(decode(), param_fp32)
                                     else:
-                                        param_fp32 = param_fp32 - centered_wd * lr * cwd_target
+                                        if centered_wd_mode == 'int4':
+                                            cwd_target = param_fp32 - cast(decode(), param_fp32)
+                                        else:
+                                            cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                    if fisher_wd:
+                                        cwd_fisher_scaled = cwd_fisher * (centered_wd * lr)
+                                        if cautious_wd:
+                                            param_fp32 = param_fp32 - cwd_target * (where(update_fp32 * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                                        else:
+                                            param_fp32 = param_fp32 - cwd_target * cwd_fisher_scaled
+                                    else:
+                                        if cautious_wd:
+                                            param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                                        else:
+                                            param_fp32 = param_fp32 - centered_wd * lr * cwd_target
                                 param_fp32 = param_fp32 + -update_fp32
                                 param = stochastic_round(param_fp32, step)
                             else:
@@ -659,11 +806,24 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                                         else:
                                             param = param - weight_decay * lr * param
                                 if centered_wd != 0:
-                                    cwd_target = param - cast(anchor_data, param)
-                                    if cautious_wd:
-                                        param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                                    if centered_wd_mode == 'int8':
+                                        cwd_target = param - cast(decode(), param)
                                     else:
-                                        param = param - centered_wd * lr * cwd_target
+                                        if centered_wd_mode == 'int4':
+                                            cwd_target = param - cast(decode(), param)
+                                        else:
+                                            cwd_target = param - cast(anchor_data, param)
+                                    if fisher_wd:
+                                        cwd_fisher_scaled = cwd_fisher * (centered_wd * lr)
+                                        if cautious_wd:
+                                            param = param - cwd_target * (where(update * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                                        else:
+                                            param = param - cwd_target * cwd_fisher_scaled
+                                    else:
+                                        if cautious_wd:
+                                            param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                                        else:
+                                            param = param - centered_wd * lr * cwd_target
                                 param = param + -update
             else:
                 if state_precision == 'bf16_sr' and not nnmf_factor:
@@ -738,6 +898,12 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                                 update = update * (lr * 1.2732395447351628)
                             else:
                                 update = update * lr
+                        if centered_wd != 0 and fisher_wd:
+                            if use_atan2:
+                                cwd_fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                            else:
+                                cwd_fisher = 1 / denom
+                                cwd_fisher = cwd_fisher / maximum(sqrt(mean((param * cwd_fisher) ** 2)) / 1.0, 1.0)
                         if stochastic_rounding and bf16 != 0:
                             param_fp32 = float32(param)
                             update_fp32 = float32(update)
@@ -759,11 +925,24 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                                     else:
                                         param_fp32 = param_fp32 - weight_decay * lr * param_fp32
                             if centered_wd != 0:
-                                cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                                if cautious_wd:
-                                    param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                                if centered_wd_mode == 'int8':
+                                    cwd_target = param_fp32 - cast(decode(), param_fp32)
                                 else:
-                                    param_fp32 = param_fp32 - centered_wd * lr * cwd_target
+                                    if centered_wd_mode == 'int4':
+                                        cwd_target = param_fp32 - cast(decode(), param_fp32)
+                                    else:
+                                        cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                if fisher_wd:
+                                    cwd_fisher_scaled = cwd_fisher * (centered_wd * lr)
+                                    if cautious_wd:
+                                        param_fp32 = param_fp32 - cwd_target * (where(update_fp32 * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                                    else:
+                                        param_fp32 = param_fp32 - cwd_target * cwd_fisher_scaled
+                                else:
+                                    if cautious_wd:
+                                        param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                                    else:
+                                        param_fp32 = param_fp32 - centered_wd * lr * cwd_target
                             param_fp32 = param_fp32 + -update_fp32
                             param = stochastic_round(param_fp32, step)
                         else:
@@ -785,11 +964,24 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                                     else:
                                         param = param - weight_decay * lr * param
                             if centered_wd != 0:
-                                cwd_target = param - cast(anchor_data, param)
-                                if cautious_wd:
-                                    param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                                if centered_wd_mode == 'int8':
+                                    cwd_target = param - cast(decode(), param)
                                 else:
-                                    param = param - centered_wd * lr * cwd_target
+                                    if centered_wd_mode == 'int4':
+                                        cwd_target = param - cast(decode(), param)
+                                    else:
+                                        cwd_target = param - cast(anchor_data, param)
+                                if fisher_wd:
+                                    cwd_fisher_scaled = cwd_fisher * (centered_wd * lr)
+                                    if cautious_wd:
+                                        param = param - cwd_target * (where(update * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                                    else:
+                                        param = param - cwd_target * cwd_fisher_scaled
+                                else:
+                                    if cautious_wd:
+                                        param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                                    else:
+                                        param = param - centered_wd * lr * cwd_target
                             param = param + -update
                 else:
                     if state_precision == 'int8_sr' and not nnmf_factor:
@@ -864,6 +1056,12 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                                     update = update * (lr * 1.2732395447351628)
                                 else:
                                     update = update * lr
+                            if centered_wd != 0 and fisher_wd:
+                                if use_atan2:
+                                    cwd_fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                                else:
+                                    cwd_fisher = 1 / denom
+                                    cwd_fisher = cwd_fisher / maximum(sqrt(mean((param * cwd_fisher) ** 2)) / 1.0, 1.0)
                             if stochastic_rounding and bf16 != 0:
                                 param_fp32 = float32(param)
                                 update_fp32 = float32(update)
@@ -885,11 +1083,24 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                                         else:
                                             param_fp32 = param_fp32 - weight_decay * lr * param_fp32
                                 if centered_wd != 0:
-                                    cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                                    if cautious_wd:
-                                        param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                                    if centered_wd_mode == 'int8':
+                                        cwd_target = param_fp32 - cast(decode(), param_fp32)
                                     else:
-                                        param_fp32 = param_fp32 - centered_wd * lr * cwd_target
+                                        if centered_wd_mode == 'int4':
+                                            cwd_target = param_fp32 - cast(decode(), param_fp32)
+                                        else:
+                                            cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                    if fisher_wd:
+                                        cwd_fisher_scaled = cwd_fisher * (centered_wd * lr)
+                                        if cautious_wd:
+                                            param_fp32 = param_fp32 - cwd_target * (where(update_fp32 * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                                        else:
+                                            param_fp32 = param_fp32 - cwd_target * cwd_fisher_scaled
+                                    else:
+                                        if cautious_wd:
+                                            param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                                        else:
+                                            param_fp32 = param_fp32 - centered_wd * lr * cwd_target
                                 param_fp32 = param_fp32 + -update_fp32
                                 param = stochastic_round(param_fp32, step)
                             else:
@@ -911,11 +1122,24 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                                         else:
                                             param = param - weight_decay * lr * param
                                 if centered_wd != 0:
-                                    cwd_target = param - cast(anchor_data, param)
-                                    if cautious_wd:
-                                        param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                                    if centered_wd_mode == 'int8':
+                                        cwd_target = param - cast(decode(), param)
                                     else:
-                                        param = param - centered_wd * lr * cwd_target
+                                        if centered_wd_mode == 'int4':
+                                            cwd_target = param - cast(decode(), param)
+                                        else:
+                                            cwd_target = param - cast(anchor_data, param)
+                                    if fisher_wd:
+                                        cwd_fisher_scaled = cwd_fisher * (centered_wd * lr)
+                                        if cautious_wd:
+                                            param = param - cwd_target * (where(update * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                                        else:
+                                            param = param - cwd_target * cwd_fisher_scaled
+                                    else:
+                                        if cautious_wd:
+                                            param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                                        else:
+                                            param = param - centered_wd * lr * cwd_target
                                 param = param + -update
                     else:
                         if step == 1:
@@ -982,6 +1206,12 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                                     update = update * (lr * 1.2732395447351628)
                                 else:
                                     update = update * lr
+                            if centered_wd != 0 and fisher_wd:
+                                if use_atan2:
+                                    cwd_fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                                else:
+                                    cwd_fisher = 1 / denom
+                                    cwd_fisher = cwd_fisher / maximum(sqrt(mean((param * cwd_fisher) ** 2)) / 1.0, 1.0)
                             if stochastic_rounding and bf16 != 0:
                                 param_fp32 = float32(param)
                                 update_fp32 = float32(update)
@@ -1003,11 +1233,24 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                                         else:
                                             param_fp32 = param_fp32 - weight_decay * lr * param_fp32
                                 if centered_wd != 0:
-                                    cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                                    if cautious_wd:
-                                        param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                                    if centered_wd_mode == 'int8':
+                                        cwd_target = param_fp32 - cast(decode(), param_fp32)
                                     else:
-                                        param_fp32 = param_fp32 - centered_wd * lr * cwd_target
+                                        if centered_wd_mode == 'int4':
+                                            cwd_target = param_fp32 - cast(decode(), param_fp32)
+                                        else:
+                                            cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                    if fisher_wd:
+                                        cwd_fisher_scaled = cwd_fisher * (centered_wd * lr)
+                                        if cautious_wd:
+                                            param_fp32 = param_fp32 - cwd_target * (where(update_fp32 * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                                        else:
+                                            param_fp32 = param_fp32 - cwd_target * cwd_fisher_scaled
+                                    else:
+                                        if cautious_wd:
+                                            param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                                        else:
+                                            param_fp32 = param_fp32 - centered_wd * lr * cwd_target
                                 param_fp32 = param_fp32 + -update_fp32
                                 param = stochastic_round(param_fp32, step)
                             else:
@@ -1029,11 +1272,24 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                                         else:
                                             param = param - weight_decay * lr * param
                                 if centered_wd != 0:
-                                    cwd_target = param - cast(anchor_data, param)
-                                    if cautious_wd:
-                                        param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                                    if centered_wd_mode == 'int8':
+                                        cwd_target = param - cast(decode(), param)
                                     else:
-                                        param = param - centered_wd * lr * cwd_target
+                                        if centered_wd_mode == 'int4':
+                                            cwd_target = param - cast(decode(), param)
+                                        else:
+                                            cwd_target = param - cast(anchor_data, param)
+                                    if fisher_wd:
+                                        cwd_fisher_scaled = cwd_fisher * (centered_wd * lr)
+                                        if cautious_wd:
+                                            param = param - cwd_target * (where(update * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                                        else:
+                                            param = param - cwd_target * cwd_fisher_scaled
+                                    else:
+                                        if cautious_wd:
+                                            param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                                        else:
+                                            param = param - centered_wd * lr * cwd_target
                                 param = param + -update
         else:
             if state_precision == 'bf16_sr' and not nnmf_factor:
@@ -1108,6 +1364,12 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                             update = update * (lr * 1.2732395447351628)
                         else:
                             update = update * lr
+                    if centered_wd != 0 and fisher_wd:
+                        if use_atan2:
+                            cwd_fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                        else:
+                            cwd_fisher = 1 / denom
+                            cwd_fisher = cwd_fisher / maximum(sqrt(mean((param * cwd_fisher) ** 2)) / 1.0, 1.0)
                     if stochastic_rounding and bf16 != 0:
                         param_fp32 = float32(param)
                         update_fp32 = float32(update)
@@ -1129,11 +1391,24 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                                 else:
                                     param_fp32 = param_fp32 - weight_decay * lr * param_fp32
                         if centered_wd != 0:
-                            cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                            if cautious_wd:
-                                param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                            if centered_wd_mode == 'int8':
+                                cwd_target = param_fp32 - cast(decode(), param_fp32)
                             else:
-                                param_fp32 = param_fp32 - centered_wd * lr * cwd_target
+                                if centered_wd_mode == 'int4':
+                                    cwd_target = param_fp32 - cast(decode(), param_fp32)
+                                else:
+                                    cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                            if fisher_wd:
+                                cwd_fisher_scaled = cwd_fisher * (centered_wd * lr)
+                                if cautious_wd:
+                                    param_fp32 = param_fp32 - cwd_target * (where(update_fp32 * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                                else:
+                                    param_fp32 = param_fp32 - cwd_target * cwd_fisher_scaled
+                            else:
+                                if cautious_wd:
+                                    param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                                else:
+                                    param_fp32 = param_fp32 - centered_wd * lr * cwd_target
                         param_fp32 = param_fp32 + -update_fp32
                         param = stochastic_round(param_fp32, step)
                     else:
@@ -1155,11 +1430,24 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                                 else:
                                     param = param - weight_decay * lr * param
                         if centered_wd != 0:
-                            cwd_target = param - cast(anchor_data, param)
-                            if cautious_wd:
-                                param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                            if centered_wd_mode == 'int8':
+                                cwd_target = param - cast(decode(), param)
                             else:
-                                param = param - centered_wd * lr * cwd_target
+                                if centered_wd_mode == 'int4':
+                                    cwd_target = param - cast(decode(), param)
+                                else:
+                                    cwd_target = param - cast(anchor_data, param)
+                            if fisher_wd:
+                                cwd_fisher_scaled = cwd_fisher * (centered_wd * lr)
+                                if cautious_wd:
+                                    param = param - cwd_target * (where(update * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                                else:
+                                    param = param - cwd_target * cwd_fisher_scaled
+                            else:
+                                if cautious_wd:
+                                    param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                                else:
+                                    param = param - centered_wd * lr * cwd_target
                         param = param + -update
             else:
                 if state_precision == 'int8_sr' and not nnmf_factor:
@@ -1234,6 +1522,12 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                                 update = update * (lr * 1.2732395447351628)
                             else:
                                 update = update * lr
+                        if centered_wd != 0 and fisher_wd:
+                            if use_atan2:
+                                cwd_fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                            else:
+                                cwd_fisher = 1 / denom
+                                cwd_fisher = cwd_fisher / maximum(sqrt(mean((param * cwd_fisher) ** 2)) / 1.0, 1.0)
                         if stochastic_rounding and bf16 != 0:
                             param_fp32 = float32(param)
                             update_fp32 = float32(update)
@@ -1255,11 +1549,24 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                                     else:
                                         param_fp32 = param_fp32 - weight_decay * lr * param_fp32
                             if centered_wd != 0:
-                                cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                                if cautious_wd:
-                                    param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                                if centered_wd_mode == 'int8':
+                                    cwd_target = param_fp32 - cast(decode(), param_fp32)
                                 else:
-                                    param_fp32 = param_fp32 - centered_wd * lr * cwd_target
+                                    if centered_wd_mode == 'int4':
+                                        cwd_target = param_fp32 - cast(decode(), param_fp32)
+                                    else:
+                                        cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                if fisher_wd:
+                                    cwd_fisher_scaled = cwd_fisher * (centered_wd * lr)
+                                    if cautious_wd:
+                                        param_fp32 = param_fp32 - cwd_target * (where(update_fp32 * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                                    else:
+                                        param_fp32 = param_fp32 - cwd_target * cwd_fisher_scaled
+                                else:
+                                    if cautious_wd:
+                                        param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                                    else:
+                                        param_fp32 = param_fp32 - centered_wd * lr * cwd_target
                             param_fp32 = param_fp32 + -update_fp32
                             param = stochastic_round(param_fp32, step)
                         else:
@@ -1281,11 +1588,24 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                                     else:
                                         param = param - weight_decay * lr * param
                             if centered_wd != 0:
-                                cwd_target = param - cast(anchor_data, param)
-                                if cautious_wd:
-                                    param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                                if centered_wd_mode == 'int8':
+                                    cwd_target = param - cast(decode(), param)
                                 else:
-                                    param = param - centered_wd * lr * cwd_target
+                                    if centered_wd_mode == 'int4':
+                                        cwd_target = param - cast(decode(), param)
+                                    else:
+                                        cwd_target = param - cast(anchor_data, param)
+                                if fisher_wd:
+                                    cwd_fisher_scaled = cwd_fisher * (centered_wd * lr)
+                                    if cautious_wd:
+                                        param = param - cwd_target * (where(update * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                                    else:
+                                        param = param - cwd_target * cwd_fisher_scaled
+                                else:
+                                    if cautious_wd:
+                                        param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                                    else:
+                                        param = param - centered_wd * lr * cwd_target
                             param = param + -update
                 else:
                     if step == 1:
@@ -1352,6 +1672,12 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                                 update = update * (lr * 1.2732395447351628)
                             else:
                                 update = update * lr
+                        if centered_wd != 0 and fisher_wd:
+                            if use_atan2:
+                                cwd_fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                            else:
+                                cwd_fisher = 1 / denom
+                                cwd_fisher = cwd_fisher / maximum(sqrt(mean((param * cwd_fisher) ** 2)) / 1.0, 1.0)
                         if stochastic_rounding and bf16 != 0:
                             param_fp32 = float32(param)
                             update_fp32 = float32(update)
@@ -1373,11 +1699,24 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                                     else:
                                         param_fp32 = param_fp32 - weight_decay * lr * param_fp32
                             if centered_wd != 0:
-                                cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                                if cautious_wd:
-                                    param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                                if centered_wd_mode == 'int8':
+                                    cwd_target = param_fp32 - cast(decode(), param_fp32)
                                 else:
-                                    param_fp32 = param_fp32 - centered_wd * lr * cwd_target
+                                    if centered_wd_mode == 'int4':
+                                        cwd_target = param_fp32 - cast(decode(), param_fp32)
+                                    else:
+                                        cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                if fisher_wd:
+                                    cwd_fisher_scaled = cwd_fisher * (centered_wd * lr)
+                                    if cautious_wd:
+                                        param_fp32 = param_fp32 - cwd_target * (where(update_fp32 * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                                    else:
+                                        param_fp32 = param_fp32 - cwd_target * cwd_fisher_scaled
+                                else:
+                                    if cautious_wd:
+                                        param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                                    else:
+                                        param_fp32 = param_fp32 - centered_wd * lr * cwd_target
                             param_fp32 = param_fp32 + -update_fp32
                             param = stochastic_round(param_fp32, step)
                         else:
@@ -1399,11 +1738,24 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                                     else:
                                         param = param - weight_decay * lr * param
                             if centered_wd != 0:
-                                cwd_target = param - cast(anchor_data, param)
-                                if cautious_wd:
-                                    param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                                if centered_wd_mode == 'int8':
+                                    cwd_target = param - cast(decode(), param)
                                 else:
-                                    param = param - centered_wd * lr * cwd_target
+                                    if centered_wd_mode == 'int4':
+                                        cwd_target = param - cast(decode(), param)
+                                    else:
+                                        cwd_target = param - cast(anchor_data, param)
+                                if fisher_wd:
+                                    cwd_fisher_scaled = cwd_fisher * (centered_wd * lr)
+                                    if cautious_wd:
+                                        param = param - cwd_target * (where(update * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                                    else:
+                                        param = param - cwd_target * cwd_fisher_scaled
+                                else:
+                                    if cautious_wd:
+                                        param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                                    else:
+                                        param = param - centered_wd * lr * cwd_target
                             param = param + -update
 """
 
@@ -1438,6 +1790,8 @@ def _device_step(h, param, grad, S):
     spectral_u = S["spectral_u"]
     wd_scaler = S["wd_scaler"]
     anchor_data = S["anchor_data"]
+    anchor_scale = S["anchor_scale"]
+    anchor_min = S["anchor_min"]
     kourkoutas_sq = S["kourkoutas_sq"]
     exp_avg_scale = S["exp_avg_scale"]
     exp_avg_sq_scale = S["exp_avg_sq_scale"]
@@ -1656,16 +2010,35 @@ def _device_step(h, param, grad, S):
                     else:
                         # update = update * lr
                         F.mul_(update, h["_k11"])
-                # if stochastic_rounding and bf16 != 0:
+                # if centered_wd != 0 and fisher_wd:
                 if h["_c15"]:
+                    # if use_atan2:
+                    if h["_c8"]:
+                        # cwd_fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                        cwd_fisher = F.atan2(wd_scaler, denom)
+                        F.mul_(cwd_fisher, 1.2732395447351628)
+                    else:
+                        # cwd_fisher = 1 / denom
+                        cwd_fisher = F.rdiv(denom, 1)
+                        # cwd_fisher = cwd_fisher / maximum(sqrt(mean((param * cwd_fisher) ** 2)) / 1.0, 1.0)
+                        cwd_fisher_1 = F.mul(param, cwd_fisher)
+                        F.pow_(cwd_fisher_1, 2)
+                        cwd_fisher_2 = F.mean(cwd_fisher_1)
+                        F.sqrt_(cwd_fisher_2)
+                        F.div_(cwd_fisher_2, 1.0)
+                        F.maximum_(cwd_fisher_2, 1.0)
+                        cwd_fisher_3 = F.div(cwd_fisher, cwd_fisher_2)
+                        cwd_fisher = cwd_fisher_3
+                # if stochastic_rounding and bf16 != 0:
+                if h["_c16"]:
                     # param_fp32 = float32(param)
                     param_fp32 = F.float32(param)
                     # update_fp32 = float32(update)
                     update_fp32 = F.float32(update)
                     # if weight_decay != 0:
-                    if h["_c16"]:
+                    if h["_c17"]:
                         # if fisher_wd:
-                        if h["_c17"]:
+                        if h["_c18"]:
                             # if use_atan2:
                             if h["_c8"]:
                                 # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
@@ -1686,7 +2059,7 @@ def _device_step(h, param, grad, S):
                             # fisher = fisher * (weight_decay * lr)
                             F.mul_(fisher, h["_k12"])
                             # if cautious_wd:
-                            if h["_c18"]:
+                            if h["_c19"]:
                                 # param_fp32 = param_fp32 - param_fp32 * (where(update_fp32 * param_fp32 >= 0, 1.0, 0.0) * fisher)
                                 param_fp32_1 = F.mul(update_fp32, param_fp32)
                                 param_fp32_2 = F.ge(param_fp32_1, 0)
@@ -1699,7 +2072,7 @@ def _device_step(h, param, grad, S):
                                 param_fp32 = F.addcmul(param_fp32, param_fp32, fisher, -1.0)
                         else:
                             # if cautious_wd:
-                            if h["_c18"]:
+                            if h["_c19"]:
                                 # param_fp32 = param_fp32 - weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
                                 param_fp32_5 = F.mul(update_fp32, param_fp32)
                                 param_fp32_6 = F.ge(param_fp32_5, 0)
@@ -1710,31 +2083,62 @@ def _device_step(h, param, grad, S):
                                 # param_fp32 = param_fp32 - weight_decay * lr * param_fp32
                                 param_fp32 = F.axpy(param_fp32, param_fp32, h["_k14"])
                     # if centered_wd != 0:
-                    if h["_c19"]:
-                        # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                        cwd_target_1 = F.cast(anchor_data, param_fp32)
-                        cwd_target = F.sub(param_fp32, cwd_target_1)
-                        # if cautious_wd:
-                        if h["_c18"]:
-                            # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
-                            param_fp32_9 = F.mul(update_fp32, cwd_target)
-                            param_fp32_10 = F.ge(param_fp32_9, 0)
-                            param_fp32_11 = F.where(param_fp32_10, 1.0, 0.0, like=param)
-                            param_fp32_12 = F.addcmul(param_fp32, cwd_target, param_fp32_11, h["_k15"])
-                            param_fp32 = param_fp32_12
+                    if h["_c20"]:
+                        # if centered_wd_mode == 'int8':
+                        if h["_c21"]:
+                            # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                            cwd_target_1 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                            cwd_target_2 = F.cast(cwd_target_1, param_fp32)
+                            cwd_target = F.sub(param_fp32, cwd_target_2)
                         else:
-                            # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
-                            param_fp32 = F.axpy(param_fp32, cwd_target, h["_k16"])
+                            # if centered_wd_mode == 'int4':
+                            if h["_c22"]:
+                                # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                cwd_target_3 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                cwd_target_4 = F.cast(cwd_target_3, param_fp32)
+                                cwd_target = F.sub(param_fp32, cwd_target_4)
+                            else:
+                                # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                cwd_target_5 = F.cast(anchor_data, param_fp32)
+                                cwd_target = F.sub(param_fp32, cwd_target_5)
+                        # if fisher_wd:
+                        if h["_c18"]:
+                            # cwd_fisher_scaled = cwd_fisher * (centered_wd * lr)
+                            cwd_fisher_scaled = F.mul(cwd_fisher, h["_k15"])
+                            # if cautious_wd:
+                            if h["_c19"]:
+                                # param_fp32 = param_fp32 - cwd_target * (where(update_fp32 * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                                param_fp32_9 = F.mul(update_fp32, cwd_target)
+                                param_fp32_10 = F.ge(param_fp32_9, 0)
+                                param_fp32_11 = F.where(param_fp32_10, 1.0, 0.0, like=param)
+                                F.mul_(param_fp32_11, cwd_fisher_scaled)
+                                param_fp32_12 = F.addcmul(param_fp32, cwd_target, param_fp32_11, -1.0)
+                                param_fp32 = param_fp32_12
+                            else:
+                                # param_fp32 = param_fp32 - cwd_target * cwd_fisher_scaled
+                                param_fp32 = F.addcmul(param_fp32, cwd_target, cwd_fisher_scaled, -1.0)
+                        else:
+                            # if cautious_wd:
+                            if h["_c19"]:
+                                # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                                param_fp32_13 = F.mul(update_fp32, cwd_target)
+                                param_fp32_14 = F.ge(param_fp32_13, 0)
+                                param_fp32_15 = F.where(param_fp32_14, 1.0, 0.0, like=param)
+                                param_fp32_16 = F.addcmul(param_fp32, cwd_target, param_fp32_15, h["_k16"])
+                                param_fp32 = param_fp32_16
+                            else:
+                                # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
+                                param_fp32 = F.axpy(param_fp32, cwd_target, h["_k17"])
                     # param_fp32 = param_fp32 + -update_fp32
                     param_fp32 = F.sub(param_fp32, update_fp32)
                     # param = stochastic_round(param_fp32, step)
-                    param_1 = F.stochastic_round(param_fp32, h["_k17"])
+                    param_1 = F.stochastic_round(param_fp32, h["_k18"])
                     F.assign_(param, param_1)
                 else:
                     # if weight_decay != 0:
-                    if h["_c16"]:
+                    if h["_c17"]:
                         # if fisher_wd:
-                        if h["_c17"]:
+                        if h["_c18"]:
                             # if use_atan2:
                             if h["_c8"]:
                                 # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
@@ -1753,9 +2157,9 @@ def _device_step(h, param, grad, S):
                                 fisher_6 = F.div(fisher, fisher_5)
                                 fisher = fisher_6
                             # fisher = fisher * (weight_decay * lr)
-                            F.mul_(fisher, h["_k18"])
+                            F.mul_(fisher, h["_k19"])
                             # if cautious_wd:
-                            if h["_c18"]:
+                            if h["_c19"]:
                                 # param = param - param * (where(update * param >= 0, 1.0, 0.0) * fisher)
                                 param_2 = F.mul(update, param)
                                 param_3 = F.ge(param_2, 0)
@@ -1769,37 +2173,67 @@ def _device_step(h, param, grad, S):
                                 F.assign_(param, param_6)
                         else:
                             # if cautious_wd:
-                            if h["_c18"]:
+                            if h["_c19"]:
                                 # param = param - weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
                                 param_7 = F.mul(update, param)
                                 param_8 = F.ge(param_7, 0)
                                 param_9 = F.where(param_8, 1.0, 0.0, like=param)
-                                param_10 = F.addcmul(param, param, param_9, h["_k19"])
+                                param_10 = F.addcmul(param, param, param_9, h["_k20"])
                                 F.assign_(param, param_10)
                             else:
                                 # param = param - weight_decay * lr * param
-                                param_11 = F.axpy(param, param, h["_k20"])
+                                param_11 = F.axpy(param, param, h["_k21"])
                                 F.assign_(param, param_11)
                     # if centered_wd != 0:
-                    if h["_c19"]:
-                        # cwd_target = param - cast(anchor_data, param)
-                        cwd_target_2 = F.cast(anchor_data, param)
-                        cwd_target = F.sub(param, cwd_target_2)
-                        # if cautious_wd:
-                        if h["_c18"]:
-                            # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
-                            param_12 = F.mul(update, cwd_target)
-                            param_13 = F.ge(param_12, 0)
-                            param_14 = F.where(param_13, 1.0, 0.0, like=param)
-                            F.addcmul_(param, cwd_target, param_14, h["_k21"])
+                    if h["_c20"]:
+                        # if centered_wd_mode == 'int8':
+                        if h["_c21"]:
+                            # cwd_target = param - cast(anchor_data, param)
+                            cwd_target_6 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                            cwd_target_7 = F.cast(cwd_target_6, param)
+                            cwd_target = F.sub(param, cwd_target_7)
                         else:
-                            # param = param - centered_wd * lr * cwd_target
-                            F.axpy_(param, cwd_target, h["_k22"])
+                            # if centered_wd_mode == 'int4':
+                            if h["_c22"]:
+                                # cwd_target = param - cast(anchor_data, param)
+                                cwd_target_8 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                cwd_target_9 = F.cast(cwd_target_8, param)
+                                cwd_target = F.sub(param, cwd_target_9)
+                            else:
+                                # cwd_target = param - cast(anchor_data, param)
+                                cwd_target_10 = F.cast(anchor_data, param)
+                                cwd_target = F.sub(param, cwd_target_10)
+                        # if fisher_wd:
+                        if h["_c18"]:
+                            # cwd_fisher_scaled = cwd_fisher * (centered_wd * lr)
+                            cwd_fisher_scaled = F.mul(cwd_fisher, h["_k22"])
+                            # if cautious_wd:
+                            if h["_c19"]:
+                                # param = param - cwd_target * (where(update * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                                param_12 = F.mul(update, cwd_target)
+                                param_13 = F.ge(param_12, 0)
+                                param_14 = F.where(param_13, 1.0, 0.0, like=param)
+                                F.mul_(param_14, cwd_fisher_scaled)
+                                F.addcmul_(param, cwd_target, param_14, -1.0)
+                            else:
+                                # param = param - cwd_target * cwd_fisher_scaled
+                                F.addcmul_(param, cwd_target, cwd_fisher_scaled, -1.0)
+                        else:
+                            # if cautious_wd:
+                            if h["_c19"]:
+                                # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                                param_15 = F.mul(update, cwd_target)
+                                param_16 = F.ge(param_15, 0)
+                                param_17 = F.where(param_16, 1.0, 0.0, like=param)
+                                F.addcmul_(param, cwd_target, param_17, h["_k23"])
+                            else:
+                                # param = param - centered_wd * lr * cwd_target
+                                F.axpy_(param, cwd_target, h["_k24"])
                     # param = param + -update
                     F.sub_(param, update)
         else:
             # if step == 1:
-            if h["_c20"]:
+            if h["_c23"]:
                 # exp_avg_sq = grad * grad
                 exp_avg_sq_1 = F.mul(grad, grad)
                 F.assign_(exp_avg_sq, exp_avg_sq_1)
@@ -1810,7 +2244,7 @@ def _device_step(h, param, grad, S):
                     kourkoutas_sq_6 = F.sum(kourkoutas_sq_5)
                     F.assign_(kourkoutas_sq, kourkoutas_sq_6)
             # if step > 1 or use_atan2 or spectral_normalization:
-            if h["_c21"]:
+            if h["_c24"]:
                 # grad = float32(grad)
                 grad = F.float32(grad)
                 # if orthogonal_gradient == 'flattened' or orthogonal_gradient == 'iterative' and (ndim < 2 or param_attr('_is_dora_scale', False) or param_attr('is_vector', False)):
@@ -1864,20 +2298,20 @@ def _device_step(h, param, grad, S):
                 # if clip_lambda == 'step ** 0.25' and not use_atan2:
                 if h["_c9"]:
                     # normalized = clamp(normalized, -clip, clip)
-                    normalized = F.clamp(normalized, h["_k23"], h["clip"])
+                    normalized = F.clamp(normalized, h["_k25"], h["clip"])
                 # if beta1 > 0:
                 if h["_c10"]:
                     # exp_avg = lerp(exp_avg, normalized, 1 - beta1)
-                    F.lerp_(exp_avg, normalized, h["_k24"])
+                    F.lerp_(exp_avg, normalized, h["_k26"])
                     # if nesterov:
                     if h["_c11"]:
                         # if nesterov_coef == None:
                         if h["_c12"]:
                             # update = lerp(exp_avg, grad, 1 - beta1)
-                            update = F.lerp(exp_avg, grad, h["_k25"])
+                            update = F.lerp(exp_avg, grad, h["_k27"])
                         else:
                             # update = lerp(exp_avg, grad, 1 - nesterov_coef)
-                            update = F.lerp(exp_avg, grad, h["_k26"])
+                            update = F.lerp(exp_avg, grad, h["_k28"])
                     else:
                         # update = copy(exp_avg)
                         update = F.copy(exp_avg)
@@ -1891,12 +2325,12 @@ def _device_step(h, param, grad, S):
                     kourkoutas_sq_8 = F.sum(kourkoutas_sq_7)
                     F.assign_(kourkoutas_sq, kourkoutas_sq_8)
                     # exp_avg_sq = exp_avg_sq * input() + (1 - input()) * grad * grad
-                    F.mul_(exp_avg_sq, h["_k27"])
-                    F.addcmul_(exp_avg_sq, grad, grad, h["_k28"])
-                else:
-                    # exp_avg_sq = exp_avg_sq * beta2 + (1 - beta2) * grad * grad
                     F.mul_(exp_avg_sq, h["_k29"])
                     F.addcmul_(exp_avg_sq, grad, grad, h["_k30"])
+                else:
+                    # exp_avg_sq = exp_avg_sq * beta2 + (1 - beta2) * grad * grad
+                    F.mul_(exp_avg_sq, h["_k31"])
+                    F.addcmul_(exp_avg_sq, grad, grad, h["_k32"])
                 # if spectral_normalization:
                 if h["_c13"]:
                     # if ndim >= 2:
@@ -1926,8 +2360,8 @@ def _device_step(h, param, grad, S):
                         # spectral_sigma = vdot(spectral_u, spectral_ur)
                         spectral_sigma = F.vdot(spectral_u, spectral_ur, kind="row")
                         # update = spectral_x * (sqrt(rows / cols) / maximum(spectral_sigma, 1 / (sqrt(rows) + sqrt(cols))) * spectral_lr)
-                        update_4 = F.maximum(spectral_sigma, h["_k31"])
-                        F.rdiv_(update_4, h["_k32"])
+                        update_4 = F.maximum(spectral_sigma, h["_k33"])
+                        F.rdiv_(update_4, h["_k34"])
                         F.mul_(update_4, h["spectral_lr"])
                         update = F.mul(spectral_x, update_4)
                     else:
@@ -1941,20 +2375,39 @@ def _device_step(h, param, grad, S):
                     # if use_atan2:
                     if h["_c8"]:
                         # update = update * (lr * 1.2732395447351628)
-                        F.mul_(update, h["_k33"])
+                        F.mul_(update, h["_k35"])
                     else:
                         # update = update * lr
-                        F.mul_(update, h["_k34"])
-                # if stochastic_rounding and bf16 != 0:
+                        F.mul_(update, h["_k36"])
+                # if centered_wd != 0 and fisher_wd:
                 if h["_c15"]:
+                    # if use_atan2:
+                    if h["_c8"]:
+                        # cwd_fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                        cwd_fisher = F.atan2(wd_scaler, denom)
+                        F.mul_(cwd_fisher, 1.2732395447351628)
+                    else:
+                        # cwd_fisher = 1 / denom
+                        cwd_fisher = F.rdiv(denom, 1)
+                        # cwd_fisher = cwd_fisher / maximum(sqrt(mean((param * cwd_fisher) ** 2)) / 1.0, 1.0)
+                        cwd_fisher_4 = F.mul(param, cwd_fisher)
+                        F.pow_(cwd_fisher_4, 2)
+                        cwd_fisher_5 = F.mean(cwd_fisher_4)
+                        F.sqrt_(cwd_fisher_5)
+                        F.div_(cwd_fisher_5, 1.0)
+                        F.maximum_(cwd_fisher_5, 1.0)
+                        cwd_fisher_6 = F.div(cwd_fisher, cwd_fisher_5)
+                        cwd_fisher = cwd_fisher_6
+                # if stochastic_rounding and bf16 != 0:
+                if h["_c16"]:
                     # param_fp32 = float32(param)
                     param_fp32 = F.float32(param)
                     # update_fp32 = float32(update)
                     update_fp32 = F.float32(update)
                     # if weight_decay != 0:
-                    if h["_c16"]:
+                    if h["_c17"]:
                         # if fisher_wd:
-                        if h["_c17"]:
+                        if h["_c18"]:
                             # if use_atan2:
                             if h["_c8"]:
                                 # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
@@ -1973,57 +2426,88 @@ def _device_step(h, param, grad, S):
                                 fisher_9 = F.div(fisher, fisher_8)
                                 fisher = fisher_9
                             # fisher = fisher * (weight_decay * lr)
-                            F.mul_(fisher, h["_k35"])
+                            F.mul_(fisher, h["_k37"])
                             # if cautious_wd:
-                            if h["_c18"]:
+                            if h["_c19"]:
                                 # param_fp32 = param_fp32 - param_fp32 * (where(update_fp32 * param_fp32 >= 0, 1.0, 0.0) * fisher)
-                                param_fp32_13 = F.mul(update_fp32, param_fp32)
-                                param_fp32_14 = F.ge(param_fp32_13, 0)
-                                param_fp32_15 = F.where(param_fp32_14, 1.0, 0.0, like=param)
-                                F.mul_(param_fp32_15, fisher)
-                                param_fp32_16 = F.addcmul(param_fp32, param_fp32, param_fp32_15, -1.0)
-                                param_fp32 = param_fp32_16
+                                param_fp32_17 = F.mul(update_fp32, param_fp32)
+                                param_fp32_18 = F.ge(param_fp32_17, 0)
+                                param_fp32_19 = F.where(param_fp32_18, 1.0, 0.0, like=param)
+                                F.mul_(param_fp32_19, fisher)
+                                param_fp32_20 = F.addcmul(param_fp32, param_fp32, param_fp32_19, -1.0)
+                                param_fp32 = param_fp32_20
                             else:
                                 # param_fp32 = param_fp32 - param_fp32 * fisher
                                 param_fp32 = F.addcmul(param_fp32, param_fp32, fisher, -1.0)
                         else:
                             # if cautious_wd:
-                            if h["_c18"]:
+                            if h["_c19"]:
                                 # param_fp32 = param_fp32 - weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
-                                param_fp32_17 = F.mul(update_fp32, param_fp32)
-                                param_fp32_18 = F.ge(param_fp32_17, 0)
-                                param_fp32_19 = F.where(param_fp32_18, 1.0, 0.0, like=param)
-                                param_fp32_20 = F.addcmul(param_fp32, param_fp32, param_fp32_19, h["_k36"])
-                                param_fp32 = param_fp32_20
+                                param_fp32_21 = F.mul(update_fp32, param_fp32)
+                                param_fp32_22 = F.ge(param_fp32_21, 0)
+                                param_fp32_23 = F.where(param_fp32_22, 1.0, 0.0, like=param)
+                                param_fp32_24 = F.addcmul(param_fp32, param_fp32, param_fp32_23, h["_k38"])
+                                param_fp32 = param_fp32_24
                             else:
                                 # param_fp32 = param_fp32 - weight_decay * lr * param_fp32
-                                param_fp32 = F.axpy(param_fp32, param_fp32, h["_k37"])
+                                param_fp32 = F.axpy(param_fp32, param_fp32, h["_k39"])
                     # if centered_wd != 0:
-                    if h["_c19"]:
-                        # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                        cwd_target_3 = F.cast(anchor_data, param_fp32)
-                        cwd_target = F.sub(param_fp32, cwd_target_3)
-                        # if cautious_wd:
-                        if h["_c18"]:
-                            # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
-                            param_fp32_21 = F.mul(update_fp32, cwd_target)
-                            param_fp32_22 = F.ge(param_fp32_21, 0)
-                            param_fp32_23 = F.where(param_fp32_22, 1.0, 0.0, like=param)
-                            param_fp32_24 = F.addcmul(param_fp32, cwd_target, param_fp32_23, h["_k38"])
-                            param_fp32 = param_fp32_24
+                    if h["_c20"]:
+                        # if centered_wd_mode == 'int8':
+                        if h["_c21"]:
+                            # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                            cwd_target_11 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                            cwd_target_12 = F.cast(cwd_target_11, param_fp32)
+                            cwd_target = F.sub(param_fp32, cwd_target_12)
                         else:
-                            # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
-                            param_fp32 = F.axpy(param_fp32, cwd_target, h["_k39"])
+                            # if centered_wd_mode == 'int4':
+                            if h["_c22"]:
+                                # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                cwd_target_13 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                cwd_target_14 = F.cast(cwd_target_13, param_fp32)
+                                cwd_target = F.sub(param_fp32, cwd_target_14)
+                            else:
+                                # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                cwd_target_15 = F.cast(anchor_data, param_fp32)
+                                cwd_target = F.sub(param_fp32, cwd_target_15)
+                        # if fisher_wd:
+                        if h["_c18"]:
+                            # cwd_fisher_scaled = cwd_fisher * (centered_wd * lr)
+                            cwd_fisher_scaled = F.mul(cwd_fisher, h["_k40"])
+                            # if cautious_wd:
+                            if h["_c19"]:
+                                # param_fp32 = param_fp32 - cwd_target * (where(update_fp32 * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                                param_fp32_25 = F.mul(update_fp32, cwd_target)
+                                param_fp32_26 = F.ge(param_fp32_25, 0)
+                                param_fp32_27 = F.where(param_fp32_26, 1.0, 0.0, like=param)
+                                F.mul_(param_fp32_27, cwd_fisher_scaled)
+                                param_fp32_28 = F.addcmul(param_fp32, cwd_target, param_fp32_27, -1.0)
+                                param_fp32 = param_fp32_28
+                            else:
+                                # param_fp32 = param_fp32 - cwd_target * cwd_fisher_scaled
+                                param_fp32 = F.addcmul(param_fp32, cwd_target, cwd_fisher_scaled, -1.0)
+                        else:
+                            # if cautious_wd:
+                            if h["_c19"]:
+                                # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                                param_fp32_29 = F.mul(update_fp32, cwd_target)
+                                param_fp32_30 = F.ge(param_fp32_29, 0)
+                                param_fp32_31 = F.where(param_fp32_30, 1.0, 0.0, like=param)
+                                param_fp32_32 = F.addcmul(param_fp32, cwd_target, param_fp32_31, h["_k41"])
+                                param_fp32 = param_fp32_32
+                            else:
+                                # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
+                                param_fp32 = F.axpy(param_fp32, cwd_target, h["_k42"])
                     # param_fp32 = param_fp32 + -update_fp32
                     param_fp32 = F.sub(param_fp32, update_fp32)
                     # param = stochastic_round(param_fp32, step)
-                    param_15 = F.stochastic_round(param_fp32, h["_k40"])
-                    F.assign_(param, param_15)
+                    param_18 = F.stochastic_round(param_fp32, h["_k43"])
+                    F.assign_(param, param_18)
                 else:
                     # if weight_decay != 0:
-                    if h["_c16"]:
+                    if h["_c17"]:
                         # if fisher_wd:
-                        if h["_c17"]:
+                        if h["_c18"]:
                             # if use_atan2:
                             if h["_c8"]:
                                 # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
@@ -2042,57 +2526,87 @@ def _device_step(h, param, grad, S):
                                 fisher_12 = F.div(fisher, fisher_11)
                                 fisher = fisher_12
                             # fisher = fisher * (weight_decay * lr)
-                            F.mul_(fisher, h["_k41"])
+                            F.mul_(fisher, h["_k44"])
                             # if cautious_wd:
-                            if h["_c18"]:
+                            if h["_c19"]:
                                 # param = param - param * (where(update * param >= 0, 1.0, 0.0) * fisher)
-                                param_16 = F.mul(update, param)
-                                param_17 = F.ge(param_16, 0)
-                                param_18 = F.where(param_17, 1.0, 0.0, like=param)
-                                F.mul_(param_18, fisher)
-                                param_19 = F.addcmul(param, param, param_18, -1.0)
-                                F.assign_(param, param_19)
+                                param_19 = F.mul(update, param)
+                                param_20 = F.ge(param_19, 0)
+                                param_21 = F.where(param_20, 1.0, 0.0, like=param)
+                                F.mul_(param_21, fisher)
+                                param_22 = F.addcmul(param, param, param_21, -1.0)
+                                F.assign_(param, param_22)
                             else:
                                 # param = param - param * fisher
-                                param_20 = F.addcmul(param, param, fisher, -1.0)
-                                F.assign_(param, param_20)
+                                param_23 = F.addcmul(param, param, fisher, -1.0)
+                                F.assign_(param, param_23)
                         else:
                             # if cautious_wd:
-                            if h["_c18"]:
+                            if h["_c19"]:
                                 # param = param - weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
-                                param_21 = F.mul(update, param)
-                                param_22 = F.ge(param_21, 0)
-                                param_23 = F.where(param_22, 1.0, 0.0, like=param)
-                                param_24 = F.addcmul(param, param, param_23, h["_k42"])
-                                F.assign_(param, param_24)
+                                param_24 = F.mul(update, param)
+                                param_25 = F.ge(param_24, 0)
+                                param_26 = F.where(param_25, 1.0, 0.0, like=param)
+                                param_27 = F.addcmul(param, param, param_26, h["_k45"])
+                                F.assign_(param, param_27)
                             else:
                                 # param = param - weight_decay * lr * param
-                                param_25 = F.axpy(param, param, h["_k43"])
-                                F.assign_(param, param_25)
+                                param_28 = F.axpy(param, param, h["_k46"])
+                                F.assign_(param, param_28)
                     # if centered_wd != 0:
-                    if h["_c19"]:
-                        # cwd_target = param - cast(anchor_data, param)
-                        cwd_target_4 = F.cast(anchor_data, param)
-                        cwd_target = F.sub(param, cwd_target_4)
-                        # if cautious_wd:
-                        if h["_c18"]:
-                            # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
-                            param_26 = F.mul(update, cwd_target)
-                            param_27 = F.ge(param_26, 0)
-                            param_28 = F.where(param_27, 1.0, 0.0, like=param)
-                            F.addcmul_(param, cwd_target, param_28, h["_k44"])
+                    if h["_c20"]:
+                        # if centered_wd_mode == 'int8':
+                        if h["_c21"]:
+                            # cwd_target = param - cast(anchor_data, param)
+                            cwd_target_16 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                            cwd_target_17 = F.cast(cwd_target_16, param)
+                            cwd_target = F.sub(param, cwd_target_17)
                         else:
-                            # param = param - centered_wd * lr * cwd_target
-                            F.axpy_(param, cwd_target, h["_k45"])
+                            # if centered_wd_mode == 'int4':
+                            if h["_c22"]:
+                                # cwd_target = param - cast(anchor_data, param)
+                                cwd_target_18 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                cwd_target_19 = F.cast(cwd_target_18, param)
+                                cwd_target = F.sub(param, cwd_target_19)
+                            else:
+                                # cwd_target = param - cast(anchor_data, param)
+                                cwd_target_20 = F.cast(anchor_data, param)
+                                cwd_target = F.sub(param, cwd_target_20)
+                        # if fisher_wd:
+                        if h["_c18"]:
+                            # cwd_fisher_scaled = cwd_fisher * (centered_wd * lr)
+                            cwd_fisher_scaled = F.mul(cwd_fisher, h["_k47"])
+                            # if cautious_wd:
+                            if h["_c19"]:
+                                # param = param - cwd_target * (where(update * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                                param_29 = F.mul(update, cwd_target)
+                                param_30 = F.ge(param_29, 0)
+                                param_31 = F.where(param_30, 1.0, 0.0, like=param)
+                                F.mul_(param_31, cwd_fisher_scaled)
+                                F.addcmul_(param, cwd_target, param_31, -1.0)
+                            else:
+                                # param = param - cwd_target * cwd_fisher_scaled
+                                F.addcmul_(param, cwd_target, cwd_fisher_scaled, -1.0)
+                        else:
+                            # if cautious_wd:
+                            if h["_c19"]:
+                                # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                                param_32 = F.mul(update, cwd_target)
+                                param_33 = F.ge(param_32, 0)
+                                param_34 = F.where(param_33, 1.0, 0.0, like=param)
+                                F.addcmul_(param, cwd_target, param_34, h["_k48"])
+                            else:
+                                # param = param - centered_wd * lr * cwd_target
+                                F.axpy_(param, cwd_target, h["_k49"])
                     # param = param + -update
                     F.sub_(param, update)
     else:
         # if factored_2nd:
-        if h["_c22"]:
+        if h["_c25"]:
             # if (ndim != 1 or vector_reshape) and not (spectral_normalization and ndim >= 3):
-            if h["_c23"]:
+            if h["_c26"]:
                 # if step == 1:
-                if h["_c24"]:
+                if h["_c27"]:
                     # exp_avg_sq_full = grad * grad
                     exp_avg_sq_full = F.mul(grad, grad)
                     # exp_avg_sq_abs = abs(float32(exp_avg_sq_full))
@@ -2115,11 +2629,11 @@ def _device_step(h, param, grad, S):
                         kourkoutas_sq_10 = F.sum(kourkoutas_sq_9)
                         F.assign_(kourkoutas_sq, kourkoutas_sq_10)
                 # if step > 1 or use_atan2 or spectral_normalization:
-                if h["_c25"]:
+                if h["_c28"]:
                     # if state_precision == 'bf16_sr' and not nnmf_factor:
-                    if h["_c26"]:
+                    if h["_c29"]:
                         # if beta1 > 0 and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape)) or not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape) or not (state_precision == 'factored' or nnmf_factor) and (factored_2nd and ((ndim != 1 or vector_reshape) and not (spectral_normalization and ndim >= 3)))):
-                        if h["_c27"]:
+                        if h["_c30"]:
                             # grad = float32(grad)
                             grad = F.float32(grad)
                         # if orthogonal_gradient == 'flattened' or orthogonal_gradient == 'iterative' and (ndim < 2 or param_attr('_is_dora_scale', False) or param_attr('is_vector', False)):
@@ -2183,13 +2697,13 @@ def _device_step(h, param, grad, S):
                         # if clip_lambda == 'step ** 0.25' and not use_atan2:
                         if h["_c9"]:
                             # normalized = clamp(normalized, -clip, clip)
-                            normalized = F.clamp(normalized, h["_k46"], h["clip"])
+                            normalized = F.clamp(normalized, h["_k50"], h["clip"])
                         # if beta1 > 0:
                         if h["_c10"]:
                             # exp_avg_work = exp_avg
                             exp_avg_work = F.decode("bf16_sr", False, {"": exp_avg})
                             # exp_avg_work = lerp(exp_avg_work, normalized, 1 - beta1)
-                            F.lerp_(exp_avg_work, normalized, h["_k47"])
+                            F.lerp_(exp_avg_work, normalized, h["_k51"])
                             # exp_avg = exp_avg_work
                             F.encode_("bf16_sr", False, {"": exp_avg}, exp_avg_work)
                             # if nesterov:
@@ -2197,10 +2711,10 @@ def _device_step(h, param, grad, S):
                                 # if nesterov_coef == None:
                                 if h["_c12"]:
                                     # update = lerp(exp_avg_work, grad, 1 - beta1)
-                                    update = F.lerp(exp_avg_work, grad, h["_k49"])
+                                    update = F.lerp(exp_avg_work, grad, h["_k53"])
                                 else:
                                     # update = lerp(exp_avg_work, grad, 1 - nesterov_coef)
-                                    update = F.lerp(exp_avg_work, grad, h["_k50"])
+                                    update = F.lerp(exp_avg_work, grad, h["_k54"])
                             else:
                                 # update = copy(exp_avg_work)
                                 update = F.copy(exp_avg_work)
@@ -2215,10 +2729,10 @@ def _device_step(h, param, grad, S):
                             F.assign_(kourkoutas_sq, kourkoutas_sq_12)
                             # exp_avg_sq_full = float32(exp_avg_sq_full) * input() + (1 - input()) * float32(grad) * float32(grad)
                             exp_avg_sq_full_1 = F.float32(exp_avg_sq_full)
-                            exp_avg_sq_full_2 = F.mul(exp_avg_sq_full_1, h["_k51"])
+                            exp_avg_sq_full_2 = F.mul(exp_avg_sq_full_1, h["_k55"])
                             exp_avg_sq_full_3 = F.float32(grad)
                             exp_avg_sq_full_4 = F.float32(grad)
-                            F.addcmul_(exp_avg_sq_full_2, exp_avg_sq_full_3, exp_avg_sq_full_4, h["_k52"])
+                            F.addcmul_(exp_avg_sq_full_2, exp_avg_sq_full_3, exp_avg_sq_full_4, h["_k56"])
                             exp_avg_sq_full = exp_avg_sq_full_2
                             # exp_avg_sq_abs = abs(float32(exp_avg_sq_full))
                             exp_avg_sq_abs_5 = F.float32(exp_avg_sq_full)
@@ -2236,10 +2750,10 @@ def _device_step(h, param, grad, S):
                         else:
                             # exp_avg_sq_full = float32(exp_avg_sq_full) * beta2 + (1 - beta2) * float32(grad) * float32(grad)
                             exp_avg_sq_full_5 = F.float32(exp_avg_sq_full)
-                            exp_avg_sq_full_6 = F.mul(exp_avg_sq_full_5, h["_k53"])
+                            exp_avg_sq_full_6 = F.mul(exp_avg_sq_full_5, h["_k57"])
                             exp_avg_sq_full_7 = F.float32(grad)
                             exp_avg_sq_full_8 = F.float32(grad)
-                            F.addcmul_(exp_avg_sq_full_6, exp_avg_sq_full_7, exp_avg_sq_full_8, h["_k54"])
+                            F.addcmul_(exp_avg_sq_full_6, exp_avg_sq_full_7, exp_avg_sq_full_8, h["_k58"])
                             exp_avg_sq_full = exp_avg_sq_full_6
                             # exp_avg_sq_abs = abs(float32(exp_avg_sq_full))
                             exp_avg_sq_abs_6 = F.float32(exp_avg_sq_full)
@@ -2283,8 +2797,8 @@ def _device_step(h, param, grad, S):
                                 # spectral_sigma = vdot(spectral_u, spectral_ur)
                                 spectral_sigma = F.vdot(spectral_u, spectral_ur, kind="row")
                                 # update = spectral_x * (sqrt(rows / cols) / maximum(spectral_sigma, 1 / (sqrt(rows) + sqrt(cols))) * spectral_lr)
-                                update_7 = F.maximum(spectral_sigma, h["_k55"])
-                                F.rdiv_(update_7, h["_k56"])
+                                update_7 = F.maximum(spectral_sigma, h["_k59"])
+                                F.rdiv_(update_7, h["_k60"])
                                 F.mul_(update_7, h["spectral_lr"])
                                 update = F.mul(spectral_x, update_7)
                             else:
@@ -2298,20 +2812,39 @@ def _device_step(h, param, grad, S):
                             # if use_atan2:
                             if h["_c8"]:
                                 # update = update * (lr * 1.2732395447351628)
-                                F.mul_(update, h["_k57"])
+                                F.mul_(update, h["_k61"])
                             else:
                                 # update = update * lr
-                                F.mul_(update, h["_k58"])
-                        # if stochastic_rounding and bf16 != 0:
+                                F.mul_(update, h["_k62"])
+                        # if centered_wd != 0 and fisher_wd:
                         if h["_c15"]:
+                            # if use_atan2:
+                            if h["_c8"]:
+                                # cwd_fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                                cwd_fisher = F.atan2(wd_scaler, denom)
+                                F.mul_(cwd_fisher, 1.2732395447351628)
+                            else:
+                                # cwd_fisher = 1 / denom
+                                cwd_fisher = F.rdiv(denom, 1)
+                                # cwd_fisher = cwd_fisher / maximum(sqrt(mean((param * cwd_fisher) ** 2)) / 1.0, 1.0)
+                                cwd_fisher_7 = F.mul(param, cwd_fisher)
+                                F.pow_(cwd_fisher_7, 2)
+                                cwd_fisher_8 = F.mean(cwd_fisher_7)
+                                F.sqrt_(cwd_fisher_8)
+                                F.div_(cwd_fisher_8, 1.0)
+                                F.maximum_(cwd_fisher_8, 1.0)
+                                cwd_fisher_9 = F.div(cwd_fisher, cwd_fisher_8)
+                                cwd_fisher = cwd_fisher_9
+                        # if stochastic_rounding and bf16 != 0:
+                        if h["_c16"]:
                             # param_fp32 = float32(param)
                             param_fp32 = F.float32(param)
                             # update_fp32 = float32(update)
                             update_fp32 = F.float32(update)
                             # if weight_decay != 0:
-                            if h["_c16"]:
+                            if h["_c17"]:
                                 # if fisher_wd:
-                                if h["_c17"]:
+                                if h["_c18"]:
                                     # if use_atan2:
                                     if h["_c8"]:
                                         # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
@@ -2330,57 +2863,88 @@ def _device_step(h, param, grad, S):
                                         fisher_15 = F.div(fisher, fisher_14)
                                         fisher = fisher_15
                                     # fisher = fisher * (weight_decay * lr)
-                                    F.mul_(fisher, h["_k59"])
+                                    F.mul_(fisher, h["_k63"])
                                     # if cautious_wd:
-                                    if h["_c18"]:
+                                    if h["_c19"]:
                                         # param_fp32 = param_fp32 - param_fp32 * (where(update_fp32 * param_fp32 >= 0, 1.0, 0.0) * fisher)
-                                        param_fp32_25 = F.mul(update_fp32, param_fp32)
-                                        param_fp32_26 = F.ge(param_fp32_25, 0)
-                                        param_fp32_27 = F.where(param_fp32_26, 1.0, 0.0, like=param)
-                                        F.mul_(param_fp32_27, fisher)
-                                        param_fp32_28 = F.addcmul(param_fp32, param_fp32, param_fp32_27, -1.0)
-                                        param_fp32 = param_fp32_28
+                                        param_fp32_33 = F.mul(update_fp32, param_fp32)
+                                        param_fp32_34 = F.ge(param_fp32_33, 0)
+                                        param_fp32_35 = F.where(param_fp32_34, 1.0, 0.0, like=param)
+                                        F.mul_(param_fp32_35, fisher)
+                                        param_fp32_36 = F.addcmul(param_fp32, param_fp32, param_fp32_35, -1.0)
+                                        param_fp32 = param_fp32_36
                                     else:
                                         # param_fp32 = param_fp32 - param_fp32 * fisher
                                         param_fp32 = F.addcmul(param_fp32, param_fp32, fisher, -1.0)
                                 else:
                                     # if cautious_wd:
-                                    if h["_c18"]:
+                                    if h["_c19"]:
                                         # param_fp32 = param_fp32 - weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
-                                        param_fp32_29 = F.mul(update_fp32, param_fp32)
-                                        param_fp32_30 = F.ge(param_fp32_29, 0)
-                                        param_fp32_31 = F.where(param_fp32_30, 1.0, 0.0, like=param)
-                                        param_fp32_32 = F.addcmul(param_fp32, param_fp32, param_fp32_31, h["_k60"])
-                                        param_fp32 = param_fp32_32
+                                        param_fp32_37 = F.mul(update_fp32, param_fp32)
+                                        param_fp32_38 = F.ge(param_fp32_37, 0)
+                                        param_fp32_39 = F.where(param_fp32_38, 1.0, 0.0, like=param)
+                                        param_fp32_40 = F.addcmul(param_fp32, param_fp32, param_fp32_39, h["_k64"])
+                                        param_fp32 = param_fp32_40
                                     else:
                                         # param_fp32 = param_fp32 - weight_decay * lr * param_fp32
-                                        param_fp32 = F.axpy(param_fp32, param_fp32, h["_k61"])
+                                        param_fp32 = F.axpy(param_fp32, param_fp32, h["_k65"])
                             # if centered_wd != 0:
-                            if h["_c19"]:
-                                # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                                cwd_target_5 = F.cast(anchor_data, param_fp32)
-                                cwd_target = F.sub(param_fp32, cwd_target_5)
-                                # if cautious_wd:
-                                if h["_c18"]:
-                                    # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
-                                    param_fp32_33 = F.mul(update_fp32, cwd_target)
-                                    param_fp32_34 = F.ge(param_fp32_33, 0)
-                                    param_fp32_35 = F.where(param_fp32_34, 1.0, 0.0, like=param)
-                                    param_fp32_36 = F.addcmul(param_fp32, cwd_target, param_fp32_35, h["_k62"])
-                                    param_fp32 = param_fp32_36
+                            if h["_c20"]:
+                                # if centered_wd_mode == 'int8':
+                                if h["_c21"]:
+                                    # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                    cwd_target_21 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                    cwd_target_22 = F.cast(cwd_target_21, param_fp32)
+                                    cwd_target = F.sub(param_fp32, cwd_target_22)
                                 else:
-                                    # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
-                                    param_fp32 = F.axpy(param_fp32, cwd_target, h["_k63"])
+                                    # if centered_wd_mode == 'int4':
+                                    if h["_c22"]:
+                                        # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                        cwd_target_23 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                        cwd_target_24 = F.cast(cwd_target_23, param_fp32)
+                                        cwd_target = F.sub(param_fp32, cwd_target_24)
+                                    else:
+                                        # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                        cwd_target_25 = F.cast(anchor_data, param_fp32)
+                                        cwd_target = F.sub(param_fp32, cwd_target_25)
+                                # if fisher_wd:
+                                if h["_c18"]:
+                                    # cwd_fisher_scaled = cwd_fisher * (centered_wd * lr)
+                                    cwd_fisher_scaled = F.mul(cwd_fisher, h["_k66"])
+                                    # if cautious_wd:
+                                    if h["_c19"]:
+                                        # param_fp32 = param_fp32 - cwd_target * (where(update_fp32 * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                                        param_fp32_41 = F.mul(update_fp32, cwd_target)
+                                        param_fp32_42 = F.ge(param_fp32_41, 0)
+                                        param_fp32_43 = F.where(param_fp32_42, 1.0, 0.0, like=param)
+                                        F.mul_(param_fp32_43, cwd_fisher_scaled)
+                                        param_fp32_44 = F.addcmul(param_fp32, cwd_target, param_fp32_43, -1.0)
+                                        param_fp32 = param_fp32_44
+                                    else:
+                                        # param_fp32 = param_fp32 - cwd_target * cwd_fisher_scaled
+                                        param_fp32 = F.addcmul(param_fp32, cwd_target, cwd_fisher_scaled, -1.0)
+                                else:
+                                    # if cautious_wd:
+                                    if h["_c19"]:
+                                        # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                                        param_fp32_45 = F.mul(update_fp32, cwd_target)
+                                        param_fp32_46 = F.ge(param_fp32_45, 0)
+                                        param_fp32_47 = F.where(param_fp32_46, 1.0, 0.0, like=param)
+                                        param_fp32_48 = F.addcmul(param_fp32, cwd_target, param_fp32_47, h["_k67"])
+                                        param_fp32 = param_fp32_48
+                                    else:
+                                        # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
+                                        param_fp32 = F.axpy(param_fp32, cwd_target, h["_k68"])
                             # param_fp32 = param_fp32 + -update_fp32
                             param_fp32 = F.sub(param_fp32, update_fp32)
                             # param = stochastic_round(param_fp32, step)
-                            param_29 = F.stochastic_round(param_fp32, h["_k64"])
-                            F.assign_(param, param_29)
+                            param_35 = F.stochastic_round(param_fp32, h["_k69"])
+                            F.assign_(param, param_35)
                         else:
                             # if weight_decay != 0:
-                            if h["_c16"]:
+                            if h["_c17"]:
                                 # if fisher_wd:
-                                if h["_c17"]:
+                                if h["_c18"]:
                                     # if use_atan2:
                                     if h["_c8"]:
                                         # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
@@ -2399,55 +2963,85 @@ def _device_step(h, param, grad, S):
                                         fisher_18 = F.div(fisher, fisher_17)
                                         fisher = fisher_18
                                     # fisher = fisher * (weight_decay * lr)
-                                    F.mul_(fisher, h["_k65"])
+                                    F.mul_(fisher, h["_k70"])
                                     # if cautious_wd:
-                                    if h["_c18"]:
+                                    if h["_c19"]:
                                         # param = param - param * (where(update * param >= 0, 1.0, 0.0) * fisher)
-                                        param_30 = F.mul(update, param)
-                                        param_31 = F.ge(param_30, 0)
-                                        param_32 = F.where(param_31, 1.0, 0.0, like=param)
-                                        F.mul_(param_32, fisher)
-                                        param_33 = F.addcmul(param, param, param_32, -1.0)
-                                        F.assign_(param, param_33)
+                                        param_36 = F.mul(update, param)
+                                        param_37 = F.ge(param_36, 0)
+                                        param_38 = F.where(param_37, 1.0, 0.0, like=param)
+                                        F.mul_(param_38, fisher)
+                                        param_39 = F.addcmul(param, param, param_38, -1.0)
+                                        F.assign_(param, param_39)
                                     else:
                                         # param = param - param * fisher
-                                        param_34 = F.addcmul(param, param, fisher, -1.0)
-                                        F.assign_(param, param_34)
+                                        param_40 = F.addcmul(param, param, fisher, -1.0)
+                                        F.assign_(param, param_40)
                                 else:
                                     # if cautious_wd:
-                                    if h["_c18"]:
+                                    if h["_c19"]:
                                         # param = param - weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
-                                        param_35 = F.mul(update, param)
-                                        param_36 = F.ge(param_35, 0)
-                                        param_37 = F.where(param_36, 1.0, 0.0, like=param)
-                                        param_38 = F.addcmul(param, param, param_37, h["_k66"])
-                                        F.assign_(param, param_38)
+                                        param_41 = F.mul(update, param)
+                                        param_42 = F.ge(param_41, 0)
+                                        param_43 = F.where(param_42, 1.0, 0.0, like=param)
+                                        param_44 = F.addcmul(param, param, param_43, h["_k71"])
+                                        F.assign_(param, param_44)
                                     else:
                                         # param = param - weight_decay * lr * param
-                                        param_39 = F.axpy(param, param, h["_k67"])
-                                        F.assign_(param, param_39)
+                                        param_45 = F.axpy(param, param, h["_k72"])
+                                        F.assign_(param, param_45)
                             # if centered_wd != 0:
-                            if h["_c19"]:
-                                # cwd_target = param - cast(anchor_data, param)
-                                cwd_target_6 = F.cast(anchor_data, param)
-                                cwd_target = F.sub(param, cwd_target_6)
-                                # if cautious_wd:
-                                if h["_c18"]:
-                                    # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
-                                    param_40 = F.mul(update, cwd_target)
-                                    param_41 = F.ge(param_40, 0)
-                                    param_42 = F.where(param_41, 1.0, 0.0, like=param)
-                                    F.addcmul_(param, cwd_target, param_42, h["_k68"])
+                            if h["_c20"]:
+                                # if centered_wd_mode == 'int8':
+                                if h["_c21"]:
+                                    # cwd_target = param - cast(anchor_data, param)
+                                    cwd_target_26 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                    cwd_target_27 = F.cast(cwd_target_26, param)
+                                    cwd_target = F.sub(param, cwd_target_27)
                                 else:
-                                    # param = param - centered_wd * lr * cwd_target
-                                    F.axpy_(param, cwd_target, h["_k69"])
+                                    # if centered_wd_mode == 'int4':
+                                    if h["_c22"]:
+                                        # cwd_target = param - cast(anchor_data, param)
+                                        cwd_target_28 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                        cwd_target_29 = F.cast(cwd_target_28, param)
+                                        cwd_target = F.sub(param, cwd_target_29)
+                                    else:
+                                        # cwd_target = param - cast(anchor_data, param)
+                                        cwd_target_30 = F.cast(anchor_data, param)
+                                        cwd_target = F.sub(param, cwd_target_30)
+                                # if fisher_wd:
+                                if h["_c18"]:
+                                    # cwd_fisher_scaled = cwd_fisher * (centered_wd * lr)
+                                    cwd_fisher_scaled = F.mul(cwd_fisher, h["_k73"])
+                                    # if cautious_wd:
+                                    if h["_c19"]:
+                                        # param = param - cwd_target * (where(update * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                                        param_46 = F.mul(update, cwd_target)
+                                        param_47 = F.ge(param_46, 0)
+                                        param_48 = F.where(param_47, 1.0, 0.0, like=param)
+                                        F.mul_(param_48, cwd_fisher_scaled)
+                                        F.addcmul_(param, cwd_target, param_48, -1.0)
+                                    else:
+                                        # param = param - cwd_target * cwd_fisher_scaled
+                                        F.addcmul_(param, cwd_target, cwd_fisher_scaled, -1.0)
+                                else:
+                                    # if cautious_wd:
+                                    if h["_c19"]:
+                                        # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                                        param_49 = F.mul(update, cwd_target)
+                                        param_50 = F.ge(param_49, 0)
+                                        param_51 = F.where(param_50, 1.0, 0.0, like=param)
+                                        F.addcmul_(param, cwd_target, param_51, h["_k74"])
+                                    else:
+                                        # param = param - centered_wd * lr * cwd_target
+                                        F.axpy_(param, cwd_target, h["_k75"])
                             # param = param + -update
                             F.sub_(param, update)
                     else:
                         # if state_precision == 'int8_sr' and not nnmf_factor:
-                        if h["_c28"]:
+                        if h["_c31"]:
                             # if beta1 > 0 and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape)) or not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape) or not (state_precision == 'factored' or nnmf_factor) and (factored_2nd and ((ndim != 1 or vector_reshape) and not (spectral_normalization and ndim >= 3)))):
-                            if h["_c27"]:
+                            if h["_c30"]:
                                 # grad = float32(grad)
                                 grad = F.float32(grad)
                             # if orthogonal_gradient == 'flattened' or orthogonal_gradient == 'iterative' and (ndim < 2 or param_attr('_is_dora_scale', False) or param_attr('is_vector', False)):
@@ -2511,13 +3105,13 @@ def _device_step(h, param, grad, S):
                             # if clip_lambda == 'step ** 0.25' and not use_atan2:
                             if h["_c9"]:
                                 # normalized = clamp(normalized, -clip, clip)
-                                normalized = F.clamp(normalized, h["_k70"], h["clip"])
+                                normalized = F.clamp(normalized, h["_k76"], h["clip"])
                             # if beta1 > 0:
                             if h["_c10"]:
                                 # exp_avg_work = exp_avg
                                 exp_avg_work = F.decode("int8_sr", False, {"": exp_avg, "_scale": exp_avg_scale})
                                 # exp_avg_work = lerp(exp_avg_work, normalized, 1 - beta1)
-                                F.lerp_(exp_avg_work, normalized, h["_k71"])
+                                F.lerp_(exp_avg_work, normalized, h["_k77"])
                                 # exp_avg = exp_avg_work
                                 F.encode_("int8_sr", False, {"": exp_avg, "_scale": exp_avg_scale}, exp_avg_work)
                                 # if nesterov:
@@ -2525,10 +3119,10 @@ def _device_step(h, param, grad, S):
                                     # if nesterov_coef == None:
                                     if h["_c12"]:
                                         # update = lerp(exp_avg_work, grad, 1 - beta1)
-                                        update = F.lerp(exp_avg_work, grad, h["_k73"])
+                                        update = F.lerp(exp_avg_work, grad, h["_k79"])
                                     else:
                                         # update = lerp(exp_avg_work, grad, 1 - nesterov_coef)
-                                        update = F.lerp(exp_avg_work, grad, h["_k74"])
+                                        update = F.lerp(exp_avg_work, grad, h["_k80"])
                                 else:
                                     # update = copy(exp_avg_work)
                                     update = F.copy(exp_avg_work)
@@ -2543,10 +3137,10 @@ def _device_step(h, param, grad, S):
                                 F.assign_(kourkoutas_sq, kourkoutas_sq_14)
                                 # exp_avg_sq_full = float32(exp_avg_sq_full) * input() + (1 - input()) * float32(grad) * float32(grad)
                                 exp_avg_sq_full_9 = F.float32(exp_avg_sq_full)
-                                exp_avg_sq_full_10 = F.mul(exp_avg_sq_full_9, h["_k75"])
+                                exp_avg_sq_full_10 = F.mul(exp_avg_sq_full_9, h["_k81"])
                                 exp_avg_sq_full_11 = F.float32(grad)
                                 exp_avg_sq_full_12 = F.float32(grad)
-                                F.addcmul_(exp_avg_sq_full_10, exp_avg_sq_full_11, exp_avg_sq_full_12, h["_k76"])
+                                F.addcmul_(exp_avg_sq_full_10, exp_avg_sq_full_11, exp_avg_sq_full_12, h["_k82"])
                                 exp_avg_sq_full = exp_avg_sq_full_10
                                 # exp_avg_sq_abs = abs(float32(exp_avg_sq_full))
                                 exp_avg_sq_abs_7 = F.float32(exp_avg_sq_full)
@@ -2564,10 +3158,10 @@ def _device_step(h, param, grad, S):
                             else:
                                 # exp_avg_sq_full = float32(exp_avg_sq_full) * beta2 + (1 - beta2) * float32(grad) * float32(grad)
                                 exp_avg_sq_full_13 = F.float32(exp_avg_sq_full)
-                                exp_avg_sq_full_14 = F.mul(exp_avg_sq_full_13, h["_k77"])
+                                exp_avg_sq_full_14 = F.mul(exp_avg_sq_full_13, h["_k83"])
                                 exp_avg_sq_full_15 = F.float32(grad)
                                 exp_avg_sq_full_16 = F.float32(grad)
-                                F.addcmul_(exp_avg_sq_full_14, exp_avg_sq_full_15, exp_avg_sq_full_16, h["_k78"])
+                                F.addcmul_(exp_avg_sq_full_14, exp_avg_sq_full_15, exp_avg_sq_full_16, h["_k84"])
                                 exp_avg_sq_full = exp_avg_sq_full_14
                                 # exp_avg_sq_abs = abs(float32(exp_avg_sq_full))
                                 exp_avg_sq_abs_8 = F.float32(exp_avg_sq_full)
@@ -2611,8 +3205,8 @@ def _device_step(h, param, grad, S):
                                     # spectral_sigma = vdot(spectral_u, spectral_ur)
                                     spectral_sigma = F.vdot(spectral_u, spectral_ur, kind="row")
                                     # update = spectral_x * (sqrt(rows / cols) / maximum(spectral_sigma, 1 / (sqrt(rows) + sqrt(cols))) * spectral_lr)
-                                    update_10 = F.maximum(spectral_sigma, h["_k79"])
-                                    F.rdiv_(update_10, h["_k80"])
+                                    update_10 = F.maximum(spectral_sigma, h["_k85"])
+                                    F.rdiv_(update_10, h["_k86"])
                                     F.mul_(update_10, h["spectral_lr"])
                                     update = F.mul(spectral_x, update_10)
                                 else:
@@ -2626,20 +3220,39 @@ def _device_step(h, param, grad, S):
                                 # if use_atan2:
                                 if h["_c8"]:
                                     # update = update * (lr * 1.2732395447351628)
-                                    F.mul_(update, h["_k81"])
+                                    F.mul_(update, h["_k87"])
                                 else:
                                     # update = update * lr
-                                    F.mul_(update, h["_k82"])
-                            # if stochastic_rounding and bf16 != 0:
+                                    F.mul_(update, h["_k88"])
+                            # if centered_wd != 0 and fisher_wd:
                             if h["_c15"]:
+                                # if use_atan2:
+                                if h["_c8"]:
+                                    # cwd_fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                                    cwd_fisher = F.atan2(wd_scaler, denom)
+                                    F.mul_(cwd_fisher, 1.2732395447351628)
+                                else:
+                                    # cwd_fisher = 1 / denom
+                                    cwd_fisher = F.rdiv(denom, 1)
+                                    # cwd_fisher = cwd_fisher / maximum(sqrt(mean((param * cwd_fisher) ** 2)) / 1.0, 1.0)
+                                    cwd_fisher_10 = F.mul(param, cwd_fisher)
+                                    F.pow_(cwd_fisher_10, 2)
+                                    cwd_fisher_11 = F.mean(cwd_fisher_10)
+                                    F.sqrt_(cwd_fisher_11)
+                                    F.div_(cwd_fisher_11, 1.0)
+                                    F.maximum_(cwd_fisher_11, 1.0)
+                                    cwd_fisher_12 = F.div(cwd_fisher, cwd_fisher_11)
+                                    cwd_fisher = cwd_fisher_12
+                            # if stochastic_rounding and bf16 != 0:
+                            if h["_c16"]:
                                 # param_fp32 = float32(param)
                                 param_fp32 = F.float32(param)
                                 # update_fp32 = float32(update)
                                 update_fp32 = F.float32(update)
                                 # if weight_decay != 0:
-                                if h["_c16"]:
+                                if h["_c17"]:
                                     # if fisher_wd:
-                                    if h["_c17"]:
+                                    if h["_c18"]:
                                         # if use_atan2:
                                         if h["_c8"]:
                                             # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
@@ -2658,57 +3271,88 @@ def _device_step(h, param, grad, S):
                                             fisher_21 = F.div(fisher, fisher_20)
                                             fisher = fisher_21
                                         # fisher = fisher * (weight_decay * lr)
-                                        F.mul_(fisher, h["_k83"])
+                                        F.mul_(fisher, h["_k89"])
                                         # if cautious_wd:
-                                        if h["_c18"]:
+                                        if h["_c19"]:
                                             # param_fp32 = param_fp32 - param_fp32 * (where(update_fp32 * param_fp32 >= 0, 1.0, 0.0) * fisher)
-                                            param_fp32_37 = F.mul(update_fp32, param_fp32)
-                                            param_fp32_38 = F.ge(param_fp32_37, 0)
-                                            param_fp32_39 = F.where(param_fp32_38, 1.0, 0.0, like=param)
-                                            F.mul_(param_fp32_39, fisher)
-                                            param_fp32_40 = F.addcmul(param_fp32, param_fp32, param_fp32_39, -1.0)
-                                            param_fp32 = param_fp32_40
+                                            param_fp32_49 = F.mul(update_fp32, param_fp32)
+                                            param_fp32_50 = F.ge(param_fp32_49, 0)
+                                            param_fp32_51 = F.where(param_fp32_50, 1.0, 0.0, like=param)
+                                            F.mul_(param_fp32_51, fisher)
+                                            param_fp32_52 = F.addcmul(param_fp32, param_fp32, param_fp32_51, -1.0)
+                                            param_fp32 = param_fp32_52
                                         else:
                                             # param_fp32 = param_fp32 - param_fp32 * fisher
                                             param_fp32 = F.addcmul(param_fp32, param_fp32, fisher, -1.0)
                                     else:
                                         # if cautious_wd:
-                                        if h["_c18"]:
+                                        if h["_c19"]:
                                             # param_fp32 = param_fp32 - weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
-                                            param_fp32_41 = F.mul(update_fp32, param_fp32)
-                                            param_fp32_42 = F.ge(param_fp32_41, 0)
-                                            param_fp32_43 = F.where(param_fp32_42, 1.0, 0.0, like=param)
-                                            param_fp32_44 = F.addcmul(param_fp32, param_fp32, param_fp32_43, h["_k84"])
-                                            param_fp32 = param_fp32_44
+                                            param_fp32_53 = F.mul(update_fp32, param_fp32)
+                                            param_fp32_54 = F.ge(param_fp32_53, 0)
+                                            param_fp32_55 = F.where(param_fp32_54, 1.0, 0.0, like=param)
+                                            param_fp32_56 = F.addcmul(param_fp32, param_fp32, param_fp32_55, h["_k90"])
+                                            param_fp32 = param_fp32_56
                                         else:
                                             # param_fp32 = param_fp32 - weight_decay * lr * param_fp32
-                                            param_fp32 = F.axpy(param_fp32, param_fp32, h["_k85"])
+                                            param_fp32 = F.axpy(param_fp32, param_fp32, h["_k91"])
                                 # if centered_wd != 0:
-                                if h["_c19"]:
-                                    # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                                    cwd_target_7 = F.cast(anchor_data, param_fp32)
-                                    cwd_target = F.sub(param_fp32, cwd_target_7)
-                                    # if cautious_wd:
-                                    if h["_c18"]:
-                                        # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
-                                        param_fp32_45 = F.mul(update_fp32, cwd_target)
-                                        param_fp32_46 = F.ge(param_fp32_45, 0)
-                                        param_fp32_47 = F.where(param_fp32_46, 1.0, 0.0, like=param)
-                                        param_fp32_48 = F.addcmul(param_fp32, cwd_target, param_fp32_47, h["_k86"])
-                                        param_fp32 = param_fp32_48
+                                if h["_c20"]:
+                                    # if centered_wd_mode == 'int8':
+                                    if h["_c21"]:
+                                        # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                        cwd_target_31 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                        cwd_target_32 = F.cast(cwd_target_31, param_fp32)
+                                        cwd_target = F.sub(param_fp32, cwd_target_32)
                                     else:
-                                        # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
-                                        param_fp32 = F.axpy(param_fp32, cwd_target, h["_k87"])
+                                        # if centered_wd_mode == 'int4':
+                                        if h["_c22"]:
+                                            # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                            cwd_target_33 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                            cwd_target_34 = F.cast(cwd_target_33, param_fp32)
+                                            cwd_target = F.sub(param_fp32, cwd_target_34)
+                                        else:
+                                            # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                            cwd_target_35 = F.cast(anchor_data, param_fp32)
+                                            cwd_target = F.sub(param_fp32, cwd_target_35)
+                                    # if fisher_wd:
+                                    if h["_c18"]:
+                                        # cwd_fisher_scaled = cwd_fisher * (centered_wd * lr)
+                                        cwd_fisher_scaled = F.mul(cwd_fisher, h["_k92"])
+                                        # if cautious_wd:
+                                        if h["_c19"]:
+                                            # param_fp32 = param_fp32 - cwd_target * (where(update_fp32 * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                                            param_fp32_57 = F.mul(update_fp32, cwd_target)
+                                            param_fp32_58 = F.ge(param_fp32_57, 0)
+                                            param_fp32_59 = F.where(param_fp32_58, 1.0, 0.0, like=param)
+                                            F.mul_(param_fp32_59, cwd_fisher_scaled)
+                                            param_fp32_60 = F.addcmul(param_fp32, cwd_target, param_fp32_59, -1.0)
+                                            param_fp32 = param_fp32_60
+                                        else:
+                                            # param_fp32 = param_fp32 - cwd_target * cwd_fisher_scaled
+                                            param_fp32 = F.addcmul(param_fp32, cwd_target, cwd_fisher_scaled, -1.0)
+                                    else:
+                                        # if cautious_wd:
+                                        if h["_c19"]:
+                                            # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                                            param_fp32_61 = F.mul(update_fp32, cwd_target)
+                                            param_fp32_62 = F.ge(param_fp32_61, 0)
+                                            param_fp32_63 = F.where(param_fp32_62, 1.0, 0.0, like=param)
+                                            param_fp32_64 = F.addcmul(param_fp32, cwd_target, param_fp32_63, h["_k93"])
+                                            param_fp32 = param_fp32_64
+                                        else:
+                                            # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
+                                            param_fp32 = F.axpy(param_fp32, cwd_target, h["_k94"])
                                 # param_fp32 = param_fp32 + -update_fp32
                                 param_fp32 = F.sub(param_fp32, update_fp32)
                                 # param = stochastic_round(param_fp32, step)
-                                param_43 = F.stochastic_round(param_fp32, h["_k88"])
-                                F.assign_(param, param_43)
+                                param_52 = F.stochastic_round(param_fp32, h["_k95"])
+                                F.assign_(param, param_52)
                             else:
                                 # if weight_decay != 0:
-                                if h["_c16"]:
+                                if h["_c17"]:
                                     # if fisher_wd:
-                                    if h["_c17"]:
+                                    if h["_c18"]:
                                         # if use_atan2:
                                         if h["_c8"]:
                                             # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
@@ -2727,53 +3371,83 @@ def _device_step(h, param, grad, S):
                                             fisher_24 = F.div(fisher, fisher_23)
                                             fisher = fisher_24
                                         # fisher = fisher * (weight_decay * lr)
-                                        F.mul_(fisher, h["_k89"])
+                                        F.mul_(fisher, h["_k96"])
                                         # if cautious_wd:
-                                        if h["_c18"]:
+                                        if h["_c19"]:
                                             # param = param - param * (where(update * param >= 0, 1.0, 0.0) * fisher)
-                                            param_44 = F.mul(update, param)
-                                            param_45 = F.ge(param_44, 0)
-                                            param_46 = F.where(param_45, 1.0, 0.0, like=param)
-                                            F.mul_(param_46, fisher)
-                                            param_47 = F.addcmul(param, param, param_46, -1.0)
-                                            F.assign_(param, param_47)
+                                            param_53 = F.mul(update, param)
+                                            param_54 = F.ge(param_53, 0)
+                                            param_55 = F.where(param_54, 1.0, 0.0, like=param)
+                                            F.mul_(param_55, fisher)
+                                            param_56 = F.addcmul(param, param, param_55, -1.0)
+                                            F.assign_(param, param_56)
                                         else:
                                             # param = param - param * fisher
-                                            param_48 = F.addcmul(param, param, fisher, -1.0)
-                                            F.assign_(param, param_48)
+                                            param_57 = F.addcmul(param, param, fisher, -1.0)
+                                            F.assign_(param, param_57)
                                     else:
                                         # if cautious_wd:
-                                        if h["_c18"]:
+                                        if h["_c19"]:
                                             # param = param - weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
-                                            param_49 = F.mul(update, param)
-                                            param_50 = F.ge(param_49, 0)
-                                            param_51 = F.where(param_50, 1.0, 0.0, like=param)
-                                            param_52 = F.addcmul(param, param, param_51, h["_k90"])
-                                            F.assign_(param, param_52)
+                                            param_58 = F.mul(update, param)
+                                            param_59 = F.ge(param_58, 0)
+                                            param_60 = F.where(param_59, 1.0, 0.0, like=param)
+                                            param_61 = F.addcmul(param, param, param_60, h["_k97"])
+                                            F.assign_(param, param_61)
                                         else:
                                             # param = param - weight_decay * lr * param
-                                            param_53 = F.axpy(param, param, h["_k91"])
-                                            F.assign_(param, param_53)
+                                            param_62 = F.axpy(param, param, h["_k98"])
+                                            F.assign_(param, param_62)
                                 # if centered_wd != 0:
-                                if h["_c19"]:
-                                    # cwd_target = param - cast(anchor_data, param)
-                                    cwd_target_8 = F.cast(anchor_data, param)
-                                    cwd_target = F.sub(param, cwd_target_8)
-                                    # if cautious_wd:
-                                    if h["_c18"]:
-                                        # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
-                                        param_54 = F.mul(update, cwd_target)
-                                        param_55 = F.ge(param_54, 0)
-                                        param_56 = F.where(param_55, 1.0, 0.0, like=param)
-                                        F.addcmul_(param, cwd_target, param_56, h["_k92"])
+                                if h["_c20"]:
+                                    # if centered_wd_mode == 'int8':
+                                    if h["_c21"]:
+                                        # cwd_target = param - cast(anchor_data, param)
+                                        cwd_target_36 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                        cwd_target_37 = F.cast(cwd_target_36, param)
+                                        cwd_target = F.sub(param, cwd_target_37)
                                     else:
-                                        # param = param - centered_wd * lr * cwd_target
-                                        F.axpy_(param, cwd_target, h["_k93"])
+                                        # if centered_wd_mode == 'int4':
+                                        if h["_c22"]:
+                                            # cwd_target = param - cast(anchor_data, param)
+                                            cwd_target_38 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                            cwd_target_39 = F.cast(cwd_target_38, param)
+                                            cwd_target = F.sub(param, cwd_target_39)
+                                        else:
+                                            # cwd_target = param - cast(anchor_data, param)
+                                            cwd_target_40 = F.cast(anchor_data, param)
+                                            cwd_target = F.sub(param, cwd_target_40)
+                                    # if fisher_wd:
+                                    if h["_c18"]:
+                                        # cwd_fisher_scaled = cwd_fisher * (centered_wd * lr)
+                                        cwd_fisher_scaled = F.mul(cwd_fisher, h["_k99"])
+                                        # if cautious_wd:
+                                        if h["_c19"]:
+                                            # param = param - cwd_target * (where(update * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                                            param_63 = F.mul(update, cwd_target)
+                                            param_64 = F.ge(param_63, 0)
+                                            param_65 = F.where(param_64, 1.0, 0.0, like=param)
+                                            F.mul_(param_65, cwd_fisher_scaled)
+                                            F.addcmul_(param, cwd_target, param_65, -1.0)
+                                        else:
+                                            # param = param - cwd_target * cwd_fisher_scaled
+                                            F.addcmul_(param, cwd_target, cwd_fisher_scaled, -1.0)
+                                    else:
+                                        # if cautious_wd:
+                                        if h["_c19"]:
+                                            # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                                            param_66 = F.mul(update, cwd_target)
+                                            param_67 = F.ge(param_66, 0)
+                                            param_68 = F.where(param_67, 1.0, 0.0, like=param)
+                                            F.addcmul_(param, cwd_target, param_68, h["_k100"])
+                                        else:
+                                            # param = param - centered_wd * lr * cwd_target
+                                            F.axpy_(param, cwd_target, h["_k101"])
                                 # param = param + -update
                                 F.sub_(param, update)
                         else:
                             # if (state_precision == 'fp32' and not nnmf_factor) and (beta1 > 0 and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape)) or not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape) or not (state_precision == 'factored' or nnmf_factor) and (factored_2nd and ((ndim != 1 or vector_reshape) and not (spectral_normalization and ndim >= 3))))):
-                            if h["_c29"]:
+                            if h["_c32"]:
                                 # grad = float32(grad)
                                 grad = F.float32(grad)
                             # if orthogonal_gradient == 'flattened' or orthogonal_gradient == 'iterative' and (ndim < 2 or param_attr('_is_dora_scale', False) or param_attr('is_vector', False)):
@@ -2837,20 +3511,20 @@ def _device_step(h, param, grad, S):
                             # if clip_lambda == 'step ** 0.25' and not use_atan2:
                             if h["_c9"]:
                                 # normalized = clamp(normalized, -clip, clip)
-                                normalized = F.clamp(normalized, h["_k94"], h["clip"])
+                                normalized = F.clamp(normalized, h["_k102"], h["clip"])
                             # if beta1 > 0:
                             if h["_c10"]:
                                 # exp_avg = lerp(exp_avg, normalized, 1 - beta1)
-                                F.lerp_(exp_avg, normalized, h["_k95"])
+                                F.lerp_(exp_avg, normalized, h["_k103"])
                                 # if nesterov:
                                 if h["_c11"]:
                                     # if nesterov_coef == None:
                                     if h["_c12"]:
                                         # update = lerp(exp_avg, grad, 1 - beta1)
-                                        update = F.lerp(exp_avg, grad, h["_k96"])
+                                        update = F.lerp(exp_avg, grad, h["_k104"])
                                     else:
                                         # update = lerp(exp_avg, grad, 1 - nesterov_coef)
-                                        update = F.lerp(exp_avg, grad, h["_k97"])
+                                        update = F.lerp(exp_avg, grad, h["_k105"])
                                 else:
                                     # update = copy(exp_avg)
                                     update = F.copy(exp_avg)
@@ -2865,10 +3539,10 @@ def _device_step(h, param, grad, S):
                                 F.assign_(kourkoutas_sq, kourkoutas_sq_16)
                                 # exp_avg_sq_full = float32(exp_avg_sq_full) * input() + (1 - input()) * float32(grad) * float32(grad)
                                 exp_avg_sq_full_17 = F.float32(exp_avg_sq_full)
-                                exp_avg_sq_full_18 = F.mul(exp_avg_sq_full_17, h["_k98"])
+                                exp_avg_sq_full_18 = F.mul(exp_avg_sq_full_17, h["_k106"])
                                 exp_avg_sq_full_19 = F.float32(grad)
                                 exp_avg_sq_full_20 = F.float32(grad)
-                                F.addcmul_(exp_avg_sq_full_18, exp_avg_sq_full_19, exp_avg_sq_full_20, h["_k99"])
+                                F.addcmul_(exp_avg_sq_full_18, exp_avg_sq_full_19, exp_avg_sq_full_20, h["_k107"])
                                 exp_avg_sq_full = exp_avg_sq_full_18
                                 # exp_avg_sq_abs = abs(float32(exp_avg_sq_full))
                                 exp_avg_sq_abs_9 = F.float32(exp_avg_sq_full)
@@ -2886,10 +3560,10 @@ def _device_step(h, param, grad, S):
                             else:
                                 # exp_avg_sq_full = float32(exp_avg_sq_full) * beta2 + (1 - beta2) * float32(grad) * float32(grad)
                                 exp_avg_sq_full_21 = F.float32(exp_avg_sq_full)
-                                exp_avg_sq_full_22 = F.mul(exp_avg_sq_full_21, h["_k100"])
+                                exp_avg_sq_full_22 = F.mul(exp_avg_sq_full_21, h["_k108"])
                                 exp_avg_sq_full_23 = F.float32(grad)
                                 exp_avg_sq_full_24 = F.float32(grad)
-                                F.addcmul_(exp_avg_sq_full_22, exp_avg_sq_full_23, exp_avg_sq_full_24, h["_k101"])
+                                F.addcmul_(exp_avg_sq_full_22, exp_avg_sq_full_23, exp_avg_sq_full_24, h["_k109"])
                                 exp_avg_sq_full = exp_avg_sq_full_22
                                 # exp_avg_sq_abs = abs(float32(exp_avg_sq_full))
                                 exp_avg_sq_abs_10 = F.float32(exp_avg_sq_full)
@@ -2933,8 +3607,8 @@ def _device_step(h, param, grad, S):
                                     # spectral_sigma = vdot(spectral_u, spectral_ur)
                                     spectral_sigma = F.vdot(spectral_u, spectral_ur, kind="row")
                                     # update = spectral_x * (sqrt(rows / cols) / maximum(spectral_sigma, 1 / (sqrt(rows) + sqrt(cols))) * spectral_lr)
-                                    update_13 = F.maximum(spectral_sigma, h["_k102"])
-                                    F.rdiv_(update_13, h["_k103"])
+                                    update_13 = F.maximum(spectral_sigma, h["_k110"])
+                                    F.rdiv_(update_13, h["_k111"])
                                     F.mul_(update_13, h["spectral_lr"])
                                     update = F.mul(spectral_x, update_13)
                                 else:
@@ -2948,20 +3622,39 @@ def _device_step(h, param, grad, S):
                                 # if use_atan2:
                                 if h["_c8"]:
                                     # update = update * (lr * 1.2732395447351628)
-                                    F.mul_(update, h["_k104"])
+                                    F.mul_(update, h["_k112"])
                                 else:
                                     # update = update * lr
-                                    F.mul_(update, h["_k105"])
-                            # if stochastic_rounding and bf16 != 0:
+                                    F.mul_(update, h["_k113"])
+                            # if centered_wd != 0 and fisher_wd:
                             if h["_c15"]:
+                                # if use_atan2:
+                                if h["_c8"]:
+                                    # cwd_fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                                    cwd_fisher = F.atan2(wd_scaler, denom)
+                                    F.mul_(cwd_fisher, 1.2732395447351628)
+                                else:
+                                    # cwd_fisher = 1 / denom
+                                    cwd_fisher = F.rdiv(denom, 1)
+                                    # cwd_fisher = cwd_fisher / maximum(sqrt(mean((param * cwd_fisher) ** 2)) / 1.0, 1.0)
+                                    cwd_fisher_13 = F.mul(param, cwd_fisher)
+                                    F.pow_(cwd_fisher_13, 2)
+                                    cwd_fisher_14 = F.mean(cwd_fisher_13)
+                                    F.sqrt_(cwd_fisher_14)
+                                    F.div_(cwd_fisher_14, 1.0)
+                                    F.maximum_(cwd_fisher_14, 1.0)
+                                    cwd_fisher_15 = F.div(cwd_fisher, cwd_fisher_14)
+                                    cwd_fisher = cwd_fisher_15
+                            # if stochastic_rounding and bf16 != 0:
+                            if h["_c16"]:
                                 # param_fp32 = float32(param)
                                 param_fp32 = F.float32(param)
                                 # update_fp32 = float32(update)
                                 update_fp32 = F.float32(update)
                                 # if weight_decay != 0:
-                                if h["_c16"]:
+                                if h["_c17"]:
                                     # if fisher_wd:
-                                    if h["_c17"]:
+                                    if h["_c18"]:
                                         # if use_atan2:
                                         if h["_c8"]:
                                             # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
@@ -2980,57 +3673,88 @@ def _device_step(h, param, grad, S):
                                             fisher_27 = F.div(fisher, fisher_26)
                                             fisher = fisher_27
                                         # fisher = fisher * (weight_decay * lr)
-                                        F.mul_(fisher, h["_k106"])
+                                        F.mul_(fisher, h["_k114"])
                                         # if cautious_wd:
-                                        if h["_c18"]:
+                                        if h["_c19"]:
                                             # param_fp32 = param_fp32 - param_fp32 * (where(update_fp32 * param_fp32 >= 0, 1.0, 0.0) * fisher)
-                                            param_fp32_49 = F.mul(update_fp32, param_fp32)
-                                            param_fp32_50 = F.ge(param_fp32_49, 0)
-                                            param_fp32_51 = F.where(param_fp32_50, 1.0, 0.0, like=param)
-                                            F.mul_(param_fp32_51, fisher)
-                                            param_fp32_52 = F.addcmul(param_fp32, param_fp32, param_fp32_51, -1.0)
-                                            param_fp32 = param_fp32_52
+                                            param_fp32_65 = F.mul(update_fp32, param_fp32)
+                                            param_fp32_66 = F.ge(param_fp32_65, 0)
+                                            param_fp32_67 = F.where(param_fp32_66, 1.0, 0.0, like=param)
+                                            F.mul_(param_fp32_67, fisher)
+                                            param_fp32_68 = F.addcmul(param_fp32, param_fp32, param_fp32_67, -1.0)
+                                            param_fp32 = param_fp32_68
                                         else:
                                             # param_fp32 = param_fp32 - param_fp32 * fisher
                                             param_fp32 = F.addcmul(param_fp32, param_fp32, fisher, -1.0)
                                     else:
                                         # if cautious_wd:
-                                        if h["_c18"]:
+                                        if h["_c19"]:
                                             # param_fp32 = param_fp32 - weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
-                                            param_fp32_53 = F.mul(update_fp32, param_fp32)
-                                            param_fp32_54 = F.ge(param_fp32_53, 0)
-                                            param_fp32_55 = F.where(param_fp32_54, 1.0, 0.0, like=param)
-                                            param_fp32_56 = F.addcmul(param_fp32, param_fp32, param_fp32_55, h["_k107"])
-                                            param_fp32 = param_fp32_56
+                                            param_fp32_69 = F.mul(update_fp32, param_fp32)
+                                            param_fp32_70 = F.ge(param_fp32_69, 0)
+                                            param_fp32_71 = F.where(param_fp32_70, 1.0, 0.0, like=param)
+                                            param_fp32_72 = F.addcmul(param_fp32, param_fp32, param_fp32_71, h["_k115"])
+                                            param_fp32 = param_fp32_72
                                         else:
                                             # param_fp32 = param_fp32 - weight_decay * lr * param_fp32
-                                            param_fp32 = F.axpy(param_fp32, param_fp32, h["_k108"])
+                                            param_fp32 = F.axpy(param_fp32, param_fp32, h["_k116"])
                                 # if centered_wd != 0:
-                                if h["_c19"]:
-                                    # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                                    cwd_target_9 = F.cast(anchor_data, param_fp32)
-                                    cwd_target = F.sub(param_fp32, cwd_target_9)
-                                    # if cautious_wd:
-                                    if h["_c18"]:
-                                        # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
-                                        param_fp32_57 = F.mul(update_fp32, cwd_target)
-                                        param_fp32_58 = F.ge(param_fp32_57, 0)
-                                        param_fp32_59 = F.where(param_fp32_58, 1.0, 0.0, like=param)
-                                        param_fp32_60 = F.addcmul(param_fp32, cwd_target, param_fp32_59, h["_k109"])
-                                        param_fp32 = param_fp32_60
+                                if h["_c20"]:
+                                    # if centered_wd_mode == 'int8':
+                                    if h["_c21"]:
+                                        # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                        cwd_target_41 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                        cwd_target_42 = F.cast(cwd_target_41, param_fp32)
+                                        cwd_target = F.sub(param_fp32, cwd_target_42)
                                     else:
-                                        # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
-                                        param_fp32 = F.axpy(param_fp32, cwd_target, h["_k110"])
+                                        # if centered_wd_mode == 'int4':
+                                        if h["_c22"]:
+                                            # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                            cwd_target_43 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                            cwd_target_44 = F.cast(cwd_target_43, param_fp32)
+                                            cwd_target = F.sub(param_fp32, cwd_target_44)
+                                        else:
+                                            # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                            cwd_target_45 = F.cast(anchor_data, param_fp32)
+                                            cwd_target = F.sub(param_fp32, cwd_target_45)
+                                    # if fisher_wd:
+                                    if h["_c18"]:
+                                        # cwd_fisher_scaled = cwd_fisher * (centered_wd * lr)
+                                        cwd_fisher_scaled = F.mul(cwd_fisher, h["_k117"])
+                                        # if cautious_wd:
+                                        if h["_c19"]:
+                                            # param_fp32 = param_fp32 - cwd_target * (where(update_fp32 * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                                            param_fp32_73 = F.mul(update_fp32, cwd_target)
+                                            param_fp32_74 = F.ge(param_fp32_73, 0)
+                                            param_fp32_75 = F.where(param_fp32_74, 1.0, 0.0, like=param)
+                                            F.mul_(param_fp32_75, cwd_fisher_scaled)
+                                            param_fp32_76 = F.addcmul(param_fp32, cwd_target, param_fp32_75, -1.0)
+                                            param_fp32 = param_fp32_76
+                                        else:
+                                            # param_fp32 = param_fp32 - cwd_target * cwd_fisher_scaled
+                                            param_fp32 = F.addcmul(param_fp32, cwd_target, cwd_fisher_scaled, -1.0)
+                                    else:
+                                        # if cautious_wd:
+                                        if h["_c19"]:
+                                            # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                                            param_fp32_77 = F.mul(update_fp32, cwd_target)
+                                            param_fp32_78 = F.ge(param_fp32_77, 0)
+                                            param_fp32_79 = F.where(param_fp32_78, 1.0, 0.0, like=param)
+                                            param_fp32_80 = F.addcmul(param_fp32, cwd_target, param_fp32_79, h["_k118"])
+                                            param_fp32 = param_fp32_80
+                                        else:
+                                            # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
+                                            param_fp32 = F.axpy(param_fp32, cwd_target, h["_k119"])
                                 # param_fp32 = param_fp32 + -update_fp32
                                 param_fp32 = F.sub(param_fp32, update_fp32)
                                 # param = stochastic_round(param_fp32, step)
-                                param_57 = F.stochastic_round(param_fp32, h["_k111"])
-                                F.assign_(param, param_57)
+                                param_69 = F.stochastic_round(param_fp32, h["_k120"])
+                                F.assign_(param, param_69)
                             else:
                                 # if weight_decay != 0:
-                                if h["_c16"]:
+                                if h["_c17"]:
                                     # if fisher_wd:
-                                    if h["_c17"]:
+                                    if h["_c18"]:
                                         # if use_atan2:
                                         if h["_c8"]:
                                             # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
@@ -3049,55 +3773,85 @@ def _device_step(h, param, grad, S):
                                             fisher_30 = F.div(fisher, fisher_29)
                                             fisher = fisher_30
                                         # fisher = fisher * (weight_decay * lr)
-                                        F.mul_(fisher, h["_k112"])
+                                        F.mul_(fisher, h["_k121"])
                                         # if cautious_wd:
-                                        if h["_c18"]:
+                                        if h["_c19"]:
                                             # param = param - param * (where(update * param >= 0, 1.0, 0.0) * fisher)
-                                            param_58 = F.mul(update, param)
-                                            param_59 = F.ge(param_58, 0)
-                                            param_60 = F.where(param_59, 1.0, 0.0, like=param)
-                                            F.mul_(param_60, fisher)
-                                            param_61 = F.addcmul(param, param, param_60, -1.0)
-                                            F.assign_(param, param_61)
+                                            param_70 = F.mul(update, param)
+                                            param_71 = F.ge(param_70, 0)
+                                            param_72 = F.where(param_71, 1.0, 0.0, like=param)
+                                            F.mul_(param_72, fisher)
+                                            param_73 = F.addcmul(param, param, param_72, -1.0)
+                                            F.assign_(param, param_73)
                                         else:
                                             # param = param - param * fisher
-                                            param_62 = F.addcmul(param, param, fisher, -1.0)
-                                            F.assign_(param, param_62)
+                                            param_74 = F.addcmul(param, param, fisher, -1.0)
+                                            F.assign_(param, param_74)
                                     else:
                                         # if cautious_wd:
-                                        if h["_c18"]:
+                                        if h["_c19"]:
                                             # param = param - weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
-                                            param_63 = F.mul(update, param)
-                                            param_64 = F.ge(param_63, 0)
-                                            param_65 = F.where(param_64, 1.0, 0.0, like=param)
-                                            param_66 = F.addcmul(param, param, param_65, h["_k113"])
-                                            F.assign_(param, param_66)
+                                            param_75 = F.mul(update, param)
+                                            param_76 = F.ge(param_75, 0)
+                                            param_77 = F.where(param_76, 1.0, 0.0, like=param)
+                                            param_78 = F.addcmul(param, param, param_77, h["_k122"])
+                                            F.assign_(param, param_78)
                                         else:
                                             # param = param - weight_decay * lr * param
-                                            param_67 = F.axpy(param, param, h["_k114"])
-                                            F.assign_(param, param_67)
+                                            param_79 = F.axpy(param, param, h["_k123"])
+                                            F.assign_(param, param_79)
                                 # if centered_wd != 0:
-                                if h["_c19"]:
-                                    # cwd_target = param - cast(anchor_data, param)
-                                    cwd_target_10 = F.cast(anchor_data, param)
-                                    cwd_target = F.sub(param, cwd_target_10)
-                                    # if cautious_wd:
-                                    if h["_c18"]:
-                                        # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
-                                        param_68 = F.mul(update, cwd_target)
-                                        param_69 = F.ge(param_68, 0)
-                                        param_70 = F.where(param_69, 1.0, 0.0, like=param)
-                                        F.addcmul_(param, cwd_target, param_70, h["_k115"])
+                                if h["_c20"]:
+                                    # if centered_wd_mode == 'int8':
+                                    if h["_c21"]:
+                                        # cwd_target = param - cast(anchor_data, param)
+                                        cwd_target_46 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                        cwd_target_47 = F.cast(cwd_target_46, param)
+                                        cwd_target = F.sub(param, cwd_target_47)
                                     else:
-                                        # param = param - centered_wd * lr * cwd_target
-                                        F.axpy_(param, cwd_target, h["_k116"])
+                                        # if centered_wd_mode == 'int4':
+                                        if h["_c22"]:
+                                            # cwd_target = param - cast(anchor_data, param)
+                                            cwd_target_48 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                            cwd_target_49 = F.cast(cwd_target_48, param)
+                                            cwd_target = F.sub(param, cwd_target_49)
+                                        else:
+                                            # cwd_target = param - cast(anchor_data, param)
+                                            cwd_target_50 = F.cast(anchor_data, param)
+                                            cwd_target = F.sub(param, cwd_target_50)
+                                    # if fisher_wd:
+                                    if h["_c18"]:
+                                        # cwd_fisher_scaled = cwd_fisher * (centered_wd * lr)
+                                        cwd_fisher_scaled = F.mul(cwd_fisher, h["_k124"])
+                                        # if cautious_wd:
+                                        if h["_c19"]:
+                                            # param = param - cwd_target * (where(update * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                                            param_80 = F.mul(update, cwd_target)
+                                            param_81 = F.ge(param_80, 0)
+                                            param_82 = F.where(param_81, 1.0, 0.0, like=param)
+                                            F.mul_(param_82, cwd_fisher_scaled)
+                                            F.addcmul_(param, cwd_target, param_82, -1.0)
+                                        else:
+                                            # param = param - cwd_target * cwd_fisher_scaled
+                                            F.addcmul_(param, cwd_target, cwd_fisher_scaled, -1.0)
+                                    else:
+                                        # if cautious_wd:
+                                        if h["_c19"]:
+                                            # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                                            param_83 = F.mul(update, cwd_target)
+                                            param_84 = F.ge(param_83, 0)
+                                            param_85 = F.where(param_84, 1.0, 0.0, like=param)
+                                            F.addcmul_(param, cwd_target, param_85, h["_k125"])
+                                        else:
+                                            # param = param - centered_wd * lr * cwd_target
+                                            F.axpy_(param, cwd_target, h["_k126"])
                                 # param = param + -update
                                 F.sub_(param, update)
             else:
                 # if state_precision == 'bf16_sr' and not nnmf_factor:
-                if h["_c26"]:
+                if h["_c29"]:
                     # if step == 1:
-                    if h["_c30"]:
+                    if h["_c33"]:
                         # exp_avg_sq_work = grad * grad
                         exp_avg_sq_work = F.mul(grad, grad)
                         # exp_avg_sq = exp_avg_sq_work
@@ -3109,9 +3863,9 @@ def _device_step(h, param, grad, S):
                             kourkoutas_sq_18 = F.sum(kourkoutas_sq_17)
                             F.assign_(kourkoutas_sq, kourkoutas_sq_18)
                     # if step > 1 or use_atan2 or spectral_normalization:
-                    if h["_c31"]:
+                    if h["_c34"]:
                         # if beta1 > 0 and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape)) or not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape) or not (state_precision == 'factored' or nnmf_factor) and (factored_2nd and ((ndim != 1 or vector_reshape) and not (spectral_normalization and ndim >= 3)))):
-                        if h["_c27"]:
+                        if h["_c30"]:
                             # grad = float32(grad)
                             grad = F.float32(grad)
                         # if orthogonal_gradient == 'flattened' or orthogonal_gradient == 'iterative' and (ndim < 2 or param_attr('_is_dora_scale', False) or param_attr('is_vector', False)):
@@ -3169,13 +3923,13 @@ def _device_step(h, param, grad, S):
                         # if clip_lambda == 'step ** 0.25' and not use_atan2:
                         if h["_c9"]:
                             # normalized = clamp(normalized, -clip, clip)
-                            normalized = F.clamp(normalized, h["_k118"], h["clip"])
+                            normalized = F.clamp(normalized, h["_k128"], h["clip"])
                         # if beta1 > 0:
                         if h["_c10"]:
                             # exp_avg_work = exp_avg
                             exp_avg_work = F.decode("bf16_sr", False, {"": exp_avg})
                             # exp_avg_work = lerp(exp_avg_work, normalized, 1 - beta1)
-                            F.lerp_(exp_avg_work, normalized, h["_k119"])
+                            F.lerp_(exp_avg_work, normalized, h["_k129"])
                             # exp_avg = exp_avg_work
                             F.encode_("bf16_sr", False, {"": exp_avg}, exp_avg_work)
                             # if nesterov:
@@ -3183,10 +3937,10 @@ def _device_step(h, param, grad, S):
                                 # if nesterov_coef == None:
                                 if h["_c12"]:
                                     # update = lerp(exp_avg_work, grad, 1 - beta1)
-                                    update = F.lerp(exp_avg_work, grad, h["_k121"])
+                                    update = F.lerp(exp_avg_work, grad, h["_k131"])
                                 else:
                                     # update = lerp(exp_avg_work, grad, 1 - nesterov_coef)
-                                    update = F.lerp(exp_avg_work, grad, h["_k122"])
+                                    update = F.lerp(exp_avg_work, grad, h["_k132"])
                             else:
                                 # update = copy(exp_avg_work)
                                 update = F.copy(exp_avg_work)
@@ -3200,14 +3954,14 @@ def _device_step(h, param, grad, S):
                             kourkoutas_sq_20 = F.sum(kourkoutas_sq_19)
                             F.assign_(kourkoutas_sq, kourkoutas_sq_20)
                             # exp_avg_sq_work = exp_avg_sq_work * input() + (1 - input()) * grad * grad
-                            F.mul_(exp_avg_sq_work, h["_k123"])
-                            F.addcmul_(exp_avg_sq_work, grad, grad, h["_k124"])
+                            F.mul_(exp_avg_sq_work, h["_k133"])
+                            F.addcmul_(exp_avg_sq_work, grad, grad, h["_k134"])
                             # exp_avg_sq = exp_avg_sq_work
                             F.encode_("bf16_sr", True, {"": exp_avg_sq}, exp_avg_sq_work)
                         else:
                             # exp_avg_sq_work = exp_avg_sq_work * beta2 + (1 - beta2) * grad * grad
-                            F.mul_(exp_avg_sq_work, h["_k126"])
-                            F.addcmul_(exp_avg_sq_work, grad, grad, h["_k127"])
+                            F.mul_(exp_avg_sq_work, h["_k136"])
+                            F.addcmul_(exp_avg_sq_work, grad, grad, h["_k137"])
                             # exp_avg_sq = exp_avg_sq_work
                             F.encode_("bf16_sr", True, {"": exp_avg_sq}, exp_avg_sq_work)
                         # if spectral_normalization:
@@ -3239,8 +3993,8 @@ def _device_step(h, param, grad, S):
                                 # spectral_sigma = vdot(spectral_u, spectral_ur)
                                 spectral_sigma = F.vdot(spectral_u, spectral_ur, kind="row")
                                 # update = spectral_x * (sqrt(rows / cols) / maximum(spectral_sigma, 1 / (sqrt(rows) + sqrt(cols))) * spectral_lr)
-                                update_16 = F.maximum(spectral_sigma, h["_k129"])
-                                F.rdiv_(update_16, h["_k130"])
+                                update_16 = F.maximum(spectral_sigma, h["_k139"])
+                                F.rdiv_(update_16, h["_k140"])
                                 F.mul_(update_16, h["spectral_lr"])
                                 update = F.mul(spectral_x, update_16)
                             else:
@@ -3254,20 +4008,39 @@ def _device_step(h, param, grad, S):
                             # if use_atan2:
                             if h["_c8"]:
                                 # update = update * (lr * 1.2732395447351628)
-                                F.mul_(update, h["_k131"])
+                                F.mul_(update, h["_k141"])
                             else:
                                 # update = update * lr
-                                F.mul_(update, h["_k132"])
-                        # if stochastic_rounding and bf16 != 0:
+                                F.mul_(update, h["_k142"])
+                        # if centered_wd != 0 and fisher_wd:
                         if h["_c15"]:
+                            # if use_atan2:
+                            if h["_c8"]:
+                                # cwd_fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                                cwd_fisher = F.atan2(wd_scaler, denom)
+                                F.mul_(cwd_fisher, 1.2732395447351628)
+                            else:
+                                # cwd_fisher = 1 / denom
+                                cwd_fisher = F.rdiv(denom, 1)
+                                # cwd_fisher = cwd_fisher / maximum(sqrt(mean((param * cwd_fisher) ** 2)) / 1.0, 1.0)
+                                cwd_fisher_16 = F.mul(param, cwd_fisher)
+                                F.pow_(cwd_fisher_16, 2)
+                                cwd_fisher_17 = F.mean(cwd_fisher_16)
+                                F.sqrt_(cwd_fisher_17)
+                                F.div_(cwd_fisher_17, 1.0)
+                                F.maximum_(cwd_fisher_17, 1.0)
+                                cwd_fisher_18 = F.div(cwd_fisher, cwd_fisher_17)
+                                cwd_fisher = cwd_fisher_18
+                        # if stochastic_rounding and bf16 != 0:
+                        if h["_c16"]:
                             # param_fp32 = float32(param)
                             param_fp32 = F.float32(param)
                             # update_fp32 = float32(update)
                             update_fp32 = F.float32(update)
                             # if weight_decay != 0:
-                            if h["_c16"]:
+                            if h["_c17"]:
                                 # if fisher_wd:
-                                if h["_c17"]:
+                                if h["_c18"]:
                                     # if use_atan2:
                                     if h["_c8"]:
                                         # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
@@ -3286,57 +4059,88 @@ def _device_step(h, param, grad, S):
                                         fisher_33 = F.div(fisher, fisher_32)
                                         fisher = fisher_33
                                     # fisher = fisher * (weight_decay * lr)
-                                    F.mul_(fisher, h["_k133"])
+                                    F.mul_(fisher, h["_k143"])
                                     # if cautious_wd:
-                                    if h["_c18"]:
+                                    if h["_c19"]:
                                         # param_fp32 = param_fp32 - param_fp32 * (where(update_fp32 * param_fp32 >= 0, 1.0, 0.0) * fisher)
-                                        param_fp32_61 = F.mul(update_fp32, param_fp32)
-                                        param_fp32_62 = F.ge(param_fp32_61, 0)
-                                        param_fp32_63 = F.where(param_fp32_62, 1.0, 0.0, like=param)
-                                        F.mul_(param_fp32_63, fisher)
-                                        param_fp32_64 = F.addcmul(param_fp32, param_fp32, param_fp32_63, -1.0)
-                                        param_fp32 = param_fp32_64
+                                        param_fp32_81 = F.mul(update_fp32, param_fp32)
+                                        param_fp32_82 = F.ge(param_fp32_81, 0)
+                                        param_fp32_83 = F.where(param_fp32_82, 1.0, 0.0, like=param)
+                                        F.mul_(param_fp32_83, fisher)
+                                        param_fp32_84 = F.addcmul(param_fp32, param_fp32, param_fp32_83, -1.0)
+                                        param_fp32 = param_fp32_84
                                     else:
                                         # param_fp32 = param_fp32 - param_fp32 * fisher
                                         param_fp32 = F.addcmul(param_fp32, param_fp32, fisher, -1.0)
                                 else:
                                     # if cautious_wd:
-                                    if h["_c18"]:
+                                    if h["_c19"]:
                                         # param_fp32 = param_fp32 - weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
-                                        param_fp32_65 = F.mul(update_fp32, param_fp32)
-                                        param_fp32_66 = F.ge(param_fp32_65, 0)
-                                        param_fp32_67 = F.where(param_fp32_66, 1.0, 0.0, like=param)
-                                        param_fp32_68 = F.addcmul(param_fp32, param_fp32, param_fp32_67, h["_k134"])
-                                        param_fp32 = param_fp32_68
+                                        param_fp32_85 = F.mul(update_fp32, param_fp32)
+                                        param_fp32_86 = F.ge(param_fp32_85, 0)
+                                        param_fp32_87 = F.where(param_fp32_86, 1.0, 0.0, like=param)
+                                        param_fp32_88 = F.addcmul(param_fp32, param_fp32, param_fp32_87, h["_k144"])
+                                        param_fp32 = param_fp32_88
                                     else:
                                         # param_fp32 = param_fp32 - weight_decay * lr * param_fp32
-                                        param_fp32 = F.axpy(param_fp32, param_fp32, h["_k135"])
+                                        param_fp32 = F.axpy(param_fp32, param_fp32, h["_k145"])
                             # if centered_wd != 0:
-                            if h["_c19"]:
-                                # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                                cwd_target_11 = F.cast(anchor_data, param_fp32)
-                                cwd_target = F.sub(param_fp32, cwd_target_11)
-                                # if cautious_wd:
-                                if h["_c18"]:
-                                    # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
-                                    param_fp32_69 = F.mul(update_fp32, cwd_target)
-                                    param_fp32_70 = F.ge(param_fp32_69, 0)
-                                    param_fp32_71 = F.where(param_fp32_70, 1.0, 0.0, like=param)
-                                    param_fp32_72 = F.addcmul(param_fp32, cwd_target, param_fp32_71, h["_k136"])
-                                    param_fp32 = param_fp32_72
+                            if h["_c20"]:
+                                # if centered_wd_mode == 'int8':
+                                if h["_c21"]:
+                                    # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                    cwd_target_51 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                    cwd_target_52 = F.cast(cwd_target_51, param_fp32)
+                                    cwd_target = F.sub(param_fp32, cwd_target_52)
                                 else:
-                                    # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
-                                    param_fp32 = F.axpy(param_fp32, cwd_target, h["_k137"])
+                                    # if centered_wd_mode == 'int4':
+                                    if h["_c22"]:
+                                        # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                        cwd_target_53 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                        cwd_target_54 = F.cast(cwd_target_53, param_fp32)
+                                        cwd_target = F.sub(param_fp32, cwd_target_54)
+                                    else:
+                                        # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                        cwd_target_55 = F.cast(anchor_data, param_fp32)
+                                        cwd_target = F.sub(param_fp32, cwd_target_55)
+                                # if fisher_wd:
+                                if h["_c18"]:
+                                    # cwd_fisher_scaled = cwd_fisher * (centered_wd * lr)
+                                    cwd_fisher_scaled = F.mul(cwd_fisher, h["_k146"])
+                                    # if cautious_wd:
+                                    if h["_c19"]:
+                                        # param_fp32 = param_fp32 - cwd_target * (where(update_fp32 * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                                        param_fp32_89 = F.mul(update_fp32, cwd_target)
+                                        param_fp32_90 = F.ge(param_fp32_89, 0)
+                                        param_fp32_91 = F.where(param_fp32_90, 1.0, 0.0, like=param)
+                                        F.mul_(param_fp32_91, cwd_fisher_scaled)
+                                        param_fp32_92 = F.addcmul(param_fp32, cwd_target, param_fp32_91, -1.0)
+                                        param_fp32 = param_fp32_92
+                                    else:
+                                        # param_fp32 = param_fp32 - cwd_target * cwd_fisher_scaled
+                                        param_fp32 = F.addcmul(param_fp32, cwd_target, cwd_fisher_scaled, -1.0)
+                                else:
+                                    # if cautious_wd:
+                                    if h["_c19"]:
+                                        # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                                        param_fp32_93 = F.mul(update_fp32, cwd_target)
+                                        param_fp32_94 = F.ge(param_fp32_93, 0)
+                                        param_fp32_95 = F.where(param_fp32_94, 1.0, 0.0, like=param)
+                                        param_fp32_96 = F.addcmul(param_fp32, cwd_target, param_fp32_95, h["_k147"])
+                                        param_fp32 = param_fp32_96
+                                    else:
+                                        # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
+                                        param_fp32 = F.axpy(param_fp32, cwd_target, h["_k148"])
                             # param_fp32 = param_fp32 + -update_fp32
                             param_fp32 = F.sub(param_fp32, update_fp32)
                             # param = stochastic_round(param_fp32, step)
-                            param_71 = F.stochastic_round(param_fp32, h["_k138"])
-                            F.assign_(param, param_71)
+                            param_86 = F.stochastic_round(param_fp32, h["_k149"])
+                            F.assign_(param, param_86)
                         else:
                             # if weight_decay != 0:
-                            if h["_c16"]:
+                            if h["_c17"]:
                                 # if fisher_wd:
-                                if h["_c17"]:
+                                if h["_c18"]:
                                     # if use_atan2:
                                     if h["_c8"]:
                                         # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
@@ -3355,55 +4159,85 @@ def _device_step(h, param, grad, S):
                                         fisher_36 = F.div(fisher, fisher_35)
                                         fisher = fisher_36
                                     # fisher = fisher * (weight_decay * lr)
-                                    F.mul_(fisher, h["_k139"])
+                                    F.mul_(fisher, h["_k150"])
                                     # if cautious_wd:
-                                    if h["_c18"]:
+                                    if h["_c19"]:
                                         # param = param - param * (where(update * param >= 0, 1.0, 0.0) * fisher)
-                                        param_72 = F.mul(update, param)
-                                        param_73 = F.ge(param_72, 0)
-                                        param_74 = F.where(param_73, 1.0, 0.0, like=param)
-                                        F.mul_(param_74, fisher)
-                                        param_75 = F.addcmul(param, param, param_74, -1.0)
-                                        F.assign_(param, param_75)
+                                        param_87 = F.mul(update, param)
+                                        param_88 = F.ge(param_87, 0)
+                                        param_89 = F.where(param_88, 1.0, 0.0, like=param)
+                                        F.mul_(param_89, fisher)
+                                        param_90 = F.addcmul(param, param, param_89, -1.0)
+                                        F.assign_(param, param_90)
                                     else:
                                         # param = param - param * fisher
-                                        param_76 = F.addcmul(param, param, fisher, -1.0)
-                                        F.assign_(param, param_76)
+                                        param_91 = F.addcmul(param, param, fisher, -1.0)
+                                        F.assign_(param, param_91)
                                 else:
                                     # if cautious_wd:
-                                    if h["_c18"]:
+                                    if h["_c19"]:
                                         # param = param - weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
-                                        param_77 = F.mul(update, param)
-                                        param_78 = F.ge(param_77, 0)
-                                        param_79 = F.where(param_78, 1.0, 0.0, like=param)
-                                        param_80 = F.addcmul(param, param, param_79, h["_k140"])
-                                        F.assign_(param, param_80)
+                                        param_92 = F.mul(update, param)
+                                        param_93 = F.ge(param_92, 0)
+                                        param_94 = F.where(param_93, 1.0, 0.0, like=param)
+                                        param_95 = F.addcmul(param, param, param_94, h["_k151"])
+                                        F.assign_(param, param_95)
                                     else:
                                         # param = param - weight_decay * lr * param
-                                        param_81 = F.axpy(param, param, h["_k141"])
-                                        F.assign_(param, param_81)
+                                        param_96 = F.axpy(param, param, h["_k152"])
+                                        F.assign_(param, param_96)
                             # if centered_wd != 0:
-                            if h["_c19"]:
-                                # cwd_target = param - cast(anchor_data, param)
-                                cwd_target_12 = F.cast(anchor_data, param)
-                                cwd_target = F.sub(param, cwd_target_12)
-                                # if cautious_wd:
-                                if h["_c18"]:
-                                    # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
-                                    param_82 = F.mul(update, cwd_target)
-                                    param_83 = F.ge(param_82, 0)
-                                    param_84 = F.where(param_83, 1.0, 0.0, like=param)
-                                    F.addcmul_(param, cwd_target, param_84, h["_k142"])
+                            if h["_c20"]:
+                                # if centered_wd_mode == 'int8':
+                                if h["_c21"]:
+                                    # cwd_target = param - cast(anchor_data, param)
+                                    cwd_target_56 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                    cwd_target_57 = F.cast(cwd_target_56, param)
+                                    cwd_target = F.sub(param, cwd_target_57)
                                 else:
-                                    # param = param - centered_wd * lr * cwd_target
-                                    F.axpy_(param, cwd_target, h["_k143"])
+                                    # if centered_wd_mode == 'int4':
+                                    if h["_c22"]:
+                                        # cwd_target = param - cast(anchor_data, param)
+                                        cwd_target_58 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                        cwd_target_59 = F.cast(cwd_target_58, param)
+                                        cwd_target = F.sub(param, cwd_target_59)
+                                    else:
+                                        # cwd_target = param - cast(anchor_data, param)
+                                        cwd_target_60 = F.cast(anchor_data, param)
+                                        cwd_target = F.sub(param, cwd_target_60)
+                                # if fisher_wd:
+                                if h["_c18"]:
+                                    # cwd_fisher_scaled = cwd_fisher * (centered_wd * lr)
+                                    cwd_fisher_scaled = F.mul(cwd_fisher, h["_k153"])
+                                    # if cautious_wd:
+                                    if h["_c19"]:
+                                        # param = param - cwd_target * (where(update * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                                        param_97 = F.mul(update, cwd_target)
+                                        param_98 = F.ge(param_97, 0)
+                                        param_99 = F.where(param_98, 1.0, 0.0, like=param)
+                                        F.mul_(param_99, cwd_fisher_scaled)
+                                        F.addcmul_(param, cwd_target, param_99, -1.0)
+                                    else:
+                                        # param = param - cwd_target * cwd_fisher_scaled
+                                        F.addcmul_(param, cwd_target, cwd_fisher_scaled, -1.0)
+                                else:
+                                    # if cautious_wd:
+                                    if h["_c19"]:
+                                        # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                                        param_100 = F.mul(update, cwd_target)
+                                        param_101 = F.ge(param_100, 0)
+                                        param_102 = F.where(param_101, 1.0, 0.0, like=param)
+                                        F.addcmul_(param, cwd_target, param_102, h["_k154"])
+                                    else:
+                                        # param = param - centered_wd * lr * cwd_target
+                                        F.axpy_(param, cwd_target, h["_k155"])
                             # param = param + -update
                             F.sub_(param, update)
                 else:
                     # if state_precision == 'int8_sr' and not nnmf_factor:
-                    if h["_c28"]:
+                    if h["_c31"]:
                         # if step == 1:
-                        if h["_c32"]:
+                        if h["_c35"]:
                             # exp_avg_sq_work = grad * grad
                             exp_avg_sq_work = F.mul(grad, grad)
                             # exp_avg_sq = exp_avg_sq_work
@@ -3415,9 +4249,9 @@ def _device_step(h, param, grad, S):
                                 kourkoutas_sq_22 = F.sum(kourkoutas_sq_21)
                                 F.assign_(kourkoutas_sq, kourkoutas_sq_22)
                         # if step > 1 or use_atan2 or spectral_normalization:
-                        if h["_c33"]:
+                        if h["_c36"]:
                             # if beta1 > 0 and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape)) or not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape) or not (state_precision == 'factored' or nnmf_factor) and (factored_2nd and ((ndim != 1 or vector_reshape) and not (spectral_normalization and ndim >= 3)))):
-                            if h["_c27"]:
+                            if h["_c30"]:
                                 # grad = float32(grad)
                                 grad = F.float32(grad)
                             # if orthogonal_gradient == 'flattened' or orthogonal_gradient == 'iterative' and (ndim < 2 or param_attr('_is_dora_scale', False) or param_attr('is_vector', False)):
@@ -3475,13 +4309,13 @@ def _device_step(h, param, grad, S):
                             # if clip_lambda == 'step ** 0.25' and not use_atan2:
                             if h["_c9"]:
                                 # normalized = clamp(normalized, -clip, clip)
-                                normalized = F.clamp(normalized, h["_k145"], h["clip"])
+                                normalized = F.clamp(normalized, h["_k157"], h["clip"])
                             # if beta1 > 0:
                             if h["_c10"]:
                                 # exp_avg_work = exp_avg
                                 exp_avg_work = F.decode("int8_sr", False, {"": exp_avg, "_scale": exp_avg_scale})
                                 # exp_avg_work = lerp(exp_avg_work, normalized, 1 - beta1)
-                                F.lerp_(exp_avg_work, normalized, h["_k146"])
+                                F.lerp_(exp_avg_work, normalized, h["_k158"])
                                 # exp_avg = exp_avg_work
                                 F.encode_("int8_sr", False, {"": exp_avg, "_scale": exp_avg_scale}, exp_avg_work)
                                 # if nesterov:
@@ -3489,10 +4323,10 @@ def _device_step(h, param, grad, S):
                                     # if nesterov_coef == None:
                                     if h["_c12"]:
                                         # update = lerp(exp_avg_work, grad, 1 - beta1)
-                                        update = F.lerp(exp_avg_work, grad, h["_k148"])
+                                        update = F.lerp(exp_avg_work, grad, h["_k160"])
                                     else:
                                         # update = lerp(exp_avg_work, grad, 1 - nesterov_coef)
-                                        update = F.lerp(exp_avg_work, grad, h["_k149"])
+                                        update = F.lerp(exp_avg_work, grad, h["_k161"])
                                 else:
                                     # update = copy(exp_avg_work)
                                     update = F.copy(exp_avg_work)
@@ -3506,14 +4340,14 @@ def _device_step(h, param, grad, S):
                                 kourkoutas_sq_24 = F.sum(kourkoutas_sq_23)
                                 F.assign_(kourkoutas_sq, kourkoutas_sq_24)
                                 # exp_avg_sq_work = exp_avg_sq_work * input() + (1 - input()) * grad * grad
-                                F.mul_(exp_avg_sq_work, h["_k150"])
-                                F.addcmul_(exp_avg_sq_work, grad, grad, h["_k151"])
+                                F.mul_(exp_avg_sq_work, h["_k162"])
+                                F.addcmul_(exp_avg_sq_work, grad, grad, h["_k163"])
                                 # exp_avg_sq = exp_avg_sq_work
                                 F.encode_("int8_sr", True, {"": exp_avg_sq, "_scale": exp_avg_sq_scale}, exp_avg_sq_work)
                             else:
                                 # exp_avg_sq_work = exp_avg_sq_work * beta2 + (1 - beta2) * grad * grad
-                                F.mul_(exp_avg_sq_work, h["_k153"])
-                                F.addcmul_(exp_avg_sq_work, grad, grad, h["_k154"])
+                                F.mul_(exp_avg_sq_work, h["_k165"])
+                                F.addcmul_(exp_avg_sq_work, grad, grad, h["_k166"])
                                 # exp_avg_sq = exp_avg_sq_work
                                 F.encode_("int8_sr", True, {"": exp_avg_sq, "_scale": exp_avg_sq_scale}, exp_avg_sq_work)
                             # if spectral_normalization:
@@ -3545,8 +4379,8 @@ def _device_step(h, param, grad, S):
                                     # spectral_sigma = vdot(spectral_u, spectral_ur)
                                     spectral_sigma = F.vdot(spectral_u, spectral_ur, kind="row")
                                     # update = spectral_x * (sqrt(rows / cols) / maximum(spectral_sigma, 1 / (sqrt(rows) + sqrt(cols))) * spectral_lr)
-                                    update_19 = F.maximum(spectral_sigma, h["_k156"])
-                                    F.rdiv_(update_19, h["_k157"])
+                                    update_19 = F.maximum(spectral_sigma, h["_k168"])
+                                    F.rdiv_(update_19, h["_k169"])
                                     F.mul_(update_19, h["spectral_lr"])
                                     update = F.mul(spectral_x, update_19)
                                 else:
@@ -3560,20 +4394,39 @@ def _device_step(h, param, grad, S):
                                 # if use_atan2:
                                 if h["_c8"]:
                                     # update = update * (lr * 1.2732395447351628)
-                                    F.mul_(update, h["_k158"])
+                                    F.mul_(update, h["_k170"])
                                 else:
                                     # update = update * lr
-                                    F.mul_(update, h["_k159"])
-                            # if stochastic_rounding and bf16 != 0:
+                                    F.mul_(update, h["_k171"])
+                            # if centered_wd != 0 and fisher_wd:
                             if h["_c15"]:
+                                # if use_atan2:
+                                if h["_c8"]:
+                                    # cwd_fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                                    cwd_fisher = F.atan2(wd_scaler, denom)
+                                    F.mul_(cwd_fisher, 1.2732395447351628)
+                                else:
+                                    # cwd_fisher = 1 / denom
+                                    cwd_fisher = F.rdiv(denom, 1)
+                                    # cwd_fisher = cwd_fisher / maximum(sqrt(mean((param * cwd_fisher) ** 2)) / 1.0, 1.0)
+                                    cwd_fisher_19 = F.mul(param, cwd_fisher)
+                                    F.pow_(cwd_fisher_19, 2)
+                                    cwd_fisher_20 = F.mean(cwd_fisher_19)
+                                    F.sqrt_(cwd_fisher_20)
+                                    F.div_(cwd_fisher_20, 1.0)
+                                    F.maximum_(cwd_fisher_20, 1.0)
+                                    cwd_fisher_21 = F.div(cwd_fisher, cwd_fisher_20)
+                                    cwd_fisher = cwd_fisher_21
+                            # if stochastic_rounding and bf16 != 0:
+                            if h["_c16"]:
                                 # param_fp32 = float32(param)
                                 param_fp32 = F.float32(param)
                                 # update_fp32 = float32(update)
                                 update_fp32 = F.float32(update)
                                 # if weight_decay != 0:
-                                if h["_c16"]:
+                                if h["_c17"]:
                                     # if fisher_wd:
-                                    if h["_c17"]:
+                                    if h["_c18"]:
                                         # if use_atan2:
                                         if h["_c8"]:
                                             # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
@@ -3592,57 +4445,88 @@ def _device_step(h, param, grad, S):
                                             fisher_39 = F.div(fisher, fisher_38)
                                             fisher = fisher_39
                                         # fisher = fisher * (weight_decay * lr)
-                                        F.mul_(fisher, h["_k160"])
+                                        F.mul_(fisher, h["_k172"])
                                         # if cautious_wd:
-                                        if h["_c18"]:
+                                        if h["_c19"]:
                                             # param_fp32 = param_fp32 - param_fp32 * (where(update_fp32 * param_fp32 >= 0, 1.0, 0.0) * fisher)
-                                            param_fp32_73 = F.mul(update_fp32, param_fp32)
-                                            param_fp32_74 = F.ge(param_fp32_73, 0)
-                                            param_fp32_75 = F.where(param_fp32_74, 1.0, 0.0, like=param)
-                                            F.mul_(param_fp32_75, fisher)
-                                            param_fp32_76 = F.addcmul(param_fp32, param_fp32, param_fp32_75, -1.0)
-                                            param_fp32 = param_fp32_76
+                                            param_fp32_97 = F.mul(update_fp32, param_fp32)
+                                            param_fp32_98 = F.ge(param_fp32_97, 0)
+                                            param_fp32_99 = F.where(param_fp32_98, 1.0, 0.0, like=param)
+                                            F.mul_(param_fp32_99, fisher)
+                                            param_fp32_100 = F.addcmul(param_fp32, param_fp32, param_fp32_99, -1.0)
+                                            param_fp32 = param_fp32_100
                                         else:
                                             # param_fp32 = param_fp32 - param_fp32 * fisher
                                             param_fp32 = F.addcmul(param_fp32, param_fp32, fisher, -1.0)
                                     else:
                                         # if cautious_wd:
-                                        if h["_c18"]:
+                                        if h["_c19"]:
                                             # param_fp32 = param_fp32 - weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
-                                            param_fp32_77 = F.mul(update_fp32, param_fp32)
-                                            param_fp32_78 = F.ge(param_fp32_77, 0)
-                                            param_fp32_79 = F.where(param_fp32_78, 1.0, 0.0, like=param)
-                                            param_fp32_80 = F.addcmul(param_fp32, param_fp32, param_fp32_79, h["_k161"])
-                                            param_fp32 = param_fp32_80
+                                            param_fp32_101 = F.mul(update_fp32, param_fp32)
+                                            param_fp32_102 = F.ge(param_fp32_101, 0)
+                                            param_fp32_103 = F.where(param_fp32_102, 1.0, 0.0, like=param)
+                                            param_fp32_104 = F.addcmul(param_fp32, param_fp32, param_fp32_103, h["_k173"])
+                                            param_fp32 = param_fp32_104
                                         else:
                                             # param_fp32 = param_fp32 - weight_decay * lr * param_fp32
-                                            param_fp32 = F.axpy(param_fp32, param_fp32, h["_k162"])
+                                            param_fp32 = F.axpy(param_fp32, param_fp32, h["_k174"])
                                 # if centered_wd != 0:
-                                if h["_c19"]:
-                                    # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                                    cwd_target_13 = F.cast(anchor_data, param_fp32)
-                                    cwd_target = F.sub(param_fp32, cwd_target_13)
-                                    # if cautious_wd:
-                                    if h["_c18"]:
-                                        # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
-                                        param_fp32_81 = F.mul(update_fp32, cwd_target)
-                                        param_fp32_82 = F.ge(param_fp32_81, 0)
-                                        param_fp32_83 = F.where(param_fp32_82, 1.0, 0.0, like=param)
-                                        param_fp32_84 = F.addcmul(param_fp32, cwd_target, param_fp32_83, h["_k163"])
-                                        param_fp32 = param_fp32_84
+                                if h["_c20"]:
+                                    # if centered_wd_mode == 'int8':
+                                    if h["_c21"]:
+                                        # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                        cwd_target_61 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                        cwd_target_62 = F.cast(cwd_target_61, param_fp32)
+                                        cwd_target = F.sub(param_fp32, cwd_target_62)
                                     else:
-                                        # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
-                                        param_fp32 = F.axpy(param_fp32, cwd_target, h["_k164"])
+                                        # if centered_wd_mode == 'int4':
+                                        if h["_c22"]:
+                                            # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                            cwd_target_63 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                            cwd_target_64 = F.cast(cwd_target_63, param_fp32)
+                                            cwd_target = F.sub(param_fp32, cwd_target_64)
+                                        else:
+                                            # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                            cwd_target_65 = F.cast(anchor_data, param_fp32)
+                                            cwd_target = F.sub(param_fp32, cwd_target_65)
+                                    # if fisher_wd:
+                                    if h["_c18"]:
+                                        # cwd_fisher_scaled = cwd_fisher * (centered_wd * lr)
+                                        cwd_fisher_scaled = F.mul(cwd_fisher, h["_k175"])
+                                        # if cautious_wd:
+                                        if h["_c19"]:
+                                            # param_fp32 = param_fp32 - cwd_target * (where(update_fp32 * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                                            param_fp32_105 = F.mul(update_fp32, cwd_target)
+                                            param_fp32_106 = F.ge(param_fp32_105, 0)
+                                            param_fp32_107 = F.where(param_fp32_106, 1.0, 0.0, like=param)
+                                            F.mul_(param_fp32_107, cwd_fisher_scaled)
+                                            param_fp32_108 = F.addcmul(param_fp32, cwd_target, param_fp32_107, -1.0)
+                                            param_fp32 = param_fp32_108
+                                        else:
+                                            # param_fp32 = param_fp32 - cwd_target * cwd_fisher_scaled
+                                            param_fp32 = F.addcmul(param_fp32, cwd_target, cwd_fisher_scaled, -1.0)
+                                    else:
+                                        # if cautious_wd:
+                                        if h["_c19"]:
+                                            # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                                            param_fp32_109 = F.mul(update_fp32, cwd_target)
+                                            param_fp32_110 = F.ge(param_fp32_109, 0)
+                                            param_fp32_111 = F.where(param_fp32_110, 1.0, 0.0, like=param)
+                                            param_fp32_112 = F.addcmul(param_fp32, cwd_target, param_fp32_111, h["_k176"])
+                                            param_fp32 = param_fp32_112
+                                        else:
+                                            # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
+                                            param_fp32 = F.axpy(param_fp32, cwd_target, h["_k177"])
                                 # param_fp32 = param_fp32 + -update_fp32
                                 param_fp32 = F.sub(param_fp32, update_fp32)
                                 # param = stochastic_round(param_fp32, step)
-                                param_85 = F.stochastic_round(param_fp32, h["_k165"])
-                                F.assign_(param, param_85)
+                                param_103 = F.stochastic_round(param_fp32, h["_k178"])
+                                F.assign_(param, param_103)
                             else:
                                 # if weight_decay != 0:
-                                if h["_c16"]:
+                                if h["_c17"]:
                                     # if fisher_wd:
-                                    if h["_c17"]:
+                                    if h["_c18"]:
                                         # if use_atan2:
                                         if h["_c8"]:
                                             # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
@@ -3661,53 +4545,83 @@ def _device_step(h, param, grad, S):
                                             fisher_42 = F.div(fisher, fisher_41)
                                             fisher = fisher_42
                                         # fisher = fisher * (weight_decay * lr)
-                                        F.mul_(fisher, h["_k166"])
+                                        F.mul_(fisher, h["_k179"])
                                         # if cautious_wd:
-                                        if h["_c18"]:
+                                        if h["_c19"]:
                                             # param = param - param * (where(update * param >= 0, 1.0, 0.0) * fisher)
-                                            param_86 = F.mul(update, param)
-                                            param_87 = F.ge(param_86, 0)
-                                            param_88 = F.where(param_87, 1.0, 0.0, like=param)
-                                            F.mul_(param_88, fisher)
-                                            param_89 = F.addcmul(param, param, param_88, -1.0)
-                                            F.assign_(param, param_89)
+                                            param_104 = F.mul(update, param)
+                                            param_105 = F.ge(param_104, 0)
+                                            param_106 = F.where(param_105, 1.0, 0.0, like=param)
+                                            F.mul_(param_106, fisher)
+                                            param_107 = F.addcmul(param, param, param_106, -1.0)
+                                            F.assign_(param, param_107)
                                         else:
                                             # param = param - param * fisher
-                                            param_90 = F.addcmul(param, param, fisher, -1.0)
-                                            F.assign_(param, param_90)
+                                            param_108 = F.addcmul(param, param, fisher, -1.0)
+                                            F.assign_(param, param_108)
                                     else:
                                         # if cautious_wd:
-                                        if h["_c18"]:
+                                        if h["_c19"]:
                                             # param = param - weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
-                                            param_91 = F.mul(update, param)
-                                            param_92 = F.ge(param_91, 0)
-                                            param_93 = F.where(param_92, 1.0, 0.0, like=param)
-                                            param_94 = F.addcmul(param, param, param_93, h["_k167"])
-                                            F.assign_(param, param_94)
+                                            param_109 = F.mul(update, param)
+                                            param_110 = F.ge(param_109, 0)
+                                            param_111 = F.where(param_110, 1.0, 0.0, like=param)
+                                            param_112 = F.addcmul(param, param, param_111, h["_k180"])
+                                            F.assign_(param, param_112)
                                         else:
                                             # param = param - weight_decay * lr * param
-                                            param_95 = F.axpy(param, param, h["_k168"])
-                                            F.assign_(param, param_95)
+                                            param_113 = F.axpy(param, param, h["_k181"])
+                                            F.assign_(param, param_113)
                                 # if centered_wd != 0:
-                                if h["_c19"]:
-                                    # cwd_target = param - cast(anchor_data, param)
-                                    cwd_target_14 = F.cast(anchor_data, param)
-                                    cwd_target = F.sub(param, cwd_target_14)
-                                    # if cautious_wd:
-                                    if h["_c18"]:
-                                        # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
-                                        param_96 = F.mul(update, cwd_target)
-                                        param_97 = F.ge(param_96, 0)
-                                        param_98 = F.where(param_97, 1.0, 0.0, like=param)
-                                        F.addcmul_(param, cwd_target, param_98, h["_k169"])
+                                if h["_c20"]:
+                                    # if centered_wd_mode == 'int8':
+                                    if h["_c21"]:
+                                        # cwd_target = param - cast(anchor_data, param)
+                                        cwd_target_66 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                        cwd_target_67 = F.cast(cwd_target_66, param)
+                                        cwd_target = F.sub(param, cwd_target_67)
                                     else:
-                                        # param = param - centered_wd * lr * cwd_target
-                                        F.axpy_(param, cwd_target, h["_k170"])
+                                        # if centered_wd_mode == 'int4':
+                                        if h["_c22"]:
+                                            # cwd_target = param - cast(anchor_data, param)
+                                            cwd_target_68 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                            cwd_target_69 = F.cast(cwd_target_68, param)
+                                            cwd_target = F.sub(param, cwd_target_69)
+                                        else:
+                                            # cwd_target = param - cast(anchor_data, param)
+                                            cwd_target_70 = F.cast(anchor_data, param)
+                                            cwd_target = F.sub(param, cwd_target_70)
+                                    # if fisher_wd:
+                                    if h["_c18"]:
+                                        # cwd_fisher_scaled = cwd_fisher * (centered_wd * lr)
+                                        cwd_fisher_scaled = F.mul(cwd_fisher, h["_k182"])
+                                        # if cautious_wd:
+                                        if h["_c19"]:
+                                            # param = param - cwd_target * (where(update * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                                            param_114 = F.mul(update, cwd_target)
+                                            param_115 = F.ge(param_114, 0)
+                                            param_116 = F.where(param_115, 1.0, 0.0, like=param)
+                                            F.mul_(param_116, cwd_fisher_scaled)
+                                            F.addcmul_(param, cwd_target, param_116, -1.0)
+                                        else:
+                                            # param = param - cwd_target * cwd_fisher_scaled
+                                            F.addcmul_(param, cwd_target, cwd_fisher_scaled, -1.0)
+                                    else:
+                                        # if cautious_wd:
+                                        if h["_c19"]:
+                                            # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                                            param_117 = F.mul(update, cwd_target)
+                                            param_118 = F.ge(param_117, 0)
+                                            param_119 = F.where(param_118, 1.0, 0.0, like=param)
+                                            F.addcmul_(param, cwd_target, param_119, h["_k183"])
+                                        else:
+                                            # param = param - centered_wd * lr * cwd_target
+                                            F.axpy_(param, cwd_target, h["_k184"])
                                 # param = param + -update
                                 F.sub_(param, update)
                     else:
                         # if step == 1:
-                        if h["_c34"]:
+                        if h["_c37"]:
                             # exp_avg_sq = grad * grad
                             exp_avg_sq_2 = F.mul(grad, grad)
                             F.assign_(exp_avg_sq, exp_avg_sq_2)
@@ -3718,9 +4632,9 @@ def _device_step(h, param, grad, S):
                                 kourkoutas_sq_26 = F.sum(kourkoutas_sq_25)
                                 F.assign_(kourkoutas_sq, kourkoutas_sq_26)
                         # if step > 1 or use_atan2 or spectral_normalization:
-                        if h["_c35"]:
+                        if h["_c38"]:
                             # if (state_precision == 'fp32' and not nnmf_factor) and (beta1 > 0 and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape)) or not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape) or not (state_precision == 'factored' or nnmf_factor) and (factored_2nd and ((ndim != 1 or vector_reshape) and not (spectral_normalization and ndim >= 3))))):
-                            if h["_c29"]:
+                            if h["_c32"]:
                                 # grad = float32(grad)
                                 grad = F.float32(grad)
                             # if orthogonal_gradient == 'flattened' or orthogonal_gradient == 'iterative' and (ndim < 2 or param_attr('_is_dora_scale', False) or param_attr('is_vector', False)):
@@ -3774,20 +4688,20 @@ def _device_step(h, param, grad, S):
                             # if clip_lambda == 'step ** 0.25' and not use_atan2:
                             if h["_c9"]:
                                 # normalized = clamp(normalized, -clip, clip)
-                                normalized = F.clamp(normalized, h["_k171"], h["clip"])
+                                normalized = F.clamp(normalized, h["_k185"], h["clip"])
                             # if beta1 > 0:
                             if h["_c10"]:
                                 # exp_avg = lerp(exp_avg, normalized, 1 - beta1)
-                                F.lerp_(exp_avg, normalized, h["_k172"])
+                                F.lerp_(exp_avg, normalized, h["_k186"])
                                 # if nesterov:
                                 if h["_c11"]:
                                     # if nesterov_coef == None:
                                     if h["_c12"]:
                                         # update = lerp(exp_avg, grad, 1 - beta1)
-                                        update = F.lerp(exp_avg, grad, h["_k173"])
+                                        update = F.lerp(exp_avg, grad, h["_k187"])
                                     else:
                                         # update = lerp(exp_avg, grad, 1 - nesterov_coef)
-                                        update = F.lerp(exp_avg, grad, h["_k174"])
+                                        update = F.lerp(exp_avg, grad, h["_k188"])
                                 else:
                                     # update = copy(exp_avg)
                                     update = F.copy(exp_avg)
@@ -3801,12 +4715,12 @@ def _device_step(h, param, grad, S):
                                 kourkoutas_sq_28 = F.sum(kourkoutas_sq_27)
                                 F.assign_(kourkoutas_sq, kourkoutas_sq_28)
                                 # exp_avg_sq = exp_avg_sq * input() + (1 - input()) * grad * grad
-                                F.mul_(exp_avg_sq, h["_k175"])
-                                F.addcmul_(exp_avg_sq, grad, grad, h["_k176"])
+                                F.mul_(exp_avg_sq, h["_k189"])
+                                F.addcmul_(exp_avg_sq, grad, grad, h["_k190"])
                             else:
                                 # exp_avg_sq = exp_avg_sq * beta2 + (1 - beta2) * grad * grad
-                                F.mul_(exp_avg_sq, h["_k177"])
-                                F.addcmul_(exp_avg_sq, grad, grad, h["_k178"])
+                                F.mul_(exp_avg_sq, h["_k191"])
+                                F.addcmul_(exp_avg_sq, grad, grad, h["_k192"])
                             # if spectral_normalization:
                             if h["_c13"]:
                                 # if ndim >= 2:
@@ -3836,8 +4750,8 @@ def _device_step(h, param, grad, S):
                                     # spectral_sigma = vdot(spectral_u, spectral_ur)
                                     spectral_sigma = F.vdot(spectral_u, spectral_ur, kind="row")
                                     # update = spectral_x * (sqrt(rows / cols) / maximum(spectral_sigma, 1 / (sqrt(rows) + sqrt(cols))) * spectral_lr)
-                                    update_22 = F.maximum(spectral_sigma, h["_k179"])
-                                    F.rdiv_(update_22, h["_k180"])
+                                    update_22 = F.maximum(spectral_sigma, h["_k193"])
+                                    F.rdiv_(update_22, h["_k194"])
                                     F.mul_(update_22, h["spectral_lr"])
                                     update = F.mul(spectral_x, update_22)
                                 else:
@@ -3851,20 +4765,39 @@ def _device_step(h, param, grad, S):
                                 # if use_atan2:
                                 if h["_c8"]:
                                     # update = update * (lr * 1.2732395447351628)
-                                    F.mul_(update, h["_k181"])
+                                    F.mul_(update, h["_k195"])
                                 else:
                                     # update = update * lr
-                                    F.mul_(update, h["_k182"])
-                            # if stochastic_rounding and bf16 != 0:
+                                    F.mul_(update, h["_k196"])
+                            # if centered_wd != 0 and fisher_wd:
                             if h["_c15"]:
+                                # if use_atan2:
+                                if h["_c8"]:
+                                    # cwd_fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                                    cwd_fisher = F.atan2(wd_scaler, denom)
+                                    F.mul_(cwd_fisher, 1.2732395447351628)
+                                else:
+                                    # cwd_fisher = 1 / denom
+                                    cwd_fisher = F.rdiv(denom, 1)
+                                    # cwd_fisher = cwd_fisher / maximum(sqrt(mean((param * cwd_fisher) ** 2)) / 1.0, 1.0)
+                                    cwd_fisher_22 = F.mul(param, cwd_fisher)
+                                    F.pow_(cwd_fisher_22, 2)
+                                    cwd_fisher_23 = F.mean(cwd_fisher_22)
+                                    F.sqrt_(cwd_fisher_23)
+                                    F.div_(cwd_fisher_23, 1.0)
+                                    F.maximum_(cwd_fisher_23, 1.0)
+                                    cwd_fisher_24 = F.div(cwd_fisher, cwd_fisher_23)
+                                    cwd_fisher = cwd_fisher_24
+                            # if stochastic_rounding and bf16 != 0:
+                            if h["_c16"]:
                                 # param_fp32 = float32(param)
                                 param_fp32 = F.float32(param)
                                 # update_fp32 = float32(update)
                                 update_fp32 = F.float32(update)
                                 # if weight_decay != 0:
-                                if h["_c16"]:
+                                if h["_c17"]:
                                     # if fisher_wd:
-                                    if h["_c17"]:
+                                    if h["_c18"]:
                                         # if use_atan2:
                                         if h["_c8"]:
                                             # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
@@ -3883,57 +4816,88 @@ def _device_step(h, param, grad, S):
                                             fisher_45 = F.div(fisher, fisher_44)
                                             fisher = fisher_45
                                         # fisher = fisher * (weight_decay * lr)
-                                        F.mul_(fisher, h["_k183"])
+                                        F.mul_(fisher, h["_k197"])
                                         # if cautious_wd:
-                                        if h["_c18"]:
+                                        if h["_c19"]:
                                             # param_fp32 = param_fp32 - param_fp32 * (where(update_fp32 * param_fp32 >= 0, 1.0, 0.0) * fisher)
-                                            param_fp32_85 = F.mul(update_fp32, param_fp32)
-                                            param_fp32_86 = F.ge(param_fp32_85, 0)
-                                            param_fp32_87 = F.where(param_fp32_86, 1.0, 0.0, like=param)
-                                            F.mul_(param_fp32_87, fisher)
-                                            param_fp32_88 = F.addcmul(param_fp32, param_fp32, param_fp32_87, -1.0)
-                                            param_fp32 = param_fp32_88
+                                            param_fp32_113 = F.mul(update_fp32, param_fp32)
+                                            param_fp32_114 = F.ge(param_fp32_113, 0)
+                                            param_fp32_115 = F.where(param_fp32_114, 1.0, 0.0, like=param)
+                                            F.mul_(param_fp32_115, fisher)
+                                            param_fp32_116 = F.addcmul(param_fp32, param_fp32, param_fp32_115, -1.0)
+                                            param_fp32 = param_fp32_116
                                         else:
                                             # param_fp32 = param_fp32 - param_fp32 * fisher
                                             param_fp32 = F.addcmul(param_fp32, param_fp32, fisher, -1.0)
                                     else:
                                         # if cautious_wd:
-                                        if h["_c18"]:
+                                        if h["_c19"]:
                                             # param_fp32 = param_fp32 - weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
-                                            param_fp32_89 = F.mul(update_fp32, param_fp32)
-                                            param_fp32_90 = F.ge(param_fp32_89, 0)
-                                            param_fp32_91 = F.where(param_fp32_90, 1.0, 0.0, like=param)
-                                            param_fp32_92 = F.addcmul(param_fp32, param_fp32, param_fp32_91, h["_k184"])
-                                            param_fp32 = param_fp32_92
+                                            param_fp32_117 = F.mul(update_fp32, param_fp32)
+                                            param_fp32_118 = F.ge(param_fp32_117, 0)
+                                            param_fp32_119 = F.where(param_fp32_118, 1.0, 0.0, like=param)
+                                            param_fp32_120 = F.addcmul(param_fp32, param_fp32, param_fp32_119, h["_k198"])
+                                            param_fp32 = param_fp32_120
                                         else:
                                             # param_fp32 = param_fp32 - weight_decay * lr * param_fp32
-                                            param_fp32 = F.axpy(param_fp32, param_fp32, h["_k185"])
+                                            param_fp32 = F.axpy(param_fp32, param_fp32, h["_k199"])
                                 # if centered_wd != 0:
-                                if h["_c19"]:
-                                    # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                                    cwd_target_15 = F.cast(anchor_data, param_fp32)
-                                    cwd_target = F.sub(param_fp32, cwd_target_15)
-                                    # if cautious_wd:
-                                    if h["_c18"]:
-                                        # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
-                                        param_fp32_93 = F.mul(update_fp32, cwd_target)
-                                        param_fp32_94 = F.ge(param_fp32_93, 0)
-                                        param_fp32_95 = F.where(param_fp32_94, 1.0, 0.0, like=param)
-                                        param_fp32_96 = F.addcmul(param_fp32, cwd_target, param_fp32_95, h["_k186"])
-                                        param_fp32 = param_fp32_96
+                                if h["_c20"]:
+                                    # if centered_wd_mode == 'int8':
+                                    if h["_c21"]:
+                                        # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                        cwd_target_71 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                        cwd_target_72 = F.cast(cwd_target_71, param_fp32)
+                                        cwd_target = F.sub(param_fp32, cwd_target_72)
                                     else:
-                                        # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
-                                        param_fp32 = F.axpy(param_fp32, cwd_target, h["_k187"])
+                                        # if centered_wd_mode == 'int4':
+                                        if h["_c22"]:
+                                            # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                            cwd_target_73 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                            cwd_target_74 = F.cast(cwd_target_73, param_fp32)
+                                            cwd_target = F.sub(param_fp32, cwd_target_74)
+                                        else:
+                                            # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                            cwd_target_75 = F.cast(anchor_data, param_fp32)
+                                            cwd_target = F.sub(param_fp32, cwd_target_75)
+                                    # if fisher_wd:
+                                    if h["_c18"]:
+                                        # cwd_fisher_scaled = cwd_fisher * (centered_wd * lr)
+                                        cwd_fisher_scaled = F.mul(cwd_fisher, h["_k200"])
+                                        # if cautious_wd:
+                                        if h["_c19"]:
+                                            # param_fp32 = param_fp32 - cwd_target * (where(update_fp32 * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                                            param_fp32_121 = F.mul(update_fp32, cwd_target)
+                                            param_fp32_122 = F.ge(param_fp32_121, 0)
+                                            param_fp32_123 = F.where(param_fp32_122, 1.0, 0.0, like=param)
+                                            F.mul_(param_fp32_123, cwd_fisher_scaled)
+                                            param_fp32_124 = F.addcmul(param_fp32, cwd_target, param_fp32_123, -1.0)
+                                            param_fp32 = param_fp32_124
+                                        else:
+                                            # param_fp32 = param_fp32 - cwd_target * cwd_fisher_scaled
+                                            param_fp32 = F.addcmul(param_fp32, cwd_target, cwd_fisher_scaled, -1.0)
+                                    else:
+                                        # if cautious_wd:
+                                        if h["_c19"]:
+                                            # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                                            param_fp32_125 = F.mul(update_fp32, cwd_target)
+                                            param_fp32_126 = F.ge(param_fp32_125, 0)
+                                            param_fp32_127 = F.where(param_fp32_126, 1.0, 0.0, like=param)
+                                            param_fp32_128 = F.addcmul(param_fp32, cwd_target, param_fp32_127, h["_k201"])
+                                            param_fp32 = param_fp32_128
+                                        else:
+                                            # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
+                                            param_fp32 = F.axpy(param_fp32, cwd_target, h["_k202"])
                                 # param_fp32 = param_fp32 + -update_fp32
                                 param_fp32 = F.sub(param_fp32, update_fp32)
                                 # param = stochastic_round(param_fp32, step)
-                                param_99 = F.stochastic_round(param_fp32, h["_k188"])
-                                F.assign_(param, param_99)
+                                param_120 = F.stochastic_round(param_fp32, h["_k203"])
+                                F.assign_(param, param_120)
                             else:
                                 # if weight_decay != 0:
-                                if h["_c16"]:
+                                if h["_c17"]:
                                     # if fisher_wd:
-                                    if h["_c17"]:
+                                    if h["_c18"]:
                                         # if use_atan2:
                                         if h["_c8"]:
                                             # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
@@ -3952,55 +4916,85 @@ def _device_step(h, param, grad, S):
                                             fisher_48 = F.div(fisher, fisher_47)
                                             fisher = fisher_48
                                         # fisher = fisher * (weight_decay * lr)
-                                        F.mul_(fisher, h["_k189"])
+                                        F.mul_(fisher, h["_k204"])
                                         # if cautious_wd:
-                                        if h["_c18"]:
+                                        if h["_c19"]:
                                             # param = param - param * (where(update * param >= 0, 1.0, 0.0) * fisher)
-                                            param_100 = F.mul(update, param)
-                                            param_101 = F.ge(param_100, 0)
-                                            param_102 = F.where(param_101, 1.0, 0.0, like=param)
-                                            F.mul_(param_102, fisher)
-                                            param_103 = F.addcmul(param, param, param_102, -1.0)
-                                            F.assign_(param, param_103)
+                                            param_121 = F.mul(update, param)
+                                            param_122 = F.ge(param_121, 0)
+                                            param_123 = F.where(param_122, 1.0, 0.0, like=param)
+                                            F.mul_(param_123, fisher)
+                                            param_124 = F.addcmul(param, param, param_123, -1.0)
+                                            F.assign_(param, param_124)
                                         else:
                                             # param = param - param * fisher
-                                            param_104 = F.addcmul(param, param, fisher, -1.0)
-                                            F.assign_(param, param_104)
+                                            param_125 = F.addcmul(param, param, fisher, -1.0)
+                                            F.assign_(param, param_125)
                                     else:
                                         # if cautious_wd:
-                                        if h["_c18"]:
+                                        if h["_c19"]:
                                             # param = param - weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
-                                            param_105 = F.mul(update, param)
-                                            param_106 = F.ge(param_105, 0)
-                                            param_107 = F.where(param_106, 1.0, 0.0, like=param)
-                                            param_108 = F.addcmul(param, param, param_107, h["_k190"])
-                                            F.assign_(param, param_108)
+                                            param_126 = F.mul(update, param)
+                                            param_127 = F.ge(param_126, 0)
+                                            param_128 = F.where(param_127, 1.0, 0.0, like=param)
+                                            param_129 = F.addcmul(param, param, param_128, h["_k205"])
+                                            F.assign_(param, param_129)
                                         else:
                                             # param = param - weight_decay * lr * param
-                                            param_109 = F.axpy(param, param, h["_k191"])
-                                            F.assign_(param, param_109)
+                                            param_130 = F.axpy(param, param, h["_k206"])
+                                            F.assign_(param, param_130)
                                 # if centered_wd != 0:
-                                if h["_c19"]:
-                                    # cwd_target = param - cast(anchor_data, param)
-                                    cwd_target_16 = F.cast(anchor_data, param)
-                                    cwd_target = F.sub(param, cwd_target_16)
-                                    # if cautious_wd:
-                                    if h["_c18"]:
-                                        # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
-                                        param_110 = F.mul(update, cwd_target)
-                                        param_111 = F.ge(param_110, 0)
-                                        param_112 = F.where(param_111, 1.0, 0.0, like=param)
-                                        F.addcmul_(param, cwd_target, param_112, h["_k192"])
+                                if h["_c20"]:
+                                    # if centered_wd_mode == 'int8':
+                                    if h["_c21"]:
+                                        # cwd_target = param - cast(anchor_data, param)
+                                        cwd_target_76 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                        cwd_target_77 = F.cast(cwd_target_76, param)
+                                        cwd_target = F.sub(param, cwd_target_77)
                                     else:
-                                        # param = param - centered_wd * lr * cwd_target
-                                        F.axpy_(param, cwd_target, h["_k193"])
+                                        # if centered_wd_mode == 'int4':
+                                        if h["_c22"]:
+                                            # cwd_target = param - cast(anchor_data, param)
+                                            cwd_target_78 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                            cwd_target_79 = F.cast(cwd_target_78, param)
+                                            cwd_target = F.sub(param, cwd_target_79)
+                                        else:
+                                            # cwd_target = param - cast(anchor_data, param)
+                                            cwd_target_80 = F.cast(anchor_data, param)
+                                            cwd_target = F.sub(param, cwd_target_80)
+                                    # if fisher_wd:
+                                    if h["_c18"]:
+                                        # cwd_fisher_scaled = cwd_fisher * (centered_wd * lr)
+                                        cwd_fisher_scaled = F.mul(cwd_fisher, h["_k207"])
+                                        # if cautious_wd:
+                                        if h["_c19"]:
+                                            # param = param - cwd_target * (where(update * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                                            param_131 = F.mul(update, cwd_target)
+                                            param_132 = F.ge(param_131, 0)
+                                            param_133 = F.where(param_132, 1.0, 0.0, like=param)
+                                            F.mul_(param_133, cwd_fisher_scaled)
+                                            F.addcmul_(param, cwd_target, param_133, -1.0)
+                                        else:
+                                            # param = param - cwd_target * cwd_fisher_scaled
+                                            F.addcmul_(param, cwd_target, cwd_fisher_scaled, -1.0)
+                                    else:
+                                        # if cautious_wd:
+                                        if h["_c19"]:
+                                            # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                                            param_134 = F.mul(update, cwd_target)
+                                            param_135 = F.ge(param_134, 0)
+                                            param_136 = F.where(param_135, 1.0, 0.0, like=param)
+                                            F.addcmul_(param, cwd_target, param_136, h["_k208"])
+                                        else:
+                                            # param = param - centered_wd * lr * cwd_target
+                                            F.axpy_(param, cwd_target, h["_k209"])
                                 # param = param + -update
                                 F.sub_(param, update)
         else:
             # if state_precision == 'bf16_sr' and not nnmf_factor:
-            if h["_c26"]:
+            if h["_c29"]:
                 # if step == 1:
-                if h["_c36"]:
+                if h["_c39"]:
                     # exp_avg_sq_work = grad * grad
                     exp_avg_sq_work = F.mul(grad, grad)
                     # exp_avg_sq = exp_avg_sq_work
@@ -4012,9 +5006,9 @@ def _device_step(h, param, grad, S):
                         kourkoutas_sq_30 = F.sum(kourkoutas_sq_29)
                         F.assign_(kourkoutas_sq, kourkoutas_sq_30)
                 # if step > 1 or use_atan2 or spectral_normalization:
-                if h["_c37"]:
+                if h["_c40"]:
                     # if beta1 > 0 and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape)) or not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape) or not (state_precision == 'factored' or nnmf_factor) and (factored_2nd and ((ndim != 1 or vector_reshape) and not (spectral_normalization and ndim >= 3)))):
-                    if h["_c27"]:
+                    if h["_c30"]:
                         # grad = float32(grad)
                         grad = F.float32(grad)
                     # if orthogonal_gradient == 'flattened' or orthogonal_gradient == 'iterative' and (ndim < 2 or param_attr('_is_dora_scale', False) or param_attr('is_vector', False)):
@@ -4072,13 +5066,13 @@ def _device_step(h, param, grad, S):
                     # if clip_lambda == 'step ** 0.25' and not use_atan2:
                     if h["_c9"]:
                         # normalized = clamp(normalized, -clip, clip)
-                        normalized = F.clamp(normalized, h["_k195"], h["clip"])
+                        normalized = F.clamp(normalized, h["_k211"], h["clip"])
                     # if beta1 > 0:
                     if h["_c10"]:
                         # exp_avg_work = exp_avg
                         exp_avg_work = F.decode("bf16_sr", False, {"": exp_avg})
                         # exp_avg_work = lerp(exp_avg_work, normalized, 1 - beta1)
-                        F.lerp_(exp_avg_work, normalized, h["_k196"])
+                        F.lerp_(exp_avg_work, normalized, h["_k212"])
                         # exp_avg = exp_avg_work
                         F.encode_("bf16_sr", False, {"": exp_avg}, exp_avg_work)
                         # if nesterov:
@@ -4086,10 +5080,10 @@ def _device_step(h, param, grad, S):
                             # if nesterov_coef == None:
                             if h["_c12"]:
                                 # update = lerp(exp_avg_work, grad, 1 - beta1)
-                                update = F.lerp(exp_avg_work, grad, h["_k198"])
+                                update = F.lerp(exp_avg_work, grad, h["_k214"])
                             else:
                                 # update = lerp(exp_avg_work, grad, 1 - nesterov_coef)
-                                update = F.lerp(exp_avg_work, grad, h["_k199"])
+                                update = F.lerp(exp_avg_work, grad, h["_k215"])
                         else:
                             # update = copy(exp_avg_work)
                             update = F.copy(exp_avg_work)
@@ -4103,14 +5097,14 @@ def _device_step(h, param, grad, S):
                         kourkoutas_sq_32 = F.sum(kourkoutas_sq_31)
                         F.assign_(kourkoutas_sq, kourkoutas_sq_32)
                         # exp_avg_sq_work = exp_avg_sq_work * input() + (1 - input()) * grad * grad
-                        F.mul_(exp_avg_sq_work, h["_k200"])
-                        F.addcmul_(exp_avg_sq_work, grad, grad, h["_k201"])
+                        F.mul_(exp_avg_sq_work, h["_k216"])
+                        F.addcmul_(exp_avg_sq_work, grad, grad, h["_k217"])
                         # exp_avg_sq = exp_avg_sq_work
                         F.encode_("bf16_sr", True, {"": exp_avg_sq}, exp_avg_sq_work)
                     else:
                         # exp_avg_sq_work = exp_avg_sq_work * beta2 + (1 - beta2) * grad * grad
-                        F.mul_(exp_avg_sq_work, h["_k203"])
-                        F.addcmul_(exp_avg_sq_work, grad, grad, h["_k204"])
+                        F.mul_(exp_avg_sq_work, h["_k219"])
+                        F.addcmul_(exp_avg_sq_work, grad, grad, h["_k220"])
                         # exp_avg_sq = exp_avg_sq_work
                         F.encode_("bf16_sr", True, {"": exp_avg_sq}, exp_avg_sq_work)
                     # if spectral_normalization:
@@ -4142,8 +5136,8 @@ def _device_step(h, param, grad, S):
                             # spectral_sigma = vdot(spectral_u, spectral_ur)
                             spectral_sigma = F.vdot(spectral_u, spectral_ur, kind="row")
                             # update = spectral_x * (sqrt(rows / cols) / maximum(spectral_sigma, 1 / (sqrt(rows) + sqrt(cols))) * spectral_lr)
-                            update_25 = F.maximum(spectral_sigma, h["_k206"])
-                            F.rdiv_(update_25, h["_k207"])
+                            update_25 = F.maximum(spectral_sigma, h["_k222"])
+                            F.rdiv_(update_25, h["_k223"])
                             F.mul_(update_25, h["spectral_lr"])
                             update = F.mul(spectral_x, update_25)
                         else:
@@ -4157,20 +5151,39 @@ def _device_step(h, param, grad, S):
                         # if use_atan2:
                         if h["_c8"]:
                             # update = update * (lr * 1.2732395447351628)
-                            F.mul_(update, h["_k208"])
+                            F.mul_(update, h["_k224"])
                         else:
                             # update = update * lr
-                            F.mul_(update, h["_k209"])
-                    # if stochastic_rounding and bf16 != 0:
+                            F.mul_(update, h["_k225"])
+                    # if centered_wd != 0 and fisher_wd:
                     if h["_c15"]:
+                        # if use_atan2:
+                        if h["_c8"]:
+                            # cwd_fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                            cwd_fisher = F.atan2(wd_scaler, denom)
+                            F.mul_(cwd_fisher, 1.2732395447351628)
+                        else:
+                            # cwd_fisher = 1 / denom
+                            cwd_fisher = F.rdiv(denom, 1)
+                            # cwd_fisher = cwd_fisher / maximum(sqrt(mean((param * cwd_fisher) ** 2)) / 1.0, 1.0)
+                            cwd_fisher_25 = F.mul(param, cwd_fisher)
+                            F.pow_(cwd_fisher_25, 2)
+                            cwd_fisher_26 = F.mean(cwd_fisher_25)
+                            F.sqrt_(cwd_fisher_26)
+                            F.div_(cwd_fisher_26, 1.0)
+                            F.maximum_(cwd_fisher_26, 1.0)
+                            cwd_fisher_27 = F.div(cwd_fisher, cwd_fisher_26)
+                            cwd_fisher = cwd_fisher_27
+                    # if stochastic_rounding and bf16 != 0:
+                    if h["_c16"]:
                         # param_fp32 = float32(param)
                         param_fp32 = F.float32(param)
                         # update_fp32 = float32(update)
                         update_fp32 = F.float32(update)
                         # if weight_decay != 0:
-                        if h["_c16"]:
+                        if h["_c17"]:
                             # if fisher_wd:
-                            if h["_c17"]:
+                            if h["_c18"]:
                                 # if use_atan2:
                                 if h["_c8"]:
                                     # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
@@ -4189,57 +5202,88 @@ def _device_step(h, param, grad, S):
                                     fisher_51 = F.div(fisher, fisher_50)
                                     fisher = fisher_51
                                 # fisher = fisher * (weight_decay * lr)
-                                F.mul_(fisher, h["_k210"])
+                                F.mul_(fisher, h["_k226"])
                                 # if cautious_wd:
-                                if h["_c18"]:
+                                if h["_c19"]:
                                     # param_fp32 = param_fp32 - param_fp32 * (where(update_fp32 * param_fp32 >= 0, 1.0, 0.0) * fisher)
-                                    param_fp32_97 = F.mul(update_fp32, param_fp32)
-                                    param_fp32_98 = F.ge(param_fp32_97, 0)
-                                    param_fp32_99 = F.where(param_fp32_98, 1.0, 0.0, like=param)
-                                    F.mul_(param_fp32_99, fisher)
-                                    param_fp32_100 = F.addcmul(param_fp32, param_fp32, param_fp32_99, -1.0)
-                                    param_fp32 = param_fp32_100
+                                    param_fp32_129 = F.mul(update_fp32, param_fp32)
+                                    param_fp32_130 = F.ge(param_fp32_129, 0)
+                                    param_fp32_131 = F.where(param_fp32_130, 1.0, 0.0, like=param)
+                                    F.mul_(param_fp32_131, fisher)
+                                    param_fp32_132 = F.addcmul(param_fp32, param_fp32, param_fp32_131, -1.0)
+                                    param_fp32 = param_fp32_132
                                 else:
                                     # param_fp32 = param_fp32 - param_fp32 * fisher
                                     param_fp32 = F.addcmul(param_fp32, param_fp32, fisher, -1.0)
                             else:
                                 # if cautious_wd:
-                                if h["_c18"]:
+                                if h["_c19"]:
                                     # param_fp32 = param_fp32 - weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
-                                    param_fp32_101 = F.mul(update_fp32, param_fp32)
-                                    param_fp32_102 = F.ge(param_fp32_101, 0)
-                                    param_fp32_103 = F.where(param_fp32_102, 1.0, 0.0, like=param)
-                                    param_fp32_104 = F.addcmul(param_fp32, param_fp32, param_fp32_103, h["_k211"])
-                                    param_fp32 = param_fp32_104
+                                    param_fp32_133 = F.mul(update_fp32, param_fp32)
+                                    param_fp32_134 = F.ge(param_fp32_133, 0)
+                                    param_fp32_135 = F.where(param_fp32_134, 1.0, 0.0, like=param)
+                                    param_fp32_136 = F.addcmul(param_fp32, param_fp32, param_fp32_135, h["_k227"])
+                                    param_fp32 = param_fp32_136
                                 else:
                                     # param_fp32 = param_fp32 - weight_decay * lr * param_fp32
-                                    param_fp32 = F.axpy(param_fp32, param_fp32, h["_k212"])
+                                    param_fp32 = F.axpy(param_fp32, param_fp32, h["_k228"])
                         # if centered_wd != 0:
-                        if h["_c19"]:
-                            # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                            cwd_target_17 = F.cast(anchor_data, param_fp32)
-                            cwd_target = F.sub(param_fp32, cwd_target_17)
-                            # if cautious_wd:
-                            if h["_c18"]:
-                                # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
-                                param_fp32_105 = F.mul(update_fp32, cwd_target)
-                                param_fp32_106 = F.ge(param_fp32_105, 0)
-                                param_fp32_107 = F.where(param_fp32_106, 1.0, 0.0, like=param)
-                                param_fp32_108 = F.addcmul(param_fp32, cwd_target, param_fp32_107, h["_k213"])
-                                param_fp32 = param_fp32_108
+                        if h["_c20"]:
+                            # if centered_wd_mode == 'int8':
+                            if h["_c21"]:
+                                # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                cwd_target_81 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                cwd_target_82 = F.cast(cwd_target_81, param_fp32)
+                                cwd_target = F.sub(param_fp32, cwd_target_82)
                             else:
-                                # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
-                                param_fp32 = F.axpy(param_fp32, cwd_target, h["_k214"])
+                                # if centered_wd_mode == 'int4':
+                                if h["_c22"]:
+                                    # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                    cwd_target_83 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                    cwd_target_84 = F.cast(cwd_target_83, param_fp32)
+                                    cwd_target = F.sub(param_fp32, cwd_target_84)
+                                else:
+                                    # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                    cwd_target_85 = F.cast(anchor_data, param_fp32)
+                                    cwd_target = F.sub(param_fp32, cwd_target_85)
+                            # if fisher_wd:
+                            if h["_c18"]:
+                                # cwd_fisher_scaled = cwd_fisher * (centered_wd * lr)
+                                cwd_fisher_scaled = F.mul(cwd_fisher, h["_k229"])
+                                # if cautious_wd:
+                                if h["_c19"]:
+                                    # param_fp32 = param_fp32 - cwd_target * (where(update_fp32 * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                                    param_fp32_137 = F.mul(update_fp32, cwd_target)
+                                    param_fp32_138 = F.ge(param_fp32_137, 0)
+                                    param_fp32_139 = F.where(param_fp32_138, 1.0, 0.0, like=param)
+                                    F.mul_(param_fp32_139, cwd_fisher_scaled)
+                                    param_fp32_140 = F.addcmul(param_fp32, cwd_target, param_fp32_139, -1.0)
+                                    param_fp32 = param_fp32_140
+                                else:
+                                    # param_fp32 = param_fp32 - cwd_target * cwd_fisher_scaled
+                                    param_fp32 = F.addcmul(param_fp32, cwd_target, cwd_fisher_scaled, -1.0)
+                            else:
+                                # if cautious_wd:
+                                if h["_c19"]:
+                                    # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                                    param_fp32_141 = F.mul(update_fp32, cwd_target)
+                                    param_fp32_142 = F.ge(param_fp32_141, 0)
+                                    param_fp32_143 = F.where(param_fp32_142, 1.0, 0.0, like=param)
+                                    param_fp32_144 = F.addcmul(param_fp32, cwd_target, param_fp32_143, h["_k230"])
+                                    param_fp32 = param_fp32_144
+                                else:
+                                    # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
+                                    param_fp32 = F.axpy(param_fp32, cwd_target, h["_k231"])
                         # param_fp32 = param_fp32 + -update_fp32
                         param_fp32 = F.sub(param_fp32, update_fp32)
                         # param = stochastic_round(param_fp32, step)
-                        param_113 = F.stochastic_round(param_fp32, h["_k215"])
-                        F.assign_(param, param_113)
+                        param_137 = F.stochastic_round(param_fp32, h["_k232"])
+                        F.assign_(param, param_137)
                     else:
                         # if weight_decay != 0:
-                        if h["_c16"]:
+                        if h["_c17"]:
                             # if fisher_wd:
-                            if h["_c17"]:
+                            if h["_c18"]:
                                 # if use_atan2:
                                 if h["_c8"]:
                                     # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
@@ -4258,55 +5302,85 @@ def _device_step(h, param, grad, S):
                                     fisher_54 = F.div(fisher, fisher_53)
                                     fisher = fisher_54
                                 # fisher = fisher * (weight_decay * lr)
-                                F.mul_(fisher, h["_k216"])
+                                F.mul_(fisher, h["_k233"])
                                 # if cautious_wd:
-                                if h["_c18"]:
+                                if h["_c19"]:
                                     # param = param - param * (where(update * param >= 0, 1.0, 0.0) * fisher)
-                                    param_114 = F.mul(update, param)
-                                    param_115 = F.ge(param_114, 0)
-                                    param_116 = F.where(param_115, 1.0, 0.0, like=param)
-                                    F.mul_(param_116, fisher)
-                                    param_117 = F.addcmul(param, param, param_116, -1.0)
-                                    F.assign_(param, param_117)
+                                    param_138 = F.mul(update, param)
+                                    param_139 = F.ge(param_138, 0)
+                                    param_140 = F.where(param_139, 1.0, 0.0, like=param)
+                                    F.mul_(param_140, fisher)
+                                    param_141 = F.addcmul(param, param, param_140, -1.0)
+                                    F.assign_(param, param_141)
                                 else:
                                     # param = param - param * fisher
-                                    param_118 = F.addcmul(param, param, fisher, -1.0)
-                                    F.assign_(param, param_118)
+                                    param_142 = F.addcmul(param, param, fisher, -1.0)
+                                    F.assign_(param, param_142)
                             else:
                                 # if cautious_wd:
-                                if h["_c18"]:
+                                if h["_c19"]:
                                     # param = param - weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
-                                    param_119 = F.mul(update, param)
-                                    param_120 = F.ge(param_119, 0)
-                                    param_121 = F.where(param_120, 1.0, 0.0, like=param)
-                                    param_122 = F.addcmul(param, param, param_121, h["_k217"])
-                                    F.assign_(param, param_122)
+                                    param_143 = F.mul(update, param)
+                                    param_144 = F.ge(param_143, 0)
+                                    param_145 = F.where(param_144, 1.0, 0.0, like=param)
+                                    param_146 = F.addcmul(param, param, param_145, h["_k234"])
+                                    F.assign_(param, param_146)
                                 else:
                                     # param = param - weight_decay * lr * param
-                                    param_123 = F.axpy(param, param, h["_k218"])
-                                    F.assign_(param, param_123)
+                                    param_147 = F.axpy(param, param, h["_k235"])
+                                    F.assign_(param, param_147)
                         # if centered_wd != 0:
-                        if h["_c19"]:
-                            # cwd_target = param - cast(anchor_data, param)
-                            cwd_target_18 = F.cast(anchor_data, param)
-                            cwd_target = F.sub(param, cwd_target_18)
-                            # if cautious_wd:
-                            if h["_c18"]:
-                                # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
-                                param_124 = F.mul(update, cwd_target)
-                                param_125 = F.ge(param_124, 0)
-                                param_126 = F.where(param_125, 1.0, 0.0, like=param)
-                                F.addcmul_(param, cwd_target, param_126, h["_k219"])
+                        if h["_c20"]:
+                            # if centered_wd_mode == 'int8':
+                            if h["_c21"]:
+                                # cwd_target = param - cast(anchor_data, param)
+                                cwd_target_86 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                cwd_target_87 = F.cast(cwd_target_86, param)
+                                cwd_target = F.sub(param, cwd_target_87)
                             else:
-                                # param = param - centered_wd * lr * cwd_target
-                                F.axpy_(param, cwd_target, h["_k220"])
+                                # if centered_wd_mode == 'int4':
+                                if h["_c22"]:
+                                    # cwd_target = param - cast(anchor_data, param)
+                                    cwd_target_88 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                    cwd_target_89 = F.cast(cwd_target_88, param)
+                                    cwd_target = F.sub(param, cwd_target_89)
+                                else:
+                                    # cwd_target = param - cast(anchor_data, param)
+                                    cwd_target_90 = F.cast(anchor_data, param)
+                                    cwd_target = F.sub(param, cwd_target_90)
+                            # if fisher_wd:
+                            if h["_c18"]:
+                                # cwd_fisher_scaled = cwd_fisher * (centered_wd * lr)
+                                cwd_fisher_scaled = F.mul(cwd_fisher, h["_k236"])
+                                # if cautious_wd:
+                                if h["_c19"]:
+                                    # param = param - cwd_target * (where(update * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                                    param_148 = F.mul(update, cwd_target)
+                                    param_149 = F.ge(param_148, 0)
+                                    param_150 = F.where(param_149, 1.0, 0.0, like=param)
+                                    F.mul_(param_150, cwd_fisher_scaled)
+                                    F.addcmul_(param, cwd_target, param_150, -1.0)
+                                else:
+                                    # param = param - cwd_target * cwd_fisher_scaled
+                                    F.addcmul_(param, cwd_target, cwd_fisher_scaled, -1.0)
+                            else:
+                                # if cautious_wd:
+                                if h["_c19"]:
+                                    # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                                    param_151 = F.mul(update, cwd_target)
+                                    param_152 = F.ge(param_151, 0)
+                                    param_153 = F.where(param_152, 1.0, 0.0, like=param)
+                                    F.addcmul_(param, cwd_target, param_153, h["_k237"])
+                                else:
+                                    # param = param - centered_wd * lr * cwd_target
+                                    F.axpy_(param, cwd_target, h["_k238"])
                         # param = param + -update
                         F.sub_(param, update)
             else:
                 # if state_precision == 'int8_sr' and not nnmf_factor:
-                if h["_c28"]:
+                if h["_c31"]:
                     # if step == 1:
-                    if h["_c38"]:
+                    if h["_c41"]:
                         # exp_avg_sq_work = grad * grad
                         exp_avg_sq_work = F.mul(grad, grad)
                         # exp_avg_sq = exp_avg_sq_work
@@ -4318,9 +5392,9 @@ def _device_step(h, param, grad, S):
                             kourkoutas_sq_34 = F.sum(kourkoutas_sq_33)
                             F.assign_(kourkoutas_sq, kourkoutas_sq_34)
                     # if step > 1 or use_atan2 or spectral_normalization:
-                    if h["_c39"]:
+                    if h["_c42"]:
                         # if beta1 > 0 and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape)) or not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape) or not (state_precision == 'factored' or nnmf_factor) and (factored_2nd and ((ndim != 1 or vector_reshape) and not (spectral_normalization and ndim >= 3)))):
-                        if h["_c27"]:
+                        if h["_c30"]:
                             # grad = float32(grad)
                             grad = F.float32(grad)
                         # if orthogonal_gradient == 'flattened' or orthogonal_gradient == 'iterative' and (ndim < 2 or param_attr('_is_dora_scale', False) or param_attr('is_vector', False)):
@@ -4378,13 +5452,13 @@ def _device_step(h, param, grad, S):
                         # if clip_lambda == 'step ** 0.25' and not use_atan2:
                         if h["_c9"]:
                             # normalized = clamp(normalized, -clip, clip)
-                            normalized = F.clamp(normalized, h["_k222"], h["clip"])
+                            normalized = F.clamp(normalized, h["_k240"], h["clip"])
                         # if beta1 > 0:
                         if h["_c10"]:
                             # exp_avg_work = exp_avg
                             exp_avg_work = F.decode("int8_sr", False, {"": exp_avg, "_scale": exp_avg_scale})
                             # exp_avg_work = lerp(exp_avg_work, normalized, 1 - beta1)
-                            F.lerp_(exp_avg_work, normalized, h["_k223"])
+                            F.lerp_(exp_avg_work, normalized, h["_k241"])
                             # exp_avg = exp_avg_work
                             F.encode_("int8_sr", False, {"": exp_avg, "_scale": exp_avg_scale}, exp_avg_work)
                             # if nesterov:
@@ -4392,10 +5466,10 @@ def _device_step(h, param, grad, S):
                                 # if nesterov_coef == None:
                                 if h["_c12"]:
                                     # update = lerp(exp_avg_work, grad, 1 - beta1)
-                                    update = F.lerp(exp_avg_work, grad, h["_k225"])
+                                    update = F.lerp(exp_avg_work, grad, h["_k243"])
                                 else:
                                     # update = lerp(exp_avg_work, grad, 1 - nesterov_coef)
-                                    update = F.lerp(exp_avg_work, grad, h["_k226"])
+                                    update = F.lerp(exp_avg_work, grad, h["_k244"])
                             else:
                                 # update = copy(exp_avg_work)
                                 update = F.copy(exp_avg_work)
@@ -4409,14 +5483,14 @@ def _device_step(h, param, grad, S):
                             kourkoutas_sq_36 = F.sum(kourkoutas_sq_35)
                             F.assign_(kourkoutas_sq, kourkoutas_sq_36)
                             # exp_avg_sq_work = exp_avg_sq_work * input() + (1 - input()) * grad * grad
-                            F.mul_(exp_avg_sq_work, h["_k227"])
-                            F.addcmul_(exp_avg_sq_work, grad, grad, h["_k228"])
+                            F.mul_(exp_avg_sq_work, h["_k245"])
+                            F.addcmul_(exp_avg_sq_work, grad, grad, h["_k246"])
                             # exp_avg_sq = exp_avg_sq_work
                             F.encode_("int8_sr", True, {"": exp_avg_sq, "_scale": exp_avg_sq_scale}, exp_avg_sq_work)
                         else:
                             # exp_avg_sq_work = exp_avg_sq_work * beta2 + (1 - beta2) * grad * grad
-                            F.mul_(exp_avg_sq_work, h["_k230"])
-                            F.addcmul_(exp_avg_sq_work, grad, grad, h["_k231"])
+                            F.mul_(exp_avg_sq_work, h["_k248"])
+                            F.addcmul_(exp_avg_sq_work, grad, grad, h["_k249"])
                             # exp_avg_sq = exp_avg_sq_work
                             F.encode_("int8_sr", True, {"": exp_avg_sq, "_scale": exp_avg_sq_scale}, exp_avg_sq_work)
                         # if spectral_normalization:
@@ -4448,8 +5522,8 @@ def _device_step(h, param, grad, S):
                                 # spectral_sigma = vdot(spectral_u, spectral_ur)
                                 spectral_sigma = F.vdot(spectral_u, spectral_ur, kind="row")
                                 # update = spectral_x * (sqrt(rows / cols) / maximum(spectral_sigma, 1 / (sqrt(rows) + sqrt(cols))) * spectral_lr)
-                                update_28 = F.maximum(spectral_sigma, h["_k233"])
-                                F.rdiv_(update_28, h["_k234"])
+                                update_28 = F.maximum(spectral_sigma, h["_k251"])
+                                F.rdiv_(update_28, h["_k252"])
                                 F.mul_(update_28, h["spectral_lr"])
                                 update = F.mul(spectral_x, update_28)
                             else:
@@ -4463,20 +5537,39 @@ def _device_step(h, param, grad, S):
                             # if use_atan2:
                             if h["_c8"]:
                                 # update = update * (lr * 1.2732395447351628)
-                                F.mul_(update, h["_k235"])
+                                F.mul_(update, h["_k253"])
                             else:
                                 # update = update * lr
-                                F.mul_(update, h["_k236"])
-                        # if stochastic_rounding and bf16 != 0:
+                                F.mul_(update, h["_k254"])
+                        # if centered_wd != 0 and fisher_wd:
                         if h["_c15"]:
+                            # if use_atan2:
+                            if h["_c8"]:
+                                # cwd_fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                                cwd_fisher = F.atan2(wd_scaler, denom)
+                                F.mul_(cwd_fisher, 1.2732395447351628)
+                            else:
+                                # cwd_fisher = 1 / denom
+                                cwd_fisher = F.rdiv(denom, 1)
+                                # cwd_fisher = cwd_fisher / maximum(sqrt(mean((param * cwd_fisher) ** 2)) / 1.0, 1.0)
+                                cwd_fisher_28 = F.mul(param, cwd_fisher)
+                                F.pow_(cwd_fisher_28, 2)
+                                cwd_fisher_29 = F.mean(cwd_fisher_28)
+                                F.sqrt_(cwd_fisher_29)
+                                F.div_(cwd_fisher_29, 1.0)
+                                F.maximum_(cwd_fisher_29, 1.0)
+                                cwd_fisher_30 = F.div(cwd_fisher, cwd_fisher_29)
+                                cwd_fisher = cwd_fisher_30
+                        # if stochastic_rounding and bf16 != 0:
+                        if h["_c16"]:
                             # param_fp32 = float32(param)
                             param_fp32 = F.float32(param)
                             # update_fp32 = float32(update)
                             update_fp32 = F.float32(update)
                             # if weight_decay != 0:
-                            if h["_c16"]:
+                            if h["_c17"]:
                                 # if fisher_wd:
-                                if h["_c17"]:
+                                if h["_c18"]:
                                     # if use_atan2:
                                     if h["_c8"]:
                                         # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
@@ -4495,57 +5588,88 @@ def _device_step(h, param, grad, S):
                                         fisher_57 = F.div(fisher, fisher_56)
                                         fisher = fisher_57
                                     # fisher = fisher * (weight_decay * lr)
-                                    F.mul_(fisher, h["_k237"])
+                                    F.mul_(fisher, h["_k255"])
                                     # if cautious_wd:
-                                    if h["_c18"]:
+                                    if h["_c19"]:
                                         # param_fp32 = param_fp32 - param_fp32 * (where(update_fp32 * param_fp32 >= 0, 1.0, 0.0) * fisher)
-                                        param_fp32_109 = F.mul(update_fp32, param_fp32)
-                                        param_fp32_110 = F.ge(param_fp32_109, 0)
-                                        param_fp32_111 = F.where(param_fp32_110, 1.0, 0.0, like=param)
-                                        F.mul_(param_fp32_111, fisher)
-                                        param_fp32_112 = F.addcmul(param_fp32, param_fp32, param_fp32_111, -1.0)
-                                        param_fp32 = param_fp32_112
+                                        param_fp32_145 = F.mul(update_fp32, param_fp32)
+                                        param_fp32_146 = F.ge(param_fp32_145, 0)
+                                        param_fp32_147 = F.where(param_fp32_146, 1.0, 0.0, like=param)
+                                        F.mul_(param_fp32_147, fisher)
+                                        param_fp32_148 = F.addcmul(param_fp32, param_fp32, param_fp32_147, -1.0)
+                                        param_fp32 = param_fp32_148
                                     else:
                                         # param_fp32 = param_fp32 - param_fp32 * fisher
                                         param_fp32 = F.addcmul(param_fp32, param_fp32, fisher, -1.0)
                                 else:
                                     # if cautious_wd:
-                                    if h["_c18"]:
+                                    if h["_c19"]:
                                         # param_fp32 = param_fp32 - weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
-                                        param_fp32_113 = F.mul(update_fp32, param_fp32)
-                                        param_fp32_114 = F.ge(param_fp32_113, 0)
-                                        param_fp32_115 = F.where(param_fp32_114, 1.0, 0.0, like=param)
-                                        param_fp32_116 = F.addcmul(param_fp32, param_fp32, param_fp32_115, h["_k238"])
-                                        param_fp32 = param_fp32_116
+                                        param_fp32_149 = F.mul(update_fp32, param_fp32)
+                                        param_fp32_150 = F.ge(param_fp32_149, 0)
+                                        param_fp32_151 = F.where(param_fp32_150, 1.0, 0.0, like=param)
+                                        param_fp32_152 = F.addcmul(param_fp32, param_fp32, param_fp32_151, h["_k256"])
+                                        param_fp32 = param_fp32_152
                                     else:
                                         # param_fp32 = param_fp32 - weight_decay * lr * param_fp32
-                                        param_fp32 = F.axpy(param_fp32, param_fp32, h["_k239"])
+                                        param_fp32 = F.axpy(param_fp32, param_fp32, h["_k257"])
                             # if centered_wd != 0:
-                            if h["_c19"]:
-                                # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                                cwd_target_19 = F.cast(anchor_data, param_fp32)
-                                cwd_target = F.sub(param_fp32, cwd_target_19)
-                                # if cautious_wd:
-                                if h["_c18"]:
-                                    # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
-                                    param_fp32_117 = F.mul(update_fp32, cwd_target)
-                                    param_fp32_118 = F.ge(param_fp32_117, 0)
-                                    param_fp32_119 = F.where(param_fp32_118, 1.0, 0.0, like=param)
-                                    param_fp32_120 = F.addcmul(param_fp32, cwd_target, param_fp32_119, h["_k240"])
-                                    param_fp32 = param_fp32_120
+                            if h["_c20"]:
+                                # if centered_wd_mode == 'int8':
+                                if h["_c21"]:
+                                    # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                    cwd_target_91 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                    cwd_target_92 = F.cast(cwd_target_91, param_fp32)
+                                    cwd_target = F.sub(param_fp32, cwd_target_92)
                                 else:
-                                    # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
-                                    param_fp32 = F.axpy(param_fp32, cwd_target, h["_k241"])
+                                    # if centered_wd_mode == 'int4':
+                                    if h["_c22"]:
+                                        # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                        cwd_target_93 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                        cwd_target_94 = F.cast(cwd_target_93, param_fp32)
+                                        cwd_target = F.sub(param_fp32, cwd_target_94)
+                                    else:
+                                        # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                        cwd_target_95 = F.cast(anchor_data, param_fp32)
+                                        cwd_target = F.sub(param_fp32, cwd_target_95)
+                                # if fisher_wd:
+                                if h["_c18"]:
+                                    # cwd_fisher_scaled = cwd_fisher * (centered_wd * lr)
+                                    cwd_fisher_scaled = F.mul(cwd_fisher, h["_k258"])
+                                    # if cautious_wd:
+                                    if h["_c19"]:
+                                        # param_fp32 = param_fp32 - cwd_target * (where(update_fp32 * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                                        param_fp32_153 = F.mul(update_fp32, cwd_target)
+                                        param_fp32_154 = F.ge(param_fp32_153, 0)
+                                        param_fp32_155 = F.where(param_fp32_154, 1.0, 0.0, like=param)
+                                        F.mul_(param_fp32_155, cwd_fisher_scaled)
+                                        param_fp32_156 = F.addcmul(param_fp32, cwd_target, param_fp32_155, -1.0)
+                                        param_fp32 = param_fp32_156
+                                    else:
+                                        # param_fp32 = param_fp32 - cwd_target * cwd_fisher_scaled
+                                        param_fp32 = F.addcmul(param_fp32, cwd_target, cwd_fisher_scaled, -1.0)
+                                else:
+                                    # if cautious_wd:
+                                    if h["_c19"]:
+                                        # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                                        param_fp32_157 = F.mul(update_fp32, cwd_target)
+                                        param_fp32_158 = F.ge(param_fp32_157, 0)
+                                        param_fp32_159 = F.where(param_fp32_158, 1.0, 0.0, like=param)
+                                        param_fp32_160 = F.addcmul(param_fp32, cwd_target, param_fp32_159, h["_k259"])
+                                        param_fp32 = param_fp32_160
+                                    else:
+                                        # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
+                                        param_fp32 = F.axpy(param_fp32, cwd_target, h["_k260"])
                             # param_fp32 = param_fp32 + -update_fp32
                             param_fp32 = F.sub(param_fp32, update_fp32)
                             # param = stochastic_round(param_fp32, step)
-                            param_127 = F.stochastic_round(param_fp32, h["_k242"])
-                            F.assign_(param, param_127)
+                            param_154 = F.stochastic_round(param_fp32, h["_k261"])
+                            F.assign_(param, param_154)
                         else:
                             # if weight_decay != 0:
-                            if h["_c16"]:
+                            if h["_c17"]:
                                 # if fisher_wd:
-                                if h["_c17"]:
+                                if h["_c18"]:
                                     # if use_atan2:
                                     if h["_c8"]:
                                         # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
@@ -4564,53 +5688,83 @@ def _device_step(h, param, grad, S):
                                         fisher_60 = F.div(fisher, fisher_59)
                                         fisher = fisher_60
                                     # fisher = fisher * (weight_decay * lr)
-                                    F.mul_(fisher, h["_k243"])
+                                    F.mul_(fisher, h["_k262"])
                                     # if cautious_wd:
-                                    if h["_c18"]:
+                                    if h["_c19"]:
                                         # param = param - param * (where(update * param >= 0, 1.0, 0.0) * fisher)
-                                        param_128 = F.mul(update, param)
-                                        param_129 = F.ge(param_128, 0)
-                                        param_130 = F.where(param_129, 1.0, 0.0, like=param)
-                                        F.mul_(param_130, fisher)
-                                        param_131 = F.addcmul(param, param, param_130, -1.0)
-                                        F.assign_(param, param_131)
+                                        param_155 = F.mul(update, param)
+                                        param_156 = F.ge(param_155, 0)
+                                        param_157 = F.where(param_156, 1.0, 0.0, like=param)
+                                        F.mul_(param_157, fisher)
+                                        param_158 = F.addcmul(param, param, param_157, -1.0)
+                                        F.assign_(param, param_158)
                                     else:
                                         # param = param - param * fisher
-                                        param_132 = F.addcmul(param, param, fisher, -1.0)
-                                        F.assign_(param, param_132)
+                                        param_159 = F.addcmul(param, param, fisher, -1.0)
+                                        F.assign_(param, param_159)
                                 else:
                                     # if cautious_wd:
-                                    if h["_c18"]:
+                                    if h["_c19"]:
                                         # param = param - weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
-                                        param_133 = F.mul(update, param)
-                                        param_134 = F.ge(param_133, 0)
-                                        param_135 = F.where(param_134, 1.0, 0.0, like=param)
-                                        param_136 = F.addcmul(param, param, param_135, h["_k244"])
-                                        F.assign_(param, param_136)
+                                        param_160 = F.mul(update, param)
+                                        param_161 = F.ge(param_160, 0)
+                                        param_162 = F.where(param_161, 1.0, 0.0, like=param)
+                                        param_163 = F.addcmul(param, param, param_162, h["_k263"])
+                                        F.assign_(param, param_163)
                                     else:
                                         # param = param - weight_decay * lr * param
-                                        param_137 = F.axpy(param, param, h["_k245"])
-                                        F.assign_(param, param_137)
+                                        param_164 = F.axpy(param, param, h["_k264"])
+                                        F.assign_(param, param_164)
                             # if centered_wd != 0:
-                            if h["_c19"]:
-                                # cwd_target = param - cast(anchor_data, param)
-                                cwd_target_20 = F.cast(anchor_data, param)
-                                cwd_target = F.sub(param, cwd_target_20)
-                                # if cautious_wd:
-                                if h["_c18"]:
-                                    # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
-                                    param_138 = F.mul(update, cwd_target)
-                                    param_139 = F.ge(param_138, 0)
-                                    param_140 = F.where(param_139, 1.0, 0.0, like=param)
-                                    F.addcmul_(param, cwd_target, param_140, h["_k246"])
+                            if h["_c20"]:
+                                # if centered_wd_mode == 'int8':
+                                if h["_c21"]:
+                                    # cwd_target = param - cast(anchor_data, param)
+                                    cwd_target_96 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                    cwd_target_97 = F.cast(cwd_target_96, param)
+                                    cwd_target = F.sub(param, cwd_target_97)
                                 else:
-                                    # param = param - centered_wd * lr * cwd_target
-                                    F.axpy_(param, cwd_target, h["_k247"])
+                                    # if centered_wd_mode == 'int4':
+                                    if h["_c22"]:
+                                        # cwd_target = param - cast(anchor_data, param)
+                                        cwd_target_98 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                        cwd_target_99 = F.cast(cwd_target_98, param)
+                                        cwd_target = F.sub(param, cwd_target_99)
+                                    else:
+                                        # cwd_target = param - cast(anchor_data, param)
+                                        cwd_target_100 = F.cast(anchor_data, param)
+                                        cwd_target = F.sub(param, cwd_target_100)
+                                # if fisher_wd:
+                                if h["_c18"]:
+                                    # cwd_fisher_scaled = cwd_fisher * (centered_wd * lr)
+                                    cwd_fisher_scaled = F.mul(cwd_fisher, h["_k265"])
+                                    # if cautious_wd:
+                                    if h["_c19"]:
+                                        # param = param - cwd_target * (where(update * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                                        param_165 = F.mul(update, cwd_target)
+                                        param_166 = F.ge(param_165, 0)
+                                        param_167 = F.where(param_166, 1.0, 0.0, like=param)
+                                        F.mul_(param_167, cwd_fisher_scaled)
+                                        F.addcmul_(param, cwd_target, param_167, -1.0)
+                                    else:
+                                        # param = param - cwd_target * cwd_fisher_scaled
+                                        F.addcmul_(param, cwd_target, cwd_fisher_scaled, -1.0)
+                                else:
+                                    # if cautious_wd:
+                                    if h["_c19"]:
+                                        # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                                        param_168 = F.mul(update, cwd_target)
+                                        param_169 = F.ge(param_168, 0)
+                                        param_170 = F.where(param_169, 1.0, 0.0, like=param)
+                                        F.addcmul_(param, cwd_target, param_170, h["_k266"])
+                                    else:
+                                        # param = param - centered_wd * lr * cwd_target
+                                        F.axpy_(param, cwd_target, h["_k267"])
                             # param = param + -update
                             F.sub_(param, update)
                 else:
                     # if step == 1:
-                    if h["_c40"]:
+                    if h["_c43"]:
                         # exp_avg_sq = grad * grad
                         exp_avg_sq_3 = F.mul(grad, grad)
                         F.assign_(exp_avg_sq, exp_avg_sq_3)
@@ -4621,9 +5775,9 @@ def _device_step(h, param, grad, S):
                             kourkoutas_sq_38 = F.sum(kourkoutas_sq_37)
                             F.assign_(kourkoutas_sq, kourkoutas_sq_38)
                     # if step > 1 or use_atan2 or spectral_normalization:
-                    if h["_c41"]:
+                    if h["_c44"]:
                         # if (state_precision == 'fp32' and not nnmf_factor) and (beta1 > 0 and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape)) or not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape) or not (state_precision == 'factored' or nnmf_factor) and (factored_2nd and ((ndim != 1 or vector_reshape) and not (spectral_normalization and ndim >= 3))))):
-                        if h["_c29"]:
+                        if h["_c32"]:
                             # grad = float32(grad)
                             grad = F.float32(grad)
                         # if orthogonal_gradient == 'flattened' or orthogonal_gradient == 'iterative' and (ndim < 2 or param_attr('_is_dora_scale', False) or param_attr('is_vector', False)):
@@ -4677,20 +5831,20 @@ def _device_step(h, param, grad, S):
                         # if clip_lambda == 'step ** 0.25' and not use_atan2:
                         if h["_c9"]:
                             # normalized = clamp(normalized, -clip, clip)
-                            normalized = F.clamp(normalized, h["_k248"], h["clip"])
+                            normalized = F.clamp(normalized, h["_k268"], h["clip"])
                         # if beta1 > 0:
                         if h["_c10"]:
                             # exp_avg = lerp(exp_avg, normalized, 1 - beta1)
-                            F.lerp_(exp_avg, normalized, h["_k249"])
+                            F.lerp_(exp_avg, normalized, h["_k269"])
                             # if nesterov:
                             if h["_c11"]:
                                 # if nesterov_coef == None:
                                 if h["_c12"]:
                                     # update = lerp(exp_avg, grad, 1 - beta1)
-                                    update = F.lerp(exp_avg, grad, h["_k250"])
+                                    update = F.lerp(exp_avg, grad, h["_k270"])
                                 else:
                                     # update = lerp(exp_avg, grad, 1 - nesterov_coef)
-                                    update = F.lerp(exp_avg, grad, h["_k251"])
+                                    update = F.lerp(exp_avg, grad, h["_k271"])
                             else:
                                 # update = copy(exp_avg)
                                 update = F.copy(exp_avg)
@@ -4704,12 +5858,12 @@ def _device_step(h, param, grad, S):
                             kourkoutas_sq_40 = F.sum(kourkoutas_sq_39)
                             F.assign_(kourkoutas_sq, kourkoutas_sq_40)
                             # exp_avg_sq = exp_avg_sq * input() + (1 - input()) * grad * grad
-                            F.mul_(exp_avg_sq, h["_k252"])
-                            F.addcmul_(exp_avg_sq, grad, grad, h["_k253"])
+                            F.mul_(exp_avg_sq, h["_k272"])
+                            F.addcmul_(exp_avg_sq, grad, grad, h["_k273"])
                         else:
                             # exp_avg_sq = exp_avg_sq * beta2 + (1 - beta2) * grad * grad
-                            F.mul_(exp_avg_sq, h["_k254"])
-                            F.addcmul_(exp_avg_sq, grad, grad, h["_k255"])
+                            F.mul_(exp_avg_sq, h["_k274"])
+                            F.addcmul_(exp_avg_sq, grad, grad, h["_k275"])
                         # if spectral_normalization:
                         if h["_c13"]:
                             # if ndim >= 2:
@@ -4739,8 +5893,8 @@ def _device_step(h, param, grad, S):
                                 # spectral_sigma = vdot(spectral_u, spectral_ur)
                                 spectral_sigma = F.vdot(spectral_u, spectral_ur, kind="row")
                                 # update = spectral_x * (sqrt(rows / cols) / maximum(spectral_sigma, 1 / (sqrt(rows) + sqrt(cols))) * spectral_lr)
-                                update_31 = F.maximum(spectral_sigma, h["_k256"])
-                                F.rdiv_(update_31, h["_k257"])
+                                update_31 = F.maximum(spectral_sigma, h["_k276"])
+                                F.rdiv_(update_31, h["_k277"])
                                 F.mul_(update_31, h["spectral_lr"])
                                 update = F.mul(spectral_x, update_31)
                             else:
@@ -4754,20 +5908,39 @@ def _device_step(h, param, grad, S):
                             # if use_atan2:
                             if h["_c8"]:
                                 # update = update * (lr * 1.2732395447351628)
-                                F.mul_(update, h["_k258"])
+                                F.mul_(update, h["_k278"])
                             else:
                                 # update = update * lr
-                                F.mul_(update, h["_k259"])
-                        # if stochastic_rounding and bf16 != 0:
+                                F.mul_(update, h["_k279"])
+                        # if centered_wd != 0 and fisher_wd:
                         if h["_c15"]:
+                            # if use_atan2:
+                            if h["_c8"]:
+                                # cwd_fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                                cwd_fisher = F.atan2(wd_scaler, denom)
+                                F.mul_(cwd_fisher, 1.2732395447351628)
+                            else:
+                                # cwd_fisher = 1 / denom
+                                cwd_fisher = F.rdiv(denom, 1)
+                                # cwd_fisher = cwd_fisher / maximum(sqrt(mean((param * cwd_fisher) ** 2)) / 1.0, 1.0)
+                                cwd_fisher_31 = F.mul(param, cwd_fisher)
+                                F.pow_(cwd_fisher_31, 2)
+                                cwd_fisher_32 = F.mean(cwd_fisher_31)
+                                F.sqrt_(cwd_fisher_32)
+                                F.div_(cwd_fisher_32, 1.0)
+                                F.maximum_(cwd_fisher_32, 1.0)
+                                cwd_fisher_33 = F.div(cwd_fisher, cwd_fisher_32)
+                                cwd_fisher = cwd_fisher_33
+                        # if stochastic_rounding and bf16 != 0:
+                        if h["_c16"]:
                             # param_fp32 = float32(param)
                             param_fp32 = F.float32(param)
                             # update_fp32 = float32(update)
                             update_fp32 = F.float32(update)
                             # if weight_decay != 0:
-                            if h["_c16"]:
+                            if h["_c17"]:
                                 # if fisher_wd:
-                                if h["_c17"]:
+                                if h["_c18"]:
                                     # if use_atan2:
                                     if h["_c8"]:
                                         # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
@@ -4786,57 +5959,88 @@ def _device_step(h, param, grad, S):
                                         fisher_63 = F.div(fisher, fisher_62)
                                         fisher = fisher_63
                                     # fisher = fisher * (weight_decay * lr)
-                                    F.mul_(fisher, h["_k260"])
+                                    F.mul_(fisher, h["_k280"])
                                     # if cautious_wd:
-                                    if h["_c18"]:
+                                    if h["_c19"]:
                                         # param_fp32 = param_fp32 - param_fp32 * (where(update_fp32 * param_fp32 >= 0, 1.0, 0.0) * fisher)
-                                        param_fp32_121 = F.mul(update_fp32, param_fp32)
-                                        param_fp32_122 = F.ge(param_fp32_121, 0)
-                                        param_fp32_123 = F.where(param_fp32_122, 1.0, 0.0, like=param)
-                                        F.mul_(param_fp32_123, fisher)
-                                        param_fp32_124 = F.addcmul(param_fp32, param_fp32, param_fp32_123, -1.0)
-                                        param_fp32 = param_fp32_124
+                                        param_fp32_161 = F.mul(update_fp32, param_fp32)
+                                        param_fp32_162 = F.ge(param_fp32_161, 0)
+                                        param_fp32_163 = F.where(param_fp32_162, 1.0, 0.0, like=param)
+                                        F.mul_(param_fp32_163, fisher)
+                                        param_fp32_164 = F.addcmul(param_fp32, param_fp32, param_fp32_163, -1.0)
+                                        param_fp32 = param_fp32_164
                                     else:
                                         # param_fp32 = param_fp32 - param_fp32 * fisher
                                         param_fp32 = F.addcmul(param_fp32, param_fp32, fisher, -1.0)
                                 else:
                                     # if cautious_wd:
-                                    if h["_c18"]:
+                                    if h["_c19"]:
                                         # param_fp32 = param_fp32 - weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
-                                        param_fp32_125 = F.mul(update_fp32, param_fp32)
-                                        param_fp32_126 = F.ge(param_fp32_125, 0)
-                                        param_fp32_127 = F.where(param_fp32_126, 1.0, 0.0, like=param)
-                                        param_fp32_128 = F.addcmul(param_fp32, param_fp32, param_fp32_127, h["_k261"])
-                                        param_fp32 = param_fp32_128
+                                        param_fp32_165 = F.mul(update_fp32, param_fp32)
+                                        param_fp32_166 = F.ge(param_fp32_165, 0)
+                                        param_fp32_167 = F.where(param_fp32_166, 1.0, 0.0, like=param)
+                                        param_fp32_168 = F.addcmul(param_fp32, param_fp32, param_fp32_167, h["_k281"])
+                                        param_fp32 = param_fp32_168
                                     else:
                                         # param_fp32 = param_fp32 - weight_decay * lr * param_fp32
-                                        param_fp32 = F.axpy(param_fp32, param_fp32, h["_k262"])
+                                        param_fp32 = F.axpy(param_fp32, param_fp32, h["_k282"])
                             # if centered_wd != 0:
-                            if h["_c19"]:
-                                # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                                cwd_target_21 = F.cast(anchor_data, param_fp32)
-                                cwd_target = F.sub(param_fp32, cwd_target_21)
-                                # if cautious_wd:
-                                if h["_c18"]:
-                                    # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
-                                    param_fp32_129 = F.mul(update_fp32, cwd_target)
-                                    param_fp32_130 = F.ge(param_fp32_129, 0)
-                                    param_fp32_131 = F.where(param_fp32_130, 1.0, 0.0, like=param)
-                                    param_fp32_132 = F.addcmul(param_fp32, cwd_target, param_fp32_131, h["_k263"])
-                                    param_fp32 = param_fp32_132
+                            if h["_c20"]:
+                                # if centered_wd_mode == 'int8':
+                                if h["_c21"]:
+                                    # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                    cwd_target_101 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                    cwd_target_102 = F.cast(cwd_target_101, param_fp32)
+                                    cwd_target = F.sub(param_fp32, cwd_target_102)
                                 else:
-                                    # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
-                                    param_fp32 = F.axpy(param_fp32, cwd_target, h["_k264"])
+                                    # if centered_wd_mode == 'int4':
+                                    if h["_c22"]:
+                                        # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                        cwd_target_103 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                        cwd_target_104 = F.cast(cwd_target_103, param_fp32)
+                                        cwd_target = F.sub(param_fp32, cwd_target_104)
+                                    else:
+                                        # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                        cwd_target_105 = F.cast(anchor_data, param_fp32)
+                                        cwd_target = F.sub(param_fp32, cwd_target_105)
+                                # if fisher_wd:
+                                if h["_c18"]:
+                                    # cwd_fisher_scaled = cwd_fisher * (centered_wd * lr)
+                                    cwd_fisher_scaled = F.mul(cwd_fisher, h["_k283"])
+                                    # if cautious_wd:
+                                    if h["_c19"]:
+                                        # param_fp32 = param_fp32 - cwd_target * (where(update_fp32 * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                                        param_fp32_169 = F.mul(update_fp32, cwd_target)
+                                        param_fp32_170 = F.ge(param_fp32_169, 0)
+                                        param_fp32_171 = F.where(param_fp32_170, 1.0, 0.0, like=param)
+                                        F.mul_(param_fp32_171, cwd_fisher_scaled)
+                                        param_fp32_172 = F.addcmul(param_fp32, cwd_target, param_fp32_171, -1.0)
+                                        param_fp32 = param_fp32_172
+                                    else:
+                                        # param_fp32 = param_fp32 - cwd_target * cwd_fisher_scaled
+                                        param_fp32 = F.addcmul(param_fp32, cwd_target, cwd_fisher_scaled, -1.0)
+                                else:
+                                    # if cautious_wd:
+                                    if h["_c19"]:
+                                        # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                                        param_fp32_173 = F.mul(update_fp32, cwd_target)
+                                        param_fp32_174 = F.ge(param_fp32_173, 0)
+                                        param_fp32_175 = F.where(param_fp32_174, 1.0, 0.0, like=param)
+                                        param_fp32_176 = F.addcmul(param_fp32, cwd_target, param_fp32_175, h["_k284"])
+                                        param_fp32 = param_fp32_176
+                                    else:
+                                        # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
+                                        param_fp32 = F.axpy(param_fp32, cwd_target, h["_k285"])
                             # param_fp32 = param_fp32 + -update_fp32
                             param_fp32 = F.sub(param_fp32, update_fp32)
                             # param = stochastic_round(param_fp32, step)
-                            param_141 = F.stochastic_round(param_fp32, h["_k265"])
-                            F.assign_(param, param_141)
+                            param_171 = F.stochastic_round(param_fp32, h["_k286"])
+                            F.assign_(param, param_171)
                         else:
                             # if weight_decay != 0:
-                            if h["_c16"]:
+                            if h["_c17"]:
                                 # if fisher_wd:
-                                if h["_c17"]:
+                                if h["_c18"]:
                                     # if use_atan2:
                                     if h["_c8"]:
                                         # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
@@ -4855,48 +6059,78 @@ def _device_step(h, param, grad, S):
                                         fisher_66 = F.div(fisher, fisher_65)
                                         fisher = fisher_66
                                     # fisher = fisher * (weight_decay * lr)
-                                    F.mul_(fisher, h["_k266"])
+                                    F.mul_(fisher, h["_k287"])
                                     # if cautious_wd:
-                                    if h["_c18"]:
+                                    if h["_c19"]:
                                         # param = param - param * (where(update * param >= 0, 1.0, 0.0) * fisher)
-                                        param_142 = F.mul(update, param)
-                                        param_143 = F.ge(param_142, 0)
-                                        param_144 = F.where(param_143, 1.0, 0.0, like=param)
-                                        F.mul_(param_144, fisher)
-                                        param_145 = F.addcmul(param, param, param_144, -1.0)
-                                        F.assign_(param, param_145)
+                                        param_172 = F.mul(update, param)
+                                        param_173 = F.ge(param_172, 0)
+                                        param_174 = F.where(param_173, 1.0, 0.0, like=param)
+                                        F.mul_(param_174, fisher)
+                                        param_175 = F.addcmul(param, param, param_174, -1.0)
+                                        F.assign_(param, param_175)
                                     else:
                                         # param = param - param * fisher
-                                        param_146 = F.addcmul(param, param, fisher, -1.0)
-                                        F.assign_(param, param_146)
+                                        param_176 = F.addcmul(param, param, fisher, -1.0)
+                                        F.assign_(param, param_176)
                                 else:
                                     # if cautious_wd:
-                                    if h["_c18"]:
+                                    if h["_c19"]:
                                         # param = param - weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
-                                        param_147 = F.mul(update, param)
-                                        param_148 = F.ge(param_147, 0)
-                                        param_149 = F.where(param_148, 1.0, 0.0, like=param)
-                                        param_150 = F.addcmul(param, param, param_149, h["_k267"])
-                                        F.assign_(param, param_150)
+                                        param_177 = F.mul(update, param)
+                                        param_178 = F.ge(param_177, 0)
+                                        param_179 = F.where(param_178, 1.0, 0.0, like=param)
+                                        param_180 = F.addcmul(param, param, param_179, h["_k288"])
+                                        F.assign_(param, param_180)
                                     else:
                                         # param = param - weight_decay * lr * param
-                                        param_151 = F.axpy(param, param, h["_k268"])
-                                        F.assign_(param, param_151)
+                                        param_181 = F.axpy(param, param, h["_k289"])
+                                        F.assign_(param, param_181)
                             # if centered_wd != 0:
-                            if h["_c19"]:
-                                # cwd_target = param - cast(anchor_data, param)
-                                cwd_target_22 = F.cast(anchor_data, param)
-                                cwd_target = F.sub(param, cwd_target_22)
-                                # if cautious_wd:
-                                if h["_c18"]:
-                                    # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
-                                    param_152 = F.mul(update, cwd_target)
-                                    param_153 = F.ge(param_152, 0)
-                                    param_154 = F.where(param_153, 1.0, 0.0, like=param)
-                                    F.addcmul_(param, cwd_target, param_154, h["_k269"])
+                            if h["_c20"]:
+                                # if centered_wd_mode == 'int8':
+                                if h["_c21"]:
+                                    # cwd_target = param - cast(anchor_data, param)
+                                    cwd_target_106 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                    cwd_target_107 = F.cast(cwd_target_106, param)
+                                    cwd_target = F.sub(param, cwd_target_107)
                                 else:
-                                    # param = param - centered_wd * lr * cwd_target
-                                    F.axpy_(param, cwd_target, h["_k270"])
+                                    # if centered_wd_mode == 'int4':
+                                    if h["_c22"]:
+                                        # cwd_target = param - cast(anchor_data, param)
+                                        cwd_target_108 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                        cwd_target_109 = F.cast(cwd_target_108, param)
+                                        cwd_target = F.sub(param, cwd_target_109)
+                                    else:
+                                        # cwd_target = param - cast(anchor_data, param)
+                                        cwd_target_110 = F.cast(anchor_data, param)
+                                        cwd_target = F.sub(param, cwd_target_110)
+                                # if fisher_wd:
+                                if h["_c18"]:
+                                    # cwd_fisher_scaled = cwd_fisher * (centered_wd * lr)
+                                    cwd_fisher_scaled = F.mul(cwd_fisher, h["_k290"])
+                                    # if cautious_wd:
+                                    if h["_c19"]:
+                                        # param = param - cwd_target * (where(update * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                                        param_182 = F.mul(update, cwd_target)
+                                        param_183 = F.ge(param_182, 0)
+                                        param_184 = F.where(param_183, 1.0, 0.0, like=param)
+                                        F.mul_(param_184, cwd_fisher_scaled)
+                                        F.addcmul_(param, cwd_target, param_184, -1.0)
+                                    else:
+                                        # param = param - cwd_target * cwd_fisher_scaled
+                                        F.addcmul_(param, cwd_target, cwd_fisher_scaled, -1.0)
+                                else:
+                                    # if cautious_wd:
+                                    if h["_c19"]:
+                                        # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                                        param_185 = F.mul(update, cwd_target)
+                                        param_186 = F.ge(param_185, 0)
+                                        param_187 = F.where(param_186, 1.0, 0.0, like=param)
+                                        F.addcmul_(param, cwd_target, param_187, h["_k291"])
+                                    else:
+                                        # param = param - centered_wd * lr * cwd_target
+                                        F.axpy_(param, cwd_target, h["_k292"])
                             # param = param + -update
                             F.sub_(param, update)
 
@@ -4927,7 +6161,7 @@ class Adopt_adv(GeneratedOptimizer):
         layer_key_fn: parameter -> bucket key (default: its shape) (default: ``None``)
         spectral_normalization: scale the update by its spectral norm (one power-iteration step) instead of the step size alone (default: ``False``)
         centered_wd: centered decay coefficient (a pull toward the initial parameter, scaled like weight_decay); 0: off (default: ``0.0``)
-        centered_wd_mode: the anchor's storage: 'float8' (float8_e4m3fn, unscaled) or 'full' (the parameter's dtype); 'int8', 'int4' are not implemented yet (default: ``'float8'``)
+        centered_wd_mode: the anchor's storage: 'float8' (float8_e4m3fn, unscaled), 'full' (the parameter's dtype), 'int8' / 'int4' (asymmetric blocks of 128 / 32) (default: ``'float8'``)
         state_precision: 'factored': rank-1 factored states with a 1-bit sign (float32); 'fp32', 'fp16': the states in that dtype; 'bf16_sr': bfloat16, stochastically rounded; 'int8_sr': blockwise int8 codes with per-2048 scales (feature state_precision) (default: ``'auto'``)
         factored_2nd: factor only the second moment (the first stays dense, in the parameter's dtype); state_precision='factored' takes precedence (default: ``False``)
         nnmf_factor: legacy alias of state_precision='factored' (default: ``False``)

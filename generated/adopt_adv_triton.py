@@ -18,28 +18,28 @@ def _adopt_adv_prologue0(
     tab, chunks, gptr, hv, ws, hyp, steps, inp,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr,
 ):
     """Prologue: one program per tensor; counts the step, computes the host values in float64 and
     writes the 10 the passes read to hv.
     """
-    COL_GIDX: tl.constexpr = 20
+    COL_GIDX: tl.constexpr = 22
     HV_C: tl.constexpr = 0
     HV_EPS_EFF__B6: tl.constexpr = 1
-    HV_K248__B10: tl.constexpr = 2
+    HV_K268__B10: tl.constexpr = 2
     HV_CLIP__B9: tl.constexpr = 3
-    HV_K249__B12: tl.constexpr = 4
-    HV_K254__B15: tl.constexpr = 5
-    HV_K255__B16: tl.constexpr = 6
-    HV_K259__B18: tl.constexpr = 7
-    HV_K265__B23: tl.constexpr = 8
+    HV_K269__B12: tl.constexpr = 4
+    HV_K274__B15: tl.constexpr = 5
+    HV_K275__B16: tl.constexpr = 6
+    HV_K279__B18: tl.constexpr = 7
+    HV_K286__B23: tl.constexpr = 8
     HV_C_1: tl.constexpr = 9
     HYP_BETA1: tl.constexpr = 0
     HYP_BETA2: tl.constexpr = 1
-    HYP_EPS: tl.constexpr = 5
-    HYP_LR: tl.constexpr = 9
-    HYP_SPECTRAL_NORMALIZATION: tl.constexpr = 14
-    HYP_USE_ATAN2: tl.constexpr = 17
+    HYP_EPS: tl.constexpr = 6
+    HYP_LR: tl.constexpr = 10
+    HYP_SPECTRAL_NORMALIZATION: tl.constexpr = 15
+    HYP_USE_ATAN2: tl.constexpr = 18
     t = tl.program_id(0)
     gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
@@ -52,40 +52,40 @@ def _adopt_adv_prologue0(
     eps_eff__b6 = tl.load(hyp + HYP_EPS)
     # clip__b9 = (step - 1) ** 0.25
     clip__b9 = L.pow64((step - tl.full((), 1.0, tl.float64)), tl.full((), 0.25, tl.float64))
-    # _k248__b10 = -clip__b9
-    k248__b10 = (-clip__b9)
-    # _k249__b12 = 1 - beta1
-    k249__b12 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA1))
-    # _k254__b15 = beta2
-    k254__b15 = tl.load(hyp + HYP_BETA2)
-    # _k255__b16 = 1 - beta2
-    k255__b16 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA2))
-    # _k259__b18 = lr
-    k259__b18 = tl.load(hyp + HYP_LR)
-    # _k265__b23 = step
-    k265__b23 = step
+    # _k268__b10 = -clip__b9
+    k268__b10 = (-clip__b9)
+    # _k269__b12 = 1 - beta1
+    k269__b12 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA1))
+    # _k274__b15 = beta2
+    k274__b15 = tl.load(hyp + HYP_BETA2)
+    # _k275__b16 = 1 - beta2
+    k275__b16 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA2))
+    # _k279__b18 = lr
+    k279__b18 = tl.load(hyp + HYP_LR)
+    # _k286__b23 = step
+    k286__b23 = step
     # the host values the passes read, rounded to float32
     tl.store(hv + t * NH + HV_C, (c).to(tl.float32))
     tl.store(hv + t * NH + HV_EPS_EFF__B6, (eps_eff__b6).to(tl.float32))
-    tl.store(hv + t * NH + HV_K248__B10, (k248__b10).to(tl.float32))
+    tl.store(hv + t * NH + HV_K268__B10, (k268__b10).to(tl.float32))
     tl.store(hv + t * NH + HV_CLIP__B9, (clip__b9).to(tl.float32))
-    tl.store(hv + t * NH + HV_K249__B12, (k249__b12).to(tl.float32))
-    tl.store(hv + t * NH + HV_K254__B15, (k254__b15).to(tl.float32))
-    tl.store(hv + t * NH + HV_K255__B16, (k255__b16).to(tl.float32))
-    tl.store(hv + t * NH + HV_K259__B18, (k259__b18).to(tl.float32))
-    tl.store(hv + t * NH + HV_K265__B23, (k265__b23).to(tl.float32))
+    tl.store(hv + t * NH + HV_K269__B12, (k269__b12).to(tl.float32))
+    tl.store(hv + t * NH + HV_K274__B15, (k274__b15).to(tl.float32))
+    tl.store(hv + t * NH + HV_K275__B16, (k275__b16).to(tl.float32))
+    tl.store(hv + t * NH + HV_K279__B18, (k279__b18).to(tl.float32))
+    tl.store(hv + t * NH + HV_K286__B23, (k286__b23).to(tl.float32))
     tl.store(hv + t * NH + HV_C_1, (c_1).to(tl.float32))
 
 
 # flat
 @triton.jit
-def _adopt_adv_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr):
+def _adopt_adv_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_PARAM: tl.constexpr = 0
     COL_EXP_AVG_SQ: tl.constexpr = 5
-    COL_WS_R0: tl.constexpr = 21
-    COL_WS_R1: tl.constexpr = 22
-    COL_WS_GRAD_B2: tl.constexpr = 26
+    COL_WS_R0: tl.constexpr = 23
+    COL_WS_R1: tl.constexpr = 24
+    COL_WS_GRAD_B2: tl.constexpr = 28
     HV_C: tl.constexpr = 0
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
@@ -122,13 +122,13 @@ def _adopt_adv_flat0(
     tab, chunks, gptr, hv, ws, hyp, steps, inp,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads grad, exp_avg_sq, param; writes exp_avg_sq, grad__b2; accumulates _r0, _r1.
     """
-    COL_NUMEL: tl.constexpr = 15
+    COL_NUMEL: tl.constexpr = 17
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -137,22 +137,22 @@ def _adopt_adv_flat0(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _adopt_adv_flat0_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_exp_avg_sq, DT_mu_v_nmf, DT_mv_v_nmf, DT_spectral_v, DT_spectral_u, DT_wd_scaler, DT_anchor_data, DT_kourkoutas_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale)
+        _adopt_adv_flat0_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_exp_avg_sq, DT_mu_v_nmf, DT_mv_v_nmf, DT_spectral_v, DT_spectral_u, DT_wd_scaler, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_kourkoutas_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale)
     else:
-        _adopt_adv_flat0_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_exp_avg_sq, DT_mu_v_nmf, DT_mv_v_nmf, DT_spectral_v, DT_spectral_u, DT_wd_scaler, DT_anchor_data, DT_kourkoutas_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale)
+        _adopt_adv_flat0_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_exp_avg_sq, DT_mu_v_nmf, DT_mv_v_nmf, DT_spectral_v, DT_spectral_u, DT_wd_scaler, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_kourkoutas_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale)
 
 
 # flat
 @triton.jit
-def _adopt_adv_flat1_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr):
+def _adopt_adv_flat1_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_PARAM: tl.constexpr = 0
-    COL_WS_R0: tl.constexpr = 21
-    COL_WS_R1: tl.constexpr = 22
-    COL_WS_R2: tl.constexpr = 23
-    COL_WS_R3: tl.constexpr = 24
-    COL_WS_GRAD_B2: tl.constexpr = 26
-    COL_WS_ORTHO_G_B3: tl.constexpr = 27
+    COL_WS_R0: tl.constexpr = 23
+    COL_WS_R1: tl.constexpr = 24
+    COL_WS_R2: tl.constexpr = 25
+    COL_WS_R3: tl.constexpr = 26
+    COL_WS_GRAD_B2: tl.constexpr = 28
+    COL_WS_ORTHO_G_B3: tl.constexpr = 29
     p_grad__b2 = ws + tl.load(tab + t * TBL_W + COL_WS_GRAD_B2)
     p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
     if ALIGNED:
@@ -181,13 +181,13 @@ def _adopt_adv_flat1(
     tab, chunks, gptr, hv, ws, hyp, steps, inp,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads grad__b2, param, _r0, _r1; writes ortho_g__b3; accumulates _r2, _r3.
     """
-    COL_NUMEL: tl.constexpr = 15
+    COL_NUMEL: tl.constexpr = 17
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -196,9 +196,9 @@ def _adopt_adv_flat1(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _adopt_adv_flat1_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_exp_avg_sq, DT_mu_v_nmf, DT_mv_v_nmf, DT_spectral_v, DT_spectral_u, DT_wd_scaler, DT_anchor_data, DT_kourkoutas_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale)
+        _adopt_adv_flat1_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_exp_avg_sq, DT_mu_v_nmf, DT_mv_v_nmf, DT_spectral_v, DT_spectral_u, DT_wd_scaler, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_kourkoutas_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale)
     else:
-        _adopt_adv_flat1_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_exp_avg_sq, DT_mu_v_nmf, DT_mv_v_nmf, DT_spectral_v, DT_spectral_u, DT_wd_scaler, DT_anchor_data, DT_kourkoutas_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale)
+        _adopt_adv_flat1_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_exp_avg_sq, DT_mu_v_nmf, DT_mv_v_nmf, DT_spectral_v, DT_spectral_u, DT_wd_scaler, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_kourkoutas_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale)
 
 
 # vec
@@ -207,19 +207,19 @@ def _adopt_adv_vec0(
     tab, chunks, gptr, hv, ws, hyp, steps, inp,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr,
 ):
     """Vector stage: one program per tensor, looping over its matrices and their rows / columns in
     blocks of VB.
 
     Reads _r2, _r3; writes ortho_scale__b4.
     """
-    COL_B: tl.constexpr = 16
-    COL_M: tl.constexpr = 17
-    COL_N: tl.constexpr = 18
-    COL_WS_R2: tl.constexpr = 23
-    COL_WS_R3: tl.constexpr = 24
-    COL_WS_ORTHO_SCALE_B4: tl.constexpr = 25
+    COL_B: tl.constexpr = 18
+    COL_M: tl.constexpr = 19
+    COL_N: tl.constexpr = 20
+    COL_WS_R2: tl.constexpr = 25
+    COL_WS_R3: tl.constexpr = 26
+    COL_WS_ORTHO_SCALE_B4: tl.constexpr = 27
     t = tl.program_id(0)
     B = tl.load(tab + t * TBL_W + COL_B)
     M = tl.load(tab + t * TBL_W + COL_M)
@@ -237,23 +237,23 @@ def _adopt_adv_vec0(
 
 # flat
 @triton.jit
-def _adopt_adv_flat2_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr):
+def _adopt_adv_flat2_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_PARAM: tl.constexpr = 0
     COL_EXP_AVG: tl.constexpr = 1
     COL_EXP_AVG_SQ: tl.constexpr = 5
-    COL_GIDX: tl.constexpr = 20
-    COL_WS_ORTHO_SCALE_B4: tl.constexpr = 25
-    COL_WS_GRAD_B2: tl.constexpr = 26
-    COL_WS_ORTHO_G_B3: tl.constexpr = 27
+    COL_GIDX: tl.constexpr = 22
+    COL_WS_ORTHO_SCALE_B4: tl.constexpr = 27
+    COL_WS_GRAD_B2: tl.constexpr = 28
+    COL_WS_ORTHO_G_B3: tl.constexpr = 29
     HV_EPS_EFF__B6: tl.constexpr = 1
-    HV_K248__B10: tl.constexpr = 2
+    HV_K268__B10: tl.constexpr = 2
     HV_CLIP__B9: tl.constexpr = 3
-    HV_K249__B12: tl.constexpr = 4
-    HV_K254__B15: tl.constexpr = 5
-    HV_K255__B16: tl.constexpr = 6
-    HV_K259__B18: tl.constexpr = 7
-    HV_K265__B23: tl.constexpr = 8
+    HV_K269__B12: tl.constexpr = 4
+    HV_K274__B15: tl.constexpr = 5
+    HV_K275__B16: tl.constexpr = 6
+    HV_K279__B18: tl.constexpr = 7
+    HV_K286__B23: tl.constexpr = 8
     HV_C: tl.constexpr = 9
     p_ortho_g__b3 = ws + tl.load(tab + t * TBL_W + COL_WS_ORTHO_G_B3)
     p_ortho_scale__b4 = ws + tl.load(tab + t * TBL_W + COL_WS_ORTHO_SCALE_B4)
@@ -262,19 +262,19 @@ def _adopt_adv_flat2_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr
     if ALIGNED:
         p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
     eps_eff__b6 = tl.load(hv + t * NH + HV_EPS_EFF__B6)
-    k248__b10 = tl.load(hv + t * NH + HV_K248__B10)
+    k268__b10 = tl.load(hv + t * NH + HV_K268__B10)
     clip__b9 = tl.load(hv + t * NH + HV_CLIP__B9)
     p_exp_avg = tl.load(tab + t * TBL_W + COL_EXP_AVG).to(tl.pointer_type(DT_exp_avg))
     if ALIGNED:
         p_exp_avg = tl.multiple_of(p_exp_avg, 16)
-    k249__b12 = tl.load(hv + t * NH + HV_K249__B12)
-    k254__b15 = tl.load(hv + t * NH + HV_K254__B15)
-    k255__b16 = tl.load(hv + t * NH + HV_K255__B16)
-    k259__b18 = tl.load(hv + t * NH + HV_K259__B18)
+    k269__b12 = tl.load(hv + t * NH + HV_K269__B12)
+    k274__b15 = tl.load(hv + t * NH + HV_K274__B15)
+    k275__b16 = tl.load(hv + t * NH + HV_K275__B16)
+    k279__b18 = tl.load(hv + t * NH + HV_K279__B18)
     p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
-    k265__b23 = tl.load(hv + t * NH + HV_K265__B23)
+    k286__b23 = tl.load(hv + t * NH + HV_K286__B23)
     c = tl.load(hv + t * NH + HV_C)
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
@@ -289,23 +289,23 @@ def _adopt_adv_flat2_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr
     denom__b7 = (L.sqrt(exp_avg_sq) + eps_eff__b6)
     # normalized__b8 = grad__b5 / denom__b7
     normalized__b8 = L.div(grad__b5, denom__b7)
-    # normalized__b11 = clamp(normalized__b8, _k248__b10, clip__b9)
-    normalized__b11 = L.minimum(L.maximum(normalized__b8, k248__b10), clip__b9)
-    # exp_avg__b13 = lerp(exp_avg, normalized__b11, _k249__b12)
+    # normalized__b11 = clamp(normalized__b8, _k268__b10, clip__b9)
+    normalized__b11 = L.minimum(L.maximum(normalized__b8, k268__b10), clip__b9)
+    # exp_avg__b13 = lerp(exp_avg, normalized__b11, _k269__b12)
     exp_avg = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
-    exp_avg__b13 = L.lerp(exp_avg, normalized__b11, k249__b12)
+    exp_avg__b13 = L.lerp(exp_avg, normalized__b11, k269__b12)
     # update__b14 = copy(exp_avg__b13)
-    # exp_avg_sq__b17 = exp_avg_sq * _k254__b15 + _k255__b16 * grad__b5 * grad__b5
-    exp_avg_sq__b17 = ((exp_avg_sq * k254__b15) + k255__b16 * grad__b5 * grad__b5)
-    # update__b19 = update__b14 * _k259__b18
-    update__b19 = (exp_avg__b13 * k259__b18)
+    # exp_avg_sq__b17 = exp_avg_sq * _k274__b15 + _k275__b16 * grad__b5 * grad__b5
+    exp_avg_sq__b17 = ((exp_avg_sq * k274__b15) + k275__b16 * grad__b5 * grad__b5)
+    # update__b19 = update__b14 * _k279__b18
+    update__b19 = (exp_avg__b13 * k279__b18)
     # param_fp32__b20 = float32(param)
     param = tl.load(p_param + offs, mask=mask).to(tl.float32)
     # update_fp32__b21 = float32(update__b19)
     # param_fp32__b22 = param_fp32__b20 + -update_fp32__b21
     param_fp32__b22 = (param + (-update__b19))
-    # param__b24 = stochastic_round(param_fp32__b22, _k265__b23)
-    param__b24 = L.sr_bf16(param_fp32__b22, (k265__b23).to(tl.int32) * 65599 + tl.load(tab + t * TBL_W + COL_GIDX), offs)
+    # param__b24 = stochastic_round(param_fp32__b22, _k286__b23)
+    param__b24 = L.sr_bf16(param_fp32__b22, (k286__b23).to(tl.int32) * 65599 + tl.load(tab + t * TBL_W + COL_GIDX), offs)
     # grad = where(step > 1 or use_atan2 or spectral_normalization, grad__b5, grad)
     grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
     grad_1 = tl.where((c != 0), grad__b5, grad)
@@ -326,14 +326,14 @@ def _adopt_adv_flat2(
     tab, chunks, gptr, hv, ws, hyp, steps, inp,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads ortho_g__b3, ortho_scale__b4, grad__b2, exp_avg_sq, exp_avg, param, grad; writes exp_avg,
     exp_avg_sq, param.
     """
-    COL_NUMEL: tl.constexpr = 15
+    COL_NUMEL: tl.constexpr = 17
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -342,9 +342,9 @@ def _adopt_adv_flat2(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _adopt_adv_flat2_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_exp_avg_sq, DT_mu_v_nmf, DT_mv_v_nmf, DT_spectral_v, DT_spectral_u, DT_wd_scaler, DT_anchor_data, DT_kourkoutas_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale)
+        _adopt_adv_flat2_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_exp_avg_sq, DT_mu_v_nmf, DT_mv_v_nmf, DT_spectral_v, DT_spectral_u, DT_wd_scaler, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_kourkoutas_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale)
     else:
-        _adopt_adv_flat2_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_exp_avg_sq, DT_mu_v_nmf, DT_mv_v_nmf, DT_spectral_v, DT_spectral_u, DT_wd_scaler, DT_anchor_data, DT_kourkoutas_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale)
+        _adopt_adv_flat2_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_exp_avg_sq, DT_mu_v_nmf, DT_mv_v_nmf, DT_spectral_v, DT_spectral_u, DT_wd_scaler, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_kourkoutas_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale)
 
 
 # prologue
@@ -353,27 +353,27 @@ def _adopt_adv_prologue1(
     tab, chunks, gptr, hv, ws, hyp, steps, inp,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr,
 ):
     """Prologue: one program per tensor; counts the step, computes the host values in float64 and
     writes the 9 the passes read to hv.
     """
-    COL_GIDX: tl.constexpr = 20
+    COL_GIDX: tl.constexpr = 22
     HV_C: tl.constexpr = 0
     HV_EPS_EFF__B6: tl.constexpr = 1
-    HV_K248__B10: tl.constexpr = 2
+    HV_K268__B10: tl.constexpr = 2
     HV_CLIP__B9: tl.constexpr = 3
-    HV_K249__B12: tl.constexpr = 4
-    HV_K254__B15: tl.constexpr = 5
-    HV_K255__B16: tl.constexpr = 6
-    HV_K259__B18: tl.constexpr = 7
+    HV_K269__B12: tl.constexpr = 4
+    HV_K274__B15: tl.constexpr = 5
+    HV_K275__B16: tl.constexpr = 6
+    HV_K279__B18: tl.constexpr = 7
     HV_C_1: tl.constexpr = 8
     HYP_BETA1: tl.constexpr = 0
     HYP_BETA2: tl.constexpr = 1
-    HYP_EPS: tl.constexpr = 5
-    HYP_LR: tl.constexpr = 9
-    HYP_SPECTRAL_NORMALIZATION: tl.constexpr = 14
-    HYP_USE_ATAN2: tl.constexpr = 17
+    HYP_EPS: tl.constexpr = 6
+    HYP_LR: tl.constexpr = 10
+    HYP_SPECTRAL_NORMALIZATION: tl.constexpr = 15
+    HYP_USE_ATAN2: tl.constexpr = 18
     t = tl.program_id(0)
     gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
@@ -386,45 +386,45 @@ def _adopt_adv_prologue1(
     eps_eff__b6 = tl.load(hyp + HYP_EPS)
     # clip__b9 = (step - 1) ** 0.25
     clip__b9 = L.pow64((step - tl.full((), 1.0, tl.float64)), tl.full((), 0.25, tl.float64))
-    # _k248__b10 = -clip__b9
-    k248__b10 = (-clip__b9)
-    # _k249__b12 = 1 - beta1
-    k249__b12 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA1))
-    # _k254__b15 = beta2
-    k254__b15 = tl.load(hyp + HYP_BETA2)
-    # _k255__b16 = 1 - beta2
-    k255__b16 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA2))
-    # _k259__b18 = lr
-    k259__b18 = tl.load(hyp + HYP_LR)
+    # _k268__b10 = -clip__b9
+    k268__b10 = (-clip__b9)
+    # _k269__b12 = 1 - beta1
+    k269__b12 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA1))
+    # _k274__b15 = beta2
+    k274__b15 = tl.load(hyp + HYP_BETA2)
+    # _k275__b16 = 1 - beta2
+    k275__b16 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA2))
+    # _k279__b18 = lr
+    k279__b18 = tl.load(hyp + HYP_LR)
     # the host values the passes read, rounded to float32
     tl.store(hv + t * NH + HV_C, (c).to(tl.float32))
     tl.store(hv + t * NH + HV_EPS_EFF__B6, (eps_eff__b6).to(tl.float32))
-    tl.store(hv + t * NH + HV_K248__B10, (k248__b10).to(tl.float32))
+    tl.store(hv + t * NH + HV_K268__B10, (k268__b10).to(tl.float32))
     tl.store(hv + t * NH + HV_CLIP__B9, (clip__b9).to(tl.float32))
-    tl.store(hv + t * NH + HV_K249__B12, (k249__b12).to(tl.float32))
-    tl.store(hv + t * NH + HV_K254__B15, (k254__b15).to(tl.float32))
-    tl.store(hv + t * NH + HV_K255__B16, (k255__b16).to(tl.float32))
-    tl.store(hv + t * NH + HV_K259__B18, (k259__b18).to(tl.float32))
+    tl.store(hv + t * NH + HV_K269__B12, (k269__b12).to(tl.float32))
+    tl.store(hv + t * NH + HV_K274__B15, (k274__b15).to(tl.float32))
+    tl.store(hv + t * NH + HV_K275__B16, (k275__b16).to(tl.float32))
+    tl.store(hv + t * NH + HV_K279__B18, (k279__b18).to(tl.float32))
     tl.store(hv + t * NH + HV_C_1, (c_1).to(tl.float32))
 
 
 # flat
 @triton.jit
-def _adopt_adv_flat3_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr):
+def _adopt_adv_flat3_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_PARAM: tl.constexpr = 0
     COL_EXP_AVG: tl.constexpr = 1
     COL_EXP_AVG_SQ: tl.constexpr = 5
-    COL_WS_ORTHO_SCALE_B4: tl.constexpr = 25
-    COL_WS_GRAD_B2: tl.constexpr = 26
-    COL_WS_ORTHO_G_B3: tl.constexpr = 27
+    COL_WS_ORTHO_SCALE_B4: tl.constexpr = 27
+    COL_WS_GRAD_B2: tl.constexpr = 28
+    COL_WS_ORTHO_G_B3: tl.constexpr = 29
     HV_EPS_EFF__B6: tl.constexpr = 1
-    HV_K248__B10: tl.constexpr = 2
+    HV_K268__B10: tl.constexpr = 2
     HV_CLIP__B9: tl.constexpr = 3
-    HV_K249__B12: tl.constexpr = 4
-    HV_K254__B15: tl.constexpr = 5
-    HV_K255__B16: tl.constexpr = 6
-    HV_K259__B18: tl.constexpr = 7
+    HV_K269__B12: tl.constexpr = 4
+    HV_K274__B15: tl.constexpr = 5
+    HV_K275__B16: tl.constexpr = 6
+    HV_K279__B18: tl.constexpr = 7
     HV_C: tl.constexpr = 8
     p_ortho_g__b3 = ws + tl.load(tab + t * TBL_W + COL_WS_ORTHO_G_B3)
     p_ortho_scale__b4 = ws + tl.load(tab + t * TBL_W + COL_WS_ORTHO_SCALE_B4)
@@ -433,15 +433,15 @@ def _adopt_adv_flat3_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr
     if ALIGNED:
         p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
     eps_eff__b6 = tl.load(hv + t * NH + HV_EPS_EFF__B6)
-    k248__b10 = tl.load(hv + t * NH + HV_K248__B10)
+    k268__b10 = tl.load(hv + t * NH + HV_K268__B10)
     clip__b9 = tl.load(hv + t * NH + HV_CLIP__B9)
     p_exp_avg = tl.load(tab + t * TBL_W + COL_EXP_AVG).to(tl.pointer_type(DT_exp_avg))
     if ALIGNED:
         p_exp_avg = tl.multiple_of(p_exp_avg, 16)
-    k249__b12 = tl.load(hv + t * NH + HV_K249__B12)
-    k254__b15 = tl.load(hv + t * NH + HV_K254__B15)
-    k255__b16 = tl.load(hv + t * NH + HV_K255__B16)
-    k259__b18 = tl.load(hv + t * NH + HV_K259__B18)
+    k269__b12 = tl.load(hv + t * NH + HV_K269__B12)
+    k274__b15 = tl.load(hv + t * NH + HV_K274__B15)
+    k275__b16 = tl.load(hv + t * NH + HV_K275__B16)
+    k279__b18 = tl.load(hv + t * NH + HV_K279__B18)
     p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
@@ -459,16 +459,16 @@ def _adopt_adv_flat3_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr
     denom__b7 = (L.sqrt(exp_avg_sq) + eps_eff__b6)
     # normalized__b8 = grad__b5 / denom__b7
     normalized__b8 = L.div(grad__b5, denom__b7)
-    # normalized__b11 = clamp(normalized__b8, _k248__b10, clip__b9)
-    normalized__b11 = L.minimum(L.maximum(normalized__b8, k248__b10), clip__b9)
-    # exp_avg__b13 = lerp(exp_avg, normalized__b11, _k249__b12)
+    # normalized__b11 = clamp(normalized__b8, _k268__b10, clip__b9)
+    normalized__b11 = L.minimum(L.maximum(normalized__b8, k268__b10), clip__b9)
+    # exp_avg__b13 = lerp(exp_avg, normalized__b11, _k269__b12)
     exp_avg = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
-    exp_avg__b13 = L.lerp(exp_avg, normalized__b11, k249__b12)
+    exp_avg__b13 = L.lerp(exp_avg, normalized__b11, k269__b12)
     # update__b14 = copy(exp_avg__b13)
-    # exp_avg_sq__b17 = exp_avg_sq * _k254__b15 + _k255__b16 * grad__b5 * grad__b5
-    exp_avg_sq__b17 = ((exp_avg_sq * k254__b15) + k255__b16 * grad__b5 * grad__b5)
-    # update__b19 = update__b14 * _k259__b18
-    update__b19 = (exp_avg__b13 * k259__b18)
+    # exp_avg_sq__b17 = exp_avg_sq * _k274__b15 + _k275__b16 * grad__b5 * grad__b5
+    exp_avg_sq__b17 = ((exp_avg_sq * k274__b15) + k275__b16 * grad__b5 * grad__b5)
+    # update__b19 = update__b14 * _k279__b18
+    update__b19 = (exp_avg__b13 * k279__b18)
     # param__b20 = param + -update__b19
     param = tl.load(p_param + offs, mask=mask).to(tl.float32)
     param__b20 = (param + (-update__b19))
@@ -492,14 +492,14 @@ def _adopt_adv_flat3(
     tab, chunks, gptr, hv, ws, hyp, steps, inp,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads ortho_g__b3, ortho_scale__b4, grad__b2, exp_avg_sq, exp_avg, param, grad; writes exp_avg,
     exp_avg_sq, param.
     """
-    COL_NUMEL: tl.constexpr = 15
+    COL_NUMEL: tl.constexpr = 17
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -508,9 +508,9 @@ def _adopt_adv_flat3(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _adopt_adv_flat3_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_exp_avg_sq, DT_mu_v_nmf, DT_mv_v_nmf, DT_spectral_v, DT_spectral_u, DT_wd_scaler, DT_anchor_data, DT_kourkoutas_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale)
+        _adopt_adv_flat3_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_exp_avg_sq, DT_mu_v_nmf, DT_mv_v_nmf, DT_spectral_v, DT_spectral_u, DT_wd_scaler, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_kourkoutas_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale)
     else:
-        _adopt_adv_flat3_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_exp_avg_sq, DT_mu_v_nmf, DT_mv_v_nmf, DT_spectral_v, DT_spectral_u, DT_wd_scaler, DT_anchor_data, DT_kourkoutas_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale)
+        _adopt_adv_flat3_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_exp_avg_sq, DT_mu_v_nmf, DT_mv_v_nmf, DT_spectral_v, DT_spectral_u, DT_wd_scaler, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_kourkoutas_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale)
 
 
 # prologue
@@ -519,28 +519,28 @@ def _adopt_adv_prologue2(
     tab, chunks, gptr, hv, ws, hyp, steps, inp,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr,
 ):
     """Prologue: one program per tensor; counts the step, computes the host values in float64 and
     writes the 10 the passes read to hv.
     """
-    COL_GIDX: tl.constexpr = 20
+    COL_GIDX: tl.constexpr = 22
     HV_C: tl.constexpr = 0
     HV_EPS_EFF__B3: tl.constexpr = 1
-    HV_K248__B7: tl.constexpr = 2
+    HV_K268__B7: tl.constexpr = 2
     HV_CLIP__B6: tl.constexpr = 3
-    HV_K249__B9: tl.constexpr = 4
-    HV_K254__B12: tl.constexpr = 5
-    HV_K255__B13: tl.constexpr = 6
-    HV_K259__B15: tl.constexpr = 7
-    HV_K265__B20: tl.constexpr = 8
+    HV_K269__B9: tl.constexpr = 4
+    HV_K274__B12: tl.constexpr = 5
+    HV_K275__B13: tl.constexpr = 6
+    HV_K279__B15: tl.constexpr = 7
+    HV_K286__B20: tl.constexpr = 8
     HV_C_1: tl.constexpr = 9
     HYP_BETA1: tl.constexpr = 0
     HYP_BETA2: tl.constexpr = 1
-    HYP_EPS: tl.constexpr = 5
-    HYP_LR: tl.constexpr = 9
-    HYP_SPECTRAL_NORMALIZATION: tl.constexpr = 14
-    HYP_USE_ATAN2: tl.constexpr = 17
+    HYP_EPS: tl.constexpr = 6
+    HYP_LR: tl.constexpr = 10
+    HYP_SPECTRAL_NORMALIZATION: tl.constexpr = 15
+    HYP_USE_ATAN2: tl.constexpr = 18
     t = tl.program_id(0)
     gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
@@ -553,48 +553,48 @@ def _adopt_adv_prologue2(
     eps_eff__b3 = tl.load(hyp + HYP_EPS)
     # clip__b6 = (step - 1) ** 0.25
     clip__b6 = L.pow64((step - tl.full((), 1.0, tl.float64)), tl.full((), 0.25, tl.float64))
-    # _k248__b7 = -clip__b6
-    k248__b7 = (-clip__b6)
-    # _k249__b9 = 1 - beta1
-    k249__b9 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA1))
-    # _k254__b12 = beta2
-    k254__b12 = tl.load(hyp + HYP_BETA2)
-    # _k255__b13 = 1 - beta2
-    k255__b13 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA2))
-    # _k259__b15 = lr
-    k259__b15 = tl.load(hyp + HYP_LR)
-    # _k265__b20 = step
-    k265__b20 = step
+    # _k268__b7 = -clip__b6
+    k268__b7 = (-clip__b6)
+    # _k269__b9 = 1 - beta1
+    k269__b9 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA1))
+    # _k274__b12 = beta2
+    k274__b12 = tl.load(hyp + HYP_BETA2)
+    # _k275__b13 = 1 - beta2
+    k275__b13 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA2))
+    # _k279__b15 = lr
+    k279__b15 = tl.load(hyp + HYP_LR)
+    # _k286__b20 = step
+    k286__b20 = step
     # the host values the passes read, rounded to float32
     tl.store(hv + t * NH + HV_C, (c).to(tl.float32))
     tl.store(hv + t * NH + HV_EPS_EFF__B3, (eps_eff__b3).to(tl.float32))
-    tl.store(hv + t * NH + HV_K248__B7, (k248__b7).to(tl.float32))
+    tl.store(hv + t * NH + HV_K268__B7, (k268__b7).to(tl.float32))
     tl.store(hv + t * NH + HV_CLIP__B6, (clip__b6).to(tl.float32))
-    tl.store(hv + t * NH + HV_K249__B9, (k249__b9).to(tl.float32))
-    tl.store(hv + t * NH + HV_K254__B12, (k254__b12).to(tl.float32))
-    tl.store(hv + t * NH + HV_K255__B13, (k255__b13).to(tl.float32))
-    tl.store(hv + t * NH + HV_K259__B15, (k259__b15).to(tl.float32))
-    tl.store(hv + t * NH + HV_K265__B20, (k265__b20).to(tl.float32))
+    tl.store(hv + t * NH + HV_K269__B9, (k269__b9).to(tl.float32))
+    tl.store(hv + t * NH + HV_K274__B12, (k274__b12).to(tl.float32))
+    tl.store(hv + t * NH + HV_K275__B13, (k275__b13).to(tl.float32))
+    tl.store(hv + t * NH + HV_K279__B15, (k279__b15).to(tl.float32))
+    tl.store(hv + t * NH + HV_K286__B20, (k286__b20).to(tl.float32))
     tl.store(hv + t * NH + HV_C_1, (c_1).to(tl.float32))
 
 
 # flat
 @triton.jit
-def _adopt_adv_flat4_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr):
+def _adopt_adv_flat4_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_PARAM: tl.constexpr = 0
     COL_EXP_AVG: tl.constexpr = 1
     COL_EXP_AVG_SQ: tl.constexpr = 5
-    COL_GIDX: tl.constexpr = 20
+    COL_GIDX: tl.constexpr = 22
     HV_C: tl.constexpr = 0
     HV_EPS_EFF__B3: tl.constexpr = 1
-    HV_K248__B7: tl.constexpr = 2
+    HV_K268__B7: tl.constexpr = 2
     HV_CLIP__B6: tl.constexpr = 3
-    HV_K249__B9: tl.constexpr = 4
-    HV_K254__B12: tl.constexpr = 5
-    HV_K255__B13: tl.constexpr = 6
-    HV_K259__B15: tl.constexpr = 7
-    HV_K265__B20: tl.constexpr = 8
+    HV_K269__B9: tl.constexpr = 4
+    HV_K274__B12: tl.constexpr = 5
+    HV_K275__B13: tl.constexpr = 6
+    HV_K279__B15: tl.constexpr = 7
+    HV_K286__B20: tl.constexpr = 8
     HV_C_1: tl.constexpr = 9
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
@@ -604,19 +604,19 @@ def _adopt_adv_flat4_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr
     if ALIGNED:
         p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
     eps_eff__b3 = tl.load(hv + t * NH + HV_EPS_EFF__B3)
-    k248__b7 = tl.load(hv + t * NH + HV_K248__B7)
+    k268__b7 = tl.load(hv + t * NH + HV_K268__B7)
     clip__b6 = tl.load(hv + t * NH + HV_CLIP__B6)
     p_exp_avg = tl.load(tab + t * TBL_W + COL_EXP_AVG).to(tl.pointer_type(DT_exp_avg))
     if ALIGNED:
         p_exp_avg = tl.multiple_of(p_exp_avg, 16)
-    k249__b9 = tl.load(hv + t * NH + HV_K249__B9)
-    k254__b12 = tl.load(hv + t * NH + HV_K254__B12)
-    k255__b13 = tl.load(hv + t * NH + HV_K255__B13)
-    k259__b15 = tl.load(hv + t * NH + HV_K259__B15)
+    k269__b9 = tl.load(hv + t * NH + HV_K269__B9)
+    k274__b12 = tl.load(hv + t * NH + HV_K274__B12)
+    k275__b13 = tl.load(hv + t * NH + HV_K275__B13)
+    k279__b15 = tl.load(hv + t * NH + HV_K279__B15)
     p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
-    k265__b20 = tl.load(hv + t * NH + HV_K265__B20)
+    k286__b20 = tl.load(hv + t * NH + HV_K286__B20)
     c_1 = tl.load(hv + t * NH + HV_C_1)
     # exp_avg_sq__b1 = grad * grad
     grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
@@ -629,23 +629,23 @@ def _adopt_adv_flat4_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr
     denom__b4 = (L.sqrt(exp_avg_sq_1) + eps_eff__b3)
     # normalized__b5 = grad__b2 / denom__b4
     normalized__b5 = L.div(grad, denom__b4)
-    # normalized__b8 = clamp(normalized__b5, _k248__b7, clip__b6)
-    normalized__b8 = L.minimum(L.maximum(normalized__b5, k248__b7), clip__b6)
-    # exp_avg__b10 = lerp(exp_avg, normalized__b8, _k249__b9)
+    # normalized__b8 = clamp(normalized__b5, _k268__b7, clip__b6)
+    normalized__b8 = L.minimum(L.maximum(normalized__b5, k268__b7), clip__b6)
+    # exp_avg__b10 = lerp(exp_avg, normalized__b8, _k269__b9)
     exp_avg = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
-    exp_avg__b10 = L.lerp(exp_avg, normalized__b8, k249__b9)
+    exp_avg__b10 = L.lerp(exp_avg, normalized__b8, k269__b9)
     # update__b11 = copy(exp_avg__b10)
-    # exp_avg_sq__b14 = exp_avg_sq * _k254__b12 + _k255__b13 * grad__b2 * grad__b2
-    exp_avg_sq__b14 = ((exp_avg_sq_1 * k254__b12) + k255__b13 * grad * grad)
-    # update__b16 = update__b11 * _k259__b15
-    update__b16 = (exp_avg__b10 * k259__b15)
+    # exp_avg_sq__b14 = exp_avg_sq * _k274__b12 + _k275__b13 * grad__b2 * grad__b2
+    exp_avg_sq__b14 = ((exp_avg_sq_1 * k274__b12) + k275__b13 * grad * grad)
+    # update__b16 = update__b11 * _k279__b15
+    update__b16 = (exp_avg__b10 * k279__b15)
     # param_fp32__b17 = float32(param)
     param = tl.load(p_param + offs, mask=mask).to(tl.float32)
     # update_fp32__b18 = float32(update__b16)
     # param_fp32__b19 = param_fp32__b17 + -update_fp32__b18
     param_fp32__b19 = (param + (-update__b16))
-    # param__b21 = stochastic_round(param_fp32__b19, _k265__b20)
-    param__b21 = L.sr_bf16(param_fp32__b19, (k265__b20).to(tl.int32) * 65599 + tl.load(tab + t * TBL_W + COL_GIDX), offs)
+    # param__b21 = stochastic_round(param_fp32__b19, _k286__b20)
+    param__b21 = L.sr_bf16(param_fp32__b19, (k286__b20).to(tl.int32) * 65599 + tl.load(tab + t * TBL_W + COL_GIDX), offs)
     # grad = where(step > 1 or use_atan2 or spectral_normalization, grad__b2, grad)
     grad_1 = tl.where((c_1 != 0), grad, grad)
     # exp_avg = where(step > 1 or use_atan2 or spectral_normalization, exp_avg__b10, exp_avg)
@@ -665,13 +665,13 @@ def _adopt_adv_flat4(
     tab, chunks, gptr, hv, ws, hyp, steps, inp,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads grad, exp_avg_sq, exp_avg, param; writes exp_avg_sq, exp_avg, param.
     """
-    COL_NUMEL: tl.constexpr = 15
+    COL_NUMEL: tl.constexpr = 17
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -680,9 +680,9 @@ def _adopt_adv_flat4(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _adopt_adv_flat4_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_exp_avg_sq, DT_mu_v_nmf, DT_mv_v_nmf, DT_spectral_v, DT_spectral_u, DT_wd_scaler, DT_anchor_data, DT_kourkoutas_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale)
+        _adopt_adv_flat4_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_exp_avg_sq, DT_mu_v_nmf, DT_mv_v_nmf, DT_spectral_v, DT_spectral_u, DT_wd_scaler, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_kourkoutas_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale)
     else:
-        _adopt_adv_flat4_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_exp_avg_sq, DT_mu_v_nmf, DT_mv_v_nmf, DT_spectral_v, DT_spectral_u, DT_wd_scaler, DT_anchor_data, DT_kourkoutas_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale)
+        _adopt_adv_flat4_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_exp_avg_sq, DT_mu_v_nmf, DT_mv_v_nmf, DT_spectral_v, DT_spectral_u, DT_wd_scaler, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_kourkoutas_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale)
 
 
 # prologue
@@ -691,27 +691,27 @@ def _adopt_adv_prologue3(
     tab, chunks, gptr, hv, ws, hyp, steps, inp,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr,
 ):
     """Prologue: one program per tensor; counts the step, computes the host values in float64 and
     writes the 9 the passes read to hv.
     """
-    COL_GIDX: tl.constexpr = 20
+    COL_GIDX: tl.constexpr = 22
     HV_C: tl.constexpr = 0
     HV_EPS_EFF__B3: tl.constexpr = 1
-    HV_K248__B7: tl.constexpr = 2
+    HV_K268__B7: tl.constexpr = 2
     HV_CLIP__B6: tl.constexpr = 3
-    HV_K249__B9: tl.constexpr = 4
-    HV_K254__B12: tl.constexpr = 5
-    HV_K255__B13: tl.constexpr = 6
-    HV_K259__B15: tl.constexpr = 7
+    HV_K269__B9: tl.constexpr = 4
+    HV_K274__B12: tl.constexpr = 5
+    HV_K275__B13: tl.constexpr = 6
+    HV_K279__B15: tl.constexpr = 7
     HV_C_1: tl.constexpr = 8
     HYP_BETA1: tl.constexpr = 0
     HYP_BETA2: tl.constexpr = 1
-    HYP_EPS: tl.constexpr = 5
-    HYP_LR: tl.constexpr = 9
-    HYP_SPECTRAL_NORMALIZATION: tl.constexpr = 14
-    HYP_USE_ATAN2: tl.constexpr = 17
+    HYP_EPS: tl.constexpr = 6
+    HYP_LR: tl.constexpr = 10
+    HYP_SPECTRAL_NORMALIZATION: tl.constexpr = 15
+    HYP_USE_ATAN2: tl.constexpr = 18
     t = tl.program_id(0)
     gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
@@ -724,43 +724,43 @@ def _adopt_adv_prologue3(
     eps_eff__b3 = tl.load(hyp + HYP_EPS)
     # clip__b6 = (step - 1) ** 0.25
     clip__b6 = L.pow64((step - tl.full((), 1.0, tl.float64)), tl.full((), 0.25, tl.float64))
-    # _k248__b7 = -clip__b6
-    k248__b7 = (-clip__b6)
-    # _k249__b9 = 1 - beta1
-    k249__b9 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA1))
-    # _k254__b12 = beta2
-    k254__b12 = tl.load(hyp + HYP_BETA2)
-    # _k255__b13 = 1 - beta2
-    k255__b13 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA2))
-    # _k259__b15 = lr
-    k259__b15 = tl.load(hyp + HYP_LR)
+    # _k268__b7 = -clip__b6
+    k268__b7 = (-clip__b6)
+    # _k269__b9 = 1 - beta1
+    k269__b9 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA1))
+    # _k274__b12 = beta2
+    k274__b12 = tl.load(hyp + HYP_BETA2)
+    # _k275__b13 = 1 - beta2
+    k275__b13 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA2))
+    # _k279__b15 = lr
+    k279__b15 = tl.load(hyp + HYP_LR)
     # the host values the passes read, rounded to float32
     tl.store(hv + t * NH + HV_C, (c).to(tl.float32))
     tl.store(hv + t * NH + HV_EPS_EFF__B3, (eps_eff__b3).to(tl.float32))
-    tl.store(hv + t * NH + HV_K248__B7, (k248__b7).to(tl.float32))
+    tl.store(hv + t * NH + HV_K268__B7, (k268__b7).to(tl.float32))
     tl.store(hv + t * NH + HV_CLIP__B6, (clip__b6).to(tl.float32))
-    tl.store(hv + t * NH + HV_K249__B9, (k249__b9).to(tl.float32))
-    tl.store(hv + t * NH + HV_K254__B12, (k254__b12).to(tl.float32))
-    tl.store(hv + t * NH + HV_K255__B13, (k255__b13).to(tl.float32))
-    tl.store(hv + t * NH + HV_K259__B15, (k259__b15).to(tl.float32))
+    tl.store(hv + t * NH + HV_K269__B9, (k269__b9).to(tl.float32))
+    tl.store(hv + t * NH + HV_K274__B12, (k274__b12).to(tl.float32))
+    tl.store(hv + t * NH + HV_K275__B13, (k275__b13).to(tl.float32))
+    tl.store(hv + t * NH + HV_K279__B15, (k279__b15).to(tl.float32))
     tl.store(hv + t * NH + HV_C_1, (c_1).to(tl.float32))
 
 
 # flat
 @triton.jit
-def _adopt_adv_flat5_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr):
+def _adopt_adv_flat5_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_PARAM: tl.constexpr = 0
     COL_EXP_AVG: tl.constexpr = 1
     COL_EXP_AVG_SQ: tl.constexpr = 5
     HV_C: tl.constexpr = 0
     HV_EPS_EFF__B3: tl.constexpr = 1
-    HV_K248__B7: tl.constexpr = 2
+    HV_K268__B7: tl.constexpr = 2
     HV_CLIP__B6: tl.constexpr = 3
-    HV_K249__B9: tl.constexpr = 4
-    HV_K254__B12: tl.constexpr = 5
-    HV_K255__B13: tl.constexpr = 6
-    HV_K259__B15: tl.constexpr = 7
+    HV_K269__B9: tl.constexpr = 4
+    HV_K274__B12: tl.constexpr = 5
+    HV_K275__B13: tl.constexpr = 6
+    HV_K279__B15: tl.constexpr = 7
     HV_C_1: tl.constexpr = 8
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
@@ -770,15 +770,15 @@ def _adopt_adv_flat5_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr
     if ALIGNED:
         p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
     eps_eff__b3 = tl.load(hv + t * NH + HV_EPS_EFF__B3)
-    k248__b7 = tl.load(hv + t * NH + HV_K248__B7)
+    k268__b7 = tl.load(hv + t * NH + HV_K268__B7)
     clip__b6 = tl.load(hv + t * NH + HV_CLIP__B6)
     p_exp_avg = tl.load(tab + t * TBL_W + COL_EXP_AVG).to(tl.pointer_type(DT_exp_avg))
     if ALIGNED:
         p_exp_avg = tl.multiple_of(p_exp_avg, 16)
-    k249__b9 = tl.load(hv + t * NH + HV_K249__B9)
-    k254__b12 = tl.load(hv + t * NH + HV_K254__B12)
-    k255__b13 = tl.load(hv + t * NH + HV_K255__B13)
-    k259__b15 = tl.load(hv + t * NH + HV_K259__B15)
+    k269__b9 = tl.load(hv + t * NH + HV_K269__B9)
+    k274__b12 = tl.load(hv + t * NH + HV_K274__B12)
+    k275__b13 = tl.load(hv + t * NH + HV_K275__B13)
+    k279__b15 = tl.load(hv + t * NH + HV_K279__B15)
     p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
@@ -794,16 +794,16 @@ def _adopt_adv_flat5_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr
     denom__b4 = (L.sqrt(exp_avg_sq_1) + eps_eff__b3)
     # normalized__b5 = grad__b2 / denom__b4
     normalized__b5 = L.div(grad, denom__b4)
-    # normalized__b8 = clamp(normalized__b5, _k248__b7, clip__b6)
-    normalized__b8 = L.minimum(L.maximum(normalized__b5, k248__b7), clip__b6)
-    # exp_avg__b10 = lerp(exp_avg, normalized__b8, _k249__b9)
+    # normalized__b8 = clamp(normalized__b5, _k268__b7, clip__b6)
+    normalized__b8 = L.minimum(L.maximum(normalized__b5, k268__b7), clip__b6)
+    # exp_avg__b10 = lerp(exp_avg, normalized__b8, _k269__b9)
     exp_avg = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
-    exp_avg__b10 = L.lerp(exp_avg, normalized__b8, k249__b9)
+    exp_avg__b10 = L.lerp(exp_avg, normalized__b8, k269__b9)
     # update__b11 = copy(exp_avg__b10)
-    # exp_avg_sq__b14 = exp_avg_sq * _k254__b12 + _k255__b13 * grad__b2 * grad__b2
-    exp_avg_sq__b14 = ((exp_avg_sq_1 * k254__b12) + k255__b13 * grad * grad)
-    # update__b16 = update__b11 * _k259__b15
-    update__b16 = (exp_avg__b10 * k259__b15)
+    # exp_avg_sq__b14 = exp_avg_sq * _k274__b12 + _k275__b13 * grad__b2 * grad__b2
+    exp_avg_sq__b14 = ((exp_avg_sq_1 * k274__b12) + k275__b13 * grad * grad)
+    # update__b16 = update__b11 * _k279__b15
+    update__b16 = (exp_avg__b10 * k279__b15)
     # param__b17 = param + -update__b16
     param = tl.load(p_param + offs, mask=mask).to(tl.float32)
     param__b17 = (param + (-update__b16))
@@ -826,13 +826,13 @@ def _adopt_adv_flat5(
     tab, chunks, gptr, hv, ws, hyp, steps, inp,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads grad, exp_avg_sq, exp_avg, param; writes exp_avg_sq, exp_avg, param.
     """
-    COL_NUMEL: tl.constexpr = 15
+    COL_NUMEL: tl.constexpr = 17
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -841,9 +841,9 @@ def _adopt_adv_flat5(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _adopt_adv_flat5_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_exp_avg_sq, DT_mu_v_nmf, DT_mv_v_nmf, DT_spectral_v, DT_spectral_u, DT_wd_scaler, DT_anchor_data, DT_kourkoutas_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale)
+        _adopt_adv_flat5_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_exp_avg_sq, DT_mu_v_nmf, DT_mv_v_nmf, DT_spectral_v, DT_spectral_u, DT_wd_scaler, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_kourkoutas_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale)
     else:
-        _adopt_adv_flat5_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_exp_avg_sq, DT_mu_v_nmf, DT_mv_v_nmf, DT_spectral_v, DT_spectral_u, DT_wd_scaler, DT_anchor_data, DT_kourkoutas_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale)
+        _adopt_adv_flat5_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_exp_avg_sq, DT_mu_v_nmf, DT_mv_v_nmf, DT_spectral_v, DT_spectral_u, DT_wd_scaler, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_kourkoutas_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale)
 
 
 # prologue
@@ -852,28 +852,28 @@ def _adopt_adv_prologue4(
     tab, chunks, gptr, hv, ws, hyp, steps, inp,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr,
 ):
     """Prologue: one program per tensor; counts the step, computes the host values in float64 and
     writes the 10 the passes read to hv.
     """
-    COL_GIDX: tl.constexpr = 20
+    COL_GIDX: tl.constexpr = 22
     HV_C: tl.constexpr = 0
     HV_EPS_EFF__B5: tl.constexpr = 1
-    HV_K248__B9: tl.constexpr = 2
+    HV_K268__B9: tl.constexpr = 2
     HV_CLIP__B8: tl.constexpr = 3
-    HV_K249__B11: tl.constexpr = 4
-    HV_K254__B14: tl.constexpr = 5
-    HV_K255__B15: tl.constexpr = 6
-    HV_K259__B17: tl.constexpr = 7
-    HV_K265__B22: tl.constexpr = 8
+    HV_K269__B11: tl.constexpr = 4
+    HV_K274__B14: tl.constexpr = 5
+    HV_K275__B15: tl.constexpr = 6
+    HV_K279__B17: tl.constexpr = 7
+    HV_K286__B22: tl.constexpr = 8
     HV_C_1: tl.constexpr = 9
     HYP_BETA1: tl.constexpr = 0
     HYP_BETA2: tl.constexpr = 1
-    HYP_EPS: tl.constexpr = 5
-    HYP_LR: tl.constexpr = 9
-    HYP_SPECTRAL_NORMALIZATION: tl.constexpr = 14
-    HYP_USE_ATAN2: tl.constexpr = 17
+    HYP_EPS: tl.constexpr = 6
+    HYP_LR: tl.constexpr = 10
+    HYP_SPECTRAL_NORMALIZATION: tl.constexpr = 15
+    HYP_USE_ATAN2: tl.constexpr = 18
     t = tl.program_id(0)
     gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
@@ -886,39 +886,39 @@ def _adopt_adv_prologue4(
     eps_eff__b5 = tl.load(hyp + HYP_EPS)
     # clip__b8 = (step - 1) ** 0.25
     clip__b8 = L.pow64((step - tl.full((), 1.0, tl.float64)), tl.full((), 0.25, tl.float64))
-    # _k248__b9 = -clip__b8
-    k248__b9 = (-clip__b8)
-    # _k249__b11 = 1 - beta1
-    k249__b11 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA1))
-    # _k254__b14 = beta2
-    k254__b14 = tl.load(hyp + HYP_BETA2)
-    # _k255__b15 = 1 - beta2
-    k255__b15 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA2))
-    # _k259__b17 = lr
-    k259__b17 = tl.load(hyp + HYP_LR)
-    # _k265__b22 = step
-    k265__b22 = step
+    # _k268__b9 = -clip__b8
+    k268__b9 = (-clip__b8)
+    # _k269__b11 = 1 - beta1
+    k269__b11 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA1))
+    # _k274__b14 = beta2
+    k274__b14 = tl.load(hyp + HYP_BETA2)
+    # _k275__b15 = 1 - beta2
+    k275__b15 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA2))
+    # _k279__b17 = lr
+    k279__b17 = tl.load(hyp + HYP_LR)
+    # _k286__b22 = step
+    k286__b22 = step
     # the host values the passes read, rounded to float32
     tl.store(hv + t * NH + HV_C, (c).to(tl.float32))
     tl.store(hv + t * NH + HV_EPS_EFF__B5, (eps_eff__b5).to(tl.float32))
-    tl.store(hv + t * NH + HV_K248__B9, (k248__b9).to(tl.float32))
+    tl.store(hv + t * NH + HV_K268__B9, (k268__b9).to(tl.float32))
     tl.store(hv + t * NH + HV_CLIP__B8, (clip__b8).to(tl.float32))
-    tl.store(hv + t * NH + HV_K249__B11, (k249__b11).to(tl.float32))
-    tl.store(hv + t * NH + HV_K254__B14, (k254__b14).to(tl.float32))
-    tl.store(hv + t * NH + HV_K255__B15, (k255__b15).to(tl.float32))
-    tl.store(hv + t * NH + HV_K259__B17, (k259__b17).to(tl.float32))
-    tl.store(hv + t * NH + HV_K265__B22, (k265__b22).to(tl.float32))
+    tl.store(hv + t * NH + HV_K269__B11, (k269__b11).to(tl.float32))
+    tl.store(hv + t * NH + HV_K274__B14, (k274__b14).to(tl.float32))
+    tl.store(hv + t * NH + HV_K275__B15, (k275__b15).to(tl.float32))
+    tl.store(hv + t * NH + HV_K279__B17, (k279__b17).to(tl.float32))
+    tl.store(hv + t * NH + HV_K286__B22, (k286__b22).to(tl.float32))
     tl.store(hv + t * NH + HV_C_1, (c_1).to(tl.float32))
 
 
 # flat
 @triton.jit
-def _adopt_adv_flat6_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr):
+def _adopt_adv_flat6_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_PARAM: tl.constexpr = 0
     COL_EXP_AVG_SQ: tl.constexpr = 5
-    COL_WS_R0: tl.constexpr = 21
-    COL_WS_R1: tl.constexpr = 22
+    COL_WS_R0: tl.constexpr = 23
+    COL_WS_R1: tl.constexpr = 24
     HV_C: tl.constexpr = 0
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
@@ -952,13 +952,13 @@ def _adopt_adv_flat6(
     tab, chunks, gptr, hv, ws, hyp, steps, inp,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads grad, exp_avg_sq, param; writes exp_avg_sq; accumulates _r0, _r1.
     """
-    COL_NUMEL: tl.constexpr = 15
+    COL_NUMEL: tl.constexpr = 17
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -967,21 +967,21 @@ def _adopt_adv_flat6(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _adopt_adv_flat6_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_exp_avg_sq, DT_mu_v_nmf, DT_mv_v_nmf, DT_spectral_v, DT_spectral_u, DT_wd_scaler, DT_anchor_data, DT_kourkoutas_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale)
+        _adopt_adv_flat6_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_exp_avg_sq, DT_mu_v_nmf, DT_mv_v_nmf, DT_spectral_v, DT_spectral_u, DT_wd_scaler, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_kourkoutas_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale)
     else:
-        _adopt_adv_flat6_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_exp_avg_sq, DT_mu_v_nmf, DT_mv_v_nmf, DT_spectral_v, DT_spectral_u, DT_wd_scaler, DT_anchor_data, DT_kourkoutas_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale)
+        _adopt_adv_flat6_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_exp_avg_sq, DT_mu_v_nmf, DT_mv_v_nmf, DT_spectral_v, DT_spectral_u, DT_wd_scaler, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_kourkoutas_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale)
 
 
 # flat
 @triton.jit
-def _adopt_adv_flat7_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr):
+def _adopt_adv_flat7_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_PARAM: tl.constexpr = 0
-    COL_WS_R0: tl.constexpr = 21
-    COL_WS_R1: tl.constexpr = 22
-    COL_WS_R2: tl.constexpr = 23
-    COL_WS_R3: tl.constexpr = 24
-    COL_WS_ORTHO_G_B2: tl.constexpr = 26
+    COL_WS_R0: tl.constexpr = 23
+    COL_WS_R1: tl.constexpr = 24
+    COL_WS_R2: tl.constexpr = 25
+    COL_WS_R3: tl.constexpr = 26
+    COL_WS_ORTHO_G_B2: tl.constexpr = 28
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
@@ -1012,13 +1012,13 @@ def _adopt_adv_flat7(
     tab, chunks, gptr, hv, ws, hyp, steps, inp,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads grad, param, _r0, _r1; writes ortho_g__b2; accumulates _r2, _r3.
     """
-    COL_NUMEL: tl.constexpr = 15
+    COL_NUMEL: tl.constexpr = 17
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -1027,9 +1027,9 @@ def _adopt_adv_flat7(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _adopt_adv_flat7_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_exp_avg_sq, DT_mu_v_nmf, DT_mv_v_nmf, DT_spectral_v, DT_spectral_u, DT_wd_scaler, DT_anchor_data, DT_kourkoutas_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale)
+        _adopt_adv_flat7_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_exp_avg_sq, DT_mu_v_nmf, DT_mv_v_nmf, DT_spectral_v, DT_spectral_u, DT_wd_scaler, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_kourkoutas_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale)
     else:
-        _adopt_adv_flat7_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_exp_avg_sq, DT_mu_v_nmf, DT_mv_v_nmf, DT_spectral_v, DT_spectral_u, DT_wd_scaler, DT_anchor_data, DT_kourkoutas_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale)
+        _adopt_adv_flat7_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_exp_avg_sq, DT_mu_v_nmf, DT_mv_v_nmf, DT_spectral_v, DT_spectral_u, DT_wd_scaler, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_kourkoutas_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale)
 
 
 # vec
@@ -1038,19 +1038,19 @@ def _adopt_adv_vec1(
     tab, chunks, gptr, hv, ws, hyp, steps, inp,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr,
 ):
     """Vector stage: one program per tensor, looping over its matrices and their rows / columns in
     blocks of VB.
 
     Reads _r2, _r3; writes ortho_scale__b3.
     """
-    COL_B: tl.constexpr = 16
-    COL_M: tl.constexpr = 17
-    COL_N: tl.constexpr = 18
-    COL_WS_R2: tl.constexpr = 23
-    COL_WS_R3: tl.constexpr = 24
-    COL_WS_ORTHO_SCALE_B3: tl.constexpr = 25
+    COL_B: tl.constexpr = 18
+    COL_M: tl.constexpr = 19
+    COL_N: tl.constexpr = 20
+    COL_WS_R2: tl.constexpr = 25
+    COL_WS_R3: tl.constexpr = 26
+    COL_WS_ORTHO_SCALE_B3: tl.constexpr = 27
     t = tl.program_id(0)
     B = tl.load(tab + t * TBL_W + COL_B)
     M = tl.load(tab + t * TBL_W + COL_M)
@@ -1068,22 +1068,22 @@ def _adopt_adv_vec1(
 
 # flat
 @triton.jit
-def _adopt_adv_flat8_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr):
+def _adopt_adv_flat8_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_PARAM: tl.constexpr = 0
     COL_EXP_AVG: tl.constexpr = 1
     COL_EXP_AVG_SQ: tl.constexpr = 5
-    COL_GIDX: tl.constexpr = 20
-    COL_WS_ORTHO_SCALE_B3: tl.constexpr = 25
-    COL_WS_ORTHO_G_B2: tl.constexpr = 26
+    COL_GIDX: tl.constexpr = 22
+    COL_WS_ORTHO_SCALE_B3: tl.constexpr = 27
+    COL_WS_ORTHO_G_B2: tl.constexpr = 28
     HV_EPS_EFF__B5: tl.constexpr = 1
-    HV_K248__B9: tl.constexpr = 2
+    HV_K268__B9: tl.constexpr = 2
     HV_CLIP__B8: tl.constexpr = 3
-    HV_K249__B11: tl.constexpr = 4
-    HV_K254__B14: tl.constexpr = 5
-    HV_K255__B15: tl.constexpr = 6
-    HV_K259__B17: tl.constexpr = 7
-    HV_K265__B22: tl.constexpr = 8
+    HV_K269__B11: tl.constexpr = 4
+    HV_K274__B14: tl.constexpr = 5
+    HV_K275__B15: tl.constexpr = 6
+    HV_K279__B17: tl.constexpr = 7
+    HV_K286__B22: tl.constexpr = 8
     HV_C: tl.constexpr = 9
     p_ortho_g__b2 = ws + tl.load(tab + t * TBL_W + COL_WS_ORTHO_G_B2)
     p_ortho_scale__b3 = ws + tl.load(tab + t * TBL_W + COL_WS_ORTHO_SCALE_B3)
@@ -1094,19 +1094,19 @@ def _adopt_adv_flat8_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr
     if ALIGNED:
         p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
     eps_eff__b5 = tl.load(hv + t * NH + HV_EPS_EFF__B5)
-    k248__b9 = tl.load(hv + t * NH + HV_K248__B9)
+    k268__b9 = tl.load(hv + t * NH + HV_K268__B9)
     clip__b8 = tl.load(hv + t * NH + HV_CLIP__B8)
     p_exp_avg = tl.load(tab + t * TBL_W + COL_EXP_AVG).to(tl.pointer_type(DT_exp_avg))
     if ALIGNED:
         p_exp_avg = tl.multiple_of(p_exp_avg, 16)
-    k249__b11 = tl.load(hv + t * NH + HV_K249__B11)
-    k254__b14 = tl.load(hv + t * NH + HV_K254__B14)
-    k255__b15 = tl.load(hv + t * NH + HV_K255__B15)
-    k259__b17 = tl.load(hv + t * NH + HV_K259__B17)
+    k269__b11 = tl.load(hv + t * NH + HV_K269__B11)
+    k274__b14 = tl.load(hv + t * NH + HV_K274__B14)
+    k275__b15 = tl.load(hv + t * NH + HV_K275__B15)
+    k279__b17 = tl.load(hv + t * NH + HV_K279__B17)
     p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
-    k265__b22 = tl.load(hv + t * NH + HV_K265__B22)
+    k286__b22 = tl.load(hv + t * NH + HV_K286__B22)
     c = tl.load(hv + t * NH + HV_C)
     # grad__b4 = cast(ortho_g__b2 * ortho_scale__b3, grad)
     ortho_g__b2 = tl.load(p_ortho_g__b2 + offs, mask=mask).to(tl.float32)
@@ -1118,23 +1118,23 @@ def _adopt_adv_flat8_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr
     denom__b6 = (L.sqrt(exp_avg_sq) + eps_eff__b5)
     # normalized__b7 = grad__b4 / denom__b6
     normalized__b7 = L.div(grad__b4, denom__b6)
-    # normalized__b10 = clamp(normalized__b7, _k248__b9, clip__b8)
-    normalized__b10 = L.minimum(L.maximum(normalized__b7, k248__b9), clip__b8)
-    # exp_avg__b12 = lerp(exp_avg, normalized__b10, _k249__b11)
+    # normalized__b10 = clamp(normalized__b7, _k268__b9, clip__b8)
+    normalized__b10 = L.minimum(L.maximum(normalized__b7, k268__b9), clip__b8)
+    # exp_avg__b12 = lerp(exp_avg, normalized__b10, _k269__b11)
     exp_avg = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
-    exp_avg__b12 = L.lerp(exp_avg, normalized__b10, k249__b11)
+    exp_avg__b12 = L.lerp(exp_avg, normalized__b10, k269__b11)
     # update__b13 = copy(exp_avg__b12)
-    # exp_avg_sq__b16 = exp_avg_sq * _k254__b14 + _k255__b15 * grad__b4 * grad__b4
-    exp_avg_sq__b16 = ((exp_avg_sq * k254__b14) + k255__b15 * grad__b4 * grad__b4)
-    # update__b18 = update__b13 * _k259__b17
-    update__b18 = (exp_avg__b12 * k259__b17)
+    # exp_avg_sq__b16 = exp_avg_sq * _k274__b14 + _k275__b15 * grad__b4 * grad__b4
+    exp_avg_sq__b16 = ((exp_avg_sq * k274__b14) + k275__b15 * grad__b4 * grad__b4)
+    # update__b18 = update__b13 * _k279__b17
+    update__b18 = (exp_avg__b12 * k279__b17)
     # param_fp32__b19 = float32(param)
     param = tl.load(p_param + offs, mask=mask).to(tl.float32)
     # update_fp32__b20 = float32(update__b18)
     # param_fp32__b21 = param_fp32__b19 + -update_fp32__b20
     param_fp32__b21 = (param + (-update__b18))
-    # param__b23 = stochastic_round(param_fp32__b21, _k265__b22)
-    param__b23 = L.sr_bf16(param_fp32__b21, (k265__b22).to(tl.int32) * 65599 + tl.load(tab + t * TBL_W + COL_GIDX), offs)
+    # param__b23 = stochastic_round(param_fp32__b21, _k286__b22)
+    param__b23 = L.sr_bf16(param_fp32__b21, (k286__b22).to(tl.int32) * 65599 + tl.load(tab + t * TBL_W + COL_GIDX), offs)
     # grad = where(step > 1 or use_atan2 or spectral_normalization, grad__b4, grad)
     grad_1 = tl.where((c != 0), grad__b4, grad)
     # exp_avg = where(step > 1 or use_atan2 or spectral_normalization, exp_avg__b12, exp_avg)
@@ -1154,14 +1154,14 @@ def _adopt_adv_flat8(
     tab, chunks, gptr, hv, ws, hyp, steps, inp,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads ortho_g__b2, ortho_scale__b3, grad, exp_avg_sq, exp_avg, param; writes exp_avg,
     exp_avg_sq, param.
     """
-    COL_NUMEL: tl.constexpr = 15
+    COL_NUMEL: tl.constexpr = 17
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -1170,9 +1170,9 @@ def _adopt_adv_flat8(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _adopt_adv_flat8_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_exp_avg_sq, DT_mu_v_nmf, DT_mv_v_nmf, DT_spectral_v, DT_spectral_u, DT_wd_scaler, DT_anchor_data, DT_kourkoutas_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale)
+        _adopt_adv_flat8_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_exp_avg_sq, DT_mu_v_nmf, DT_mv_v_nmf, DT_spectral_v, DT_spectral_u, DT_wd_scaler, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_kourkoutas_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale)
     else:
-        _adopt_adv_flat8_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_exp_avg_sq, DT_mu_v_nmf, DT_mv_v_nmf, DT_spectral_v, DT_spectral_u, DT_wd_scaler, DT_anchor_data, DT_kourkoutas_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale)
+        _adopt_adv_flat8_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_exp_avg_sq, DT_mu_v_nmf, DT_mv_v_nmf, DT_spectral_v, DT_spectral_u, DT_wd_scaler, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_kourkoutas_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale)
 
 
 # prologue
@@ -1181,27 +1181,27 @@ def _adopt_adv_prologue5(
     tab, chunks, gptr, hv, ws, hyp, steps, inp,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr,
 ):
     """Prologue: one program per tensor; counts the step, computes the host values in float64 and
     writes the 9 the passes read to hv.
     """
-    COL_GIDX: tl.constexpr = 20
+    COL_GIDX: tl.constexpr = 22
     HV_C: tl.constexpr = 0
     HV_EPS_EFF__B5: tl.constexpr = 1
-    HV_K248__B9: tl.constexpr = 2
+    HV_K268__B9: tl.constexpr = 2
     HV_CLIP__B8: tl.constexpr = 3
-    HV_K249__B11: tl.constexpr = 4
-    HV_K254__B14: tl.constexpr = 5
-    HV_K255__B15: tl.constexpr = 6
-    HV_K259__B17: tl.constexpr = 7
+    HV_K269__B11: tl.constexpr = 4
+    HV_K274__B14: tl.constexpr = 5
+    HV_K275__B15: tl.constexpr = 6
+    HV_K279__B17: tl.constexpr = 7
     HV_C_1: tl.constexpr = 8
     HYP_BETA1: tl.constexpr = 0
     HYP_BETA2: tl.constexpr = 1
-    HYP_EPS: tl.constexpr = 5
-    HYP_LR: tl.constexpr = 9
-    HYP_SPECTRAL_NORMALIZATION: tl.constexpr = 14
-    HYP_USE_ATAN2: tl.constexpr = 17
+    HYP_EPS: tl.constexpr = 6
+    HYP_LR: tl.constexpr = 10
+    HYP_SPECTRAL_NORMALIZATION: tl.constexpr = 15
+    HYP_USE_ATAN2: tl.constexpr = 18
     t = tl.program_id(0)
     gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
@@ -1214,44 +1214,44 @@ def _adopt_adv_prologue5(
     eps_eff__b5 = tl.load(hyp + HYP_EPS)
     # clip__b8 = (step - 1) ** 0.25
     clip__b8 = L.pow64((step - tl.full((), 1.0, tl.float64)), tl.full((), 0.25, tl.float64))
-    # _k248__b9 = -clip__b8
-    k248__b9 = (-clip__b8)
-    # _k249__b11 = 1 - beta1
-    k249__b11 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA1))
-    # _k254__b14 = beta2
-    k254__b14 = tl.load(hyp + HYP_BETA2)
-    # _k255__b15 = 1 - beta2
-    k255__b15 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA2))
-    # _k259__b17 = lr
-    k259__b17 = tl.load(hyp + HYP_LR)
+    # _k268__b9 = -clip__b8
+    k268__b9 = (-clip__b8)
+    # _k269__b11 = 1 - beta1
+    k269__b11 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA1))
+    # _k274__b14 = beta2
+    k274__b14 = tl.load(hyp + HYP_BETA2)
+    # _k275__b15 = 1 - beta2
+    k275__b15 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA2))
+    # _k279__b17 = lr
+    k279__b17 = tl.load(hyp + HYP_LR)
     # the host values the passes read, rounded to float32
     tl.store(hv + t * NH + HV_C, (c).to(tl.float32))
     tl.store(hv + t * NH + HV_EPS_EFF__B5, (eps_eff__b5).to(tl.float32))
-    tl.store(hv + t * NH + HV_K248__B9, (k248__b9).to(tl.float32))
+    tl.store(hv + t * NH + HV_K268__B9, (k268__b9).to(tl.float32))
     tl.store(hv + t * NH + HV_CLIP__B8, (clip__b8).to(tl.float32))
-    tl.store(hv + t * NH + HV_K249__B11, (k249__b11).to(tl.float32))
-    tl.store(hv + t * NH + HV_K254__B14, (k254__b14).to(tl.float32))
-    tl.store(hv + t * NH + HV_K255__B15, (k255__b15).to(tl.float32))
-    tl.store(hv + t * NH + HV_K259__B17, (k259__b17).to(tl.float32))
+    tl.store(hv + t * NH + HV_K269__B11, (k269__b11).to(tl.float32))
+    tl.store(hv + t * NH + HV_K274__B14, (k274__b14).to(tl.float32))
+    tl.store(hv + t * NH + HV_K275__B15, (k275__b15).to(tl.float32))
+    tl.store(hv + t * NH + HV_K279__B17, (k279__b17).to(tl.float32))
     tl.store(hv + t * NH + HV_C_1, (c_1).to(tl.float32))
 
 
 # flat
 @triton.jit
-def _adopt_adv_flat9_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr):
+def _adopt_adv_flat9_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_PARAM: tl.constexpr = 0
     COL_EXP_AVG: tl.constexpr = 1
     COL_EXP_AVG_SQ: tl.constexpr = 5
-    COL_WS_ORTHO_SCALE_B3: tl.constexpr = 25
-    COL_WS_ORTHO_G_B2: tl.constexpr = 26
+    COL_WS_ORTHO_SCALE_B3: tl.constexpr = 27
+    COL_WS_ORTHO_G_B2: tl.constexpr = 28
     HV_EPS_EFF__B5: tl.constexpr = 1
-    HV_K248__B9: tl.constexpr = 2
+    HV_K268__B9: tl.constexpr = 2
     HV_CLIP__B8: tl.constexpr = 3
-    HV_K249__B11: tl.constexpr = 4
-    HV_K254__B14: tl.constexpr = 5
-    HV_K255__B15: tl.constexpr = 6
-    HV_K259__B17: tl.constexpr = 7
+    HV_K269__B11: tl.constexpr = 4
+    HV_K274__B14: tl.constexpr = 5
+    HV_K275__B15: tl.constexpr = 6
+    HV_K279__B17: tl.constexpr = 7
     HV_C: tl.constexpr = 8
     p_ortho_g__b2 = ws + tl.load(tab + t * TBL_W + COL_WS_ORTHO_G_B2)
     p_ortho_scale__b3 = ws + tl.load(tab + t * TBL_W + COL_WS_ORTHO_SCALE_B3)
@@ -1262,15 +1262,15 @@ def _adopt_adv_flat9_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr
     if ALIGNED:
         p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
     eps_eff__b5 = tl.load(hv + t * NH + HV_EPS_EFF__B5)
-    k248__b9 = tl.load(hv + t * NH + HV_K248__B9)
+    k268__b9 = tl.load(hv + t * NH + HV_K268__B9)
     clip__b8 = tl.load(hv + t * NH + HV_CLIP__B8)
     p_exp_avg = tl.load(tab + t * TBL_W + COL_EXP_AVG).to(tl.pointer_type(DT_exp_avg))
     if ALIGNED:
         p_exp_avg = tl.multiple_of(p_exp_avg, 16)
-    k249__b11 = tl.load(hv + t * NH + HV_K249__B11)
-    k254__b14 = tl.load(hv + t * NH + HV_K254__B14)
-    k255__b15 = tl.load(hv + t * NH + HV_K255__B15)
-    k259__b17 = tl.load(hv + t * NH + HV_K259__B17)
+    k269__b11 = tl.load(hv + t * NH + HV_K269__B11)
+    k274__b14 = tl.load(hv + t * NH + HV_K274__B14)
+    k275__b15 = tl.load(hv + t * NH + HV_K275__B15)
+    k279__b17 = tl.load(hv + t * NH + HV_K279__B17)
     p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
@@ -1285,16 +1285,16 @@ def _adopt_adv_flat9_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr
     denom__b6 = (L.sqrt(exp_avg_sq) + eps_eff__b5)
     # normalized__b7 = grad__b4 / denom__b6
     normalized__b7 = L.div(grad__b4, denom__b6)
-    # normalized__b10 = clamp(normalized__b7, _k248__b9, clip__b8)
-    normalized__b10 = L.minimum(L.maximum(normalized__b7, k248__b9), clip__b8)
-    # exp_avg__b12 = lerp(exp_avg, normalized__b10, _k249__b11)
+    # normalized__b10 = clamp(normalized__b7, _k268__b9, clip__b8)
+    normalized__b10 = L.minimum(L.maximum(normalized__b7, k268__b9), clip__b8)
+    # exp_avg__b12 = lerp(exp_avg, normalized__b10, _k269__b11)
     exp_avg = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
-    exp_avg__b12 = L.lerp(exp_avg, normalized__b10, k249__b11)
+    exp_avg__b12 = L.lerp(exp_avg, normalized__b10, k269__b11)
     # update__b13 = copy(exp_avg__b12)
-    # exp_avg_sq__b16 = exp_avg_sq * _k254__b14 + _k255__b15 * grad__b4 * grad__b4
-    exp_avg_sq__b16 = ((exp_avg_sq * k254__b14) + k255__b15 * grad__b4 * grad__b4)
-    # update__b18 = update__b13 * _k259__b17
-    update__b18 = (exp_avg__b12 * k259__b17)
+    # exp_avg_sq__b16 = exp_avg_sq * _k274__b14 + _k275__b15 * grad__b4 * grad__b4
+    exp_avg_sq__b16 = ((exp_avg_sq * k274__b14) + k275__b15 * grad__b4 * grad__b4)
+    # update__b18 = update__b13 * _k279__b17
+    update__b18 = (exp_avg__b12 * k279__b17)
     # param__b19 = param + -update__b18
     param = tl.load(p_param + offs, mask=mask).to(tl.float32)
     param__b19 = (param + (-update__b18))
@@ -1317,14 +1317,14 @@ def _adopt_adv_flat9(
     tab, chunks, gptr, hv, ws, hyp, steps, inp,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads ortho_g__b2, ortho_scale__b3, grad, exp_avg_sq, exp_avg, param; writes exp_avg,
     exp_avg_sq, param.
     """
-    COL_NUMEL: tl.constexpr = 15
+    COL_NUMEL: tl.constexpr = 17
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -1333,9 +1333,9 @@ def _adopt_adv_flat9(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _adopt_adv_flat9_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_exp_avg_sq, DT_mu_v_nmf, DT_mv_v_nmf, DT_spectral_v, DT_spectral_u, DT_wd_scaler, DT_anchor_data, DT_kourkoutas_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale)
+        _adopt_adv_flat9_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_exp_avg_sq, DT_mu_v_nmf, DT_mv_v_nmf, DT_spectral_v, DT_spectral_u, DT_wd_scaler, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_kourkoutas_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale)
     else:
-        _adopt_adv_flat9_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_exp_avg_sq, DT_mu_v_nmf, DT_mv_v_nmf, DT_spectral_v, DT_spectral_u, DT_wd_scaler, DT_anchor_data, DT_kourkoutas_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale)
+        _adopt_adv_flat9_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_exp_avg_sq, DT_mu_v_nmf, DT_mv_v_nmf, DT_spectral_v, DT_spectral_u, DT_wd_scaler, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_kourkoutas_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale)
 
 
 # prologue
@@ -1344,28 +1344,28 @@ def _adopt_adv_prologue6(
     tab, chunks, gptr, hv, ws, hyp, steps, inp,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr,
 ):
     """Prologue: one program per tensor; counts the step, computes the host values in float64 and
     writes the 10 the passes read to hv.
     """
-    COL_GIDX: tl.constexpr = 20
+    COL_GIDX: tl.constexpr = 22
     HV_C: tl.constexpr = 0
     HV_EPS_EFF__B2: tl.constexpr = 1
-    HV_K248__B6: tl.constexpr = 2
+    HV_K268__B6: tl.constexpr = 2
     HV_CLIP__B5: tl.constexpr = 3
-    HV_K249__B8: tl.constexpr = 4
-    HV_K254__B11: tl.constexpr = 5
-    HV_K255__B12: tl.constexpr = 6
-    HV_K259__B14: tl.constexpr = 7
-    HV_K265__B19: tl.constexpr = 8
+    HV_K269__B8: tl.constexpr = 4
+    HV_K274__B11: tl.constexpr = 5
+    HV_K275__B12: tl.constexpr = 6
+    HV_K279__B14: tl.constexpr = 7
+    HV_K286__B19: tl.constexpr = 8
     HV_C_1: tl.constexpr = 9
     HYP_BETA1: tl.constexpr = 0
     HYP_BETA2: tl.constexpr = 1
-    HYP_EPS: tl.constexpr = 5
-    HYP_LR: tl.constexpr = 9
-    HYP_SPECTRAL_NORMALIZATION: tl.constexpr = 14
-    HYP_USE_ATAN2: tl.constexpr = 17
+    HYP_EPS: tl.constexpr = 6
+    HYP_LR: tl.constexpr = 10
+    HYP_SPECTRAL_NORMALIZATION: tl.constexpr = 15
+    HYP_USE_ATAN2: tl.constexpr = 18
     t = tl.program_id(0)
     gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
@@ -1378,48 +1378,48 @@ def _adopt_adv_prologue6(
     eps_eff__b2 = tl.load(hyp + HYP_EPS)
     # clip__b5 = (step - 1) ** 0.25
     clip__b5 = L.pow64((step - tl.full((), 1.0, tl.float64)), tl.full((), 0.25, tl.float64))
-    # _k248__b6 = -clip__b5
-    k248__b6 = (-clip__b5)
-    # _k249__b8 = 1 - beta1
-    k249__b8 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA1))
-    # _k254__b11 = beta2
-    k254__b11 = tl.load(hyp + HYP_BETA2)
-    # _k255__b12 = 1 - beta2
-    k255__b12 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA2))
-    # _k259__b14 = lr
-    k259__b14 = tl.load(hyp + HYP_LR)
-    # _k265__b19 = step
-    k265__b19 = step
+    # _k268__b6 = -clip__b5
+    k268__b6 = (-clip__b5)
+    # _k269__b8 = 1 - beta1
+    k269__b8 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA1))
+    # _k274__b11 = beta2
+    k274__b11 = tl.load(hyp + HYP_BETA2)
+    # _k275__b12 = 1 - beta2
+    k275__b12 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA2))
+    # _k279__b14 = lr
+    k279__b14 = tl.load(hyp + HYP_LR)
+    # _k286__b19 = step
+    k286__b19 = step
     # the host values the passes read, rounded to float32
     tl.store(hv + t * NH + HV_C, (c).to(tl.float32))
     tl.store(hv + t * NH + HV_EPS_EFF__B2, (eps_eff__b2).to(tl.float32))
-    tl.store(hv + t * NH + HV_K248__B6, (k248__b6).to(tl.float32))
+    tl.store(hv + t * NH + HV_K268__B6, (k268__b6).to(tl.float32))
     tl.store(hv + t * NH + HV_CLIP__B5, (clip__b5).to(tl.float32))
-    tl.store(hv + t * NH + HV_K249__B8, (k249__b8).to(tl.float32))
-    tl.store(hv + t * NH + HV_K254__B11, (k254__b11).to(tl.float32))
-    tl.store(hv + t * NH + HV_K255__B12, (k255__b12).to(tl.float32))
-    tl.store(hv + t * NH + HV_K259__B14, (k259__b14).to(tl.float32))
-    tl.store(hv + t * NH + HV_K265__B19, (k265__b19).to(tl.float32))
+    tl.store(hv + t * NH + HV_K269__B8, (k269__b8).to(tl.float32))
+    tl.store(hv + t * NH + HV_K274__B11, (k274__b11).to(tl.float32))
+    tl.store(hv + t * NH + HV_K275__B12, (k275__b12).to(tl.float32))
+    tl.store(hv + t * NH + HV_K279__B14, (k279__b14).to(tl.float32))
+    tl.store(hv + t * NH + HV_K286__B19, (k286__b19).to(tl.float32))
     tl.store(hv + t * NH + HV_C_1, (c_1).to(tl.float32))
 
 
 # flat
 @triton.jit
-def _adopt_adv_flat10_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr):
+def _adopt_adv_flat10_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_PARAM: tl.constexpr = 0
     COL_EXP_AVG: tl.constexpr = 1
     COL_EXP_AVG_SQ: tl.constexpr = 5
-    COL_GIDX: tl.constexpr = 20
+    COL_GIDX: tl.constexpr = 22
     HV_C: tl.constexpr = 0
     HV_EPS_EFF__B2: tl.constexpr = 1
-    HV_K248__B6: tl.constexpr = 2
+    HV_K268__B6: tl.constexpr = 2
     HV_CLIP__B5: tl.constexpr = 3
-    HV_K249__B8: tl.constexpr = 4
-    HV_K254__B11: tl.constexpr = 5
-    HV_K255__B12: tl.constexpr = 6
-    HV_K259__B14: tl.constexpr = 7
-    HV_K265__B19: tl.constexpr = 8
+    HV_K269__B8: tl.constexpr = 4
+    HV_K274__B11: tl.constexpr = 5
+    HV_K275__B12: tl.constexpr = 6
+    HV_K279__B14: tl.constexpr = 7
+    HV_K286__B19: tl.constexpr = 8
     HV_C_1: tl.constexpr = 9
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
@@ -1429,19 +1429,19 @@ def _adopt_adv_flat10_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexp
     if ALIGNED:
         p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
     eps_eff__b2 = tl.load(hv + t * NH + HV_EPS_EFF__B2)
-    k248__b6 = tl.load(hv + t * NH + HV_K248__B6)
+    k268__b6 = tl.load(hv + t * NH + HV_K268__B6)
     clip__b5 = tl.load(hv + t * NH + HV_CLIP__B5)
     p_exp_avg = tl.load(tab + t * TBL_W + COL_EXP_AVG).to(tl.pointer_type(DT_exp_avg))
     if ALIGNED:
         p_exp_avg = tl.multiple_of(p_exp_avg, 16)
-    k249__b8 = tl.load(hv + t * NH + HV_K249__B8)
-    k254__b11 = tl.load(hv + t * NH + HV_K254__B11)
-    k255__b12 = tl.load(hv + t * NH + HV_K255__B12)
-    k259__b14 = tl.load(hv + t * NH + HV_K259__B14)
+    k269__b8 = tl.load(hv + t * NH + HV_K269__B8)
+    k274__b11 = tl.load(hv + t * NH + HV_K274__B11)
+    k275__b12 = tl.load(hv + t * NH + HV_K275__B12)
+    k279__b14 = tl.load(hv + t * NH + HV_K279__B14)
     p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
-    k265__b19 = tl.load(hv + t * NH + HV_K265__B19)
+    k286__b19 = tl.load(hv + t * NH + HV_K286__B19)
     c_1 = tl.load(hv + t * NH + HV_C_1)
     # exp_avg_sq__b1 = grad * grad
     grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
@@ -1453,23 +1453,23 @@ def _adopt_adv_flat10_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexp
     denom__b3 = (L.sqrt(exp_avg_sq_1) + eps_eff__b2)
     # normalized__b4 = grad / denom__b3
     normalized__b4 = L.div(grad, denom__b3)
-    # normalized__b7 = clamp(normalized__b4, _k248__b6, clip__b5)
-    normalized__b7 = L.minimum(L.maximum(normalized__b4, k248__b6), clip__b5)
-    # exp_avg__b9 = lerp(exp_avg, normalized__b7, _k249__b8)
+    # normalized__b7 = clamp(normalized__b4, _k268__b6, clip__b5)
+    normalized__b7 = L.minimum(L.maximum(normalized__b4, k268__b6), clip__b5)
+    # exp_avg__b9 = lerp(exp_avg, normalized__b7, _k269__b8)
     exp_avg = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
-    exp_avg__b9 = L.lerp(exp_avg, normalized__b7, k249__b8)
+    exp_avg__b9 = L.lerp(exp_avg, normalized__b7, k269__b8)
     # update__b10 = copy(exp_avg__b9)
-    # exp_avg_sq__b13 = exp_avg_sq * _k254__b11 + _k255__b12 * grad * grad
-    exp_avg_sq__b13 = ((exp_avg_sq_1 * k254__b11) + k255__b12 * grad * grad)
-    # update__b15 = update__b10 * _k259__b14
-    update__b15 = (exp_avg__b9 * k259__b14)
+    # exp_avg_sq__b13 = exp_avg_sq * _k274__b11 + _k275__b12 * grad * grad
+    exp_avg_sq__b13 = ((exp_avg_sq_1 * k274__b11) + k275__b12 * grad * grad)
+    # update__b15 = update__b10 * _k279__b14
+    update__b15 = (exp_avg__b9 * k279__b14)
     # param_fp32__b16 = float32(param)
     param = tl.load(p_param + offs, mask=mask).to(tl.float32)
     # update_fp32__b17 = float32(update__b15)
     # param_fp32__b18 = param_fp32__b16 + -update_fp32__b17
     param_fp32__b18 = (param + (-update__b15))
-    # param__b20 = stochastic_round(param_fp32__b18, _k265__b19)
-    param__b20 = L.sr_bf16(param_fp32__b18, (k265__b19).to(tl.int32) * 65599 + tl.load(tab + t * TBL_W + COL_GIDX), offs)
+    # param__b20 = stochastic_round(param_fp32__b18, _k286__b19)
+    param__b20 = L.sr_bf16(param_fp32__b18, (k286__b19).to(tl.int32) * 65599 + tl.load(tab + t * TBL_W + COL_GIDX), offs)
     # exp_avg = where(step > 1 or use_atan2 or spectral_normalization, exp_avg__b9, exp_avg)
     exp_avg_1 = tl.where((c_1 != 0), exp_avg__b9, exp_avg)
     # exp_avg_sq = where(step > 1 or use_atan2 or spectral_normalization, exp_avg_sq__b13, exp_avg_sq)
@@ -1487,13 +1487,13 @@ def _adopt_adv_flat10(
     tab, chunks, gptr, hv, ws, hyp, steps, inp,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads grad, exp_avg_sq, exp_avg, param; writes exp_avg_sq, exp_avg, param.
     """
-    COL_NUMEL: tl.constexpr = 15
+    COL_NUMEL: tl.constexpr = 17
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -1502,9 +1502,9 @@ def _adopt_adv_flat10(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _adopt_adv_flat10_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_exp_avg_sq, DT_mu_v_nmf, DT_mv_v_nmf, DT_spectral_v, DT_spectral_u, DT_wd_scaler, DT_anchor_data, DT_kourkoutas_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale)
+        _adopt_adv_flat10_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_exp_avg_sq, DT_mu_v_nmf, DT_mv_v_nmf, DT_spectral_v, DT_spectral_u, DT_wd_scaler, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_kourkoutas_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale)
     else:
-        _adopt_adv_flat10_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_exp_avg_sq, DT_mu_v_nmf, DT_mv_v_nmf, DT_spectral_v, DT_spectral_u, DT_wd_scaler, DT_anchor_data, DT_kourkoutas_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale)
+        _adopt_adv_flat10_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_exp_avg_sq, DT_mu_v_nmf, DT_mv_v_nmf, DT_spectral_v, DT_spectral_u, DT_wd_scaler, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_kourkoutas_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale)
 
 
 # prologue
@@ -1513,27 +1513,27 @@ def _adopt_adv_prologue7(
     tab, chunks, gptr, hv, ws, hyp, steps, inp,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr,
 ):
     """Prologue: one program per tensor; counts the step, computes the host values in float64 and
     writes the 9 the passes read to hv.
     """
-    COL_GIDX: tl.constexpr = 20
+    COL_GIDX: tl.constexpr = 22
     HV_C: tl.constexpr = 0
     HV_EPS_EFF__B2: tl.constexpr = 1
-    HV_K248__B6: tl.constexpr = 2
+    HV_K268__B6: tl.constexpr = 2
     HV_CLIP__B5: tl.constexpr = 3
-    HV_K249__B8: tl.constexpr = 4
-    HV_K254__B11: tl.constexpr = 5
-    HV_K255__B12: tl.constexpr = 6
-    HV_K259__B14: tl.constexpr = 7
+    HV_K269__B8: tl.constexpr = 4
+    HV_K274__B11: tl.constexpr = 5
+    HV_K275__B12: tl.constexpr = 6
+    HV_K279__B14: tl.constexpr = 7
     HV_C_1: tl.constexpr = 8
     HYP_BETA1: tl.constexpr = 0
     HYP_BETA2: tl.constexpr = 1
-    HYP_EPS: tl.constexpr = 5
-    HYP_LR: tl.constexpr = 9
-    HYP_SPECTRAL_NORMALIZATION: tl.constexpr = 14
-    HYP_USE_ATAN2: tl.constexpr = 17
+    HYP_EPS: tl.constexpr = 6
+    HYP_LR: tl.constexpr = 10
+    HYP_SPECTRAL_NORMALIZATION: tl.constexpr = 15
+    HYP_USE_ATAN2: tl.constexpr = 18
     t = tl.program_id(0)
     gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
@@ -1546,43 +1546,43 @@ def _adopt_adv_prologue7(
     eps_eff__b2 = tl.load(hyp + HYP_EPS)
     # clip__b5 = (step - 1) ** 0.25
     clip__b5 = L.pow64((step - tl.full((), 1.0, tl.float64)), tl.full((), 0.25, tl.float64))
-    # _k248__b6 = -clip__b5
-    k248__b6 = (-clip__b5)
-    # _k249__b8 = 1 - beta1
-    k249__b8 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA1))
-    # _k254__b11 = beta2
-    k254__b11 = tl.load(hyp + HYP_BETA2)
-    # _k255__b12 = 1 - beta2
-    k255__b12 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA2))
-    # _k259__b14 = lr
-    k259__b14 = tl.load(hyp + HYP_LR)
+    # _k268__b6 = -clip__b5
+    k268__b6 = (-clip__b5)
+    # _k269__b8 = 1 - beta1
+    k269__b8 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA1))
+    # _k274__b11 = beta2
+    k274__b11 = tl.load(hyp + HYP_BETA2)
+    # _k275__b12 = 1 - beta2
+    k275__b12 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA2))
+    # _k279__b14 = lr
+    k279__b14 = tl.load(hyp + HYP_LR)
     # the host values the passes read, rounded to float32
     tl.store(hv + t * NH + HV_C, (c).to(tl.float32))
     tl.store(hv + t * NH + HV_EPS_EFF__B2, (eps_eff__b2).to(tl.float32))
-    tl.store(hv + t * NH + HV_K248__B6, (k248__b6).to(tl.float32))
+    tl.store(hv + t * NH + HV_K268__B6, (k268__b6).to(tl.float32))
     tl.store(hv + t * NH + HV_CLIP__B5, (clip__b5).to(tl.float32))
-    tl.store(hv + t * NH + HV_K249__B8, (k249__b8).to(tl.float32))
-    tl.store(hv + t * NH + HV_K254__B11, (k254__b11).to(tl.float32))
-    tl.store(hv + t * NH + HV_K255__B12, (k255__b12).to(tl.float32))
-    tl.store(hv + t * NH + HV_K259__B14, (k259__b14).to(tl.float32))
+    tl.store(hv + t * NH + HV_K269__B8, (k269__b8).to(tl.float32))
+    tl.store(hv + t * NH + HV_K274__B11, (k274__b11).to(tl.float32))
+    tl.store(hv + t * NH + HV_K275__B12, (k275__b12).to(tl.float32))
+    tl.store(hv + t * NH + HV_K279__B14, (k279__b14).to(tl.float32))
     tl.store(hv + t * NH + HV_C_1, (c_1).to(tl.float32))
 
 
 # flat
 @triton.jit
-def _adopt_adv_flat11_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr):
+def _adopt_adv_flat11_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_PARAM: tl.constexpr = 0
     COL_EXP_AVG: tl.constexpr = 1
     COL_EXP_AVG_SQ: tl.constexpr = 5
     HV_C: tl.constexpr = 0
     HV_EPS_EFF__B2: tl.constexpr = 1
-    HV_K248__B6: tl.constexpr = 2
+    HV_K268__B6: tl.constexpr = 2
     HV_CLIP__B5: tl.constexpr = 3
-    HV_K249__B8: tl.constexpr = 4
-    HV_K254__B11: tl.constexpr = 5
-    HV_K255__B12: tl.constexpr = 6
-    HV_K259__B14: tl.constexpr = 7
+    HV_K269__B8: tl.constexpr = 4
+    HV_K274__B11: tl.constexpr = 5
+    HV_K275__B12: tl.constexpr = 6
+    HV_K279__B14: tl.constexpr = 7
     HV_C_1: tl.constexpr = 8
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
@@ -1592,15 +1592,15 @@ def _adopt_adv_flat11_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexp
     if ALIGNED:
         p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
     eps_eff__b2 = tl.load(hv + t * NH + HV_EPS_EFF__B2)
-    k248__b6 = tl.load(hv + t * NH + HV_K248__B6)
+    k268__b6 = tl.load(hv + t * NH + HV_K268__B6)
     clip__b5 = tl.load(hv + t * NH + HV_CLIP__B5)
     p_exp_avg = tl.load(tab + t * TBL_W + COL_EXP_AVG).to(tl.pointer_type(DT_exp_avg))
     if ALIGNED:
         p_exp_avg = tl.multiple_of(p_exp_avg, 16)
-    k249__b8 = tl.load(hv + t * NH + HV_K249__B8)
-    k254__b11 = tl.load(hv + t * NH + HV_K254__B11)
-    k255__b12 = tl.load(hv + t * NH + HV_K255__B12)
-    k259__b14 = tl.load(hv + t * NH + HV_K259__B14)
+    k269__b8 = tl.load(hv + t * NH + HV_K269__B8)
+    k274__b11 = tl.load(hv + t * NH + HV_K274__B11)
+    k275__b12 = tl.load(hv + t * NH + HV_K275__B12)
+    k279__b14 = tl.load(hv + t * NH + HV_K279__B14)
     p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
@@ -1615,16 +1615,16 @@ def _adopt_adv_flat11_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexp
     denom__b3 = (L.sqrt(exp_avg_sq_1) + eps_eff__b2)
     # normalized__b4 = grad / denom__b3
     normalized__b4 = L.div(grad, denom__b3)
-    # normalized__b7 = clamp(normalized__b4, _k248__b6, clip__b5)
-    normalized__b7 = L.minimum(L.maximum(normalized__b4, k248__b6), clip__b5)
-    # exp_avg__b9 = lerp(exp_avg, normalized__b7, _k249__b8)
+    # normalized__b7 = clamp(normalized__b4, _k268__b6, clip__b5)
+    normalized__b7 = L.minimum(L.maximum(normalized__b4, k268__b6), clip__b5)
+    # exp_avg__b9 = lerp(exp_avg, normalized__b7, _k269__b8)
     exp_avg = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
-    exp_avg__b9 = L.lerp(exp_avg, normalized__b7, k249__b8)
+    exp_avg__b9 = L.lerp(exp_avg, normalized__b7, k269__b8)
     # update__b10 = copy(exp_avg__b9)
-    # exp_avg_sq__b13 = exp_avg_sq * _k254__b11 + _k255__b12 * grad * grad
-    exp_avg_sq__b13 = ((exp_avg_sq_1 * k254__b11) + k255__b12 * grad * grad)
-    # update__b15 = update__b10 * _k259__b14
-    update__b15 = (exp_avg__b9 * k259__b14)
+    # exp_avg_sq__b13 = exp_avg_sq * _k274__b11 + _k275__b12 * grad * grad
+    exp_avg_sq__b13 = ((exp_avg_sq_1 * k274__b11) + k275__b12 * grad * grad)
+    # update__b15 = update__b10 * _k279__b14
+    update__b15 = (exp_avg__b9 * k279__b14)
     # param__b16 = param + -update__b15
     param = tl.load(p_param + offs, mask=mask).to(tl.float32)
     param__b16 = (param + (-update__b15))
@@ -1645,13 +1645,13 @@ def _adopt_adv_flat11(
     tab, chunks, gptr, hv, ws, hyp, steps, inp,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads grad, exp_avg_sq, exp_avg, param; writes exp_avg_sq, exp_avg, param.
     """
-    COL_NUMEL: tl.constexpr = 15
+    COL_NUMEL: tl.constexpr = 17
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -1660,9 +1660,9 @@ def _adopt_adv_flat11(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _adopt_adv_flat11_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_exp_avg_sq, DT_mu_v_nmf, DT_mv_v_nmf, DT_spectral_v, DT_spectral_u, DT_wd_scaler, DT_anchor_data, DT_kourkoutas_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale)
+        _adopt_adv_flat11_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_exp_avg_sq, DT_mu_v_nmf, DT_mv_v_nmf, DT_spectral_v, DT_spectral_u, DT_wd_scaler, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_kourkoutas_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale)
     else:
-        _adopt_adv_flat11_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_exp_avg_sq, DT_mu_v_nmf, DT_mv_v_nmf, DT_spectral_v, DT_spectral_u, DT_wd_scaler, DT_anchor_data, DT_kourkoutas_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale)
+        _adopt_adv_flat11_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_exp_avg_sq, DT_mu_v_nmf, DT_mv_v_nmf, DT_spectral_v, DT_spectral_u, DT_wd_scaler, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_kourkoutas_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale)
 
 
 KERNELS = {
@@ -1690,15 +1690,12 @@ KERNELS = {
     "_adopt_adv_flat11": _adopt_adv_flat11,
 }
 
-PLAN = {'dynamic': ['_c18',
+PLAN = {'dynamic': ['_c19',
              '_c2',
-             '_c20',
-             '_c21',
+             '_c23',
              '_c24',
-             '_c25',
-             '_c30',
-             '_c31',
-             '_c32',
+             '_c27',
+             '_c28',
              '_c33',
              '_c34',
              '_c35',
@@ -1709,81 +1706,87 @@ PLAN = {'dynamic': ['_c18',
              '_c4',
              '_c40',
              '_c41',
+             '_c42',
+             '_c43',
+             '_c44',
              '_k0',
-             '_k111',
-             '_k117',
-             '_k118',
+             '_k102',
+             '_k106',
+             '_k107',
              '_k120',
-             '_k123',
-             '_k124',
-             '_k125',
+             '_k127',
              '_k128',
+             '_k130',
+             '_k133',
+             '_k134',
+             '_k135',
              '_k138',
-             '_k144',
-             '_k145',
-             '_k147',
-             '_k150',
-             '_k151',
-             '_k152',
-             '_k155',
-             '_k165',
-             '_k17',
-             '_k171',
-             '_k175',
-             '_k176',
-             '_k188',
-             '_k194',
-             '_k195',
-             '_k197',
-             '_k200',
-             '_k201',
-             '_k202',
-             '_k205',
-             '_k215',
+             '_k149',
+             '_k156',
+             '_k157',
+             '_k159',
+             '_k162',
+             '_k163',
+             '_k164',
+             '_k167',
+             '_k178',
+             '_k18',
+             '_k185',
+             '_k189',
+             '_k190',
+             '_k203',
+             '_k210',
+             '_k211',
+             '_k213',
+             '_k216',
+             '_k217',
+             '_k218',
              '_k221',
-             '_k222',
-             '_k224',
-             '_k227',
-             '_k228',
-             '_k229',
-             '_k23',
              '_k232',
+             '_k239',
+             '_k240',
              '_k242',
-             '_k248',
-             '_k252',
-             '_k253',
-             '_k265',
-             '_k27',
-             '_k28',
+             '_k245',
+             '_k246',
+             '_k247',
+             '_k25',
+             '_k250',
+             '_k261',
+             '_k268',
+             '_k272',
+             '_k273',
+             '_k286',
+             '_k29',
+             '_k30',
              '_k4',
-             '_k40',
-             '_k46',
-             '_k48',
+             '_k43',
              '_k5',
-             '_k51',
+             '_k50',
              '_k52',
-             '_k64',
-             '_k70',
-             '_k72',
-             '_k75',
+             '_k55',
+             '_k56',
+             '_k69',
              '_k76',
-             '_k88',
-             '_k94',
-             '_k98',
-             '_k99',
+             '_k78',
+             '_k81',
+             '_k82',
+             '_k95',
              'clip'],
  'group_conditions': ['_c0',
                       '_c10',
                       '_c11',
                       '_c12',
                       '_c13',
-                      '_c16',
+                      '_c15',
                       '_c17',
-                      '_c19',
+                      '_c18',
+                      '_c20',
+                      '_c21',
                       '_c22',
-                      '_c26',
-                      '_c28',
+                      '_c25',
+                      '_c29',
                       '_c3',
+                      '_c31',
                       '_c6',
                       '_c7',
                       '_c8',
@@ -1792,6 +1795,7 @@ PLAN = {'dynamic': ['_c18',
                  ['betas', 1],
                  ['cautious_wd', None],
                  ['centered_wd', None],
+                 ['centered_wd_mode', None],
                  ['clip_lambda', None],
                  ['eps', None],
                  ['factored_2nd', None],
@@ -1809,7 +1813,88 @@ PLAN = {'dynamic': ['_c18',
                  ['vector_reshape', None],
                  ['weight_decay', None]],
  'inputs': ['kourkoutas_beta2'],
- 'paths': {(('_c0', False), ('_c22', False), ('_c26', False), ('_c28', False), ('_c3', False), ('_c29', False), ('_c5', False), ('_c6', False), ('_c7', False), ('_c8', False), ('_c9', True), ('_c10', True), ('_c11', False), ('_c13', False), ('_c15', False), ('_c16', False), ('_c19', False)): {'columns': ['param',
+ 'paths': {(('_c0', False), ('_c25', False), ('_c29', False), ('_c31', False), ('_c3', False), ('_c32', False), ('_c5', False), ('_c6', False), ('_c7', False), ('_c8', False), ('_c9', True), ('_c10', True), ('_c11', False), ('_c13', False), ('_c15', False), ('_c16', False), ('_c17', False), ('_c20', False)): {'columns': ['param',
+                                                                                                                                                                                                                                                                                                                                   'state:exp_avg',
+                                                                                                                                                                                                                                                                                                                                   'state:mu_m_nmf',
+                                                                                                                                                                                                                                                                                                                                   'state:mv_m_nmf',
+                                                                                                                                                                                                                                                                                                                                   'state:sign',
+                                                                                                                                                                                                                                                                                                                                   'state:exp_avg_sq',
+                                                                                                                                                                                                                                                                                                                                   'state:mu_v_nmf',
+                                                                                                                                                                                                                                                                                                                                   'state:mv_v_nmf',
+                                                                                                                                                                                                                                                                                                                                   'state:spectral_v',
+                                                                                                                                                                                                                                                                                                                                   'state:spectral_u',
+                                                                                                                                                                                                                                                                                                                                   'state:wd_scaler',
+                                                                                                                                                                                                                                                                                                                                   'state:anchor_data',
+                                                                                                                                                                                                                                                                                                                                   'state:anchor_scale',
+                                                                                                                                                                                                                                                                                                                                   'state:anchor_min',
+                                                                                                                                                                                                                                                                                                                                   'state:kourkoutas_sq',
+                                                                                                                                                                                                                                                                                                                                   'state:exp_avg_scale',
+                                                                                                                                                                                                                                                                                                                                   'state:exp_avg_sq_scale',
+                                                                                                                                                                                                                                                                                                                                   'numel',
+                                                                                                                                                                                                                                                                                                                                   'B',
+                                                                                                                                                                                                                                                                                                                                   'M',
+                                                                                                                                                                                                                                                                                                                                   'N',
+                                                                                                                                                                                                                                                                                                                                   'ndim',
+                                                                                                                                                                                                                                                                                                                                   'gidx'],
+                                                                                                                                                                                                                                                                                                                       'creates': [],
+                                                                                                                                                                                                                                                                                                                       'hv': ['_c43',
+                                                                                                                                                                                                                                                                                                                              'eps_eff__b2',
+                                                                                                                                                                                                                                                                                                                              '_k268__b6',
+                                                                                                                                                                                                                                                                                                                              'clip__b5',
+                                                                                                                                                                                                                                                                                                                              '_k269__b8',
+                                                                                                                                                                                                                                                                                                                              '_k274__b11',
+                                                                                                                                                                                                                                                                                                                              '_k275__b12',
+                                                                                                                                                                                                                                                                                                                              '_k279__b14',
+                                                                                                                                                                                                                                                                                                                              '_c44'],
+                                                                                                                                                                                                                                                                                                                       'launches': [('_adopt_adv_prologue7',
+                                                                                                                                                                                                                                                                                                                                     'prologue'),
+                                                                                                                                                                                                                                                                                                                                    ('_adopt_adv_flat11',
+                                                                                                                                                                                                                                                                                                                                     'flat')],
+                                                                                                                                                                                                                                                                                                                       'states': ['exp_avg',
+                                                                                                                                                                                                                                                                                                                                  'exp_avg_sq'],
+                                                                                                                                                                                                                                                                                                                       'temps': []},
+           (('_c0', False), ('_c25', False), ('_c29', False), ('_c31', False), ('_c3', False), ('_c32', False), ('_c5', False), ('_c6', False), ('_c7', False), ('_c8', False), ('_c9', True), ('_c10', True), ('_c11', False), ('_c13', False), ('_c15', False), ('_c16', True), ('_c17', False), ('_c20', False)): {'columns': ['param',
+                                                                                                                                                                                                                                                                                                                                  'state:exp_avg',
+                                                                                                                                                                                                                                                                                                                                  'state:mu_m_nmf',
+                                                                                                                                                                                                                                                                                                                                  'state:mv_m_nmf',
+                                                                                                                                                                                                                                                                                                                                  'state:sign',
+                                                                                                                                                                                                                                                                                                                                  'state:exp_avg_sq',
+                                                                                                                                                                                                                                                                                                                                  'state:mu_v_nmf',
+                                                                                                                                                                                                                                                                                                                                  'state:mv_v_nmf',
+                                                                                                                                                                                                                                                                                                                                  'state:spectral_v',
+                                                                                                                                                                                                                                                                                                                                  'state:spectral_u',
+                                                                                                                                                                                                                                                                                                                                  'state:wd_scaler',
+                                                                                                                                                                                                                                                                                                                                  'state:anchor_data',
+                                                                                                                                                                                                                                                                                                                                  'state:anchor_scale',
+                                                                                                                                                                                                                                                                                                                                  'state:anchor_min',
+                                                                                                                                                                                                                                                                                                                                  'state:kourkoutas_sq',
+                                                                                                                                                                                                                                                                                                                                  'state:exp_avg_scale',
+                                                                                                                                                                                                                                                                                                                                  'state:exp_avg_sq_scale',
+                                                                                                                                                                                                                                                                                                                                  'numel',
+                                                                                                                                                                                                                                                                                                                                  'B',
+                                                                                                                                                                                                                                                                                                                                  'M',
+                                                                                                                                                                                                                                                                                                                                  'N',
+                                                                                                                                                                                                                                                                                                                                  'ndim',
+                                                                                                                                                                                                                                                                                                                                  'gidx'],
+                                                                                                                                                                                                                                                                                                                      'creates': [],
+                                                                                                                                                                                                                                                                                                                      'hv': ['_c43',
+                                                                                                                                                                                                                                                                                                                             'eps_eff__b2',
+                                                                                                                                                                                                                                                                                                                             '_k268__b6',
+                                                                                                                                                                                                                                                                                                                             'clip__b5',
+                                                                                                                                                                                                                                                                                                                             '_k269__b8',
+                                                                                                                                                                                                                                                                                                                             '_k274__b11',
+                                                                                                                                                                                                                                                                                                                             '_k275__b12',
+                                                                                                                                                                                                                                                                                                                             '_k279__b14',
+                                                                                                                                                                                                                                                                                                                             '_k286__b19',
+                                                                                                                                                                                                                                                                                                                             '_c44'],
+                                                                                                                                                                                                                                                                                                                      'launches': [('_adopt_adv_prologue6',
+                                                                                                                                                                                                                                                                                                                                    'prologue'),
+                                                                                                                                                                                                                                                                                                                                   ('_adopt_adv_flat10',
+                                                                                                                                                                                                                                                                                                                                    'flat')],
+                                                                                                                                                                                                                                                                                                                      'states': ['exp_avg',
+                                                                                                                                                                                                                                                                                                                                 'exp_avg_sq'],
+                                                                                                                                                                                                                                                                                                                      'temps': []},
+           (('_c0', False), ('_c25', False), ('_c29', False), ('_c31', False), ('_c3', False), ('_c32', False), ('_c5', True), ('_c7', False), ('_c8', False), ('_c9', True), ('_c10', True), ('_c11', False), ('_c13', False), ('_c15', False), ('_c16', False), ('_c17', False), ('_c20', False)): {'columns': ['param',
                                                                                                                                                                                                                                                                                                                   'state:exp_avg',
                                                                                                                                                                                                                                                                                                                   'state:mu_m_nmf',
                                                                                                                                                                                                                                                                                                                   'state:mv_m_nmf',
@@ -1821,6 +1906,8 @@ PLAN = {'dynamic': ['_c18',
                                                                                                                                                                                                                                                                                                                   'state:spectral_u',
                                                                                                                                                                                                                                                                                                                   'state:wd_scaler',
                                                                                                                                                                                                                                                                                                                   'state:anchor_data',
+                                                                                                                                                                                                                                                                                                                  'state:anchor_scale',
+                                                                                                                                                                                                                                                                                                                  'state:anchor_min',
                                                                                                                                                                                                                                                                                                                   'state:kourkoutas_sq',
                                                                                                                                                                                                                                                                                                                   'state:exp_avg_scale',
                                                                                                                                                                                                                                                                                                                   'state:exp_avg_sq_scale',
@@ -1829,25 +1916,54 @@ PLAN = {'dynamic': ['_c18',
                                                                                                                                                                                                                                                                                                                   'M',
                                                                                                                                                                                                                                                                                                                   'N',
                                                                                                                                                                                                                                                                                                                   'ndim',
-                                                                                                                                                                                                                                                                                                                  'gidx'],
+                                                                                                                                                                                                                                                                                                                  'gidx',
+                                                                                                                                                                                                                                                                                                                  'ws:_r0',
+                                                                                                                                                                                                                                                                                                                  'ws:_r1',
+                                                                                                                                                                                                                                                                                                                  'ws:_r2',
+                                                                                                                                                                                                                                                                                                                  'ws:_r3',
+                                                                                                                                                                                                                                                                                                                  'ws:ortho_scale__b3',
+                                                                                                                                                                                                                                                                                                                  'ws:ortho_g__b2'],
                                                                                                                                                                                                                                                                                                       'creates': [],
-                                                                                                                                                                                                                                                                                                      'hv': ['_c40',
-                                                                                                                                                                                                                                                                                                             'eps_eff__b2',
-                                                                                                                                                                                                                                                                                                             '_k248__b6',
-                                                                                                                                                                                                                                                                                                             'clip__b5',
-                                                                                                                                                                                                                                                                                                             '_k249__b8',
-                                                                                                                                                                                                                                                                                                             '_k254__b11',
-                                                                                                                                                                                                                                                                                                             '_k255__b12',
-                                                                                                                                                                                                                                                                                                             '_k259__b14',
-                                                                                                                                                                                                                                                                                                             '_c41'],
-                                                                                                                                                                                                                                                                                                      'launches': [('_adopt_adv_prologue7',
+                                                                                                                                                                                                                                                                                                      'hv': ['_c43',
+                                                                                                                                                                                                                                                                                                             'eps_eff__b5',
+                                                                                                                                                                                                                                                                                                             '_k268__b9',
+                                                                                                                                                                                                                                                                                                             'clip__b8',
+                                                                                                                                                                                                                                                                                                             '_k269__b11',
+                                                                                                                                                                                                                                                                                                             '_k274__b14',
+                                                                                                                                                                                                                                                                                                             '_k275__b15',
+                                                                                                                                                                                                                                                                                                             '_k279__b17',
+                                                                                                                                                                                                                                                                                                             '_c44'],
+                                                                                                                                                                                                                                                                                                      'launches': [('_adopt_adv_prologue5',
                                                                                                                                                                                                                                                                                                                     'prologue'),
-                                                                                                                                                                                                                                                                                                                   ('_adopt_adv_flat11',
+                                                                                                                                                                                                                                                                                                                   ('_adopt_adv_flat6',
+                                                                                                                                                                                                                                                                                                                    'flat'),
+                                                                                                                                                                                                                                                                                                                   ('_adopt_adv_flat7',
+                                                                                                                                                                                                                                                                                                                    'flat'),
+                                                                                                                                                                                                                                                                                                                   ('_adopt_adv_vec1',
+                                                                                                                                                                                                                                                                                                                    'vec'),
+                                                                                                                                                                                                                                                                                                                   ('_adopt_adv_flat9',
                                                                                                                                                                                                                                                                                                                     'flat')],
                                                                                                                                                                                                                                                                                                       'states': ['exp_avg',
                                                                                                                                                                                                                                                                                                                  'exp_avg_sq'],
-                                                                                                                                                                                                                                                                                                      'temps': []},
-           (('_c0', False), ('_c22', False), ('_c26', False), ('_c28', False), ('_c3', False), ('_c29', False), ('_c5', False), ('_c6', False), ('_c7', False), ('_c8', False), ('_c9', True), ('_c10', True), ('_c11', False), ('_c13', False), ('_c15', True), ('_c16', False), ('_c19', False)): {'columns': ['param',
+                                                                                                                                                                                                                                                                                                      'temps': [('_r0',
+                                                                                                                                                                                                                                                                                                                 'tensor',
+                                                                                                                                                                                                                                                                                                                 True),
+                                                                                                                                                                                                                                                                                                                ('_r1',
+                                                                                                                                                                                                                                                                                                                 'tensor',
+                                                                                                                                                                                                                                                                                                                 True),
+                                                                                                                                                                                                                                                                                                                ('_r2',
+                                                                                                                                                                                                                                                                                                                 'tensor',
+                                                                                                                                                                                                                                                                                                                 True),
+                                                                                                                                                                                                                                                                                                                ('_r3',
+                                                                                                                                                                                                                                                                                                                 'tensor',
+                                                                                                                                                                                                                                                                                                                 True),
+                                                                                                                                                                                                                                                                                                                ('ortho_scale__b3',
+                                                                                                                                                                                                                                                                                                                 'tensor',
+                                                                                                                                                                                                                                                                                                                 False),
+                                                                                                                                                                                                                                                                                                                ('ortho_g__b2',
+                                                                                                                                                                                                                                                                                                                 'element',
+                                                                                                                                                                                                                                                                                                                 False)]},
+           (('_c0', False), ('_c25', False), ('_c29', False), ('_c31', False), ('_c3', False), ('_c32', False), ('_c5', True), ('_c7', False), ('_c8', False), ('_c9', True), ('_c10', True), ('_c11', False), ('_c13', False), ('_c15', False), ('_c16', True), ('_c17', False), ('_c20', False)): {'columns': ['param',
                                                                                                                                                                                                                                                                                                                  'state:exp_avg',
                                                                                                                                                                                                                                                                                                                  'state:mu_m_nmf',
                                                                                                                                                                                                                                                                                                                  'state:mv_m_nmf',
@@ -1859,6 +1975,8 @@ PLAN = {'dynamic': ['_c18',
                                                                                                                                                                                                                                                                                                                  'state:spectral_u',
                                                                                                                                                                                                                                                                                                                  'state:wd_scaler',
                                                                                                                                                                                                                                                                                                                  'state:anchor_data',
+                                                                                                                                                                                                                                                                                                                 'state:anchor_scale',
+                                                                                                                                                                                                                                                                                                                 'state:anchor_min',
                                                                                                                                                                                                                                                                                                                  'state:kourkoutas_sq',
                                                                                                                                                                                                                                                                                                                  'state:exp_avg_scale',
                                                                                                                                                                                                                                                                                                                  'state:exp_avg_sq_scale',
@@ -1867,161 +1985,136 @@ PLAN = {'dynamic': ['_c18',
                                                                                                                                                                                                                                                                                                                  'M',
                                                                                                                                                                                                                                                                                                                  'N',
                                                                                                                                                                                                                                                                                                                  'ndim',
-                                                                                                                                                                                                                                                                                                                 'gidx'],
+                                                                                                                                                                                                                                                                                                                 'gidx',
+                                                                                                                                                                                                                                                                                                                 'ws:_r0',
+                                                                                                                                                                                                                                                                                                                 'ws:_r1',
+                                                                                                                                                                                                                                                                                                                 'ws:_r2',
+                                                                                                                                                                                                                                                                                                                 'ws:_r3',
+                                                                                                                                                                                                                                                                                                                 'ws:ortho_scale__b3',
+                                                                                                                                                                                                                                                                                                                 'ws:ortho_g__b2'],
                                                                                                                                                                                                                                                                                                      'creates': [],
-                                                                                                                                                                                                                                                                                                     'hv': ['_c40',
-                                                                                                                                                                                                                                                                                                            'eps_eff__b2',
-                                                                                                                                                                                                                                                                                                            '_k248__b6',
-                                                                                                                                                                                                                                                                                                            'clip__b5',
-                                                                                                                                                                                                                                                                                                            '_k249__b8',
-                                                                                                                                                                                                                                                                                                            '_k254__b11',
-                                                                                                                                                                                                                                                                                                            '_k255__b12',
-                                                                                                                                                                                                                                                                                                            '_k259__b14',
-                                                                                                                                                                                                                                                                                                            '_k265__b19',
-                                                                                                                                                                                                                                                                                                            '_c41'],
-                                                                                                                                                                                                                                                                                                     'launches': [('_adopt_adv_prologue6',
+                                                                                                                                                                                                                                                                                                     'hv': ['_c43',
+                                                                                                                                                                                                                                                                                                            'eps_eff__b5',
+                                                                                                                                                                                                                                                                                                            '_k268__b9',
+                                                                                                                                                                                                                                                                                                            'clip__b8',
+                                                                                                                                                                                                                                                                                                            '_k269__b11',
+                                                                                                                                                                                                                                                                                                            '_k274__b14',
+                                                                                                                                                                                                                                                                                                            '_k275__b15',
+                                                                                                                                                                                                                                                                                                            '_k279__b17',
+                                                                                                                                                                                                                                                                                                            '_k286__b22',
+                                                                                                                                                                                                                                                                                                            '_c44'],
+                                                                                                                                                                                                                                                                                                     'launches': [('_adopt_adv_prologue4',
                                                                                                                                                                                                                                                                                                                    'prologue'),
-                                                                                                                                                                                                                                                                                                                  ('_adopt_adv_flat10',
+                                                                                                                                                                                                                                                                                                                  ('_adopt_adv_flat6',
+                                                                                                                                                                                                                                                                                                                   'flat'),
+                                                                                                                                                                                                                                                                                                                  ('_adopt_adv_flat7',
+                                                                                                                                                                                                                                                                                                                   'flat'),
+                                                                                                                                                                                                                                                                                                                  ('_adopt_adv_vec1',
+                                                                                                                                                                                                                                                                                                                   'vec'),
+                                                                                                                                                                                                                                                                                                                  ('_adopt_adv_flat8',
                                                                                                                                                                                                                                                                                                                    'flat')],
                                                                                                                                                                                                                                                                                                      'states': ['exp_avg',
                                                                                                                                                                                                                                                                                                                 'exp_avg_sq'],
-                                                                                                                                                                                                                                                                                                     'temps': []},
-           (('_c0', False), ('_c22', False), ('_c26', False), ('_c28', False), ('_c3', False), ('_c29', False), ('_c5', True), ('_c7', False), ('_c8', False), ('_c9', True), ('_c10', True), ('_c11', False), ('_c13', False), ('_c15', False), ('_c16', False), ('_c19', False)): {'columns': ['param',
-                                                                                                                                                                                                                                                                                                 'state:exp_avg',
-                                                                                                                                                                                                                                                                                                 'state:mu_m_nmf',
-                                                                                                                                                                                                                                                                                                 'state:mv_m_nmf',
-                                                                                                                                                                                                                                                                                                 'state:sign',
-                                                                                                                                                                                                                                                                                                 'state:exp_avg_sq',
-                                                                                                                                                                                                                                                                                                 'state:mu_v_nmf',
-                                                                                                                                                                                                                                                                                                 'state:mv_v_nmf',
-                                                                                                                                                                                                                                                                                                 'state:spectral_v',
-                                                                                                                                                                                                                                                                                                 'state:spectral_u',
-                                                                                                                                                                                                                                                                                                 'state:wd_scaler',
-                                                                                                                                                                                                                                                                                                 'state:anchor_data',
-                                                                                                                                                                                                                                                                                                 'state:kourkoutas_sq',
-                                                                                                                                                                                                                                                                                                 'state:exp_avg_scale',
-                                                                                                                                                                                                                                                                                                 'state:exp_avg_sq_scale',
-                                                                                                                                                                                                                                                                                                 'numel',
-                                                                                                                                                                                                                                                                                                 'B',
-                                                                                                                                                                                                                                                                                                 'M',
-                                                                                                                                                                                                                                                                                                 'N',
-                                                                                                                                                                                                                                                                                                 'ndim',
-                                                                                                                                                                                                                                                                                                 'gidx',
-                                                                                                                                                                                                                                                                                                 'ws:_r0',
-                                                                                                                                                                                                                                                                                                 'ws:_r1',
-                                                                                                                                                                                                                                                                                                 'ws:_r2',
-                                                                                                                                                                                                                                                                                                 'ws:_r3',
-                                                                                                                                                                                                                                                                                                 'ws:ortho_scale__b3',
-                                                                                                                                                                                                                                                                                                 'ws:ortho_g__b2'],
-                                                                                                                                                                                                                                                                                     'creates': [],
-                                                                                                                                                                                                                                                                                     'hv': ['_c40',
-                                                                                                                                                                                                                                                                                            'eps_eff__b5',
-                                                                                                                                                                                                                                                                                            '_k248__b9',
-                                                                                                                                                                                                                                                                                            'clip__b8',
-                                                                                                                                                                                                                                                                                            '_k249__b11',
-                                                                                                                                                                                                                                                                                            '_k254__b14',
-                                                                                                                                                                                                                                                                                            '_k255__b15',
-                                                                                                                                                                                                                                                                                            '_k259__b17',
-                                                                                                                                                                                                                                                                                            '_c41'],
-                                                                                                                                                                                                                                                                                     'launches': [('_adopt_adv_prologue5',
-                                                                                                                                                                                                                                                                                                   'prologue'),
-                                                                                                                                                                                                                                                                                                  ('_adopt_adv_flat6',
-                                                                                                                                                                                                                                                                                                   'flat'),
-                                                                                                                                                                                                                                                                                                  ('_adopt_adv_flat7',
-                                                                                                                                                                                                                                                                                                   'flat'),
-                                                                                                                                                                                                                                                                                                  ('_adopt_adv_vec1',
-                                                                                                                                                                                                                                                                                                   'vec'),
-                                                                                                                                                                                                                                                                                                  ('_adopt_adv_flat9',
-                                                                                                                                                                                                                                                                                                   'flat')],
-                                                                                                                                                                                                                                                                                     'states': ['exp_avg',
-                                                                                                                                                                                                                                                                                                'exp_avg_sq'],
-                                                                                                                                                                                                                                                                                     'temps': [('_r0',
-                                                                                                                                                                                                                                                                                                'tensor',
-                                                                                                                                                                                                                                                                                                True),
-                                                                                                                                                                                                                                                                                               ('_r1',
-                                                                                                                                                                                                                                                                                                'tensor',
-                                                                                                                                                                                                                                                                                                True),
-                                                                                                                                                                                                                                                                                               ('_r2',
-                                                                                                                                                                                                                                                                                                'tensor',
-                                                                                                                                                                                                                                                                                                True),
-                                                                                                                                                                                                                                                                                               ('_r3',
-                                                                                                                                                                                                                                                                                                'tensor',
-                                                                                                                                                                                                                                                                                                True),
-                                                                                                                                                                                                                                                                                               ('ortho_scale__b3',
-                                                                                                                                                                                                                                                                                                'tensor',
-                                                                                                                                                                                                                                                                                                False),
-                                                                                                                                                                                                                                                                                               ('ortho_g__b2',
-                                                                                                                                                                                                                                                                                                'element',
-                                                                                                                                                                                                                                                                                                False)]},
-           (('_c0', False), ('_c22', False), ('_c26', False), ('_c28', False), ('_c3', False), ('_c29', False), ('_c5', True), ('_c7', False), ('_c8', False), ('_c9', True), ('_c10', True), ('_c11', False), ('_c13', False), ('_c15', True), ('_c16', False), ('_c19', False)): {'columns': ['param',
-                                                                                                                                                                                                                                                                                                'state:exp_avg',
-                                                                                                                                                                                                                                                                                                'state:mu_m_nmf',
-                                                                                                                                                                                                                                                                                                'state:mv_m_nmf',
-                                                                                                                                                                                                                                                                                                'state:sign',
-                                                                                                                                                                                                                                                                                                'state:exp_avg_sq',
-                                                                                                                                                                                                                                                                                                'state:mu_v_nmf',
-                                                                                                                                                                                                                                                                                                'state:mv_v_nmf',
-                                                                                                                                                                                                                                                                                                'state:spectral_v',
-                                                                                                                                                                                                                                                                                                'state:spectral_u',
-                                                                                                                                                                                                                                                                                                'state:wd_scaler',
-                                                                                                                                                                                                                                                                                                'state:anchor_data',
-                                                                                                                                                                                                                                                                                                'state:kourkoutas_sq',
-                                                                                                                                                                                                                                                                                                'state:exp_avg_scale',
-                                                                                                                                                                                                                                                                                                'state:exp_avg_sq_scale',
-                                                                                                                                                                                                                                                                                                'numel',
-                                                                                                                                                                                                                                                                                                'B',
-                                                                                                                                                                                                                                                                                                'M',
-                                                                                                                                                                                                                                                                                                'N',
-                                                                                                                                                                                                                                                                                                'ndim',
-                                                                                                                                                                                                                                                                                                'gidx',
-                                                                                                                                                                                                                                                                                                'ws:_r0',
-                                                                                                                                                                                                                                                                                                'ws:_r1',
-                                                                                                                                                                                                                                                                                                'ws:_r2',
-                                                                                                                                                                                                                                                                                                'ws:_r3',
-                                                                                                                                                                                                                                                                                                'ws:ortho_scale__b3',
-                                                                                                                                                                                                                                                                                                'ws:ortho_g__b2'],
-                                                                                                                                                                                                                                                                                    'creates': [],
-                                                                                                                                                                                                                                                                                    'hv': ['_c40',
-                                                                                                                                                                                                                                                                                           'eps_eff__b5',
-                                                                                                                                                                                                                                                                                           '_k248__b9',
-                                                                                                                                                                                                                                                                                           'clip__b8',
-                                                                                                                                                                                                                                                                                           '_k249__b11',
-                                                                                                                                                                                                                                                                                           '_k254__b14',
-                                                                                                                                                                                                                                                                                           '_k255__b15',
-                                                                                                                                                                                                                                                                                           '_k259__b17',
-                                                                                                                                                                                                                                                                                           '_k265__b22',
-                                                                                                                                                                                                                                                                                           '_c41'],
-                                                                                                                                                                                                                                                                                    'launches': [('_adopt_adv_prologue4',
-                                                                                                                                                                                                                                                                                                  'prologue'),
-                                                                                                                                                                                                                                                                                                 ('_adopt_adv_flat6',
-                                                                                                                                                                                                                                                                                                  'flat'),
-                                                                                                                                                                                                                                                                                                 ('_adopt_adv_flat7',
-                                                                                                                                                                                                                                                                                                  'flat'),
-                                                                                                                                                                                                                                                                                                 ('_adopt_adv_vec1',
-                                                                                                                                                                                                                                                                                                  'vec'),
-                                                                                                                                                                                                                                                                                                 ('_adopt_adv_flat8',
-                                                                                                                                                                                                                                                                                                  'flat')],
-                                                                                                                                                                                                                                                                                    'states': ['exp_avg',
-                                                                                                                                                                                                                                                                                               'exp_avg_sq'],
-                                                                                                                                                                                                                                                                                    'temps': [('_r0',
-                                                                                                                                                                                                                                                                                               'tensor',
-                                                                                                                                                                                                                                                                                               True),
-                                                                                                                                                                                                                                                                                              ('_r1',
-                                                                                                                                                                                                                                                                                               'tensor',
-                                                                                                                                                                                                                                                                                               True),
-                                                                                                                                                                                                                                                                                              ('_r2',
-                                                                                                                                                                                                                                                                                               'tensor',
-                                                                                                                                                                                                                                                                                               True),
-                                                                                                                                                                                                                                                                                              ('_r3',
-                                                                                                                                                                                                                                                                                               'tensor',
-                                                                                                                                                                                                                                                                                               True),
-                                                                                                                                                                                                                                                                                              ('ortho_scale__b3',
-                                                                                                                                                                                                                                                                                               'tensor',
-                                                                                                                                                                                                                                                                                               False),
-                                                                                                                                                                                                                                                                                              ('ortho_g__b2',
-                                                                                                                                                                                                                                                                                               'element',
-                                                                                                                                                                                                                                                                                               False)]},
-           (('_c0', False), ('_c22', False), ('_c26', False), ('_c28', False), ('_c3', False), ('_c29', True), ('_c5', False), ('_c6', False), ('_c7', False), ('_c8', False), ('_c9', True), ('_c10', True), ('_c11', False), ('_c13', False), ('_c15', False), ('_c16', False), ('_c19', False)): {'columns': ['param',
+                                                                                                                                                                                                                                                                                                     'temps': [('_r0',
+                                                                                                                                                                                                                                                                                                                'tensor',
+                                                                                                                                                                                                                                                                                                                True),
+                                                                                                                                                                                                                                                                                                               ('_r1',
+                                                                                                                                                                                                                                                                                                                'tensor',
+                                                                                                                                                                                                                                                                                                                True),
+                                                                                                                                                                                                                                                                                                               ('_r2',
+                                                                                                                                                                                                                                                                                                                'tensor',
+                                                                                                                                                                                                                                                                                                                True),
+                                                                                                                                                                                                                                                                                                               ('_r3',
+                                                                                                                                                                                                                                                                                                                'tensor',
+                                                                                                                                                                                                                                                                                                                True),
+                                                                                                                                                                                                                                                                                                               ('ortho_scale__b3',
+                                                                                                                                                                                                                                                                                                                'tensor',
+                                                                                                                                                                                                                                                                                                                False),
+                                                                                                                                                                                                                                                                                                               ('ortho_g__b2',
+                                                                                                                                                                                                                                                                                                                'element',
+                                                                                                                                                                                                                                                                                                                False)]},
+           (('_c0', False), ('_c25', False), ('_c29', False), ('_c31', False), ('_c3', False), ('_c32', True), ('_c5', False), ('_c6', False), ('_c7', False), ('_c8', False), ('_c9', True), ('_c10', True), ('_c11', False), ('_c13', False), ('_c15', False), ('_c16', False), ('_c17', False), ('_c20', False)): {'columns': ['param',
+                                                                                                                                                                                                                                                                                                                                  'state:exp_avg',
+                                                                                                                                                                                                                                                                                                                                  'state:mu_m_nmf',
+                                                                                                                                                                                                                                                                                                                                  'state:mv_m_nmf',
+                                                                                                                                                                                                                                                                                                                                  'state:sign',
+                                                                                                                                                                                                                                                                                                                                  'state:exp_avg_sq',
+                                                                                                                                                                                                                                                                                                                                  'state:mu_v_nmf',
+                                                                                                                                                                                                                                                                                                                                  'state:mv_v_nmf',
+                                                                                                                                                                                                                                                                                                                                  'state:spectral_v',
+                                                                                                                                                                                                                                                                                                                                  'state:spectral_u',
+                                                                                                                                                                                                                                                                                                                                  'state:wd_scaler',
+                                                                                                                                                                                                                                                                                                                                  'state:anchor_data',
+                                                                                                                                                                                                                                                                                                                                  'state:anchor_scale',
+                                                                                                                                                                                                                                                                                                                                  'state:anchor_min',
+                                                                                                                                                                                                                                                                                                                                  'state:kourkoutas_sq',
+                                                                                                                                                                                                                                                                                                                                  'state:exp_avg_scale',
+                                                                                                                                                                                                                                                                                                                                  'state:exp_avg_sq_scale',
+                                                                                                                                                                                                                                                                                                                                  'numel',
+                                                                                                                                                                                                                                                                                                                                  'B',
+                                                                                                                                                                                                                                                                                                                                  'M',
+                                                                                                                                                                                                                                                                                                                                  'N',
+                                                                                                                                                                                                                                                                                                                                  'ndim',
+                                                                                                                                                                                                                                                                                                                                  'gidx'],
+                                                                                                                                                                                                                                                                                                                      'creates': [],
+                                                                                                                                                                                                                                                                                                                      'hv': ['_c43',
+                                                                                                                                                                                                                                                                                                                             'eps_eff__b3',
+                                                                                                                                                                                                                                                                                                                             '_k268__b7',
+                                                                                                                                                                                                                                                                                                                             'clip__b6',
+                                                                                                                                                                                                                                                                                                                             '_k269__b9',
+                                                                                                                                                                                                                                                                                                                             '_k274__b12',
+                                                                                                                                                                                                                                                                                                                             '_k275__b13',
+                                                                                                                                                                                                                                                                                                                             '_k279__b15',
+                                                                                                                                                                                                                                                                                                                             '_c44'],
+                                                                                                                                                                                                                                                                                                                      'launches': [('_adopt_adv_prologue3',
+                                                                                                                                                                                                                                                                                                                                    'prologue'),
+                                                                                                                                                                                                                                                                                                                                   ('_adopt_adv_flat5',
+                                                                                                                                                                                                                                                                                                                                    'flat')],
+                                                                                                                                                                                                                                                                                                                      'states': ['exp_avg',
+                                                                                                                                                                                                                                                                                                                                 'exp_avg_sq'],
+                                                                                                                                                                                                                                                                                                                      'temps': []},
+           (('_c0', False), ('_c25', False), ('_c29', False), ('_c31', False), ('_c3', False), ('_c32', True), ('_c5', False), ('_c6', False), ('_c7', False), ('_c8', False), ('_c9', True), ('_c10', True), ('_c11', False), ('_c13', False), ('_c15', False), ('_c16', True), ('_c17', False), ('_c20', False)): {'columns': ['param',
+                                                                                                                                                                                                                                                                                                                                 'state:exp_avg',
+                                                                                                                                                                                                                                                                                                                                 'state:mu_m_nmf',
+                                                                                                                                                                                                                                                                                                                                 'state:mv_m_nmf',
+                                                                                                                                                                                                                                                                                                                                 'state:sign',
+                                                                                                                                                                                                                                                                                                                                 'state:exp_avg_sq',
+                                                                                                                                                                                                                                                                                                                                 'state:mu_v_nmf',
+                                                                                                                                                                                                                                                                                                                                 'state:mv_v_nmf',
+                                                                                                                                                                                                                                                                                                                                 'state:spectral_v',
+                                                                                                                                                                                                                                                                                                                                 'state:spectral_u',
+                                                                                                                                                                                                                                                                                                                                 'state:wd_scaler',
+                                                                                                                                                                                                                                                                                                                                 'state:anchor_data',
+                                                                                                                                                                                                                                                                                                                                 'state:anchor_scale',
+                                                                                                                                                                                                                                                                                                                                 'state:anchor_min',
+                                                                                                                                                                                                                                                                                                                                 'state:kourkoutas_sq',
+                                                                                                                                                                                                                                                                                                                                 'state:exp_avg_scale',
+                                                                                                                                                                                                                                                                                                                                 'state:exp_avg_sq_scale',
+                                                                                                                                                                                                                                                                                                                                 'numel',
+                                                                                                                                                                                                                                                                                                                                 'B',
+                                                                                                                                                                                                                                                                                                                                 'M',
+                                                                                                                                                                                                                                                                                                                                 'N',
+                                                                                                                                                                                                                                                                                                                                 'ndim',
+                                                                                                                                                                                                                                                                                                                                 'gidx'],
+                                                                                                                                                                                                                                                                                                                     'creates': [],
+                                                                                                                                                                                                                                                                                                                     'hv': ['_c43',
+                                                                                                                                                                                                                                                                                                                            'eps_eff__b3',
+                                                                                                                                                                                                                                                                                                                            '_k268__b7',
+                                                                                                                                                                                                                                                                                                                            'clip__b6',
+                                                                                                                                                                                                                                                                                                                            '_k269__b9',
+                                                                                                                                                                                                                                                                                                                            '_k274__b12',
+                                                                                                                                                                                                                                                                                                                            '_k275__b13',
+                                                                                                                                                                                                                                                                                                                            '_k279__b15',
+                                                                                                                                                                                                                                                                                                                            '_k286__b20',
+                                                                                                                                                                                                                                                                                                                            '_c44'],
+                                                                                                                                                                                                                                                                                                                     'launches': [('_adopt_adv_prologue2',
+                                                                                                                                                                                                                                                                                                                                   'prologue'),
+                                                                                                                                                                                                                                                                                                                                  ('_adopt_adv_flat4',
+                                                                                                                                                                                                                                                                                                                                   'flat')],
+                                                                                                                                                                                                                                                                                                                     'states': ['exp_avg',
+                                                                                                                                                                                                                                                                                                                                'exp_avg_sq'],
+                                                                                                                                                                                                                                                                                                                     'temps': []},
+           (('_c0', False), ('_c25', False), ('_c29', False), ('_c31', False), ('_c3', False), ('_c32', True), ('_c5', True), ('_c7', False), ('_c8', False), ('_c9', True), ('_c10', True), ('_c11', False), ('_c13', False), ('_c15', False), ('_c16', False), ('_c17', False), ('_c20', False)): {'columns': ['param',
                                                                                                                                                                                                                                                                                                                  'state:exp_avg',
                                                                                                                                                                                                                                                                                                                  'state:mu_m_nmf',
                                                                                                                                                                                                                                                                                                                  'state:mv_m_nmf',
@@ -2033,6 +2126,8 @@ PLAN = {'dynamic': ['_c18',
                                                                                                                                                                                                                                                                                                                  'state:spectral_u',
                                                                                                                                                                                                                                                                                                                  'state:wd_scaler',
                                                                                                                                                                                                                                                                                                                  'state:anchor_data',
+                                                                                                                                                                                                                                                                                                                 'state:anchor_scale',
+                                                                                                                                                                                                                                                                                                                 'state:anchor_min',
                                                                                                                                                                                                                                                                                                                  'state:kourkoutas_sq',
                                                                                                                                                                                                                                                                                                                  'state:exp_avg_scale',
                                                                                                                                                                                                                                                                                                                  'state:exp_avg_sq_scale',
@@ -2041,25 +2136,58 @@ PLAN = {'dynamic': ['_c18',
                                                                                                                                                                                                                                                                                                                  'M',
                                                                                                                                                                                                                                                                                                                  'N',
                                                                                                                                                                                                                                                                                                                  'ndim',
-                                                                                                                                                                                                                                                                                                                 'gidx'],
+                                                                                                                                                                                                                                                                                                                 'gidx',
+                                                                                                                                                                                                                                                                                                                 'ws:_r0',
+                                                                                                                                                                                                                                                                                                                 'ws:_r1',
+                                                                                                                                                                                                                                                                                                                 'ws:_r2',
+                                                                                                                                                                                                                                                                                                                 'ws:_r3',
+                                                                                                                                                                                                                                                                                                                 'ws:ortho_scale__b4',
+                                                                                                                                                                                                                                                                                                                 'ws:grad__b2',
+                                                                                                                                                                                                                                                                                                                 'ws:ortho_g__b3'],
                                                                                                                                                                                                                                                                                                      'creates': [],
-                                                                                                                                                                                                                                                                                                     'hv': ['_c40',
-                                                                                                                                                                                                                                                                                                            'eps_eff__b3',
-                                                                                                                                                                                                                                                                                                            '_k248__b7',
-                                                                                                                                                                                                                                                                                                            'clip__b6',
-                                                                                                                                                                                                                                                                                                            '_k249__b9',
-                                                                                                                                                                                                                                                                                                            '_k254__b12',
-                                                                                                                                                                                                                                                                                                            '_k255__b13',
-                                                                                                                                                                                                                                                                                                            '_k259__b15',
-                                                                                                                                                                                                                                                                                                            '_c41'],
-                                                                                                                                                                                                                                                                                                     'launches': [('_adopt_adv_prologue3',
+                                                                                                                                                                                                                                                                                                     'hv': ['_c43',
+                                                                                                                                                                                                                                                                                                            'eps_eff__b6',
+                                                                                                                                                                                                                                                                                                            '_k268__b10',
+                                                                                                                                                                                                                                                                                                            'clip__b9',
+                                                                                                                                                                                                                                                                                                            '_k269__b12',
+                                                                                                                                                                                                                                                                                                            '_k274__b15',
+                                                                                                                                                                                                                                                                                                            '_k275__b16',
+                                                                                                                                                                                                                                                                                                            '_k279__b18',
+                                                                                                                                                                                                                                                                                                            '_c44'],
+                                                                                                                                                                                                                                                                                                     'launches': [('_adopt_adv_prologue1',
                                                                                                                                                                                                                                                                                                                    'prologue'),
-                                                                                                                                                                                                                                                                                                                  ('_adopt_adv_flat5',
+                                                                                                                                                                                                                                                                                                                  ('_adopt_adv_flat0',
+                                                                                                                                                                                                                                                                                                                   'flat'),
+                                                                                                                                                                                                                                                                                                                  ('_adopt_adv_flat1',
+                                                                                                                                                                                                                                                                                                                   'flat'),
+                                                                                                                                                                                                                                                                                                                  ('_adopt_adv_vec0',
+                                                                                                                                                                                                                                                                                                                   'vec'),
+                                                                                                                                                                                                                                                                                                                  ('_adopt_adv_flat3',
                                                                                                                                                                                                                                                                                                                    'flat')],
                                                                                                                                                                                                                                                                                                      'states': ['exp_avg',
                                                                                                                                                                                                                                                                                                                 'exp_avg_sq'],
-                                                                                                                                                                                                                                                                                                     'temps': []},
-           (('_c0', False), ('_c22', False), ('_c26', False), ('_c28', False), ('_c3', False), ('_c29', True), ('_c5', False), ('_c6', False), ('_c7', False), ('_c8', False), ('_c9', True), ('_c10', True), ('_c11', False), ('_c13', False), ('_c15', True), ('_c16', False), ('_c19', False)): {'columns': ['param',
+                                                                                                                                                                                                                                                                                                     'temps': [('_r0',
+                                                                                                                                                                                                                                                                                                                'tensor',
+                                                                                                                                                                                                                                                                                                                True),
+                                                                                                                                                                                                                                                                                                               ('_r1',
+                                                                                                                                                                                                                                                                                                                'tensor',
+                                                                                                                                                                                                                                                                                                                True),
+                                                                                                                                                                                                                                                                                                               ('_r2',
+                                                                                                                                                                                                                                                                                                                'tensor',
+                                                                                                                                                                                                                                                                                                                True),
+                                                                                                                                                                                                                                                                                                               ('_r3',
+                                                                                                                                                                                                                                                                                                                'tensor',
+                                                                                                                                                                                                                                                                                                                True),
+                                                                                                                                                                                                                                                                                                               ('ortho_scale__b4',
+                                                                                                                                                                                                                                                                                                                'tensor',
+                                                                                                                                                                                                                                                                                                                False),
+                                                                                                                                                                                                                                                                                                               ('grad__b2',
+                                                                                                                                                                                                                                                                                                                'element',
+                                                                                                                                                                                                                                                                                                                False),
+                                                                                                                                                                                                                                                                                                               ('ortho_g__b3',
+                                                                                                                                                                                                                                                                                                                'element',
+                                                                                                                                                                                                                                                                                                                False)]},
+           (('_c0', False), ('_c25', False), ('_c29', False), ('_c31', False), ('_c3', False), ('_c32', True), ('_c5', True), ('_c7', False), ('_c8', False), ('_c9', True), ('_c10', True), ('_c11', False), ('_c13', False), ('_c15', False), ('_c16', True), ('_c17', False), ('_c20', False)): {'columns': ['param',
                                                                                                                                                                                                                                                                                                                 'state:exp_avg',
                                                                                                                                                                                                                                                                                                                 'state:mu_m_nmf',
                                                                                                                                                                                                                                                                                                                 'state:mv_m_nmf',
@@ -2071,6 +2199,8 @@ PLAN = {'dynamic': ['_c18',
                                                                                                                                                                                                                                                                                                                 'state:spectral_u',
                                                                                                                                                                                                                                                                                                                 'state:wd_scaler',
                                                                                                                                                                                                                                                                                                                 'state:anchor_data',
+                                                                                                                                                                                                                                                                                                                'state:anchor_scale',
+                                                                                                                                                                                                                                                                                                                'state:anchor_min',
                                                                                                                                                                                                                                                                                                                 'state:kourkoutas_sq',
                                                                                                                                                                                                                                                                                                                 'state:exp_avg_scale',
                                                                                                                                                                                                                                                                                                                 'state:exp_avg_sq_scale',
@@ -2079,168 +2209,58 @@ PLAN = {'dynamic': ['_c18',
                                                                                                                                                                                                                                                                                                                 'M',
                                                                                                                                                                                                                                                                                                                 'N',
                                                                                                                                                                                                                                                                                                                 'ndim',
-                                                                                                                                                                                                                                                                                                                'gidx'],
+                                                                                                                                                                                                                                                                                                                'gidx',
+                                                                                                                                                                                                                                                                                                                'ws:_r0',
+                                                                                                                                                                                                                                                                                                                'ws:_r1',
+                                                                                                                                                                                                                                                                                                                'ws:_r2',
+                                                                                                                                                                                                                                                                                                                'ws:_r3',
+                                                                                                                                                                                                                                                                                                                'ws:ortho_scale__b4',
+                                                                                                                                                                                                                                                                                                                'ws:grad__b2',
+                                                                                                                                                                                                                                                                                                                'ws:ortho_g__b3'],
                                                                                                                                                                                                                                                                                                     'creates': [],
-                                                                                                                                                                                                                                                                                                    'hv': ['_c40',
-                                                                                                                                                                                                                                                                                                           'eps_eff__b3',
-                                                                                                                                                                                                                                                                                                           '_k248__b7',
-                                                                                                                                                                                                                                                                                                           'clip__b6',
-                                                                                                                                                                                                                                                                                                           '_k249__b9',
-                                                                                                                                                                                                                                                                                                           '_k254__b12',
-                                                                                                                                                                                                                                                                                                           '_k255__b13',
-                                                                                                                                                                                                                                                                                                           '_k259__b15',
-                                                                                                                                                                                                                                                                                                           '_k265__b20',
-                                                                                                                                                                                                                                                                                                           '_c41'],
-                                                                                                                                                                                                                                                                                                    'launches': [('_adopt_adv_prologue2',
+                                                                                                                                                                                                                                                                                                    'hv': ['_c43',
+                                                                                                                                                                                                                                                                                                           'eps_eff__b6',
+                                                                                                                                                                                                                                                                                                           '_k268__b10',
+                                                                                                                                                                                                                                                                                                           'clip__b9',
+                                                                                                                                                                                                                                                                                                           '_k269__b12',
+                                                                                                                                                                                                                                                                                                           '_k274__b15',
+                                                                                                                                                                                                                                                                                                           '_k275__b16',
+                                                                                                                                                                                                                                                                                                           '_k279__b18',
+                                                                                                                                                                                                                                                                                                           '_k286__b23',
+                                                                                                                                                                                                                                                                                                           '_c44'],
+                                                                                                                                                                                                                                                                                                    'launches': [('_adopt_adv_prologue0',
                                                                                                                                                                                                                                                                                                                   'prologue'),
-                                                                                                                                                                                                                                                                                                                 ('_adopt_adv_flat4',
+                                                                                                                                                                                                                                                                                                                 ('_adopt_adv_flat0',
+                                                                                                                                                                                                                                                                                                                  'flat'),
+                                                                                                                                                                                                                                                                                                                 ('_adopt_adv_flat1',
+                                                                                                                                                                                                                                                                                                                  'flat'),
+                                                                                                                                                                                                                                                                                                                 ('_adopt_adv_vec0',
+                                                                                                                                                                                                                                                                                                                  'vec'),
+                                                                                                                                                                                                                                                                                                                 ('_adopt_adv_flat2',
                                                                                                                                                                                                                                                                                                                   'flat')],
                                                                                                                                                                                                                                                                                                     'states': ['exp_avg',
                                                                                                                                                                                                                                                                                                                'exp_avg_sq'],
-                                                                                                                                                                                                                                                                                                    'temps': []},
-           (('_c0', False), ('_c22', False), ('_c26', False), ('_c28', False), ('_c3', False), ('_c29', True), ('_c5', True), ('_c7', False), ('_c8', False), ('_c9', True), ('_c10', True), ('_c11', False), ('_c13', False), ('_c15', False), ('_c16', False), ('_c19', False)): {'columns': ['param',
-                                                                                                                                                                                                                                                                                                'state:exp_avg',
-                                                                                                                                                                                                                                                                                                'state:mu_m_nmf',
-                                                                                                                                                                                                                                                                                                'state:mv_m_nmf',
-                                                                                                                                                                                                                                                                                                'state:sign',
-                                                                                                                                                                                                                                                                                                'state:exp_avg_sq',
-                                                                                                                                                                                                                                                                                                'state:mu_v_nmf',
-                                                                                                                                                                                                                                                                                                'state:mv_v_nmf',
-                                                                                                                                                                                                                                                                                                'state:spectral_v',
-                                                                                                                                                                                                                                                                                                'state:spectral_u',
-                                                                                                                                                                                                                                                                                                'state:wd_scaler',
-                                                                                                                                                                                                                                                                                                'state:anchor_data',
-                                                                                                                                                                                                                                                                                                'state:kourkoutas_sq',
-                                                                                                                                                                                                                                                                                                'state:exp_avg_scale',
-                                                                                                                                                                                                                                                                                                'state:exp_avg_sq_scale',
-                                                                                                                                                                                                                                                                                                'numel',
-                                                                                                                                                                                                                                                                                                'B',
-                                                                                                                                                                                                                                                                                                'M',
-                                                                                                                                                                                                                                                                                                'N',
-                                                                                                                                                                                                                                                                                                'ndim',
-                                                                                                                                                                                                                                                                                                'gidx',
-                                                                                                                                                                                                                                                                                                'ws:_r0',
-                                                                                                                                                                                                                                                                                                'ws:_r1',
-                                                                                                                                                                                                                                                                                                'ws:_r2',
-                                                                                                                                                                                                                                                                                                'ws:_r3',
-                                                                                                                                                                                                                                                                                                'ws:ortho_scale__b4',
-                                                                                                                                                                                                                                                                                                'ws:grad__b2',
-                                                                                                                                                                                                                                                                                                'ws:ortho_g__b3'],
-                                                                                                                                                                                                                                                                                    'creates': [],
-                                                                                                                                                                                                                                                                                    'hv': ['_c40',
-                                                                                                                                                                                                                                                                                           'eps_eff__b6',
-                                                                                                                                                                                                                                                                                           '_k248__b10',
-                                                                                                                                                                                                                                                                                           'clip__b9',
-                                                                                                                                                                                                                                                                                           '_k249__b12',
-                                                                                                                                                                                                                                                                                           '_k254__b15',
-                                                                                                                                                                                                                                                                                           '_k255__b16',
-                                                                                                                                                                                                                                                                                           '_k259__b18',
-                                                                                                                                                                                                                                                                                           '_c41'],
-                                                                                                                                                                                                                                                                                    'launches': [('_adopt_adv_prologue1',
-                                                                                                                                                                                                                                                                                                  'prologue'),
-                                                                                                                                                                                                                                                                                                 ('_adopt_adv_flat0',
-                                                                                                                                                                                                                                                                                                  'flat'),
-                                                                                                                                                                                                                                                                                                 ('_adopt_adv_flat1',
-                                                                                                                                                                                                                                                                                                  'flat'),
-                                                                                                                                                                                                                                                                                                 ('_adopt_adv_vec0',
-                                                                                                                                                                                                                                                                                                  'vec'),
-                                                                                                                                                                                                                                                                                                 ('_adopt_adv_flat3',
-                                                                                                                                                                                                                                                                                                  'flat')],
-                                                                                                                                                                                                                                                                                    'states': ['exp_avg',
-                                                                                                                                                                                                                                                                                               'exp_avg_sq'],
-                                                                                                                                                                                                                                                                                    'temps': [('_r0',
-                                                                                                                                                                                                                                                                                               'tensor',
-                                                                                                                                                                                                                                                                                               True),
-                                                                                                                                                                                                                                                                                              ('_r1',
-                                                                                                                                                                                                                                                                                               'tensor',
-                                                                                                                                                                                                                                                                                               True),
-                                                                                                                                                                                                                                                                                              ('_r2',
-                                                                                                                                                                                                                                                                                               'tensor',
-                                                                                                                                                                                                                                                                                               True),
-                                                                                                                                                                                                                                                                                              ('_r3',
-                                                                                                                                                                                                                                                                                               'tensor',
-                                                                                                                                                                                                                                                                                               True),
-                                                                                                                                                                                                                                                                                              ('ortho_scale__b4',
-                                                                                                                                                                                                                                                                                               'tensor',
-                                                                                                                                                                                                                                                                                               False),
-                                                                                                                                                                                                                                                                                              ('grad__b2',
-                                                                                                                                                                                                                                                                                               'element',
-                                                                                                                                                                                                                                                                                               False),
-                                                                                                                                                                                                                                                                                              ('ortho_g__b3',
-                                                                                                                                                                                                                                                                                               'element',
-                                                                                                                                                                                                                                                                                               False)]},
-           (('_c0', False), ('_c22', False), ('_c26', False), ('_c28', False), ('_c3', False), ('_c29', True), ('_c5', True), ('_c7', False), ('_c8', False), ('_c9', True), ('_c10', True), ('_c11', False), ('_c13', False), ('_c15', True), ('_c16', False), ('_c19', False)): {'columns': ['param',
-                                                                                                                                                                                                                                                                                               'state:exp_avg',
-                                                                                                                                                                                                                                                                                               'state:mu_m_nmf',
-                                                                                                                                                                                                                                                                                               'state:mv_m_nmf',
-                                                                                                                                                                                                                                                                                               'state:sign',
-                                                                                                                                                                                                                                                                                               'state:exp_avg_sq',
-                                                                                                                                                                                                                                                                                               'state:mu_v_nmf',
-                                                                                                                                                                                                                                                                                               'state:mv_v_nmf',
-                                                                                                                                                                                                                                                                                               'state:spectral_v',
-                                                                                                                                                                                                                                                                                               'state:spectral_u',
-                                                                                                                                                                                                                                                                                               'state:wd_scaler',
-                                                                                                                                                                                                                                                                                               'state:anchor_data',
-                                                                                                                                                                                                                                                                                               'state:kourkoutas_sq',
-                                                                                                                                                                                                                                                                                               'state:exp_avg_scale',
-                                                                                                                                                                                                                                                                                               'state:exp_avg_sq_scale',
-                                                                                                                                                                                                                                                                                               'numel',
-                                                                                                                                                                                                                                                                                               'B',
-                                                                                                                                                                                                                                                                                               'M',
-                                                                                                                                                                                                                                                                                               'N',
-                                                                                                                                                                                                                                                                                               'ndim',
-                                                                                                                                                                                                                                                                                               'gidx',
-                                                                                                                                                                                                                                                                                               'ws:_r0',
-                                                                                                                                                                                                                                                                                               'ws:_r1',
-                                                                                                                                                                                                                                                                                               'ws:_r2',
-                                                                                                                                                                                                                                                                                               'ws:_r3',
-                                                                                                                                                                                                                                                                                               'ws:ortho_scale__b4',
-                                                                                                                                                                                                                                                                                               'ws:grad__b2',
-                                                                                                                                                                                                                                                                                               'ws:ortho_g__b3'],
-                                                                                                                                                                                                                                                                                   'creates': [],
-                                                                                                                                                                                                                                                                                   'hv': ['_c40',
-                                                                                                                                                                                                                                                                                          'eps_eff__b6',
-                                                                                                                                                                                                                                                                                          '_k248__b10',
-                                                                                                                                                                                                                                                                                          'clip__b9',
-                                                                                                                                                                                                                                                                                          '_k249__b12',
-                                                                                                                                                                                                                                                                                          '_k254__b15',
-                                                                                                                                                                                                                                                                                          '_k255__b16',
-                                                                                                                                                                                                                                                                                          '_k259__b18',
-                                                                                                                                                                                                                                                                                          '_k265__b23',
-                                                                                                                                                                                                                                                                                          '_c41'],
-                                                                                                                                                                                                                                                                                   'launches': [('_adopt_adv_prologue0',
-                                                                                                                                                                                                                                                                                                 'prologue'),
-                                                                                                                                                                                                                                                                                                ('_adopt_adv_flat0',
-                                                                                                                                                                                                                                                                                                 'flat'),
-                                                                                                                                                                                                                                                                                                ('_adopt_adv_flat1',
-                                                                                                                                                                                                                                                                                                 'flat'),
-                                                                                                                                                                                                                                                                                                ('_adopt_adv_vec0',
-                                                                                                                                                                                                                                                                                                 'vec'),
-                                                                                                                                                                                                                                                                                                ('_adopt_adv_flat2',
-                                                                                                                                                                                                                                                                                                 'flat')],
-                                                                                                                                                                                                                                                                                   'states': ['exp_avg',
-                                                                                                                                                                                                                                                                                              'exp_avg_sq'],
-                                                                                                                                                                                                                                                                                   'temps': [('_r0',
-                                                                                                                                                                                                                                                                                              'tensor',
-                                                                                                                                                                                                                                                                                              True),
-                                                                                                                                                                                                                                                                                             ('_r1',
-                                                                                                                                                                                                                                                                                              'tensor',
-                                                                                                                                                                                                                                                                                              True),
-                                                                                                                                                                                                                                                                                             ('_r2',
-                                                                                                                                                                                                                                                                                              'tensor',
-                                                                                                                                                                                                                                                                                              True),
-                                                                                                                                                                                                                                                                                             ('_r3',
-                                                                                                                                                                                                                                                                                              'tensor',
-                                                                                                                                                                                                                                                                                              True),
-                                                                                                                                                                                                                                                                                             ('ortho_scale__b4',
-                                                                                                                                                                                                                                                                                              'tensor',
-                                                                                                                                                                                                                                                                                              False),
-                                                                                                                                                                                                                                                                                             ('grad__b2',
-                                                                                                                                                                                                                                                                                              'element',
-                                                                                                                                                                                                                                                                                              False),
-                                                                                                                                                                                                                                                                                             ('ortho_g__b3',
-                                                                                                                                                                                                                                                                                              'element',
-                                                                                                                                                                                                                                                                                              False)]}},
+                                                                                                                                                                                                                                                                                                    'temps': [('_r0',
+                                                                                                                                                                                                                                                                                                               'tensor',
+                                                                                                                                                                                                                                                                                                               True),
+                                                                                                                                                                                                                                                                                                              ('_r1',
+                                                                                                                                                                                                                                                                                                               'tensor',
+                                                                                                                                                                                                                                                                                                               True),
+                                                                                                                                                                                                                                                                                                              ('_r2',
+                                                                                                                                                                                                                                                                                                               'tensor',
+                                                                                                                                                                                                                                                                                                               True),
+                                                                                                                                                                                                                                                                                                              ('_r3',
+                                                                                                                                                                                                                                                                                                               'tensor',
+                                                                                                                                                                                                                                                                                                               True),
+                                                                                                                                                                                                                                                                                                              ('ortho_scale__b4',
+                                                                                                                                                                                                                                                                                                               'tensor',
+                                                                                                                                                                                                                                                                                                               False),
+                                                                                                                                                                                                                                                                                                              ('grad__b2',
+                                                                                                                                                                                                                                                                                                               'element',
+                                                                                                                                                                                                                                                                                                               False),
+                                                                                                                                                                                                                                                                                                              ('ortho_g__b3',
+                                                                                                                                                                                                                                                                                                               'element',
+                                                                                                                                                                                                                                                                                                               False)]}},
  'static_hypers': ['factored_2nd',
                    'nnmf_factor',
                    'spectral_normalization',

@@ -85,7 +85,13 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                     else:
                         param_fp32 = param_fp32 - weight_decay * lr * param_fp32
                 if centered_wd != 0:
-                    cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                    if centered_wd_mode == 'int8':
+                        cwd_target = param_fp32 - cast(decode(), param_fp32)
+                    else:
+                        if centered_wd_mode == 'int4':
+                            cwd_target = param_fp32 - cast(decode(), param_fp32)
+                        else:
+                            cwd_target = param_fp32 - cast(anchor_data, param_fp32)
                     if cautious_wd:
                         param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
                     else:
@@ -99,7 +105,13 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                     else:
                         param = param - weight_decay * lr * param
                 if centered_wd != 0:
-                    cwd_target = param - cast(anchor_data, param)
+                    if centered_wd_mode == 'int8':
+                        cwd_target = param - cast(decode(), param)
+                    else:
+                        if centered_wd_mode == 'int4':
+                            cwd_target = param - cast(decode(), param)
+                        else:
+                            cwd_target = param - cast(anchor_data, param)
                     if cautious_wd:
                         param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
                     else:
@@ -164,7 +176,13 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                     else:
                         param_fp32 = param_fp32 - weight_decay * lr * param_fp32
                 if centered_wd != 0:
-                    cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                    if centered_wd_mode == 'int8':
+                        cwd_target = param_fp32 - cast(decode(), param_fp32)
+                    else:
+                        if centered_wd_mode == 'int4':
+                            cwd_target = param_fp32 - cast(decode(), param_fp32)
+                        else:
+                            cwd_target = param_fp32 - cast(anchor_data, param_fp32)
                     if cautious_wd:
                         param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
                     else:
@@ -178,7 +196,13 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                     else:
                         param = param - weight_decay * lr * param
                 if centered_wd != 0:
-                    cwd_target = param - cast(anchor_data, param)
+                    if centered_wd_mode == 'int8':
+                        cwd_target = param - cast(decode(), param)
+                    else:
+                        if centered_wd_mode == 'int4':
+                            cwd_target = param - cast(decode(), param)
+                        else:
+                            cwd_target = param - cast(anchor_data, param)
                     if cautious_wd:
                         param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
                     else:
@@ -243,7 +267,13 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                 else:
                     param_fp32 = param_fp32 - weight_decay * lr * param_fp32
             if centered_wd != 0:
-                cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                if centered_wd_mode == 'int8':
+                    cwd_target = param_fp32 - cast(decode(), param_fp32)
+                else:
+                    if centered_wd_mode == 'int4':
+                        cwd_target = param_fp32 - cast(decode(), param_fp32)
+                    else:
+                        cwd_target = param_fp32 - cast(anchor_data, param_fp32)
                 if cautious_wd:
                     param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
                 else:
@@ -257,7 +287,13 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                 else:
                     param = param - weight_decay * lr * param
             if centered_wd != 0:
-                cwd_target = param - cast(anchor_data, param)
+                if centered_wd_mode == 'int8':
+                    cwd_target = param - cast(decode(), param)
+                else:
+                    if centered_wd_mode == 'int4':
+                        cwd_target = param - cast(decode(), param)
+                    else:
+                        cwd_target = param - cast(anchor_data, param)
                 if cautious_wd:
                     param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
                 else:
@@ -290,6 +326,8 @@ def _device_step(h, param, grad, S):
     mv_m_nmf = S["mv_m_nmf"]
     sign = S["sign"]
     anchor_data = S["anchor_data"]
+    anchor_scale = S["anchor_scale"]
+    anchor_min = S["anchor_min"]
     spectral_v = S["spectral_v"]
     spectral_u = S["spectral_u"]
     # if nnmf_factor:
@@ -485,9 +523,23 @@ def _device_step(h, param, grad, S):
                         param_fp32 = F.axpy(param_fp32, param_fp32, h["_k10"])
                 # if centered_wd != 0:
                 if h["_c14"]:
-                    # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                    cwd_target_1 = F.cast(anchor_data, param_fp32)
-                    cwd_target = F.sub(param_fp32, cwd_target_1)
+                    # if centered_wd_mode == 'int8':
+                    if h["_c15"]:
+                        # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                        cwd_target_1 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                        cwd_target_2 = F.cast(cwd_target_1, param_fp32)
+                        cwd_target = F.sub(param_fp32, cwd_target_2)
+                    else:
+                        # if centered_wd_mode == 'int4':
+                        if h["_c16"]:
+                            # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                            cwd_target_3 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                            cwd_target_4 = F.cast(cwd_target_3, param_fp32)
+                            cwd_target = F.sub(param_fp32, cwd_target_4)
+                        else:
+                            # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                            cwd_target_5 = F.cast(anchor_data, param_fp32)
+                            cwd_target = F.sub(param_fp32, cwd_target_5)
                     # if cautious_wd:
                     if h["_c13"]:
                         # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
@@ -521,9 +573,23 @@ def _device_step(h, param, grad, S):
                         F.assign_(param, param_6)
                 # if centered_wd != 0:
                 if h["_c14"]:
-                    # cwd_target = param - cast(anchor_data, param)
-                    cwd_target_2 = F.cast(anchor_data, param)
-                    cwd_target = F.sub(param, cwd_target_2)
+                    # if centered_wd_mode == 'int8':
+                    if h["_c15"]:
+                        # cwd_target = param - cast(anchor_data, param)
+                        cwd_target_6 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                        cwd_target_7 = F.cast(cwd_target_6, param)
+                        cwd_target = F.sub(param, cwd_target_7)
+                    else:
+                        # if centered_wd_mode == 'int4':
+                        if h["_c16"]:
+                            # cwd_target = param - cast(anchor_data, param)
+                            cwd_target_8 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                            cwd_target_9 = F.cast(cwd_target_8, param)
+                            cwd_target = F.sub(param, cwd_target_9)
+                        else:
+                            # cwd_target = param - cast(anchor_data, param)
+                            cwd_target_10 = F.cast(anchor_data, param)
+                            cwd_target = F.sub(param, cwd_target_10)
                     # if cautious_wd:
                     if h["_c13"]:
                         # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
@@ -702,9 +768,23 @@ def _device_step(h, param, grad, S):
                         param_fp32 = F.axpy(param_fp32, param_fp32, h["_k28"])
                 # if centered_wd != 0:
                 if h["_c14"]:
-                    # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                    cwd_target_3 = F.cast(anchor_data, param_fp32)
-                    cwd_target = F.sub(param_fp32, cwd_target_3)
+                    # if centered_wd_mode == 'int8':
+                    if h["_c15"]:
+                        # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                        cwd_target_11 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                        cwd_target_12 = F.cast(cwd_target_11, param_fp32)
+                        cwd_target = F.sub(param_fp32, cwd_target_12)
+                    else:
+                        # if centered_wd_mode == 'int4':
+                        if h["_c16"]:
+                            # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                            cwd_target_13 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                            cwd_target_14 = F.cast(cwd_target_13, param_fp32)
+                            cwd_target = F.sub(param_fp32, cwd_target_14)
+                        else:
+                            # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                            cwd_target_15 = F.cast(anchor_data, param_fp32)
+                            cwd_target = F.sub(param_fp32, cwd_target_15)
                     # if cautious_wd:
                     if h["_c13"]:
                         # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
@@ -738,9 +818,23 @@ def _device_step(h, param, grad, S):
                         F.assign_(param, param_15)
                 # if centered_wd != 0:
                 if h["_c14"]:
-                    # cwd_target = param - cast(anchor_data, param)
-                    cwd_target_4 = F.cast(anchor_data, param)
-                    cwd_target = F.sub(param, cwd_target_4)
+                    # if centered_wd_mode == 'int8':
+                    if h["_c15"]:
+                        # cwd_target = param - cast(anchor_data, param)
+                        cwd_target_16 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                        cwd_target_17 = F.cast(cwd_target_16, param)
+                        cwd_target = F.sub(param, cwd_target_17)
+                    else:
+                        # if centered_wd_mode == 'int4':
+                        if h["_c16"]:
+                            # cwd_target = param - cast(anchor_data, param)
+                            cwd_target_18 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                            cwd_target_19 = F.cast(cwd_target_18, param)
+                            cwd_target = F.sub(param, cwd_target_19)
+                        else:
+                            # cwd_target = param - cast(anchor_data, param)
+                            cwd_target_20 = F.cast(anchor_data, param)
+                            cwd_target = F.sub(param, cwd_target_20)
                     # if cautious_wd:
                     if h["_c13"]:
                         # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
@@ -919,9 +1013,23 @@ def _device_step(h, param, grad, S):
                     param_fp32 = F.axpy(param_fp32, param_fp32, h["_k46"])
             # if centered_wd != 0:
             if h["_c14"]:
-                # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                cwd_target_5 = F.cast(anchor_data, param_fp32)
-                cwd_target = F.sub(param_fp32, cwd_target_5)
+                # if centered_wd_mode == 'int8':
+                if h["_c15"]:
+                    # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                    cwd_target_21 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                    cwd_target_22 = F.cast(cwd_target_21, param_fp32)
+                    cwd_target = F.sub(param_fp32, cwd_target_22)
+                else:
+                    # if centered_wd_mode == 'int4':
+                    if h["_c16"]:
+                        # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                        cwd_target_23 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                        cwd_target_24 = F.cast(cwd_target_23, param_fp32)
+                        cwd_target = F.sub(param_fp32, cwd_target_24)
+                    else:
+                        # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                        cwd_target_25 = F.cast(anchor_data, param_fp32)
+                        cwd_target = F.sub(param_fp32, cwd_target_25)
                 # if cautious_wd:
                 if h["_c13"]:
                     # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
@@ -955,9 +1063,23 @@ def _device_step(h, param, grad, S):
                     F.assign_(param, param_24)
             # if centered_wd != 0:
             if h["_c14"]:
-                # cwd_target = param - cast(anchor_data, param)
-                cwd_target_6 = F.cast(anchor_data, param)
-                cwd_target = F.sub(param, cwd_target_6)
+                # if centered_wd_mode == 'int8':
+                if h["_c15"]:
+                    # cwd_target = param - cast(anchor_data, param)
+                    cwd_target_26 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                    cwd_target_27 = F.cast(cwd_target_26, param)
+                    cwd_target = F.sub(param, cwd_target_27)
+                else:
+                    # if centered_wd_mode == 'int4':
+                    if h["_c16"]:
+                        # cwd_target = param - cast(anchor_data, param)
+                        cwd_target_28 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                        cwd_target_29 = F.cast(cwd_target_28, param)
+                        cwd_target = F.sub(param, cwd_target_29)
+                    else:
+                        # cwd_target = param - cast(anchor_data, param)
+                        cwd_target_30 = F.cast(anchor_data, param)
+                        cwd_target = F.sub(param, cwd_target_30)
                 # if cautious_wd:
                 if h["_c13"]:
                     # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
@@ -987,7 +1109,7 @@ class Lion_adv(GeneratedOptimizer):
         auto_kappa_p: kappa_p = 2 for parameters with 4+ dims, 1 otherwise (default: ``False``)
         stochastic_sign: the stochastic sign: sign(x + U[-1, 1)) of x normalised by its row and column max-abs (default: ``False``)
         centered_wd: centered decay coefficient (a pull toward the initial parameter, scaled like weight_decay); 0: off (default: ``0.0``)
-        centered_wd_mode: the anchor's storage: 'float8' (float8_e4m3fn, unscaled) or 'full' (the parameter's dtype); 'int8', 'int4' are not implemented yet (default: ``'float8'``)
+        centered_wd_mode: the anchor's storage: 'float8' (float8_e4m3fn, unscaled), 'full' (the parameter's dtype), 'int8' / 'int4' (asymmetric blocks of 128 / 32) (default: ``'float8'``)
         spectral_normalization: scale the update by its spectral norm (one power-iteration step) instead of the step size alone (default: ``False``)
         nnmf_factor: legacy alias of state_precision='factored' (default: ``False``)
         vector_reshape: factor 1-D parameters too (as a closest-to-square matrix) (default: ``False``)

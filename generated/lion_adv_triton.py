@@ -18,13 +18,13 @@ def _lion_adv_prologue0(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_anchor_data: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr,
 ):
     """Prologue: one program per tensor; counts the step, computes the host values in float64 and
     writes the 9 the passes read to hv.
     """
-    COL_NUMEL: tl.constexpr = 8
-    COL_GIDX: tl.constexpr = 13
+    COL_NUMEL: tl.constexpr = 10
+    COL_GIDX: tl.constexpr = 15
     HV_BETA1: tl.constexpr = 0
     HV_ONE_MINUS_BETA2: tl.constexpr = 1
     HV_NUMEL_POW_HALF: tl.constexpr = 2
@@ -37,8 +37,8 @@ def _lion_adv_prologue0(
     HYP_BETA1: tl.constexpr = 1
     HYP_BETA2: tl.constexpr = 2
     HYP_CAUTIOUS_WD: tl.constexpr = 3
-    HYP_LR: tl.constexpr = 6
-    HYP_WEIGHT_DECAY: tl.constexpr = 13
+    HYP_LR: tl.constexpr = 7
+    HYP_WEIGHT_DECAY: tl.constexpr = 14
     t = tl.program_id(0)
     gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
@@ -69,11 +69,11 @@ def _lion_adv_prologue0(
 
 # flat
 @triton.jit
-def _lion_adv_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_anchor_data: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr):
+def _lion_adv_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_PARAM: tl.constexpr = 0
-    COL_WS_R0: tl.constexpr = 14
-    COL_WS_R1: tl.constexpr = 15
+    COL_WS_R0: tl.constexpr = 16
+    COL_WS_R1: tl.constexpr = 17
     p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
@@ -95,13 +95,13 @@ def _lion_adv_flat0(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_anchor_data: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads param, grad; accumulates _r0, _r1.
     """
-    COL_NUMEL: tl.constexpr = 8
+    COL_NUMEL: tl.constexpr = 10
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -110,21 +110,21 @@ def _lion_adv_flat0(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _lion_adv_flat0_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_anchor_data, DT_spectral_v, DT_spectral_u)
+        _lion_adv_flat0_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_spectral_v, DT_spectral_u)
     else:
-        _lion_adv_flat0_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_anchor_data, DT_spectral_v, DT_spectral_u)
+        _lion_adv_flat0_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_spectral_v, DT_spectral_u)
 
 
 # flat
 @triton.jit
-def _lion_adv_flat1_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_anchor_data: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr):
+def _lion_adv_flat1_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_PARAM: tl.constexpr = 0
-    COL_WS_R0: tl.constexpr = 14
-    COL_WS_R1: tl.constexpr = 15
-    COL_WS_R2: tl.constexpr = 16
-    COL_WS_R3: tl.constexpr = 17
-    COL_WS_ORTHO_G: tl.constexpr = 20
+    COL_WS_R0: tl.constexpr = 16
+    COL_WS_R1: tl.constexpr = 17
+    COL_WS_R2: tl.constexpr = 18
+    COL_WS_R3: tl.constexpr = 19
+    COL_WS_ORTHO_G: tl.constexpr = 22
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
@@ -155,13 +155,13 @@ def _lion_adv_flat1(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_anchor_data: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads grad, param, _r0, _r1; writes ortho_g; accumulates _r2, _r3.
     """
-    COL_NUMEL: tl.constexpr = 8
+    COL_NUMEL: tl.constexpr = 10
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -170,9 +170,9 @@ def _lion_adv_flat1(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _lion_adv_flat1_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_anchor_data, DT_spectral_v, DT_spectral_u)
+        _lion_adv_flat1_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_spectral_v, DT_spectral_u)
     else:
-        _lion_adv_flat1_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_anchor_data, DT_spectral_v, DT_spectral_u)
+        _lion_adv_flat1_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_spectral_v, DT_spectral_u)
 
 
 # vec
@@ -181,19 +181,19 @@ def _lion_adv_vec0(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_anchor_data: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr,
 ):
     """Vector stage: one program per tensor, looping over its matrices and their rows / columns in
     blocks of VB.
 
     Reads _r2, _r3; writes ortho_scale.
     """
-    COL_B: tl.constexpr = 9
-    COL_M: tl.constexpr = 10
-    COL_N: tl.constexpr = 11
-    COL_WS_R2: tl.constexpr = 16
-    COL_WS_R3: tl.constexpr = 17
-    COL_WS_ORTHO_SCALE: tl.constexpr = 19
+    COL_B: tl.constexpr = 11
+    COL_M: tl.constexpr = 12
+    COL_N: tl.constexpr = 13
+    COL_WS_R2: tl.constexpr = 18
+    COL_WS_R3: tl.constexpr = 19
+    COL_WS_ORTHO_SCALE: tl.constexpr = 21
     t = tl.program_id(0)
     B = tl.load(tab + t * TBL_W + COL_B)
     M = tl.load(tab + t * TBL_W + COL_M)
@@ -211,13 +211,13 @@ def _lion_adv_vec0(
 
 # flat
 @triton.jit
-def _lion_adv_flat2_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_anchor_data: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr):
+def _lion_adv_flat2_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_EXP_AVG: tl.constexpr = 1
-    COL_WS_R4: tl.constexpr = 18
-    COL_WS_ORTHO_SCALE: tl.constexpr = 19
-    COL_WS_ORTHO_G: tl.constexpr = 20
-    COL_WS_UPDATE: tl.constexpr = 21
+    COL_WS_R4: tl.constexpr = 20
+    COL_WS_ORTHO_SCALE: tl.constexpr = 21
+    COL_WS_ORTHO_G: tl.constexpr = 22
+    COL_WS_UPDATE: tl.constexpr = 23
     HV_BETA1: tl.constexpr = 0
     HV_ONE_MINUS_BETA2: tl.constexpr = 1
     p_ortho_g = ws + tl.load(tab + t * TBL_W + COL_WS_ORTHO_G)
@@ -254,13 +254,13 @@ def _lion_adv_flat2(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_anchor_data: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads ortho_g, ortho_scale, grad, exp_avg; writes update, exp_avg; accumulates _r4.
     """
-    COL_NUMEL: tl.constexpr = 8
+    COL_NUMEL: tl.constexpr = 10
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -269,19 +269,19 @@ def _lion_adv_flat2(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _lion_adv_flat2_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_anchor_data, DT_spectral_v, DT_spectral_u)
+        _lion_adv_flat2_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_spectral_v, DT_spectral_u)
     else:
-        _lion_adv_flat2_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_anchor_data, DT_spectral_v, DT_spectral_u)
+        _lion_adv_flat2_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_spectral_v, DT_spectral_u)
 
 
 # flat
 @triton.jit
-def _lion_adv_flat3_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_anchor_data: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr):
+def _lion_adv_flat3_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_PARAM: tl.constexpr = 0
-    COL_GIDX: tl.constexpr = 13
-    COL_WS_R4: tl.constexpr = 18
-    COL_WS_UPDATE: tl.constexpr = 21
+    COL_GIDX: tl.constexpr = 15
+    COL_WS_R4: tl.constexpr = 20
+    COL_WS_UPDATE: tl.constexpr = 23
     HV_NUMEL_POW_HALF: tl.constexpr = 2
     HV_LR: tl.constexpr = 3
     HV_K45__B1__B5: tl.constexpr = 4
@@ -334,13 +334,13 @@ def _lion_adv_flat3(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_anchor_data: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads update, _r4, param; writes param.
     """
-    COL_NUMEL: tl.constexpr = 8
+    COL_NUMEL: tl.constexpr = 10
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -349,9 +349,9 @@ def _lion_adv_flat3(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _lion_adv_flat3_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_anchor_data, DT_spectral_v, DT_spectral_u)
+        _lion_adv_flat3_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_spectral_v, DT_spectral_u)
     else:
-        _lion_adv_flat3_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_anchor_data, DT_spectral_v, DT_spectral_u)
+        _lion_adv_flat3_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_spectral_v, DT_spectral_u)
 
 
 # prologue
@@ -360,13 +360,13 @@ def _lion_adv_prologue1(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_anchor_data: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr,
 ):
     """Prologue: one program per tensor; counts the step, computes the host values in float64 and
     writes the 8 the passes read to hv.
     """
-    COL_NUMEL: tl.constexpr = 8
-    COL_GIDX: tl.constexpr = 13
+    COL_NUMEL: tl.constexpr = 10
+    COL_GIDX: tl.constexpr = 15
     HV_BETA1: tl.constexpr = 0
     HV_ONE_MINUS_BETA2: tl.constexpr = 1
     HV_NUMEL_POW_HALF: tl.constexpr = 2
@@ -378,8 +378,8 @@ def _lion_adv_prologue1(
     HYP_BETA1: tl.constexpr = 1
     HYP_BETA2: tl.constexpr = 2
     HYP_CAUTIOUS_WD: tl.constexpr = 3
-    HYP_LR: tl.constexpr = 6
-    HYP_WEIGHT_DECAY: tl.constexpr = 13
+    HYP_LR: tl.constexpr = 7
+    HYP_WEIGHT_DECAY: tl.constexpr = 14
     t = tl.program_id(0)
     gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
@@ -408,11 +408,11 @@ def _lion_adv_prologue1(
 
 # flat
 @triton.jit
-def _lion_adv_flat4_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_anchor_data: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr):
+def _lion_adv_flat4_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_PARAM: tl.constexpr = 0
-    COL_WS_R4: tl.constexpr = 18
-    COL_WS_UPDATE: tl.constexpr = 21
+    COL_WS_R4: tl.constexpr = 20
+    COL_WS_UPDATE: tl.constexpr = 23
     HV_NUMEL_POW_HALF: tl.constexpr = 2
     HV_LR: tl.constexpr = 3
     HV_K50__B1__B5: tl.constexpr = 4
@@ -459,13 +459,13 @@ def _lion_adv_flat4(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_anchor_data: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads update, _r4, param; writes param.
     """
-    COL_NUMEL: tl.constexpr = 8
+    COL_NUMEL: tl.constexpr = 10
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -474,9 +474,9 @@ def _lion_adv_flat4(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _lion_adv_flat4_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_anchor_data, DT_spectral_v, DT_spectral_u)
+        _lion_adv_flat4_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_spectral_v, DT_spectral_u)
     else:
-        _lion_adv_flat4_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_anchor_data, DT_spectral_v, DT_spectral_u)
+        _lion_adv_flat4_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_spectral_v, DT_spectral_u)
 
 
 # prologue
@@ -485,12 +485,12 @@ def _lion_adv_prologue2(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_anchor_data: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr,
 ):
     """Prologue: one program per tensor; counts the step, computes the host values in float64 and
     writes the 8 the passes read to hv.
     """
-    COL_GIDX: tl.constexpr = 13
+    COL_GIDX: tl.constexpr = 15
     HV_BETA1: tl.constexpr = 0
     HV_ONE_MINUS_BETA2: tl.constexpr = 1
     HV_LR: tl.constexpr = 2
@@ -502,8 +502,8 @@ def _lion_adv_prologue2(
     HYP_BETA1: tl.constexpr = 1
     HYP_BETA2: tl.constexpr = 2
     HYP_CAUTIOUS_WD: tl.constexpr = 3
-    HYP_LR: tl.constexpr = 6
-    HYP_WEIGHT_DECAY: tl.constexpr = 13
+    HYP_LR: tl.constexpr = 7
+    HYP_WEIGHT_DECAY: tl.constexpr = 14
     t = tl.program_id(0)
     gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
@@ -532,14 +532,14 @@ def _lion_adv_prologue2(
 
 # flat
 @triton.jit
-def _lion_adv_flat5_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_anchor_data: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr):
+def _lion_adv_flat5_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_PARAM: tl.constexpr = 0
-    COL_WS_R0: tl.constexpr = 14
-    COL_WS_R1: tl.constexpr = 15
-    COL_WS_R2: tl.constexpr = 16
-    COL_WS_R3: tl.constexpr = 17
-    COL_WS_ORTHO_G: tl.constexpr = 19
+    COL_WS_R0: tl.constexpr = 16
+    COL_WS_R1: tl.constexpr = 17
+    COL_WS_R2: tl.constexpr = 18
+    COL_WS_R3: tl.constexpr = 19
+    COL_WS_ORTHO_G: tl.constexpr = 21
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
@@ -570,13 +570,13 @@ def _lion_adv_flat5(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_anchor_data: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads grad, param, _r0, _r1; writes ortho_g; accumulates _r2, _r3.
     """
-    COL_NUMEL: tl.constexpr = 8
+    COL_NUMEL: tl.constexpr = 10
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -585,9 +585,9 @@ def _lion_adv_flat5(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _lion_adv_flat5_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_anchor_data, DT_spectral_v, DT_spectral_u)
+        _lion_adv_flat5_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_spectral_v, DT_spectral_u)
     else:
-        _lion_adv_flat5_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_anchor_data, DT_spectral_v, DT_spectral_u)
+        _lion_adv_flat5_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_spectral_v, DT_spectral_u)
 
 
 # vec
@@ -596,19 +596,19 @@ def _lion_adv_vec1(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_anchor_data: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr,
 ):
     """Vector stage: one program per tensor, looping over its matrices and their rows / columns in
     blocks of VB.
 
     Reads _r2, _r3; writes ortho_scale.
     """
-    COL_B: tl.constexpr = 9
-    COL_M: tl.constexpr = 10
-    COL_N: tl.constexpr = 11
-    COL_WS_R2: tl.constexpr = 16
-    COL_WS_R3: tl.constexpr = 17
-    COL_WS_ORTHO_SCALE: tl.constexpr = 18
+    COL_B: tl.constexpr = 11
+    COL_M: tl.constexpr = 12
+    COL_N: tl.constexpr = 13
+    COL_WS_R2: tl.constexpr = 18
+    COL_WS_R3: tl.constexpr = 19
+    COL_WS_ORTHO_SCALE: tl.constexpr = 20
     t = tl.program_id(0)
     B = tl.load(tab + t * TBL_W + COL_B)
     M = tl.load(tab + t * TBL_W + COL_M)
@@ -626,13 +626,13 @@ def _lion_adv_vec1(
 
 # flat
 @triton.jit
-def _lion_adv_flat6_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_anchor_data: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr):
+def _lion_adv_flat6_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_PARAM: tl.constexpr = 0
     COL_EXP_AVG: tl.constexpr = 1
-    COL_GIDX: tl.constexpr = 13
-    COL_WS_ORTHO_SCALE: tl.constexpr = 18
-    COL_WS_ORTHO_G: tl.constexpr = 19
+    COL_GIDX: tl.constexpr = 15
+    COL_WS_ORTHO_SCALE: tl.constexpr = 20
+    COL_WS_ORTHO_G: tl.constexpr = 21
     HV_BETA1: tl.constexpr = 0
     HV_ONE_MINUS_BETA2: tl.constexpr = 1
     HV_LR: tl.constexpr = 2
@@ -700,13 +700,13 @@ def _lion_adv_flat6(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_anchor_data: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads ortho_g, ortho_scale, grad, exp_avg, param; writes exp_avg, param.
     """
-    COL_NUMEL: tl.constexpr = 8
+    COL_NUMEL: tl.constexpr = 10
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -715,9 +715,9 @@ def _lion_adv_flat6(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _lion_adv_flat6_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_anchor_data, DT_spectral_v, DT_spectral_u)
+        _lion_adv_flat6_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_spectral_v, DT_spectral_u)
     else:
-        _lion_adv_flat6_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_anchor_data, DT_spectral_v, DT_spectral_u)
+        _lion_adv_flat6_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_spectral_v, DT_spectral_u)
 
 
 # prologue
@@ -726,12 +726,12 @@ def _lion_adv_prologue3(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_anchor_data: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr,
 ):
     """Prologue: one program per tensor; counts the step, computes the host values in float64 and
     writes the 7 the passes read to hv.
     """
-    COL_GIDX: tl.constexpr = 13
+    COL_GIDX: tl.constexpr = 15
     HV_BETA1: tl.constexpr = 0
     HV_ONE_MINUS_BETA2: tl.constexpr = 1
     HV_LR: tl.constexpr = 2
@@ -742,8 +742,8 @@ def _lion_adv_prologue3(
     HYP_BETA1: tl.constexpr = 1
     HYP_BETA2: tl.constexpr = 2
     HYP_CAUTIOUS_WD: tl.constexpr = 3
-    HYP_LR: tl.constexpr = 6
-    HYP_WEIGHT_DECAY: tl.constexpr = 13
+    HYP_LR: tl.constexpr = 7
+    HYP_WEIGHT_DECAY: tl.constexpr = 14
     t = tl.program_id(0)
     gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
@@ -770,12 +770,12 @@ def _lion_adv_prologue3(
 
 # flat
 @triton.jit
-def _lion_adv_flat7_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_anchor_data: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr):
+def _lion_adv_flat7_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_PARAM: tl.constexpr = 0
     COL_EXP_AVG: tl.constexpr = 1
-    COL_WS_ORTHO_SCALE: tl.constexpr = 18
-    COL_WS_ORTHO_G: tl.constexpr = 19
+    COL_WS_ORTHO_SCALE: tl.constexpr = 20
+    COL_WS_ORTHO_G: tl.constexpr = 21
     HV_BETA1: tl.constexpr = 0
     HV_ONE_MINUS_BETA2: tl.constexpr = 1
     HV_LR: tl.constexpr = 2
@@ -837,13 +837,13 @@ def _lion_adv_flat7(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_anchor_data: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads ortho_g, ortho_scale, grad, exp_avg, param; writes exp_avg, param.
     """
-    COL_NUMEL: tl.constexpr = 8
+    COL_NUMEL: tl.constexpr = 10
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -852,18 +852,18 @@ def _lion_adv_flat7(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _lion_adv_flat7_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_anchor_data, DT_spectral_v, DT_spectral_u)
+        _lion_adv_flat7_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_spectral_v, DT_spectral_u)
     else:
-        _lion_adv_flat7_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_anchor_data, DT_spectral_v, DT_spectral_u)
+        _lion_adv_flat7_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_spectral_v, DT_spectral_u)
 
 
 # flat
 @triton.jit
-def _lion_adv_flat8_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_anchor_data: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr):
+def _lion_adv_flat8_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_EXP_AVG: tl.constexpr = 1
-    COL_WS_R0: tl.constexpr = 14
-    COL_WS_UPDATE: tl.constexpr = 15
+    COL_WS_R0: tl.constexpr = 16
+    COL_WS_UPDATE: tl.constexpr = 17
     HV_BETA1: tl.constexpr = 0
     HV_ONE_MINUS_BETA2: tl.constexpr = 1
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
@@ -894,13 +894,13 @@ def _lion_adv_flat8(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_anchor_data: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads grad, exp_avg; writes update, exp_avg; accumulates _r0.
     """
-    COL_NUMEL: tl.constexpr = 8
+    COL_NUMEL: tl.constexpr = 10
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -909,19 +909,19 @@ def _lion_adv_flat8(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _lion_adv_flat8_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_anchor_data, DT_spectral_v, DT_spectral_u)
+        _lion_adv_flat8_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_spectral_v, DT_spectral_u)
     else:
-        _lion_adv_flat8_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_anchor_data, DT_spectral_v, DT_spectral_u)
+        _lion_adv_flat8_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_spectral_v, DT_spectral_u)
 
 
 # flat
 @triton.jit
-def _lion_adv_flat9_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_anchor_data: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr):
+def _lion_adv_flat9_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_PARAM: tl.constexpr = 0
-    COL_GIDX: tl.constexpr = 13
-    COL_WS_R0: tl.constexpr = 14
-    COL_WS_UPDATE: tl.constexpr = 15
+    COL_GIDX: tl.constexpr = 15
+    COL_WS_R0: tl.constexpr = 16
+    COL_WS_UPDATE: tl.constexpr = 17
     HV_NUMEL_POW_HALF: tl.constexpr = 2
     HV_LR: tl.constexpr = 3
     HV_K45__B1__B5: tl.constexpr = 4
@@ -974,13 +974,13 @@ def _lion_adv_flat9(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_anchor_data: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads update, _r0, param; writes param.
     """
-    COL_NUMEL: tl.constexpr = 8
+    COL_NUMEL: tl.constexpr = 10
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -989,18 +989,18 @@ def _lion_adv_flat9(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _lion_adv_flat9_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_anchor_data, DT_spectral_v, DT_spectral_u)
+        _lion_adv_flat9_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_spectral_v, DT_spectral_u)
     else:
-        _lion_adv_flat9_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_anchor_data, DT_spectral_v, DT_spectral_u)
+        _lion_adv_flat9_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_spectral_v, DT_spectral_u)
 
 
 # flat
 @triton.jit
-def _lion_adv_flat10_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_anchor_data: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr):
+def _lion_adv_flat10_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_PARAM: tl.constexpr = 0
-    COL_WS_R0: tl.constexpr = 14
-    COL_WS_UPDATE: tl.constexpr = 15
+    COL_WS_R0: tl.constexpr = 16
+    COL_WS_UPDATE: tl.constexpr = 17
     HV_NUMEL_POW_HALF: tl.constexpr = 2
     HV_LR: tl.constexpr = 3
     HV_K50__B1__B5: tl.constexpr = 4
@@ -1047,13 +1047,13 @@ def _lion_adv_flat10(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_anchor_data: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads update, _r0, param; writes param.
     """
-    COL_NUMEL: tl.constexpr = 8
+    COL_NUMEL: tl.constexpr = 10
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -1062,18 +1062,18 @@ def _lion_adv_flat10(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _lion_adv_flat10_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_anchor_data, DT_spectral_v, DT_spectral_u)
+        _lion_adv_flat10_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_spectral_v, DT_spectral_u)
     else:
-        _lion_adv_flat10_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_anchor_data, DT_spectral_v, DT_spectral_u)
+        _lion_adv_flat10_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_spectral_v, DT_spectral_u)
 
 
 # flat
 @triton.jit
-def _lion_adv_flat11_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_anchor_data: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr):
+def _lion_adv_flat11_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_PARAM: tl.constexpr = 0
     COL_EXP_AVG: tl.constexpr = 1
-    COL_GIDX: tl.constexpr = 13
+    COL_GIDX: tl.constexpr = 15
     HV_BETA1: tl.constexpr = 0
     HV_ONE_MINUS_BETA2: tl.constexpr = 1
     HV_LR: tl.constexpr = 2
@@ -1135,13 +1135,13 @@ def _lion_adv_flat11(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_anchor_data: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads grad, exp_avg, param; writes exp_avg, param.
     """
-    COL_NUMEL: tl.constexpr = 8
+    COL_NUMEL: tl.constexpr = 10
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -1150,14 +1150,14 @@ def _lion_adv_flat11(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _lion_adv_flat11_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_anchor_data, DT_spectral_v, DT_spectral_u)
+        _lion_adv_flat11_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_spectral_v, DT_spectral_u)
     else:
-        _lion_adv_flat11_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_anchor_data, DT_spectral_v, DT_spectral_u)
+        _lion_adv_flat11_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_spectral_v, DT_spectral_u)
 
 
 # flat
 @triton.jit
-def _lion_adv_flat12_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_anchor_data: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr):
+def _lion_adv_flat12_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_PARAM: tl.constexpr = 0
     COL_EXP_AVG: tl.constexpr = 1
@@ -1216,13 +1216,13 @@ def _lion_adv_flat12(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_anchor_data: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads grad, exp_avg, param; writes exp_avg, param.
     """
-    COL_NUMEL: tl.constexpr = 8
+    COL_NUMEL: tl.constexpr = 10
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -1231,9 +1231,9 @@ def _lion_adv_flat12(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _lion_adv_flat12_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_anchor_data, DT_spectral_v, DT_spectral_u)
+        _lion_adv_flat12_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_spectral_v, DT_spectral_u)
     else:
-        _lion_adv_flat12_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_anchor_data, DT_spectral_v, DT_spectral_u)
+        _lion_adv_flat12_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_spectral_v, DT_spectral_u)
 
 
 KERNELS = {
@@ -1259,12 +1259,13 @@ KERNELS = {
 }
 
 PLAN = {'dynamic': ['_c12', '_c13', '_k13', '_k2', '_k20', '_k31', '_k38', '_k49'],
- 'group_conditions': ['_c0', '_c14', '_c3', '_c4', '_c8', '_c9'],
+ 'group_conditions': ['_c0', '_c14', '_c15', '_c16', '_c3', '_c4', '_c8', '_c9'],
  'hyper_slots': [['auto_kappa_p', None],
                  ['betas', 0],
                  ['betas', 1],
                  ['cautious_wd', None],
                  ['centered_wd', None],
+                 ['centered_wd_mode', None],
                  ['kappa_p', None],
                  ['lr', None],
                  ['nnmf_factor', None],
@@ -1281,6 +1282,8 @@ PLAN = {'dynamic': ['_c12', '_c13', '_k13', '_k2', '_k20', '_k31', '_k38', '_k49
                                                                                                                                                                            'state:mv_m_nmf',
                                                                                                                                                                            'state:sign',
                                                                                                                                                                            'state:anchor_data',
+                                                                                                                                                                           'state:anchor_scale',
+                                                                                                                                                                           'state:anchor_min',
                                                                                                                                                                            'state:spectral_v',
                                                                                                                                                                            'state:spectral_u',
                                                                                                                                                                            'numel',
@@ -1309,6 +1312,8 @@ PLAN = {'dynamic': ['_c12', '_c13', '_k13', '_k2', '_k20', '_k31', '_k38', '_k49
                                                                                                                                                                           'state:mv_m_nmf',
                                                                                                                                                                           'state:sign',
                                                                                                                                                                           'state:anchor_data',
+                                                                                                                                                                          'state:anchor_scale',
+                                                                                                                                                                          'state:anchor_min',
                                                                                                                                                                           'state:spectral_v',
                                                                                                                                                                           'state:spectral_u',
                                                                                                                                                                           'numel',
@@ -1338,6 +1343,8 @@ PLAN = {'dynamic': ['_c12', '_c13', '_k13', '_k2', '_k20', '_k31', '_k38', '_k49
                                                                                                                                                            'state:mv_m_nmf',
                                                                                                                                                            'state:sign',
                                                                                                                                                            'state:anchor_data',
+                                                                                                                                                           'state:anchor_scale',
+                                                                                                                                                           'state:anchor_min',
                                                                                                                                                            'state:spectral_v',
                                                                                                                                                            'state:spectral_u',
                                                                                                                                                            'numel',
@@ -1376,6 +1383,8 @@ PLAN = {'dynamic': ['_c12', '_c13', '_k13', '_k2', '_k20', '_k31', '_k38', '_k49
                                                                                                                                                           'state:mv_m_nmf',
                                                                                                                                                           'state:sign',
                                                                                                                                                           'state:anchor_data',
+                                                                                                                                                          'state:anchor_scale',
+                                                                                                                                                          'state:anchor_min',
                                                                                                                                                           'state:spectral_v',
                                                                                                                                                           'state:spectral_u',
                                                                                                                                                           'numel',
@@ -1415,6 +1424,8 @@ PLAN = {'dynamic': ['_c12', '_c13', '_k13', '_k2', '_k20', '_k31', '_k38', '_k49
                                                                                                                                                           'state:mv_m_nmf',
                                                                                                                                                           'state:sign',
                                                                                                                                                           'state:anchor_data',
+                                                                                                                                                          'state:anchor_scale',
+                                                                                                                                                          'state:anchor_min',
                                                                                                                                                           'state:spectral_v',
                                                                                                                                                           'state:spectral_u',
                                                                                                                                                           'numel',
@@ -1472,6 +1483,8 @@ PLAN = {'dynamic': ['_c12', '_c13', '_k13', '_k2', '_k20', '_k31', '_k38', '_k49
                                                                                                                                                          'state:mv_m_nmf',
                                                                                                                                                          'state:sign',
                                                                                                                                                          'state:anchor_data',
+                                                                                                                                                         'state:anchor_scale',
+                                                                                                                                                         'state:anchor_min',
                                                                                                                                                          'state:spectral_v',
                                                                                                                                                          'state:spectral_u',
                                                                                                                                                          'numel',
@@ -1530,6 +1543,8 @@ PLAN = {'dynamic': ['_c12', '_c13', '_k13', '_k2', '_k20', '_k31', '_k38', '_k49
                                                                                                                                           'state:mv_m_nmf',
                                                                                                                                           'state:sign',
                                                                                                                                           'state:anchor_data',
+                                                                                                                                          'state:anchor_scale',
+                                                                                                                                          'state:anchor_min',
                                                                                                                                           'state:spectral_v',
                                                                                                                                           'state:spectral_u',
                                                                                                                                           'numel',
@@ -1598,6 +1613,8 @@ PLAN = {'dynamic': ['_c12', '_c13', '_k13', '_k2', '_k20', '_k31', '_k38', '_k49
                                                                                                                                          'state:mv_m_nmf',
                                                                                                                                          'state:sign',
                                                                                                                                          'state:anchor_data',
+                                                                                                                                         'state:anchor_scale',
+                                                                                                                                         'state:anchor_min',
                                                                                                                                          'state:spectral_v',
                                                                                                                                          'state:spectral_u',
                                                                                                                                          'numel',

@@ -110,7 +110,13 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                         else:
                             param_fp32 = param_fp32 - weight_decay * lr * param_fp32
                     if centered_wd != 0:
-                        cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                        if centered_wd_mode == 'int8':
+                            cwd_target = param_fp32 - cast(decode(), param_fp32)
+                        else:
+                            if centered_wd_mode == 'int4':
+                                cwd_target = param_fp32 - cast(decode(), param_fp32)
+                            else:
+                                cwd_target = param_fp32 - cast(anchor_data, param_fp32)
                         if cautious_wd:
                             param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
                         else:
@@ -124,7 +130,13 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                         else:
                             param = param - weight_decay * lr * param
                     if centered_wd != 0:
-                        cwd_target = param - cast(anchor_data, param)
+                        if centered_wd_mode == 'int8':
+                            cwd_target = param - cast(decode(), param)
+                        else:
+                            if centered_wd_mode == 'int4':
+                                cwd_target = param - cast(decode(), param)
+                            else:
+                                cwd_target = param - cast(anchor_data, param)
                         if cautious_wd:
                             param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
                         else:
@@ -212,7 +224,13 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                         else:
                             param_fp32 = param_fp32 - adam_weight_decay * lr * param_fp32
                     if centered_wd != 0:
-                        cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                        if centered_wd_mode == 'int8':
+                            cwd_target = param_fp32 - cast(decode(), param_fp32)
+                        else:
+                            if centered_wd_mode == 'int4':
+                                cwd_target = param_fp32 - cast(decode(), param_fp32)
+                            else:
+                                cwd_target = param_fp32 - cast(anchor_data, param_fp32)
                         if cautious_wd:
                             param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
                         else:
@@ -226,7 +244,13 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                         else:
                             param = param - adam_weight_decay * lr * param
                     if centered_wd != 0:
-                        cwd_target = param - cast(anchor_data, param)
+                        if centered_wd_mode == 'int8':
+                            cwd_target = param - cast(decode(), param)
+                        else:
+                            if centered_wd_mode == 'int4':
+                                cwd_target = param - cast(decode(), param)
+                            else:
+                                cwd_target = param - cast(anchor_data, param)
                         if cautious_wd:
                             param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
                         else:
@@ -305,7 +329,13 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                         else:
                             param_fp32 = param_fp32 - weight_decay * lr * param_fp32
                     if centered_wd != 0:
-                        cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                        if centered_wd_mode == 'int8':
+                            cwd_target = param_fp32 - cast(decode(), param_fp32)
+                        else:
+                            if centered_wd_mode == 'int4':
+                                cwd_target = param_fp32 - cast(decode(), param_fp32)
+                            else:
+                                cwd_target = param_fp32 - cast(anchor_data, param_fp32)
                         if cautious_wd:
                             param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
                         else:
@@ -319,7 +349,13 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                         else:
                             param = param - weight_decay * lr * param
                     if centered_wd != 0:
-                        cwd_target = param - cast(anchor_data, param)
+                        if centered_wd_mode == 'int8':
+                            cwd_target = param - cast(decode(), param)
+                        else:
+                            if centered_wd_mode == 'int4':
+                                cwd_target = param - cast(decode(), param)
+                            else:
+                                cwd_target = param - cast(anchor_data, param)
                         if cautious_wd:
                             param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
                         else:
@@ -407,7 +443,13 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                         else:
                             param_fp32 = param_fp32 - adam_weight_decay * lr * param_fp32
                     if centered_wd != 0:
-                        cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                        if centered_wd_mode == 'int8':
+                            cwd_target = param_fp32 - cast(decode(), param_fp32)
+                        else:
+                            if centered_wd_mode == 'int4':
+                                cwd_target = param_fp32 - cast(decode(), param_fp32)
+                            else:
+                                cwd_target = param_fp32 - cast(anchor_data, param_fp32)
                         if cautious_wd:
                             param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
                         else:
@@ -421,7 +463,13 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                         else:
                             param = param - adam_weight_decay * lr * param
                     if centered_wd != 0:
-                        cwd_target = param - cast(anchor_data, param)
+                        if centered_wd_mode == 'int8':
+                            cwd_target = param - cast(decode(), param)
+                        else:
+                            if centered_wd_mode == 'int4':
+                                cwd_target = param - cast(decode(), param)
+                            else:
+                                cwd_target = param - cast(anchor_data, param)
                         if cautious_wd:
                             param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
                         else:
@@ -503,7 +551,13 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                         else:
                             param_fp32 = param_fp32 - weight_decay * lr * param_fp32
                     if centered_wd != 0:
-                        cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                        if centered_wd_mode == 'int8':
+                            cwd_target = param_fp32 - cast(decode(), param_fp32)
+                        else:
+                            if centered_wd_mode == 'int4':
+                                cwd_target = param_fp32 - cast(decode(), param_fp32)
+                            else:
+                                cwd_target = param_fp32 - cast(anchor_data, param_fp32)
                         if cautious_wd:
                             param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
                         else:
@@ -517,7 +571,13 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                         else:
                             param = param - weight_decay * lr * param
                     if centered_wd != 0:
-                        cwd_target = param - cast(anchor_data, param)
+                        if centered_wd_mode == 'int8':
+                            cwd_target = param - cast(decode(), param)
+                        else:
+                            if centered_wd_mode == 'int4':
+                                cwd_target = param - cast(decode(), param)
+                            else:
+                                cwd_target = param - cast(anchor_data, param)
                         if cautious_wd:
                             param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
                         else:
@@ -598,7 +658,13 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                             else:
                                 param_fp32 = param_fp32 - weight_decay * lr * param_fp32
                         if centered_wd != 0:
-                            cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                            if centered_wd_mode == 'int8':
+                                cwd_target = param_fp32 - cast(decode(), param_fp32)
+                            else:
+                                if centered_wd_mode == 'int4':
+                                    cwd_target = param_fp32 - cast(decode(), param_fp32)
+                                else:
+                                    cwd_target = param_fp32 - cast(anchor_data, param_fp32)
                             if cautious_wd:
                                 param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
                             else:
@@ -612,7 +678,13 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                             else:
                                 param = param - weight_decay * lr * param
                         if centered_wd != 0:
-                            cwd_target = param - cast(anchor_data, param)
+                            if centered_wd_mode == 'int8':
+                                cwd_target = param - cast(decode(), param)
+                            else:
+                                if centered_wd_mode == 'int4':
+                                    cwd_target = param - cast(decode(), param)
+                                else:
+                                    cwd_target = param - cast(anchor_data, param)
                             if cautious_wd:
                                 param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
                             else:
@@ -690,7 +762,13 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                             else:
                                 param_fp32 = param_fp32 - weight_decay * lr * param_fp32
                         if centered_wd != 0:
-                            cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                            if centered_wd_mode == 'int8':
+                                cwd_target = param_fp32 - cast(decode(), param_fp32)
+                            else:
+                                if centered_wd_mode == 'int4':
+                                    cwd_target = param_fp32 - cast(decode(), param_fp32)
+                                else:
+                                    cwd_target = param_fp32 - cast(anchor_data, param_fp32)
                             if cautious_wd:
                                 param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
                             else:
@@ -704,7 +782,13 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                             else:
                                 param = param - weight_decay * lr * param
                         if centered_wd != 0:
-                            cwd_target = param - cast(anchor_data, param)
+                            if centered_wd_mode == 'int8':
+                                cwd_target = param - cast(decode(), param)
+                            else:
+                                if centered_wd_mode == 'int4':
+                                    cwd_target = param - cast(decode(), param)
+                                else:
+                                    cwd_target = param - cast(anchor_data, param)
                             if cautious_wd:
                                 param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
                             else:
@@ -792,7 +876,13 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                     else:
                         param_fp32 = param_fp32 - adam_weight_decay * lr * param_fp32
                 if centered_wd != 0:
-                    cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                    if centered_wd_mode == 'int8':
+                        cwd_target = param_fp32 - cast(decode(), param_fp32)
+                    else:
+                        if centered_wd_mode == 'int4':
+                            cwd_target = param_fp32 - cast(decode(), param_fp32)
+                        else:
+                            cwd_target = param_fp32 - cast(anchor_data, param_fp32)
                     if cautious_wd:
                         param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
                     else:
@@ -806,7 +896,13 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                     else:
                         param = param - adam_weight_decay * lr * param
                 if centered_wd != 0:
-                    cwd_target = param - cast(anchor_data, param)
+                    if centered_wd_mode == 'int8':
+                        cwd_target = param - cast(decode(), param)
+                    else:
+                        if centered_wd_mode == 'int4':
+                            cwd_target = param - cast(decode(), param)
+                        else:
+                            cwd_target = param - cast(anchor_data, param)
                     if cautious_wd:
                         param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
                     else:
@@ -845,6 +941,8 @@ def _device_step(h, param, grad, S):
     spectral_v = S["spectral_v"]
     spectral_u = S["spectral_u"]
     anchor_data = S["anchor_data"]
+    anchor_scale = S["anchor_scale"]
+    anchor_min = S["anchor_min"]
     momentum_buffer_scale = S["momentum_buffer_scale"]
     # if state_precision == 'factored' or nnmf_factor:
     if h["_c0"]:
@@ -1042,9 +1140,23 @@ def _device_step(h, param, grad, S):
                             param_fp32 = F.axpy(param_fp32, param_fp32, h["_k24"])
                     # if centered_wd != 0:
                     if h["_c20"]:
-                        # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                        cwd_target_1 = F.cast(anchor_data, param_fp32)
-                        cwd_target = F.sub(param_fp32, cwd_target_1)
+                        # if centered_wd_mode == 'int8':
+                        if h["_c21"]:
+                            # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                            cwd_target_1 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                            cwd_target_2 = F.cast(cwd_target_1, param_fp32)
+                            cwd_target = F.sub(param_fp32, cwd_target_2)
+                        else:
+                            # if centered_wd_mode == 'int4':
+                            if h["_c22"]:
+                                # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                cwd_target_3 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                cwd_target_4 = F.cast(cwd_target_3, param_fp32)
+                                cwd_target = F.sub(param_fp32, cwd_target_4)
+                            else:
+                                # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                cwd_target_5 = F.cast(anchor_data, param_fp32)
+                                cwd_target = F.sub(param_fp32, cwd_target_5)
                         # if cautious_wd:
                         if h["_c19"]:
                             # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
@@ -1078,9 +1190,23 @@ def _device_step(h, param, grad, S):
                             F.assign_(param, param_6)
                     # if centered_wd != 0:
                     if h["_c20"]:
-                        # cwd_target = param - cast(anchor_data, param)
-                        cwd_target_2 = F.cast(anchor_data, param)
-                        cwd_target = F.sub(param, cwd_target_2)
+                        # if centered_wd_mode == 'int8':
+                        if h["_c21"]:
+                            # cwd_target = param - cast(anchor_data, param)
+                            cwd_target_6 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                            cwd_target_7 = F.cast(cwd_target_6, param)
+                            cwd_target = F.sub(param, cwd_target_7)
+                        else:
+                            # if centered_wd_mode == 'int4':
+                            if h["_c22"]:
+                                # cwd_target = param - cast(anchor_data, param)
+                                cwd_target_8 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                cwd_target_9 = F.cast(cwd_target_8, param)
+                                cwd_target = F.sub(param, cwd_target_9)
+                            else:
+                                # cwd_target = param - cast(anchor_data, param)
+                                cwd_target_10 = F.cast(anchor_data, param)
+                                cwd_target = F.sub(param, cwd_target_10)
                         # if cautious_wd:
                         if h["_c19"]:
                             # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
@@ -1095,7 +1221,7 @@ def _device_step(h, param, grad, S):
                     F.sub_(param, update)
             else:
                 # if adam_orthogonal_gradient == 'flattened' or adam_orthogonal_gradient == 'iterative' and (ndim < 2 or param_attr('_is_dora_scale', False) or param_attr('is_vector', False)):
-                if h["_c21"]:
+                if h["_c23"]:
                     # ortho_g = float32(grad) - float32(param) * (vdot(float32(param), float32(grad)) / (vdot(float32(param), float32(param)) + 1e-30))
                     ortho_g_11 = F.float32(grad)
                     ortho_g_12 = F.float32(param)
@@ -1121,20 +1247,20 @@ def _device_step(h, param, grad, S):
                     grad = grad_4
                 else:
                     # if adam_orthogonal_gradient == 'iterative':
-                    if h["_c22"]:
+                    if h["_c24"]:
                         # grad = orthograd_iterative(grad, param)
                         grad = F.orthograd_iterative(grad, param)
                 # if adam_use_bias_correction:
-                if h["_c23"]:
+                if h["_c25"]:
                     pass
                 # if adam_beta1 > 0:
-                if h["_c24"]:
+                if h["_c26"]:
                     # exp_avg = lerp(exp_avg, grad, 1 - adam_beta1)
                     F.lerp_(exp_avg, grad, h["_k32"])
                     # if adam_nesterov:
-                    if h["_c25"]:
+                    if h["_c27"]:
                         # if adam_nesterov_coef == None:
-                        if h["_c26"]:
+                        if h["_c28"]:
                             # update = lerp(exp_avg, grad, 1 - adam_beta1)
                             update = F.lerp(exp_avg, grad, h["_k33"])
                         else:
@@ -1150,10 +1276,10 @@ def _device_step(h, param, grad, S):
                 F.mul_(exp_avg_sq, h["_k35"])
                 F.addcmul_(exp_avg_sq, grad, grad, h["_k36"])
                 # if adam_eps == None:
-                if h["_c27"]:
+                if h["_c29"]:
                     pass
                 # if adam_use_atan2:
-                if h["_c28"]:
+                if h["_c30"]:
                     # denom = sqrt(exp_avg_sq) / sqrt_bias_correction2
                     denom = F.sqrt(exp_avg_sq)
                     F.div_(denom, h["sqrt_bias_correction2"])
@@ -1163,16 +1289,16 @@ def _device_step(h, param, grad, S):
                     F.div_(denom, h["sqrt_bias_correction2"])
                     F.add_(denom, h["eps_eff"])
                 # if adam_use_atan2:
-                if h["_c28"]:
+                if h["_c30"]:
                     # update = atan2(update, denom)
                     update = F.atan2(update, denom)
                 else:
                     # update = update / denom
                     F.div_(update, denom)
                 # if adam_use_atan2:
-                if h["_c28"]:
+                if h["_c30"]:
                     # if adam_spectral_normalization:
-                    if h["_c29"]:
+                    if h["_c31"]:
                         # if ndim >= 2:
                         if h["_c16"]:
                             # spectral_x = cast(update, param)
@@ -1216,7 +1342,7 @@ def _device_step(h, param, grad, S):
                         F.mul_(update, h["_k39"])
                 else:
                     # if adam_spectral_normalization:
-                    if h["_c29"]:
+                    if h["_c31"]:
                         # if ndim >= 2:
                         if h["_c16"]:
                             # spectral_x = cast(update, param)
@@ -1265,7 +1391,7 @@ def _device_step(h, param, grad, S):
                     # update_fp32 = float32(update)
                     update_fp32 = F.float32(update)
                     # if adam_weight_decay != 0:
-                    if h["_c30"]:
+                    if h["_c32"]:
                         # if cautious_wd:
                         if h["_c19"]:
                             # param_fp32 = param_fp32 - adam_weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
@@ -1279,9 +1405,23 @@ def _device_step(h, param, grad, S):
                             param_fp32 = F.axpy(param_fp32, param_fp32, h["_k43"])
                     # if centered_wd != 0:
                     if h["_c20"]:
-                        # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                        cwd_target_3 = F.cast(anchor_data, param_fp32)
-                        cwd_target = F.sub(param_fp32, cwd_target_3)
+                        # if centered_wd_mode == 'int8':
+                        if h["_c21"]:
+                            # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                            cwd_target_11 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                            cwd_target_12 = F.cast(cwd_target_11, param_fp32)
+                            cwd_target = F.sub(param_fp32, cwd_target_12)
+                        else:
+                            # if centered_wd_mode == 'int4':
+                            if h["_c22"]:
+                                # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                cwd_target_13 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                cwd_target_14 = F.cast(cwd_target_13, param_fp32)
+                                cwd_target = F.sub(param_fp32, cwd_target_14)
+                            else:
+                                # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                cwd_target_15 = F.cast(anchor_data, param_fp32)
+                                cwd_target = F.sub(param_fp32, cwd_target_15)
                         # if cautious_wd:
                         if h["_c19"]:
                             # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
@@ -1300,7 +1440,7 @@ def _device_step(h, param, grad, S):
                     F.assign_(param, param_10)
                 else:
                     # if adam_weight_decay != 0:
-                    if h["_c30"]:
+                    if h["_c32"]:
                         # if cautious_wd:
                         if h["_c19"]:
                             # param = param - adam_weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
@@ -1315,9 +1455,23 @@ def _device_step(h, param, grad, S):
                             F.assign_(param, param_15)
                     # if centered_wd != 0:
                     if h["_c20"]:
-                        # cwd_target = param - cast(anchor_data, param)
-                        cwd_target_4 = F.cast(anchor_data, param)
-                        cwd_target = F.sub(param, cwd_target_4)
+                        # if centered_wd_mode == 'int8':
+                        if h["_c21"]:
+                            # cwd_target = param - cast(anchor_data, param)
+                            cwd_target_16 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                            cwd_target_17 = F.cast(cwd_target_16, param)
+                            cwd_target = F.sub(param, cwd_target_17)
+                        else:
+                            # if centered_wd_mode == 'int4':
+                            if h["_c22"]:
+                                # cwd_target = param - cast(anchor_data, param)
+                                cwd_target_18 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                cwd_target_19 = F.cast(cwd_target_18, param)
+                                cwd_target = F.sub(param, cwd_target_19)
+                            else:
+                                # cwd_target = param - cast(anchor_data, param)
+                                cwd_target_20 = F.cast(anchor_data, param)
+                                cwd_target = F.sub(param, cwd_target_20)
                         # if cautious_wd:
                         if h["_c19"]:
                             # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
@@ -1501,9 +1655,23 @@ def _device_step(h, param, grad, S):
                             param_fp32 = F.axpy(param_fp32, param_fp32, h["_k75"])
                     # if centered_wd != 0:
                     if h["_c20"]:
-                        # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                        cwd_target_5 = F.cast(anchor_data, param_fp32)
-                        cwd_target = F.sub(param_fp32, cwd_target_5)
+                        # if centered_wd_mode == 'int8':
+                        if h["_c21"]:
+                            # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                            cwd_target_21 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                            cwd_target_22 = F.cast(cwd_target_21, param_fp32)
+                            cwd_target = F.sub(param_fp32, cwd_target_22)
+                        else:
+                            # if centered_wd_mode == 'int4':
+                            if h["_c22"]:
+                                # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                cwd_target_23 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                cwd_target_24 = F.cast(cwd_target_23, param_fp32)
+                                cwd_target = F.sub(param_fp32, cwd_target_24)
+                            else:
+                                # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                cwd_target_25 = F.cast(anchor_data, param_fp32)
+                                cwd_target = F.sub(param_fp32, cwd_target_25)
                         # if cautious_wd:
                         if h["_c19"]:
                             # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
@@ -1537,9 +1705,23 @@ def _device_step(h, param, grad, S):
                             F.assign_(param, param_24)
                     # if centered_wd != 0:
                     if h["_c20"]:
-                        # cwd_target = param - cast(anchor_data, param)
-                        cwd_target_6 = F.cast(anchor_data, param)
-                        cwd_target = F.sub(param, cwd_target_6)
+                        # if centered_wd_mode == 'int8':
+                        if h["_c21"]:
+                            # cwd_target = param - cast(anchor_data, param)
+                            cwd_target_26 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                            cwd_target_27 = F.cast(cwd_target_26, param)
+                            cwd_target = F.sub(param, cwd_target_27)
+                        else:
+                            # if centered_wd_mode == 'int4':
+                            if h["_c22"]:
+                                # cwd_target = param - cast(anchor_data, param)
+                                cwd_target_28 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                cwd_target_29 = F.cast(cwd_target_28, param)
+                                cwd_target = F.sub(param, cwd_target_29)
+                            else:
+                                # cwd_target = param - cast(anchor_data, param)
+                                cwd_target_30 = F.cast(anchor_data, param)
+                                cwd_target = F.sub(param, cwd_target_30)
                         # if cautious_wd:
                         if h["_c19"]:
                             # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
@@ -1554,7 +1736,7 @@ def _device_step(h, param, grad, S):
                     F.sub_(param, update)
             else:
                 # if adam_orthogonal_gradient == 'flattened' or adam_orthogonal_gradient == 'iterative' and (ndim < 2 or param_attr('_is_dora_scale', False) or param_attr('is_vector', False)):
-                if h["_c21"]:
+                if h["_c23"]:
                     # ortho_g = float32(grad) - float32(param) * (vdot(float32(param), float32(grad)) / (vdot(float32(param), float32(param)) + 1e-30))
                     ortho_g_29 = F.float32(grad)
                     ortho_g_30 = F.float32(param)
@@ -1580,20 +1762,20 @@ def _device_step(h, param, grad, S):
                     grad = grad_8
                 else:
                     # if adam_orthogonal_gradient == 'iterative':
-                    if h["_c22"]:
+                    if h["_c24"]:
                         # grad = orthograd_iterative(grad, param)
                         grad = F.orthograd_iterative(grad, param)
                 # if adam_use_bias_correction:
-                if h["_c23"]:
+                if h["_c25"]:
                     pass
                 # if adam_beta1 > 0:
-                if h["_c24"]:
+                if h["_c26"]:
                     # exp_avg = lerp(exp_avg, grad, 1 - adam_beta1)
                     F.lerp_(exp_avg, grad, h["_k83"])
                     # if adam_nesterov:
-                    if h["_c25"]:
+                    if h["_c27"]:
                         # if adam_nesterov_coef == None:
-                        if h["_c26"]:
+                        if h["_c28"]:
                             # update = lerp(exp_avg, grad, 1 - adam_beta1)
                             update = F.lerp(exp_avg, grad, h["_k84"])
                         else:
@@ -1609,10 +1791,10 @@ def _device_step(h, param, grad, S):
                 F.mul_(exp_avg_sq, h["_k86"])
                 F.addcmul_(exp_avg_sq, grad, grad, h["_k87"])
                 # if adam_eps == None:
-                if h["_c27"]:
+                if h["_c29"]:
                     pass
                 # if adam_use_atan2:
-                if h["_c28"]:
+                if h["_c30"]:
                     # denom = sqrt(exp_avg_sq) / sqrt_bias_correction2
                     denom = F.sqrt(exp_avg_sq)
                     F.div_(denom, h["sqrt_bias_correction2"])
@@ -1622,16 +1804,16 @@ def _device_step(h, param, grad, S):
                     F.div_(denom, h["sqrt_bias_correction2"])
                     F.add_(denom, h["eps_eff"])
                 # if adam_use_atan2:
-                if h["_c28"]:
+                if h["_c30"]:
                     # update = atan2(update, denom)
                     update = F.atan2(update, denom)
                 else:
                     # update = update / denom
                     F.div_(update, denom)
                 # if adam_use_atan2:
-                if h["_c28"]:
+                if h["_c30"]:
                     # if adam_spectral_normalization:
-                    if h["_c29"]:
+                    if h["_c31"]:
                         # if ndim >= 2:
                         if h["_c16"]:
                             # spectral_x = cast(update, param)
@@ -1675,7 +1857,7 @@ def _device_step(h, param, grad, S):
                         F.mul_(update, h["_k90"])
                 else:
                     # if adam_spectral_normalization:
-                    if h["_c29"]:
+                    if h["_c31"]:
                         # if ndim >= 2:
                         if h["_c16"]:
                             # spectral_x = cast(update, param)
@@ -1724,7 +1906,7 @@ def _device_step(h, param, grad, S):
                     # update_fp32 = float32(update)
                     update_fp32 = F.float32(update)
                     # if adam_weight_decay != 0:
-                    if h["_c30"]:
+                    if h["_c32"]:
                         # if cautious_wd:
                         if h["_c19"]:
                             # param_fp32 = param_fp32 - adam_weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
@@ -1738,9 +1920,23 @@ def _device_step(h, param, grad, S):
                             param_fp32 = F.axpy(param_fp32, param_fp32, h["_k94"])
                     # if centered_wd != 0:
                     if h["_c20"]:
-                        # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                        cwd_target_7 = F.cast(anchor_data, param_fp32)
-                        cwd_target = F.sub(param_fp32, cwd_target_7)
+                        # if centered_wd_mode == 'int8':
+                        if h["_c21"]:
+                            # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                            cwd_target_31 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                            cwd_target_32 = F.cast(cwd_target_31, param_fp32)
+                            cwd_target = F.sub(param_fp32, cwd_target_32)
+                        else:
+                            # if centered_wd_mode == 'int4':
+                            if h["_c22"]:
+                                # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                cwd_target_33 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                cwd_target_34 = F.cast(cwd_target_33, param_fp32)
+                                cwd_target = F.sub(param_fp32, cwd_target_34)
+                            else:
+                                # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                cwd_target_35 = F.cast(anchor_data, param_fp32)
+                                cwd_target = F.sub(param_fp32, cwd_target_35)
                         # if cautious_wd:
                         if h["_c19"]:
                             # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
@@ -1759,7 +1955,7 @@ def _device_step(h, param, grad, S):
                     F.assign_(param, param_28)
                 else:
                     # if adam_weight_decay != 0:
-                    if h["_c30"]:
+                    if h["_c32"]:
                         # if cautious_wd:
                         if h["_c19"]:
                             # param = param - adam_weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
@@ -1774,9 +1970,23 @@ def _device_step(h, param, grad, S):
                             F.assign_(param, param_33)
                     # if centered_wd != 0:
                     if h["_c20"]:
-                        # cwd_target = param - cast(anchor_data, param)
-                        cwd_target_8 = F.cast(anchor_data, param)
-                        cwd_target = F.sub(param, cwd_target_8)
+                        # if centered_wd_mode == 'int8':
+                        if h["_c21"]:
+                            # cwd_target = param - cast(anchor_data, param)
+                            cwd_target_36 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                            cwd_target_37 = F.cast(cwd_target_36, param)
+                            cwd_target = F.sub(param, cwd_target_37)
+                        else:
+                            # if centered_wd_mode == 'int4':
+                            if h["_c22"]:
+                                # cwd_target = param - cast(anchor_data, param)
+                                cwd_target_38 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                cwd_target_39 = F.cast(cwd_target_38, param)
+                                cwd_target = F.sub(param, cwd_target_39)
+                            else:
+                                # cwd_target = param - cast(anchor_data, param)
+                                cwd_target_40 = F.cast(anchor_data, param)
+                                cwd_target = F.sub(param, cwd_target_40)
                         # if cautious_wd:
                         if h["_c19"]:
                             # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
@@ -1793,7 +2003,7 @@ def _device_step(h, param, grad, S):
         # if use_muon == True or use_muon == None and (optim_type == 'muon' or optim_type == None and (ndim >= 2 and big_dims >= 2 and dim0 != 1 and dim1 != 1 and min(dim0, numel / dim0) >= 4 and max(dim0, numel / dim0) / min(dim0, numel / dim0) <= 128)):
         if h["_c2"]:
             # if state_precision == 'bf16_sr' and not nnmf_factor:
-            if h["_c31"]:
+            if h["_c33"]:
                 # if approx_mars:
                 if h["_c3"]:
                     # mars = (grad - last_grad) * (mars_gamma * beta1 / (1 - beta1)) + grad
@@ -1805,7 +2015,7 @@ def _device_step(h, param, grad, S):
                     # grad = mars
                     grad = mars
                 # if (use_muon == True or use_muon == None and (optim_type == 'muon' or optim_type == None and (ndim >= 2 and big_dims >= 2 and dim0 != 1 and dim1 != 1 and min(dim0, numel / dim0) >= 4 and max(dim0, numel / dim0) / min(dim0, numel / dim0) <= 128))) and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape)):
-                if h["_c32"]:
+                if h["_c34"]:
                     # grad = float32(grad)
                     grad = F.float32(grad)
                 # if orthogonal_gradient == 'flattened' or orthogonal_gradient == 'iterative' and (ndim < 2 or param_attr('_is_dora_scale', False) or param_attr('is_vector', False)):
@@ -1966,9 +2176,23 @@ def _device_step(h, param, grad, S):
                             param_fp32 = F.axpy(param_fp32, param_fp32, h["_k127"])
                     # if centered_wd != 0:
                     if h["_c20"]:
-                        # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                        cwd_target_9 = F.cast(anchor_data, param_fp32)
-                        cwd_target = F.sub(param_fp32, cwd_target_9)
+                        # if centered_wd_mode == 'int8':
+                        if h["_c21"]:
+                            # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                            cwd_target_41 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                            cwd_target_42 = F.cast(cwd_target_41, param_fp32)
+                            cwd_target = F.sub(param_fp32, cwd_target_42)
+                        else:
+                            # if centered_wd_mode == 'int4':
+                            if h["_c22"]:
+                                # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                cwd_target_43 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                cwd_target_44 = F.cast(cwd_target_43, param_fp32)
+                                cwd_target = F.sub(param_fp32, cwd_target_44)
+                            else:
+                                # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                cwd_target_45 = F.cast(anchor_data, param_fp32)
+                                cwd_target = F.sub(param_fp32, cwd_target_45)
                         # if cautious_wd:
                         if h["_c19"]:
                             # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
@@ -2002,9 +2226,23 @@ def _device_step(h, param, grad, S):
                             F.assign_(param, param_42)
                     # if centered_wd != 0:
                     if h["_c20"]:
-                        # cwd_target = param - cast(anchor_data, param)
-                        cwd_target_10 = F.cast(anchor_data, param)
-                        cwd_target = F.sub(param, cwd_target_10)
+                        # if centered_wd_mode == 'int8':
+                        if h["_c21"]:
+                            # cwd_target = param - cast(anchor_data, param)
+                            cwd_target_46 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                            cwd_target_47 = F.cast(cwd_target_46, param)
+                            cwd_target = F.sub(param, cwd_target_47)
+                        else:
+                            # if centered_wd_mode == 'int4':
+                            if h["_c22"]:
+                                # cwd_target = param - cast(anchor_data, param)
+                                cwd_target_48 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                cwd_target_49 = F.cast(cwd_target_48, param)
+                                cwd_target = F.sub(param, cwd_target_49)
+                            else:
+                                # cwd_target = param - cast(anchor_data, param)
+                                cwd_target_50 = F.cast(anchor_data, param)
+                                cwd_target = F.sub(param, cwd_target_50)
                         # if cautious_wd:
                         if h["_c19"]:
                             # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
@@ -2019,7 +2257,7 @@ def _device_step(h, param, grad, S):
                     F.sub_(param, update)
             else:
                 # if state_precision == 'int8_sr' and not nnmf_factor:
-                if h["_c33"]:
+                if h["_c35"]:
                     # if approx_mars:
                     if h["_c3"]:
                         # mars = (grad - last_grad) * (mars_gamma * beta1 / (1 - beta1)) + grad
@@ -2031,7 +2269,7 @@ def _device_step(h, param, grad, S):
                         # grad = mars
                         grad = mars
                     # if (use_muon == True or use_muon == None and (optim_type == 'muon' or optim_type == None and (ndim >= 2 and big_dims >= 2 and dim0 != 1 and dim1 != 1 and min(dim0, numel / dim0) >= 4 and max(dim0, numel / dim0) / min(dim0, numel / dim0) <= 128))) and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape)):
-                    if h["_c32"]:
+                    if h["_c34"]:
                         # grad = float32(grad)
                         grad = F.float32(grad)
                     # if orthogonal_gradient == 'flattened' or orthogonal_gradient == 'iterative' and (ndim < 2 or param_attr('_is_dora_scale', False) or param_attr('is_vector', False)):
@@ -2192,9 +2430,23 @@ def _device_step(h, param, grad, S):
                                 param_fp32 = F.axpy(param_fp32, param_fp32, h["_k160"])
                         # if centered_wd != 0:
                         if h["_c20"]:
-                            # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                            cwd_target_11 = F.cast(anchor_data, param_fp32)
-                            cwd_target = F.sub(param_fp32, cwd_target_11)
+                            # if centered_wd_mode == 'int8':
+                            if h["_c21"]:
+                                # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                cwd_target_51 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                cwd_target_52 = F.cast(cwd_target_51, param_fp32)
+                                cwd_target = F.sub(param_fp32, cwd_target_52)
+                            else:
+                                # if centered_wd_mode == 'int4':
+                                if h["_c22"]:
+                                    # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                    cwd_target_53 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                    cwd_target_54 = F.cast(cwd_target_53, param_fp32)
+                                    cwd_target = F.sub(param_fp32, cwd_target_54)
+                                else:
+                                    # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                    cwd_target_55 = F.cast(anchor_data, param_fp32)
+                                    cwd_target = F.sub(param_fp32, cwd_target_55)
                             # if cautious_wd:
                             if h["_c19"]:
                                 # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
@@ -2228,9 +2480,23 @@ def _device_step(h, param, grad, S):
                                 F.assign_(param, param_51)
                         # if centered_wd != 0:
                         if h["_c20"]:
-                            # cwd_target = param - cast(anchor_data, param)
-                            cwd_target_12 = F.cast(anchor_data, param)
-                            cwd_target = F.sub(param, cwd_target_12)
+                            # if centered_wd_mode == 'int8':
+                            if h["_c21"]:
+                                # cwd_target = param - cast(anchor_data, param)
+                                cwd_target_56 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                cwd_target_57 = F.cast(cwd_target_56, param)
+                                cwd_target = F.sub(param, cwd_target_57)
+                            else:
+                                # if centered_wd_mode == 'int4':
+                                if h["_c22"]:
+                                    # cwd_target = param - cast(anchor_data, param)
+                                    cwd_target_58 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                    cwd_target_59 = F.cast(cwd_target_58, param)
+                                    cwd_target = F.sub(param, cwd_target_59)
+                                else:
+                                    # cwd_target = param - cast(anchor_data, param)
+                                    cwd_target_60 = F.cast(anchor_data, param)
+                                    cwd_target = F.sub(param, cwd_target_60)
                             # if cautious_wd:
                             if h["_c19"]:
                                 # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
@@ -2255,7 +2521,7 @@ def _device_step(h, param, grad, S):
                         # grad = mars
                         grad = mars
                     # if (state_precision == 'fp32' and not nnmf_factor) and ((use_muon == True or use_muon == None and (optim_type == 'muon' or optim_type == None and (ndim >= 2 and big_dims >= 2 and dim0 != 1 and dim1 != 1 and min(dim0, numel / dim0) >= 4 and max(dim0, numel / dim0) / min(dim0, numel / dim0) <= 128))) and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape))):
-                    if h["_c34"]:
+                    if h["_c36"]:
                         # grad = float32(grad)
                         grad = F.float32(grad)
                     # if orthogonal_gradient == 'flattened' or orthogonal_gradient == 'iterative' and (ndim < 2 or param_attr('_is_dora_scale', False) or param_attr('is_vector', False)):
@@ -2412,9 +2678,23 @@ def _device_step(h, param, grad, S):
                                 param_fp32 = F.axpy(param_fp32, param_fp32, h["_k192"])
                         # if centered_wd != 0:
                         if h["_c20"]:
-                            # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                            cwd_target_13 = F.cast(anchor_data, param_fp32)
-                            cwd_target = F.sub(param_fp32, cwd_target_13)
+                            # if centered_wd_mode == 'int8':
+                            if h["_c21"]:
+                                # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                cwd_target_61 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                cwd_target_62 = F.cast(cwd_target_61, param_fp32)
+                                cwd_target = F.sub(param_fp32, cwd_target_62)
+                            else:
+                                # if centered_wd_mode == 'int4':
+                                if h["_c22"]:
+                                    # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                    cwd_target_63 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                    cwd_target_64 = F.cast(cwd_target_63, param_fp32)
+                                    cwd_target = F.sub(param_fp32, cwd_target_64)
+                                else:
+                                    # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                    cwd_target_65 = F.cast(anchor_data, param_fp32)
+                                    cwd_target = F.sub(param_fp32, cwd_target_65)
                             # if cautious_wd:
                             if h["_c19"]:
                                 # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
@@ -2448,9 +2728,23 @@ def _device_step(h, param, grad, S):
                                 F.assign_(param, param_60)
                         # if centered_wd != 0:
                         if h["_c20"]:
-                            # cwd_target = param - cast(anchor_data, param)
-                            cwd_target_14 = F.cast(anchor_data, param)
-                            cwd_target = F.sub(param, cwd_target_14)
+                            # if centered_wd_mode == 'int8':
+                            if h["_c21"]:
+                                # cwd_target = param - cast(anchor_data, param)
+                                cwd_target_66 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                cwd_target_67 = F.cast(cwd_target_66, param)
+                                cwd_target = F.sub(param, cwd_target_67)
+                            else:
+                                # if centered_wd_mode == 'int4':
+                                if h["_c22"]:
+                                    # cwd_target = param - cast(anchor_data, param)
+                                    cwd_target_68 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                    cwd_target_69 = F.cast(cwd_target_68, param)
+                                    cwd_target = F.sub(param, cwd_target_69)
+                                else:
+                                    # cwd_target = param - cast(anchor_data, param)
+                                    cwd_target_70 = F.cast(anchor_data, param)
+                                    cwd_target = F.sub(param, cwd_target_70)
                             # if cautious_wd:
                             if h["_c19"]:
                                 # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
@@ -2465,7 +2759,7 @@ def _device_step(h, param, grad, S):
                         F.sub_(param, update)
         else:
             # if adam_orthogonal_gradient == 'flattened' or adam_orthogonal_gradient == 'iterative' and (ndim < 2 or param_attr('_is_dora_scale', False) or param_attr('is_vector', False)):
-            if h["_c21"]:
+            if h["_c23"]:
                 # ortho_g = float32(grad) - float32(param) * (vdot(float32(param), float32(grad)) / (vdot(float32(param), float32(param)) + 1e-30))
                 ortho_g_65 = F.float32(grad)
                 ortho_g_66 = F.float32(param)
@@ -2491,20 +2785,20 @@ def _device_step(h, param, grad, S):
                 grad = grad_16
             else:
                 # if adam_orthogonal_gradient == 'iterative':
-                if h["_c22"]:
+                if h["_c24"]:
                     # grad = orthograd_iterative(grad, param)
                     grad = F.orthograd_iterative(grad, param)
             # if adam_use_bias_correction:
-            if h["_c23"]:
+            if h["_c25"]:
                 pass
             # if adam_beta1 > 0:
-            if h["_c24"]:
+            if h["_c26"]:
                 # exp_avg = lerp(exp_avg, grad, 1 - adam_beta1)
                 F.lerp_(exp_avg, grad, h["_k200"])
                 # if adam_nesterov:
-                if h["_c25"]:
+                if h["_c27"]:
                     # if adam_nesterov_coef == None:
-                    if h["_c26"]:
+                    if h["_c28"]:
                         # update = lerp(exp_avg, grad, 1 - adam_beta1)
                         update = F.lerp(exp_avg, grad, h["_k201"])
                     else:
@@ -2520,10 +2814,10 @@ def _device_step(h, param, grad, S):
             F.mul_(exp_avg_sq, h["_k203"])
             F.addcmul_(exp_avg_sq, grad, grad, h["_k204"])
             # if adam_eps == None:
-            if h["_c27"]:
+            if h["_c29"]:
                 pass
             # if adam_use_atan2:
-            if h["_c28"]:
+            if h["_c30"]:
                 # denom = sqrt(exp_avg_sq) / sqrt_bias_correction2
                 denom = F.sqrt(exp_avg_sq)
                 F.div_(denom, h["sqrt_bias_correction2"])
@@ -2533,16 +2827,16 @@ def _device_step(h, param, grad, S):
                 F.div_(denom, h["sqrt_bias_correction2"])
                 F.add_(denom, h["eps_eff"])
             # if adam_use_atan2:
-            if h["_c28"]:
+            if h["_c30"]:
                 # update = atan2(update, denom)
                 update = F.atan2(update, denom)
             else:
                 # update = update / denom
                 F.div_(update, denom)
             # if adam_use_atan2:
-            if h["_c28"]:
+            if h["_c30"]:
                 # if adam_spectral_normalization:
-                if h["_c29"]:
+                if h["_c31"]:
                     # if ndim >= 2:
                     if h["_c16"]:
                         # spectral_x = cast(update, param)
@@ -2586,7 +2880,7 @@ def _device_step(h, param, grad, S):
                     F.mul_(update, h["_k207"])
             else:
                 # if adam_spectral_normalization:
-                if h["_c29"]:
+                if h["_c31"]:
                     # if ndim >= 2:
                     if h["_c16"]:
                         # spectral_x = cast(update, param)
@@ -2635,7 +2929,7 @@ def _device_step(h, param, grad, S):
                 # update_fp32 = float32(update)
                 update_fp32 = F.float32(update)
                 # if adam_weight_decay != 0:
-                if h["_c30"]:
+                if h["_c32"]:
                     # if cautious_wd:
                     if h["_c19"]:
                         # param_fp32 = param_fp32 - adam_weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
@@ -2649,9 +2943,23 @@ def _device_step(h, param, grad, S):
                         param_fp32 = F.axpy(param_fp32, param_fp32, h["_k211"])
                 # if centered_wd != 0:
                 if h["_c20"]:
-                    # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                    cwd_target_15 = F.cast(anchor_data, param_fp32)
-                    cwd_target = F.sub(param_fp32, cwd_target_15)
+                    # if centered_wd_mode == 'int8':
+                    if h["_c21"]:
+                        # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                        cwd_target_71 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                        cwd_target_72 = F.cast(cwd_target_71, param_fp32)
+                        cwd_target = F.sub(param_fp32, cwd_target_72)
+                    else:
+                        # if centered_wd_mode == 'int4':
+                        if h["_c22"]:
+                            # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                            cwd_target_73 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                            cwd_target_74 = F.cast(cwd_target_73, param_fp32)
+                            cwd_target = F.sub(param_fp32, cwd_target_74)
+                        else:
+                            # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                            cwd_target_75 = F.cast(anchor_data, param_fp32)
+                            cwd_target = F.sub(param_fp32, cwd_target_75)
                     # if cautious_wd:
                     if h["_c19"]:
                         # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
@@ -2670,7 +2978,7 @@ def _device_step(h, param, grad, S):
                 F.assign_(param, param_64)
             else:
                 # if adam_weight_decay != 0:
-                if h["_c30"]:
+                if h["_c32"]:
                     # if cautious_wd:
                     if h["_c19"]:
                         # param = param - adam_weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
@@ -2685,9 +2993,23 @@ def _device_step(h, param, grad, S):
                         F.assign_(param, param_69)
                 # if centered_wd != 0:
                 if h["_c20"]:
-                    # cwd_target = param - cast(anchor_data, param)
-                    cwd_target_16 = F.cast(anchor_data, param)
-                    cwd_target = F.sub(param, cwd_target_16)
+                    # if centered_wd_mode == 'int8':
+                    if h["_c21"]:
+                        # cwd_target = param - cast(anchor_data, param)
+                        cwd_target_76 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                        cwd_target_77 = F.cast(cwd_target_76, param)
+                        cwd_target = F.sub(param, cwd_target_77)
+                    else:
+                        # if centered_wd_mode == 'int4':
+                        if h["_c22"]:
+                            # cwd_target = param - cast(anchor_data, param)
+                            cwd_target_78 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                            cwd_target_79 = F.cast(cwd_target_78, param)
+                            cwd_target = F.sub(param, cwd_target_79)
+                        else:
+                            # cwd_target = param - cast(anchor_data, param)
+                            cwd_target_80 = F.cast(anchor_data, param)
+                            cwd_target = F.sub(param, cwd_target_80)
                     # if cautious_wd:
                     if h["_c19"]:
                         # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
@@ -2734,7 +3056,7 @@ class Muon_adv(GeneratedOptimizer):
         mars_gamma: MARS-M's correction scale (default: ``0.025``)
         spectral_normalization: scale the update by its spectral norm (one power-iteration step) instead of the step size alone (default: ``False``)
         centered_wd: centered decay coefficient (a pull toward the initial parameter, scaled like weight_decay); 0: off (default: ``0.0``)
-        centered_wd_mode: the anchor's storage: 'float8' (float8_e4m3fn, unscaled) or 'full' (the parameter's dtype); 'int8', 'int4' are not implemented yet (default: ``'float8'``)
+        centered_wd_mode: the anchor's storage: 'float8' (float8_e4m3fn, unscaled), 'full' (the parameter's dtype), 'int8' / 'int4' (asymmetric blocks of 128 / 32) (default: ``'float8'``)
         compiled_optimizer: accepted; the generated step is used either way (default: ``False``)
         adam_betas: the aux AdamW's betas (default: ``(0.9, 0.99)``)
         adam_eps: the aux AdamW's eps (None: 1/sqrt(numel)) (default: ``1e-08``)

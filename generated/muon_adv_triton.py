@@ -18,13 +18,13 @@ def _muon_adv_prologue0(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr,
 ):
     """Prologue: one program per tensor; counts the step, computes the host values in float64 and
     writes the 13 the passes read to hv.
     """
-    COL_NUMEL: tl.constexpr = 13
-    COL_GIDX: tl.constexpr = 18
+    COL_NUMEL: tl.constexpr = 15
+    COL_GIDX: tl.constexpr = 20
     HV_ONE_MINUS_BETA1: tl.constexpr = 0
     HV_BETA1: tl.constexpr = 1
     HV_NS_STEPS: tl.constexpr = 2
@@ -40,13 +40,13 @@ def _muon_adv_prologue0(
     HV_STEP: tl.constexpr = 12
     HYP_BETA1: tl.constexpr = 12
     HYP_CAUTIOUS_WD: tl.constexpr = 14
-    HYP_LR: tl.constexpr = 19
-    HYP_NS_A: tl.constexpr = 26
-    HYP_NS_B: tl.constexpr = 27
-    HYP_NS_C: tl.constexpr = 28
-    HYP_NS_EPS: tl.constexpr = 29
-    HYP_NS_STEPS: tl.constexpr = 30
-    HYP_WEIGHT_DECAY: tl.constexpr = 40
+    HYP_LR: tl.constexpr = 20
+    HYP_NS_A: tl.constexpr = 27
+    HYP_NS_B: tl.constexpr = 28
+    HYP_NS_C: tl.constexpr = 29
+    HYP_NS_EPS: tl.constexpr = 30
+    HYP_NS_STEPS: tl.constexpr = 31
+    HYP_WEIGHT_DECAY: tl.constexpr = 41
     t = tl.program_id(0)
     gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
@@ -87,11 +87,11 @@ def _muon_adv_prologue0(
 
 # flat
 @triton.jit
-def _muon_adv_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr):
+def _muon_adv_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_PARAM: tl.constexpr = 0
-    COL_WS_R0: tl.constexpr = 19
-    COL_WS_R1: tl.constexpr = 20
+    COL_WS_R0: tl.constexpr = 21
+    COL_WS_R1: tl.constexpr = 22
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
@@ -116,13 +116,13 @@ def _muon_adv_flat0(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads grad, param; writes grad; accumulates _r0, _r1.
     """
-    COL_NUMEL: tl.constexpr = 13
+    COL_NUMEL: tl.constexpr = 15
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -131,21 +131,21 @@ def _muon_adv_flat0(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _muon_adv_flat0_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_momentum_buffer_scale)
+        _muon_adv_flat0_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_momentum_buffer_scale)
     else:
-        _muon_adv_flat0_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_momentum_buffer_scale)
+        _muon_adv_flat0_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_momentum_buffer_scale)
 
 
 # flat
 @triton.jit
-def _muon_adv_flat1_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr):
+def _muon_adv_flat1_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_PARAM: tl.constexpr = 0
-    COL_WS_R0: tl.constexpr = 19
-    COL_WS_R1: tl.constexpr = 20
-    COL_WS_R2: tl.constexpr = 21
-    COL_WS_R3: tl.constexpr = 22
-    COL_WS_ORTHO_G: tl.constexpr = 27
+    COL_WS_R0: tl.constexpr = 21
+    COL_WS_R1: tl.constexpr = 22
+    COL_WS_R2: tl.constexpr = 23
+    COL_WS_R3: tl.constexpr = 24
+    COL_WS_ORTHO_G: tl.constexpr = 29
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
@@ -176,13 +176,13 @@ def _muon_adv_flat1(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads grad, param, _r0, _r1; writes _ortho_g; accumulates _r2, _r3.
     """
-    COL_NUMEL: tl.constexpr = 13
+    COL_NUMEL: tl.constexpr = 15
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -191,9 +191,9 @@ def _muon_adv_flat1(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _muon_adv_flat1_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_momentum_buffer_scale)
+        _muon_adv_flat1_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_momentum_buffer_scale)
     else:
-        _muon_adv_flat1_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_momentum_buffer_scale)
+        _muon_adv_flat1_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_momentum_buffer_scale)
 
 
 # vec
@@ -202,19 +202,19 @@ def _muon_adv_vec0(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr,
 ):
     """Vector stage: one program per tensor, looping over its matrices and their rows / columns in
     blocks of VB.
 
     Reads _r2, _r3; writes _ortho_scale.
     """
-    COL_B: tl.constexpr = 14
-    COL_M: tl.constexpr = 15
-    COL_N: tl.constexpr = 16
-    COL_WS_R2: tl.constexpr = 21
-    COL_WS_R3: tl.constexpr = 22
-    COL_WS_ORTHO_SCALE: tl.constexpr = 25
+    COL_B: tl.constexpr = 16
+    COL_M: tl.constexpr = 17
+    COL_N: tl.constexpr = 18
+    COL_WS_R2: tl.constexpr = 23
+    COL_WS_R3: tl.constexpr = 24
+    COL_WS_ORTHO_SCALE: tl.constexpr = 27
     t = tl.program_id(0)
     B = tl.load(tab + t * TBL_W + COL_B)
     M = tl.load(tab + t * TBL_W + COL_M)
@@ -232,13 +232,13 @@ def _muon_adv_vec0(
 
 # flat
 @triton.jit
-def _muon_adv_flat2_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr):
+def _muon_adv_flat2_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_MOMENTUM_BUFFER: tl.constexpr = 1
-    COL_WS_ORTHO_SCALE: tl.constexpr = 25
-    COL_WS_ORTHO_G: tl.constexpr = 27
-    COL_WS_UPDATE: tl.constexpr = 28
-    COL_WS_X0: tl.constexpr = 29
+    COL_WS_ORTHO_SCALE: tl.constexpr = 27
+    COL_WS_ORTHO_G: tl.constexpr = 29
+    COL_WS_UPDATE: tl.constexpr = 30
+    COL_WS_X0: tl.constexpr = 31
     HV_ONE_MINUS_BETA1: tl.constexpr = 0
     HV_BETA1: tl.constexpr = 1
     p_ortho_g = ws + tl.load(tab + t * TBL_W + COL_WS_ORTHO_G)
@@ -275,13 +275,13 @@ def _muon_adv_flat2(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads _ortho_g, _ortho_scale, grad, momentum_buffer; writes momentum_buffer, update, _x0.
     """
-    COL_NUMEL: tl.constexpr = 13
+    COL_NUMEL: tl.constexpr = 15
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -290,18 +290,18 @@ def _muon_adv_flat2(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _muon_adv_flat2_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_momentum_buffer_scale)
+        _muon_adv_flat2_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_momentum_buffer_scale)
     else:
-        _muon_adv_flat2_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_momentum_buffer_scale)
+        _muon_adv_flat2_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_momentum_buffer_scale)
 
 
 # flat
 @triton.jit
-def _muon_adv_flat3_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr):
+def _muon_adv_flat3_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
-    COL_WS_R4: tl.constexpr = 23
-    COL_WS_N0: tl.constexpr = 24
-    COL_WS_UPDATE: tl.constexpr = 28
+    COL_WS_R4: tl.constexpr = 25
+    COL_WS_N0: tl.constexpr = 26
+    COL_WS_UPDATE: tl.constexpr = 30
     p_n0 = ws + tl.load(tab + t * TBL_W + COL_WS_N0)
     p_update = ws + tl.load(tab + t * TBL_W + COL_WS_UPDATE)
     # update = _n0
@@ -318,13 +318,13 @@ def _muon_adv_flat3(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads _n0; writes update; accumulates _r4.
     """
-    COL_NUMEL: tl.constexpr = 13
+    COL_NUMEL: tl.constexpr = 15
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -333,19 +333,19 @@ def _muon_adv_flat3(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _muon_adv_flat3_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_momentum_buffer_scale)
+        _muon_adv_flat3_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_momentum_buffer_scale)
     else:
-        _muon_adv_flat3_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_momentum_buffer_scale)
+        _muon_adv_flat3_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_momentum_buffer_scale)
 
 
 # flat
 @triton.jit
-def _muon_adv_flat4_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr):
+def _muon_adv_flat4_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_PARAM: tl.constexpr = 0
-    COL_GIDX: tl.constexpr = 18
-    COL_WS_R4: tl.constexpr = 23
-    COL_WS_UPDATE: tl.constexpr = 28
+    COL_GIDX: tl.constexpr = 20
+    COL_WS_R4: tl.constexpr = 25
+    COL_WS_UPDATE: tl.constexpr = 30
     HV_K: tl.constexpr = 7
     HV_K191__B1__B5: tl.constexpr = 8
     HV_K192__B3__B7: tl.constexpr = 9
@@ -392,13 +392,13 @@ def _muon_adv_flat4(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads update, _r4, param; writes param.
     """
-    COL_NUMEL: tl.constexpr = 13
+    COL_NUMEL: tl.constexpr = 15
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -407,9 +407,9 @@ def _muon_adv_flat4(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _muon_adv_flat4_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_momentum_buffer_scale)
+        _muon_adv_flat4_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_momentum_buffer_scale)
     else:
-        _muon_adv_flat4_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_momentum_buffer_scale)
+        _muon_adv_flat4_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_momentum_buffer_scale)
 
 
 # prologue
@@ -418,13 +418,13 @@ def _muon_adv_prologue1(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr,
 ):
     """Prologue: one program per tensor; counts the step, computes the host values in float64 and
     writes the 12 the passes read to hv.
     """
-    COL_NUMEL: tl.constexpr = 13
-    COL_GIDX: tl.constexpr = 18
+    COL_NUMEL: tl.constexpr = 15
+    COL_GIDX: tl.constexpr = 20
     HV_ONE_MINUS_BETA1: tl.constexpr = 0
     HV_BETA1: tl.constexpr = 1
     HV_NS_STEPS: tl.constexpr = 2
@@ -439,13 +439,13 @@ def _muon_adv_prologue1(
     HV_C: tl.constexpr = 11
     HYP_BETA1: tl.constexpr = 12
     HYP_CAUTIOUS_WD: tl.constexpr = 14
-    HYP_LR: tl.constexpr = 19
-    HYP_NS_A: tl.constexpr = 26
-    HYP_NS_B: tl.constexpr = 27
-    HYP_NS_C: tl.constexpr = 28
-    HYP_NS_EPS: tl.constexpr = 29
-    HYP_NS_STEPS: tl.constexpr = 30
-    HYP_WEIGHT_DECAY: tl.constexpr = 40
+    HYP_LR: tl.constexpr = 20
+    HYP_NS_A: tl.constexpr = 27
+    HYP_NS_B: tl.constexpr = 28
+    HYP_NS_C: tl.constexpr = 29
+    HYP_NS_EPS: tl.constexpr = 30
+    HYP_NS_STEPS: tl.constexpr = 31
+    HYP_WEIGHT_DECAY: tl.constexpr = 41
     t = tl.program_id(0)
     gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
@@ -484,11 +484,11 @@ def _muon_adv_prologue1(
 
 # flat
 @triton.jit
-def _muon_adv_flat5_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr):
+def _muon_adv_flat5_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_PARAM: tl.constexpr = 0
-    COL_WS_R4: tl.constexpr = 23
-    COL_WS_UPDATE: tl.constexpr = 28
+    COL_WS_R4: tl.constexpr = 25
+    COL_WS_UPDATE: tl.constexpr = 30
     HV_K: tl.constexpr = 7
     HV_K196__B1__B5: tl.constexpr = 8
     HV_K197__B3__B7: tl.constexpr = 9
@@ -529,13 +529,13 @@ def _muon_adv_flat5(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads update, _r4, param; writes param.
     """
-    COL_NUMEL: tl.constexpr = 13
+    COL_NUMEL: tl.constexpr = 15
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -544,18 +544,18 @@ def _muon_adv_flat5(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _muon_adv_flat5_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_momentum_buffer_scale)
+        _muon_adv_flat5_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_momentum_buffer_scale)
     else:
-        _muon_adv_flat5_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_momentum_buffer_scale)
+        _muon_adv_flat5_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_momentum_buffer_scale)
 
 
 # flat
 @triton.jit
-def _muon_adv_flat6_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr):
+def _muon_adv_flat6_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_MOMENTUM_BUFFER: tl.constexpr = 1
-    COL_WS_UPDATE: tl.constexpr = 21
-    COL_WS_X0: tl.constexpr = 22
+    COL_WS_UPDATE: tl.constexpr = 23
+    COL_WS_X0: tl.constexpr = 24
     HV_ONE_MINUS_BETA1: tl.constexpr = 0
     HV_BETA1: tl.constexpr = 1
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
@@ -587,13 +587,13 @@ def _muon_adv_flat6(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads grad, momentum_buffer; writes momentum_buffer, update, _x0.
     """
-    COL_NUMEL: tl.constexpr = 13
+    COL_NUMEL: tl.constexpr = 15
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -602,18 +602,18 @@ def _muon_adv_flat6(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _muon_adv_flat6_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_momentum_buffer_scale)
+        _muon_adv_flat6_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_momentum_buffer_scale)
     else:
-        _muon_adv_flat6_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_momentum_buffer_scale)
+        _muon_adv_flat6_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_momentum_buffer_scale)
 
 
 # flat
 @triton.jit
-def _muon_adv_flat7_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr):
+def _muon_adv_flat7_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
-    COL_WS_R0: tl.constexpr = 19
-    COL_WS_N0: tl.constexpr = 20
-    COL_WS_UPDATE: tl.constexpr = 21
+    COL_WS_R0: tl.constexpr = 21
+    COL_WS_N0: tl.constexpr = 22
+    COL_WS_UPDATE: tl.constexpr = 23
     p_n0 = ws + tl.load(tab + t * TBL_W + COL_WS_N0)
     p_update = ws + tl.load(tab + t * TBL_W + COL_WS_UPDATE)
     # update = _n0
@@ -630,13 +630,13 @@ def _muon_adv_flat7(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads _n0; writes update; accumulates _r0.
     """
-    COL_NUMEL: tl.constexpr = 13
+    COL_NUMEL: tl.constexpr = 15
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -645,19 +645,19 @@ def _muon_adv_flat7(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _muon_adv_flat7_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_momentum_buffer_scale)
+        _muon_adv_flat7_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_momentum_buffer_scale)
     else:
-        _muon_adv_flat7_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_momentum_buffer_scale)
+        _muon_adv_flat7_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_momentum_buffer_scale)
 
 
 # flat
 @triton.jit
-def _muon_adv_flat8_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr):
+def _muon_adv_flat8_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_PARAM: tl.constexpr = 0
-    COL_GIDX: tl.constexpr = 18
-    COL_WS_R0: tl.constexpr = 19
-    COL_WS_UPDATE: tl.constexpr = 21
+    COL_GIDX: tl.constexpr = 20
+    COL_WS_R0: tl.constexpr = 21
+    COL_WS_UPDATE: tl.constexpr = 23
     HV_K: tl.constexpr = 7
     HV_K191__B1__B5: tl.constexpr = 8
     HV_K192__B3__B7: tl.constexpr = 9
@@ -704,13 +704,13 @@ def _muon_adv_flat8(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads update, _r0, param; writes param.
     """
-    COL_NUMEL: tl.constexpr = 13
+    COL_NUMEL: tl.constexpr = 15
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -719,18 +719,18 @@ def _muon_adv_flat8(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _muon_adv_flat8_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_momentum_buffer_scale)
+        _muon_adv_flat8_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_momentum_buffer_scale)
     else:
-        _muon_adv_flat8_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_momentum_buffer_scale)
+        _muon_adv_flat8_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_momentum_buffer_scale)
 
 
 # flat
 @triton.jit
-def _muon_adv_flat9_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr):
+def _muon_adv_flat9_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_PARAM: tl.constexpr = 0
-    COL_WS_R0: tl.constexpr = 19
-    COL_WS_UPDATE: tl.constexpr = 21
+    COL_WS_R0: tl.constexpr = 21
+    COL_WS_UPDATE: tl.constexpr = 23
     HV_K: tl.constexpr = 7
     HV_K196__B1__B5: tl.constexpr = 8
     HV_K197__B3__B7: tl.constexpr = 9
@@ -771,13 +771,13 @@ def _muon_adv_flat9(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads update, _r0, param; writes param.
     """
-    COL_NUMEL: tl.constexpr = 13
+    COL_NUMEL: tl.constexpr = 15
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -786,18 +786,18 @@ def _muon_adv_flat9(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _muon_adv_flat9_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_momentum_buffer_scale)
+        _muon_adv_flat9_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_momentum_buffer_scale)
     else:
-        _muon_adv_flat9_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_momentum_buffer_scale)
+        _muon_adv_flat9_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_momentum_buffer_scale)
 
 
 # flat
 @triton.jit
-def _muon_adv_flat10_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr):
+def _muon_adv_flat10_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_PARAM: tl.constexpr = 0
-    COL_WS_R0: tl.constexpr = 19
-    COL_WS_R1: tl.constexpr = 20
+    COL_WS_R0: tl.constexpr = 21
+    COL_WS_R1: tl.constexpr = 22
     p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
@@ -819,13 +819,13 @@ def _muon_adv_flat10(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads param, grad; accumulates _r0, _r1.
     """
-    COL_NUMEL: tl.constexpr = 13
+    COL_NUMEL: tl.constexpr = 15
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -834,21 +834,21 @@ def _muon_adv_flat10(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _muon_adv_flat10_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_momentum_buffer_scale)
+        _muon_adv_flat10_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_momentum_buffer_scale)
     else:
-        _muon_adv_flat10_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_momentum_buffer_scale)
+        _muon_adv_flat10_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_momentum_buffer_scale)
 
 
 # flat
 @triton.jit
-def _muon_adv_flat11_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr):
+def _muon_adv_flat11_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_PARAM: tl.constexpr = 0
-    COL_WS_R0: tl.constexpr = 19
-    COL_WS_R1: tl.constexpr = 20
-    COL_WS_R2: tl.constexpr = 21
-    COL_WS_R3: tl.constexpr = 22
-    COL_WS_ORTHO_G: tl.constexpr = 26
+    COL_WS_R0: tl.constexpr = 21
+    COL_WS_R1: tl.constexpr = 22
+    COL_WS_R2: tl.constexpr = 23
+    COL_WS_R3: tl.constexpr = 24
+    COL_WS_ORTHO_G: tl.constexpr = 28
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
@@ -879,13 +879,13 @@ def _muon_adv_flat11(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads grad, param, _r0, _r1; writes _ortho_g; accumulates _r2, _r3.
     """
-    COL_NUMEL: tl.constexpr = 13
+    COL_NUMEL: tl.constexpr = 15
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -894,20 +894,20 @@ def _muon_adv_flat11(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _muon_adv_flat11_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_momentum_buffer_scale)
+        _muon_adv_flat11_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_momentum_buffer_scale)
     else:
-        _muon_adv_flat11_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_momentum_buffer_scale)
+        _muon_adv_flat11_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_momentum_buffer_scale)
 
 
 # flat
 @triton.jit
-def _muon_adv_flat12_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr):
+def _muon_adv_flat12_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_MOMENTUM_BUFFER: tl.constexpr = 1
-    COL_WS_ORTHO_SCALE: tl.constexpr = 25
-    COL_WS_ORTHO_G: tl.constexpr = 26
-    COL_WS_UPDATE: tl.constexpr = 27
-    COL_WS_X0: tl.constexpr = 28
+    COL_WS_ORTHO_SCALE: tl.constexpr = 27
+    COL_WS_ORTHO_G: tl.constexpr = 28
+    COL_WS_UPDATE: tl.constexpr = 29
+    COL_WS_X0: tl.constexpr = 30
     HV_ONE_MINUS_BETA1: tl.constexpr = 0
     HV_BETA1: tl.constexpr = 1
     p_ortho_g = ws + tl.load(tab + t * TBL_W + COL_WS_ORTHO_G)
@@ -944,13 +944,13 @@ def _muon_adv_flat12(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads _ortho_g, _ortho_scale, grad, momentum_buffer; writes momentum_buffer, update, _x0.
     """
-    COL_NUMEL: tl.constexpr = 13
+    COL_NUMEL: tl.constexpr = 15
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -959,18 +959,18 @@ def _muon_adv_flat12(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _muon_adv_flat12_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_momentum_buffer_scale)
+        _muon_adv_flat12_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_momentum_buffer_scale)
     else:
-        _muon_adv_flat12_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_momentum_buffer_scale)
+        _muon_adv_flat12_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_momentum_buffer_scale)
 
 
 # flat
 @triton.jit
-def _muon_adv_flat13_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr):
+def _muon_adv_flat13_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
-    COL_WS_R4: tl.constexpr = 23
-    COL_WS_N0: tl.constexpr = 24
-    COL_WS_UPDATE: tl.constexpr = 27
+    COL_WS_R4: tl.constexpr = 25
+    COL_WS_N0: tl.constexpr = 26
+    COL_WS_UPDATE: tl.constexpr = 29
     p_n0 = ws + tl.load(tab + t * TBL_W + COL_WS_N0)
     p_update = ws + tl.load(tab + t * TBL_W + COL_WS_UPDATE)
     # update = _n0
@@ -987,13 +987,13 @@ def _muon_adv_flat13(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads _n0; writes update; accumulates _r4.
     """
-    COL_NUMEL: tl.constexpr = 13
+    COL_NUMEL: tl.constexpr = 15
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -1002,19 +1002,19 @@ def _muon_adv_flat13(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _muon_adv_flat13_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_momentum_buffer_scale)
+        _muon_adv_flat13_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_momentum_buffer_scale)
     else:
-        _muon_adv_flat13_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_momentum_buffer_scale)
+        _muon_adv_flat13_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_momentum_buffer_scale)
 
 
 # flat
 @triton.jit
-def _muon_adv_flat14_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr):
+def _muon_adv_flat14_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_PARAM: tl.constexpr = 0
-    COL_GIDX: tl.constexpr = 18
-    COL_WS_R4: tl.constexpr = 23
-    COL_WS_UPDATE: tl.constexpr = 27
+    COL_GIDX: tl.constexpr = 20
+    COL_WS_R4: tl.constexpr = 25
+    COL_WS_UPDATE: tl.constexpr = 29
     HV_K: tl.constexpr = 7
     HV_K191__B1__B5: tl.constexpr = 8
     HV_K192__B3__B7: tl.constexpr = 9
@@ -1061,13 +1061,13 @@ def _muon_adv_flat14(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads update, _r4, param; writes param.
     """
-    COL_NUMEL: tl.constexpr = 13
+    COL_NUMEL: tl.constexpr = 15
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -1076,18 +1076,18 @@ def _muon_adv_flat14(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _muon_adv_flat14_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_momentum_buffer_scale)
+        _muon_adv_flat14_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_momentum_buffer_scale)
     else:
-        _muon_adv_flat14_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_momentum_buffer_scale)
+        _muon_adv_flat14_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_momentum_buffer_scale)
 
 
 # flat
 @triton.jit
-def _muon_adv_flat15_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr):
+def _muon_adv_flat15_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_PARAM: tl.constexpr = 0
-    COL_WS_R4: tl.constexpr = 23
-    COL_WS_UPDATE: tl.constexpr = 27
+    COL_WS_R4: tl.constexpr = 25
+    COL_WS_UPDATE: tl.constexpr = 29
     HV_K: tl.constexpr = 7
     HV_K196__B1__B5: tl.constexpr = 8
     HV_K197__B3__B7: tl.constexpr = 9
@@ -1128,13 +1128,13 @@ def _muon_adv_flat15(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads update, _r4, param; writes param.
     """
-    COL_NUMEL: tl.constexpr = 13
+    COL_NUMEL: tl.constexpr = 15
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -1143,18 +1143,18 @@ def _muon_adv_flat15(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _muon_adv_flat15_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_momentum_buffer_scale)
+        _muon_adv_flat15_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_momentum_buffer_scale)
     else:
-        _muon_adv_flat15_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_momentum_buffer_scale)
+        _muon_adv_flat15_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_momentum_buffer_scale)
 
 
 # flat
 @triton.jit
-def _muon_adv_flat16_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr):
+def _muon_adv_flat16_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_MOMENTUM_BUFFER: tl.constexpr = 1
-    COL_WS_UPDATE: tl.constexpr = 21
-    COL_WS_X0: tl.constexpr = 22
+    COL_WS_UPDATE: tl.constexpr = 23
+    COL_WS_X0: tl.constexpr = 24
     HV_ONE_MINUS_BETA1: tl.constexpr = 0
     HV_BETA1: tl.constexpr = 1
     p_momentum_buffer = tl.load(tab + t * TBL_W + COL_MOMENTUM_BUFFER).to(tl.pointer_type(DT_momentum_buffer))
@@ -1185,13 +1185,13 @@ def _muon_adv_flat16(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads momentum_buffer, grad; writes momentum_buffer, update, _x0.
     """
-    COL_NUMEL: tl.constexpr = 13
+    COL_NUMEL: tl.constexpr = 15
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -1200,9 +1200,9 @@ def _muon_adv_flat16(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _muon_adv_flat16_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_momentum_buffer_scale)
+        _muon_adv_flat16_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_momentum_buffer_scale)
     else:
-        _muon_adv_flat16_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_momentum_buffer_scale)
+        _muon_adv_flat16_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_momentum_buffer_scale)
 
 
 # prologue
@@ -1211,12 +1211,12 @@ def _muon_adv_prologue2(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr,
 ):
     """Prologue: one program per tensor; counts the step, computes the host values in float64 and
     writes the 11 the passes read to hv.
     """
-    COL_GIDX: tl.constexpr = 18
+    COL_GIDX: tl.constexpr = 20
     HV_ONE_MINUS_ADAM_BETA1: tl.constexpr = 0
     HV_ADAM_BETA2: tl.constexpr = 1
     HV_ONE_MINUS_ADAM_BETA2: tl.constexpr = 2
@@ -1234,7 +1234,7 @@ def _muon_adv_prologue2(
     HYP_ADAM_USE_BIAS_CORRECTION: tl.constexpr = 9
     HYP_ADAM_WEIGHT_DECAY: tl.constexpr = 10
     HYP_CAUTIOUS_WD: tl.constexpr = 14
-    HYP_LR: tl.constexpr = 19
+    HYP_LR: tl.constexpr = 20
     t = tl.program_id(0)
     gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
@@ -1283,14 +1283,14 @@ def _muon_adv_prologue2(
 
 # flat
 @triton.jit
-def _muon_adv_flat17_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr):
+def _muon_adv_flat17_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_PARAM: tl.constexpr = 0
-    COL_WS_R0: tl.constexpr = 19
-    COL_WS_R1: tl.constexpr = 20
-    COL_WS_R2: tl.constexpr = 21
-    COL_WS_R3: tl.constexpr = 22
-    COL_WS_ORTHO_G: tl.constexpr = 24
+    COL_WS_R0: tl.constexpr = 21
+    COL_WS_R1: tl.constexpr = 22
+    COL_WS_R2: tl.constexpr = 23
+    COL_WS_R3: tl.constexpr = 24
+    COL_WS_ORTHO_G: tl.constexpr = 26
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
@@ -1321,13 +1321,13 @@ def _muon_adv_flat17(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads grad, param, _r0, _r1; writes ortho_g; accumulates _r2, _r3.
     """
-    COL_NUMEL: tl.constexpr = 13
+    COL_NUMEL: tl.constexpr = 15
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -1336,9 +1336,9 @@ def _muon_adv_flat17(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _muon_adv_flat17_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_momentum_buffer_scale)
+        _muon_adv_flat17_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_momentum_buffer_scale)
     else:
-        _muon_adv_flat17_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_momentum_buffer_scale)
+        _muon_adv_flat17_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_momentum_buffer_scale)
 
 
 # vec
@@ -1347,19 +1347,19 @@ def _muon_adv_vec1(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr,
 ):
     """Vector stage: one program per tensor, looping over its matrices and their rows / columns in
     blocks of VB.
 
     Reads _r2, _r3; writes ortho_scale.
     """
-    COL_B: tl.constexpr = 14
-    COL_M: tl.constexpr = 15
-    COL_N: tl.constexpr = 16
-    COL_WS_R2: tl.constexpr = 21
-    COL_WS_R3: tl.constexpr = 22
-    COL_WS_ORTHO_SCALE: tl.constexpr = 23
+    COL_B: tl.constexpr = 16
+    COL_M: tl.constexpr = 17
+    COL_N: tl.constexpr = 18
+    COL_WS_R2: tl.constexpr = 23
+    COL_WS_R3: tl.constexpr = 24
+    COL_WS_ORTHO_SCALE: tl.constexpr = 25
     t = tl.program_id(0)
     B = tl.load(tab + t * TBL_W + COL_B)
     M = tl.load(tab + t * TBL_W + COL_M)
@@ -1377,14 +1377,14 @@ def _muon_adv_vec1(
 
 # flat
 @triton.jit
-def _muon_adv_flat18_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr):
+def _muon_adv_flat18_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_PARAM: tl.constexpr = 0
     COL_EXP_AVG: tl.constexpr = 7
     COL_EXP_AVG_SQ: tl.constexpr = 8
-    COL_GIDX: tl.constexpr = 18
-    COL_WS_ORTHO_SCALE: tl.constexpr = 23
-    COL_WS_ORTHO_G: tl.constexpr = 24
+    COL_GIDX: tl.constexpr = 20
+    COL_WS_ORTHO_SCALE: tl.constexpr = 25
+    COL_WS_ORTHO_G: tl.constexpr = 26
     HV_ONE_MINUS_ADAM_BETA1: tl.constexpr = 0
     HV_ADAM_BETA2: tl.constexpr = 1
     HV_ONE_MINUS_ADAM_BETA2: tl.constexpr = 2
@@ -1466,13 +1466,13 @@ def _muon_adv_flat18(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads ortho_g, ortho_scale, grad, exp_avg, exp_avg_sq, param; writes exp_avg, exp_avg_sq, param.
     """
-    COL_NUMEL: tl.constexpr = 13
+    COL_NUMEL: tl.constexpr = 15
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -1481,9 +1481,9 @@ def _muon_adv_flat18(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _muon_adv_flat18_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_momentum_buffer_scale)
+        _muon_adv_flat18_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_momentum_buffer_scale)
     else:
-        _muon_adv_flat18_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_momentum_buffer_scale)
+        _muon_adv_flat18_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_momentum_buffer_scale)
 
 
 # prologue
@@ -1492,12 +1492,12 @@ def _muon_adv_prologue3(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr,
 ):
     """Prologue: one program per tensor; counts the step, computes the host values in float64 and
     writes the 10 the passes read to hv.
     """
-    COL_GIDX: tl.constexpr = 18
+    COL_GIDX: tl.constexpr = 20
     HV_ONE_MINUS_ADAM_BETA1: tl.constexpr = 0
     HV_ADAM_BETA2: tl.constexpr = 1
     HV_ONE_MINUS_ADAM_BETA2: tl.constexpr = 2
@@ -1514,7 +1514,7 @@ def _muon_adv_prologue3(
     HYP_ADAM_USE_BIAS_CORRECTION: tl.constexpr = 9
     HYP_ADAM_WEIGHT_DECAY: tl.constexpr = 10
     HYP_CAUTIOUS_WD: tl.constexpr = 14
-    HYP_LR: tl.constexpr = 19
+    HYP_LR: tl.constexpr = 20
     t = tl.program_id(0)
     gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
@@ -1561,13 +1561,13 @@ def _muon_adv_prologue3(
 
 # flat
 @triton.jit
-def _muon_adv_flat19_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr):
+def _muon_adv_flat19_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_PARAM: tl.constexpr = 0
     COL_EXP_AVG: tl.constexpr = 7
     COL_EXP_AVG_SQ: tl.constexpr = 8
-    COL_WS_ORTHO_SCALE: tl.constexpr = 23
-    COL_WS_ORTHO_G: tl.constexpr = 24
+    COL_WS_ORTHO_SCALE: tl.constexpr = 25
+    COL_WS_ORTHO_G: tl.constexpr = 26
     HV_ONE_MINUS_ADAM_BETA1: tl.constexpr = 0
     HV_ADAM_BETA2: tl.constexpr = 1
     HV_ONE_MINUS_ADAM_BETA2: tl.constexpr = 2
@@ -1643,13 +1643,13 @@ def _muon_adv_flat19(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads ortho_g, ortho_scale, grad, exp_avg, exp_avg_sq, param; writes exp_avg, exp_avg_sq, param.
     """
-    COL_NUMEL: tl.constexpr = 13
+    COL_NUMEL: tl.constexpr = 15
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -1658,19 +1658,19 @@ def _muon_adv_flat19(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _muon_adv_flat19_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_momentum_buffer_scale)
+        _muon_adv_flat19_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_momentum_buffer_scale)
     else:
-        _muon_adv_flat19_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_momentum_buffer_scale)
+        _muon_adv_flat19_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_momentum_buffer_scale)
 
 
 # flat
 @triton.jit
-def _muon_adv_flat20_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr):
+def _muon_adv_flat20_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_PARAM: tl.constexpr = 0
     COL_EXP_AVG: tl.constexpr = 7
     COL_EXP_AVG_SQ: tl.constexpr = 8
-    COL_GIDX: tl.constexpr = 18
+    COL_GIDX: tl.constexpr = 20
     HV_ONE_MINUS_ADAM_BETA1: tl.constexpr = 0
     HV_ADAM_BETA2: tl.constexpr = 1
     HV_ONE_MINUS_ADAM_BETA2: tl.constexpr = 2
@@ -1746,13 +1746,13 @@ def _muon_adv_flat20(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads exp_avg, grad, exp_avg_sq, param; writes exp_avg, exp_avg_sq, param.
     """
-    COL_NUMEL: tl.constexpr = 13
+    COL_NUMEL: tl.constexpr = 15
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -1761,14 +1761,14 @@ def _muon_adv_flat20(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _muon_adv_flat20_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_momentum_buffer_scale)
+        _muon_adv_flat20_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_momentum_buffer_scale)
     else:
-        _muon_adv_flat20_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_momentum_buffer_scale)
+        _muon_adv_flat20_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_momentum_buffer_scale)
 
 
 # flat
 @triton.jit
-def _muon_adv_flat21_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr):
+def _muon_adv_flat21_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_PARAM: tl.constexpr = 0
     COL_EXP_AVG: tl.constexpr = 7
@@ -1842,13 +1842,13 @@ def _muon_adv_flat21(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads exp_avg, grad, exp_avg_sq, param; writes exp_avg, exp_avg_sq, param.
     """
-    COL_NUMEL: tl.constexpr = 13
+    COL_NUMEL: tl.constexpr = 15
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -1857,9 +1857,9 @@ def _muon_adv_flat21(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _muon_adv_flat21_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_momentum_buffer_scale)
+        _muon_adv_flat21_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_momentum_buffer_scale)
     else:
-        _muon_adv_flat21_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_momentum_buffer_scale)
+        _muon_adv_flat21_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_spectral_v, DT_spectral_u, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_momentum_buffer_scale)
 
 
 KERNELS = {
@@ -1895,8 +1895,8 @@ KERNELS = {
 
 PLAN = {'dynamic': ['_c18',
              '_c19',
-             '_c23',
-             '_c30',
+             '_c25',
+             '_c32',
              '_k104',
              '_k130',
              '_k137',
@@ -1922,16 +1922,18 @@ PLAN = {'dynamic': ['_c18',
                       '_c14',
                       '_c15',
                       '_c20',
+                      '_c21',
                       '_c22',
                       '_c24',
-                      '_c25',
                       '_c26',
                       '_c27',
                       '_c28',
                       '_c29',
                       '_c3',
+                      '_c30',
                       '_c31',
                       '_c33',
+                      '_c35',
                       '_c5',
                       '_c6',
                       '_c7',
@@ -1953,6 +1955,7 @@ PLAN = {'dynamic': ['_c18',
                  ['beta2_normuon', None],
                  ['cautious_wd', None],
                  ['centered_wd', None],
+                 ['centered_wd_mode', None],
                  ['cns_a_bound', None],
                  ['compat_unscaled_factored', None],
                  ['low_rank_ortho', None],
@@ -1979,7 +1982,7 @@ PLAN = {'dynamic': ['_c18',
                  ['vector_reshape', None],
                  ['weight_decay', None]],
  'inputs': [],
- 'paths': {(('_c0', False), ('_c2', False), ('_c21', False), ('_c22', False), ('_c24', True), ('_c25', False), ('_c27', False), ('_c28', False), ('_c29', False), ('_c17', False), ('_c20', False)): {'columns': ['param',
+ 'paths': {(('_c0', False), ('_c2', False), ('_c23', False), ('_c24', False), ('_c26', True), ('_c27', False), ('_c29', False), ('_c30', False), ('_c31', False), ('_c17', False), ('_c20', False)): {'columns': ['param',
                                                                                                                                                                                                                   'state:momentum_buffer',
                                                                                                                                                                                                                   'state:mu_mbuf_nmf',
                                                                                                                                                                                                                   'state:mv_mbuf_nmf',
@@ -1991,6 +1994,8 @@ PLAN = {'dynamic': ['_c18',
                                                                                                                                                                                                                   'state:spectral_v',
                                                                                                                                                                                                                   'state:spectral_u',
                                                                                                                                                                                                                   'state:anchor_data',
+                                                                                                                                                                                                                  'state:anchor_scale',
+                                                                                                                                                                                                                  'state:anchor_min',
                                                                                                                                                                                                                   'state:momentum_buffer_scale',
                                                                                                                                                                                                                   'numel',
                                                                                                                                                                                                                   'B',
@@ -2008,7 +2013,7 @@ PLAN = {'dynamic': ['_c18',
                                                                                                                                                                                                              '_k215__b5__b9',
                                                                                                                                                                                                              '_k216__b7__b11',
                                                                                                                                                                                                              '_c19',
-                                                                                                                                                                                                             '_c30'],
+                                                                                                                                                                                                             '_c32'],
                                                                                                                                                                                                       'launches': [('_muon_adv_prologue3',
                                                                                                                                                                                                                     'prologue'),
                                                                                                                                                                                                                    ('_muon_adv_flat21',
@@ -2016,7 +2021,7 @@ PLAN = {'dynamic': ['_c18',
                                                                                                                                                                                                       'states': ['exp_avg',
                                                                                                                                                                                                                  'exp_avg_sq'],
                                                                                                                                                                                                       'temps': []},
-           (('_c0', False), ('_c2', False), ('_c21', False), ('_c22', False), ('_c24', True), ('_c25', False), ('_c27', False), ('_c28', False), ('_c29', False), ('_c17', True), ('_c20', False)): {'columns': ['param',
+           (('_c0', False), ('_c2', False), ('_c23', False), ('_c24', False), ('_c26', True), ('_c27', False), ('_c29', False), ('_c30', False), ('_c31', False), ('_c17', True), ('_c20', False)): {'columns': ['param',
                                                                                                                                                                                                                  'state:momentum_buffer',
                                                                                                                                                                                                                  'state:mu_mbuf_nmf',
                                                                                                                                                                                                                  'state:mv_mbuf_nmf',
@@ -2028,6 +2033,8 @@ PLAN = {'dynamic': ['_c18',
                                                                                                                                                                                                                  'state:spectral_v',
                                                                                                                                                                                                                  'state:spectral_u',
                                                                                                                                                                                                                  'state:anchor_data',
+                                                                                                                                                                                                                 'state:anchor_scale',
+                                                                                                                                                                                                                 'state:anchor_min',
                                                                                                                                                                                                                  'state:momentum_buffer_scale',
                                                                                                                                                                                                                  'numel',
                                                                                                                                                                                                                  'B',
@@ -2045,7 +2052,7 @@ PLAN = {'dynamic': ['_c18',
                                                                                                                                                                                                             '_k210__b5__b9',
                                                                                                                                                                                                             '_k211__b7__b11',
                                                                                                                                                                                                             '_c19',
-                                                                                                                                                                                                            '_c30',
+                                                                                                                                                                                                            '_c32',
                                                                                                                                                                                                             '_k214'],
                                                                                                                                                                                                      'launches': [('_muon_adv_prologue2',
                                                                                                                                                                                                                    'prologue'),
@@ -2054,7 +2061,7 @@ PLAN = {'dynamic': ['_c18',
                                                                                                                                                                                                      'states': ['exp_avg',
                                                                                                                                                                                                                 'exp_avg_sq'],
                                                                                                                                                                                                      'temps': []},
-           (('_c0', False), ('_c2', False), ('_c21', True), ('_c24', True), ('_c25', False), ('_c27', False), ('_c28', False), ('_c29', False), ('_c17', False), ('_c20', False)): {'columns': ['param',
+           (('_c0', False), ('_c2', False), ('_c23', True), ('_c26', True), ('_c27', False), ('_c29', False), ('_c30', False), ('_c31', False), ('_c17', False), ('_c20', False)): {'columns': ['param',
                                                                                                                                                                                                 'state:momentum_buffer',
                                                                                                                                                                                                 'state:mu_mbuf_nmf',
                                                                                                                                                                                                 'state:mv_mbuf_nmf',
@@ -2066,6 +2073,8 @@ PLAN = {'dynamic': ['_c18',
                                                                                                                                                                                                 'state:spectral_v',
                                                                                                                                                                                                 'state:spectral_u',
                                                                                                                                                                                                 'state:anchor_data',
+                                                                                                                                                                                                'state:anchor_scale',
+                                                                                                                                                                                                'state:anchor_min',
                                                                                                                                                                                                 'state:momentum_buffer_scale',
                                                                                                                                                                                                 'numel',
                                                                                                                                                                                                 'B',
@@ -2089,7 +2098,7 @@ PLAN = {'dynamic': ['_c18',
                                                                                                                                                                                            '_k215__b5__b9',
                                                                                                                                                                                            '_k216__b7__b11',
                                                                                                                                                                                            '_c19',
-                                                                                                                                                                                           '_c30'],
+                                                                                                                                                                                           '_c32'],
                                                                                                                                                                                     'launches': [('_muon_adv_prologue3',
                                                                                                                                                                                                   'prologue'),
                                                                                                                                                                                                  ('_muon_adv_flat10',
@@ -2120,7 +2129,7 @@ PLAN = {'dynamic': ['_c18',
                                                                                                                                                                                               ('ortho_g',
                                                                                                                                                                                                'element',
                                                                                                                                                                                                False)]},
-           (('_c0', False), ('_c2', False), ('_c21', True), ('_c24', True), ('_c25', False), ('_c27', False), ('_c28', False), ('_c29', False), ('_c17', True), ('_c20', False)): {'columns': ['param',
+           (('_c0', False), ('_c2', False), ('_c23', True), ('_c26', True), ('_c27', False), ('_c29', False), ('_c30', False), ('_c31', False), ('_c17', True), ('_c20', False)): {'columns': ['param',
                                                                                                                                                                                                'state:momentum_buffer',
                                                                                                                                                                                                'state:mu_mbuf_nmf',
                                                                                                                                                                                                'state:mv_mbuf_nmf',
@@ -2132,6 +2141,8 @@ PLAN = {'dynamic': ['_c18',
                                                                                                                                                                                                'state:spectral_v',
                                                                                                                                                                                                'state:spectral_u',
                                                                                                                                                                                                'state:anchor_data',
+                                                                                                                                                                                               'state:anchor_scale',
+                                                                                                                                                                                               'state:anchor_min',
                                                                                                                                                                                                'state:momentum_buffer_scale',
                                                                                                                                                                                                'numel',
                                                                                                                                                                                                'B',
@@ -2155,7 +2166,7 @@ PLAN = {'dynamic': ['_c18',
                                                                                                                                                                                           '_k210__b5__b9',
                                                                                                                                                                                           '_k211__b7__b11',
                                                                                                                                                                                           '_c19',
-                                                                                                                                                                                          '_c30',
+                                                                                                                                                                                          '_c32',
                                                                                                                                                                                           '_k214'],
                                                                                                                                                                                    'launches': [('_muon_adv_prologue2',
                                                                                                                                                                                                  'prologue'),
@@ -2187,7 +2198,7 @@ PLAN = {'dynamic': ['_c18',
                                                                                                                                                                                              ('ortho_g',
                                                                                                                                                                                               'element',
                                                                                                                                                                                               False)]},
-           (('_c0', False), ('_c2', True), ('_c31', False), ('_c33', False), ('_c3', False), ('_c34', False), ('_c4', False), ('_c5', False), ('_c6', True), ('_c7', True), ('_c8', False), ('_c9', False), ('_c11', False), ('_c12', False), ('_c13', True), ('_c14', True), ('_c17', False), ('_c20', False)): {'calls': [{'args': [['var',
+           (('_c0', False), ('_c2', True), ('_c33', False), ('_c35', False), ('_c3', False), ('_c36', False), ('_c4', False), ('_c5', False), ('_c6', True), ('_c7', True), ('_c8', False), ('_c9', False), ('_c11', False), ('_c12', False), ('_c13', True), ('_c14', True), ('_c17', False), ('_c20', False)): {'calls': [{'args': [['var',
                                                                                                                                                                                                                                                                                                                                        '_k180'],
                                                                                                                                                                                                                                                                                                                                       ['var',
                                                                                                                                                                                                                                                                                                                                        'ns_eps_eff'],
@@ -2212,6 +2223,8 @@ PLAN = {'dynamic': ['_c18',
                                                                                                                                                                                                                                                                                                                               'state:spectral_v',
                                                                                                                                                                                                                                                                                                                               'state:spectral_u',
                                                                                                                                                                                                                                                                                                                               'state:anchor_data',
+                                                                                                                                                                                                                                                                                                                              'state:anchor_scale',
+                                                                                                                                                                                                                                                                                                                              'state:anchor_min',
                                                                                                                                                                                                                                                                                                                               'state:momentum_buffer_scale',
                                                                                                                                                                                                                                                                                                                               'numel',
                                                                                                                                                                                                                                                                                                                               'B',
@@ -2259,7 +2272,7 @@ PLAN = {'dynamic': ['_c18',
                                                                                                                                                                                                                                                                                                                             ('_x0',
                                                                                                                                                                                                                                                                                                                              'element',
                                                                                                                                                                                                                                                                                                                              False)]},
-           (('_c0', False), ('_c2', True), ('_c31', False), ('_c33', False), ('_c3', False), ('_c34', False), ('_c4', False), ('_c5', False), ('_c6', True), ('_c7', True), ('_c8', False), ('_c9', False), ('_c11', False), ('_c12', False), ('_c13', True), ('_c14', True), ('_c17', True), ('_c20', False)): {'calls': [{'args': [['var',
+           (('_c0', False), ('_c2', True), ('_c33', False), ('_c35', False), ('_c3', False), ('_c36', False), ('_c4', False), ('_c5', False), ('_c6', True), ('_c7', True), ('_c8', False), ('_c9', False), ('_c11', False), ('_c12', False), ('_c13', True), ('_c14', True), ('_c17', True), ('_c20', False)): {'calls': [{'args': [['var',
                                                                                                                                                                                                                                                                                                                                       '_k180'],
                                                                                                                                                                                                                                                                                                                                      ['var',
                                                                                                                                                                                                                                                                                                                                       'ns_eps_eff'],
@@ -2284,6 +2297,8 @@ PLAN = {'dynamic': ['_c18',
                                                                                                                                                                                                                                                                                                                              'state:spectral_v',
                                                                                                                                                                                                                                                                                                                              'state:spectral_u',
                                                                                                                                                                                                                                                                                                                              'state:anchor_data',
+                                                                                                                                                                                                                                                                                                                             'state:anchor_scale',
+                                                                                                                                                                                                                                                                                                                             'state:anchor_min',
                                                                                                                                                                                                                                                                                                                              'state:momentum_buffer_scale',
                                                                                                                                                                                                                                                                                                                              'numel',
                                                                                                                                                                                                                                                                                                                              'B',
@@ -2332,7 +2347,7 @@ PLAN = {'dynamic': ['_c18',
                                                                                                                                                                                                                                                                                                                            ('_x0',
                                                                                                                                                                                                                                                                                                                             'element',
                                                                                                                                                                                                                                                                                                                             False)]},
-           (('_c0', False), ('_c2', True), ('_c31', False), ('_c33', False), ('_c3', False), ('_c34', False), ('_c4', True), ('_c6', True), ('_c7', True), ('_c8', False), ('_c9', False), ('_c11', False), ('_c12', False), ('_c13', True), ('_c14', True), ('_c17', False), ('_c20', False)): {'calls': [{'args': [['var',
+           (('_c0', False), ('_c2', True), ('_c33', False), ('_c35', False), ('_c3', False), ('_c36', False), ('_c4', True), ('_c6', True), ('_c7', True), ('_c8', False), ('_c9', False), ('_c11', False), ('_c12', False), ('_c13', True), ('_c14', True), ('_c17', False), ('_c20', False)): {'calls': [{'args': [['var',
                                                                                                                                                                                                                                                                                                                       '_k180'],
                                                                                                                                                                                                                                                                                                                      ['var',
                                                                                                                                                                                                                                                                                                                       'ns_eps_eff'],
@@ -2357,6 +2372,8 @@ PLAN = {'dynamic': ['_c18',
                                                                                                                                                                                                                                                                                                              'state:spectral_v',
                                                                                                                                                                                                                                                                                                              'state:spectral_u',
                                                                                                                                                                                                                                                                                                              'state:anchor_data',
+                                                                                                                                                                                                                                                                                                             'state:anchor_scale',
+                                                                                                                                                                                                                                                                                                             'state:anchor_min',
                                                                                                                                                                                                                                                                                                              'state:momentum_buffer_scale',
                                                                                                                                                                                                                                                                                                              'numel',
                                                                                                                                                                                                                                                                                                              'B',
@@ -2434,7 +2451,7 @@ PLAN = {'dynamic': ['_c18',
                                                                                                                                                                                                                                                                                                            ('_x0',
                                                                                                                                                                                                                                                                                                             'element',
                                                                                                                                                                                                                                                                                                             False)]},
-           (('_c0', False), ('_c2', True), ('_c31', False), ('_c33', False), ('_c3', False), ('_c34', False), ('_c4', True), ('_c6', True), ('_c7', True), ('_c8', False), ('_c9', False), ('_c11', False), ('_c12', False), ('_c13', True), ('_c14', True), ('_c17', True), ('_c20', False)): {'calls': [{'args': [['var',
+           (('_c0', False), ('_c2', True), ('_c33', False), ('_c35', False), ('_c3', False), ('_c36', False), ('_c4', True), ('_c6', True), ('_c7', True), ('_c8', False), ('_c9', False), ('_c11', False), ('_c12', False), ('_c13', True), ('_c14', True), ('_c17', True), ('_c20', False)): {'calls': [{'args': [['var',
                                                                                                                                                                                                                                                                                                                      '_k180'],
                                                                                                                                                                                                                                                                                                                     ['var',
                                                                                                                                                                                                                                                                                                                      'ns_eps_eff'],
@@ -2459,6 +2476,8 @@ PLAN = {'dynamic': ['_c18',
                                                                                                                                                                                                                                                                                                             'state:spectral_v',
                                                                                                                                                                                                                                                                                                             'state:spectral_u',
                                                                                                                                                                                                                                                                                                             'state:anchor_data',
+                                                                                                                                                                                                                                                                                                            'state:anchor_scale',
+                                                                                                                                                                                                                                                                                                            'state:anchor_min',
                                                                                                                                                                                                                                                                                                             'state:momentum_buffer_scale',
                                                                                                                                                                                                                                                                                                             'numel',
                                                                                                                                                                                                                                                                                                             'B',
@@ -2537,7 +2556,7 @@ PLAN = {'dynamic': ['_c18',
                                                                                                                                                                                                                                                                                                           ('_x0',
                                                                                                                                                                                                                                                                                                            'element',
                                                                                                                                                                                                                                                                                                            False)]},
-           (('_c0', False), ('_c2', True), ('_c31', False), ('_c33', False), ('_c3', False), ('_c34', True), ('_c4', False), ('_c5', False), ('_c6', True), ('_c7', True), ('_c8', False), ('_c9', False), ('_c11', False), ('_c12', False), ('_c13', True), ('_c14', True), ('_c17', False), ('_c20', False)): {'calls': [{'args': [['var',
+           (('_c0', False), ('_c2', True), ('_c33', False), ('_c35', False), ('_c3', False), ('_c36', True), ('_c4', False), ('_c5', False), ('_c6', True), ('_c7', True), ('_c8', False), ('_c9', False), ('_c11', False), ('_c12', False), ('_c13', True), ('_c14', True), ('_c17', False), ('_c20', False)): {'calls': [{'args': [['var',
                                                                                                                                                                                                                                                                                                                                       '_k180'],
                                                                                                                                                                                                                                                                                                                                      ['var',
                                                                                                                                                                                                                                                                                                                                       'ns_eps_eff'],
@@ -2562,6 +2581,8 @@ PLAN = {'dynamic': ['_c18',
                                                                                                                                                                                                                                                                                                                              'state:spectral_v',
                                                                                                                                                                                                                                                                                                                              'state:spectral_u',
                                                                                                                                                                                                                                                                                                                              'state:anchor_data',
+                                                                                                                                                                                                                                                                                                                             'state:anchor_scale',
+                                                                                                                                                                                                                                                                                                                             'state:anchor_min',
                                                                                                                                                                                                                                                                                                                              'state:momentum_buffer_scale',
                                                                                                                                                                                                                                                                                                                              'numel',
                                                                                                                                                                                                                                                                                                                              'B',
@@ -2609,7 +2630,7 @@ PLAN = {'dynamic': ['_c18',
                                                                                                                                                                                                                                                                                                                            ('_x0',
                                                                                                                                                                                                                                                                                                                             'element',
                                                                                                                                                                                                                                                                                                                             False)]},
-           (('_c0', False), ('_c2', True), ('_c31', False), ('_c33', False), ('_c3', False), ('_c34', True), ('_c4', False), ('_c5', False), ('_c6', True), ('_c7', True), ('_c8', False), ('_c9', False), ('_c11', False), ('_c12', False), ('_c13', True), ('_c14', True), ('_c17', True), ('_c20', False)): {'calls': [{'args': [['var',
+           (('_c0', False), ('_c2', True), ('_c33', False), ('_c35', False), ('_c3', False), ('_c36', True), ('_c4', False), ('_c5', False), ('_c6', True), ('_c7', True), ('_c8', False), ('_c9', False), ('_c11', False), ('_c12', False), ('_c13', True), ('_c14', True), ('_c17', True), ('_c20', False)): {'calls': [{'args': [['var',
                                                                                                                                                                                                                                                                                                                                      '_k180'],
                                                                                                                                                                                                                                                                                                                                     ['var',
                                                                                                                                                                                                                                                                                                                                      'ns_eps_eff'],
@@ -2634,6 +2655,8 @@ PLAN = {'dynamic': ['_c18',
                                                                                                                                                                                                                                                                                                                             'state:spectral_v',
                                                                                                                                                                                                                                                                                                                             'state:spectral_u',
                                                                                                                                                                                                                                                                                                                             'state:anchor_data',
+                                                                                                                                                                                                                                                                                                                            'state:anchor_scale',
+                                                                                                                                                                                                                                                                                                                            'state:anchor_min',
                                                                                                                                                                                                                                                                                                                             'state:momentum_buffer_scale',
                                                                                                                                                                                                                                                                                                                             'numel',
                                                                                                                                                                                                                                                                                                                             'B',
@@ -2682,7 +2705,7 @@ PLAN = {'dynamic': ['_c18',
                                                                                                                                                                                                                                                                                                                           ('_x0',
                                                                                                                                                                                                                                                                                                                            'element',
                                                                                                                                                                                                                                                                                                                            False)]},
-           (('_c0', False), ('_c2', True), ('_c31', False), ('_c33', False), ('_c3', False), ('_c34', True), ('_c4', True), ('_c6', True), ('_c7', True), ('_c8', False), ('_c9', False), ('_c11', False), ('_c12', False), ('_c13', True), ('_c14', True), ('_c17', False), ('_c20', False)): {'calls': [{'args': [['var',
+           (('_c0', False), ('_c2', True), ('_c33', False), ('_c35', False), ('_c3', False), ('_c36', True), ('_c4', True), ('_c6', True), ('_c7', True), ('_c8', False), ('_c9', False), ('_c11', False), ('_c12', False), ('_c13', True), ('_c14', True), ('_c17', False), ('_c20', False)): {'calls': [{'args': [['var',
                                                                                                                                                                                                                                                                                                                      '_k180'],
                                                                                                                                                                                                                                                                                                                     ['var',
                                                                                                                                                                                                                                                                                                                      'ns_eps_eff'],
@@ -2707,6 +2730,8 @@ PLAN = {'dynamic': ['_c18',
                                                                                                                                                                                                                                                                                                             'state:spectral_v',
                                                                                                                                                                                                                                                                                                             'state:spectral_u',
                                                                                                                                                                                                                                                                                                             'state:anchor_data',
+                                                                                                                                                                                                                                                                                                            'state:anchor_scale',
+                                                                                                                                                                                                                                                                                                            'state:anchor_min',
                                                                                                                                                                                                                                                                                                             'state:momentum_buffer_scale',
                                                                                                                                                                                                                                                                                                             'numel',
                                                                                                                                                                                                                                                                                                             'B',
@@ -2788,7 +2813,7 @@ PLAN = {'dynamic': ['_c18',
                                                                                                                                                                                                                                                                                                           ('_x0',
                                                                                                                                                                                                                                                                                                            'element',
                                                                                                                                                                                                                                                                                                            False)]},
-           (('_c0', False), ('_c2', True), ('_c31', False), ('_c33', False), ('_c3', False), ('_c34', True), ('_c4', True), ('_c6', True), ('_c7', True), ('_c8', False), ('_c9', False), ('_c11', False), ('_c12', False), ('_c13', True), ('_c14', True), ('_c17', True), ('_c20', False)): {'calls': [{'args': [['var',
+           (('_c0', False), ('_c2', True), ('_c33', False), ('_c35', False), ('_c3', False), ('_c36', True), ('_c4', True), ('_c6', True), ('_c7', True), ('_c8', False), ('_c9', False), ('_c11', False), ('_c12', False), ('_c13', True), ('_c14', True), ('_c17', True), ('_c20', False)): {'calls': [{'args': [['var',
                                                                                                                                                                                                                                                                                                                     '_k180'],
                                                                                                                                                                                                                                                                                                                    ['var',
                                                                                                                                                                                                                                                                                                                     'ns_eps_eff'],
@@ -2813,6 +2838,8 @@ PLAN = {'dynamic': ['_c18',
                                                                                                                                                                                                                                                                                                            'state:spectral_v',
                                                                                                                                                                                                                                                                                                            'state:spectral_u',
                                                                                                                                                                                                                                                                                                            'state:anchor_data',
+                                                                                                                                                                                                                                                                                                           'state:anchor_scale',
+                                                                                                                                                                                                                                                                                                           'state:anchor_min',
                                                                                                                                                                                                                                                                                                            'state:momentum_buffer_scale',
                                                                                                                                                                                                                                                                                                            'numel',
                                                                                                                                                                                                                                                                                                            'B',

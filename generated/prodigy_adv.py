@@ -103,6 +103,12 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                 else:
                     s = s * beta3_used + d / d0 * dlr * gs
                 den += sum(abs(s))
+            if centered_wd != 0 and fisher_wd:
+                if use_atan2:
+                    cwd_fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                else:
+                    cwd_fisher = 1 / denom
+                    cwd_fisher = cwd_fisher / maximum(sqrt(mean((param * cwd_fisher) ** 2)) / 1.0, 1.0)
             if stochastic_rounding and bf16 != 0:
                 param_fp32 = float32(param)
                 update_fp32 = float32(update)
@@ -124,11 +130,24 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                         else:
                             param_fp32 = param_fp32 - weight_decay * dlr * param_fp32
                 if centered_wd != 0:
-                    cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                    if cautious_wd:
-                        param_fp32 = param_fp32 - centered_wd * dlr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                    if centered_wd_mode == 'int8':
+                        cwd_target = param_fp32 - cast(decode(), param_fp32)
                     else:
-                        param_fp32 = param_fp32 - centered_wd * dlr * cwd_target
+                        if centered_wd_mode == 'int4':
+                            cwd_target = param_fp32 - cast(decode(), param_fp32)
+                        else:
+                            cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                    if fisher_wd:
+                        cwd_fisher_scaled = cwd_fisher * (centered_wd * dlr)
+                        if cautious_wd:
+                            param_fp32 = param_fp32 - cwd_target * (where(update_fp32 * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                        else:
+                            param_fp32 = param_fp32 - cwd_target * cwd_fisher_scaled
+                    else:
+                        if cautious_wd:
+                            param_fp32 = param_fp32 - centered_wd * dlr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                        else:
+                            param_fp32 = param_fp32 - centered_wd * dlr * cwd_target
                 param_fp32 = param_fp32 + -update_fp32
                 param = stochastic_round(param_fp32, step)
             else:
@@ -150,11 +169,24 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                         else:
                             param = param - weight_decay * dlr * param
                 if centered_wd != 0:
-                    cwd_target = param - cast(anchor_data, param)
-                    if cautious_wd:
-                        param = param - centered_wd * dlr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                    if centered_wd_mode == 'int8':
+                        cwd_target = param - cast(decode(), param)
                     else:
-                        param = param - centered_wd * dlr * cwd_target
+                        if centered_wd_mode == 'int4':
+                            cwd_target = param - cast(decode(), param)
+                        else:
+                            cwd_target = param - cast(anchor_data, param)
+                    if fisher_wd:
+                        cwd_fisher_scaled = cwd_fisher * (centered_wd * dlr)
+                        if cautious_wd:
+                            param = param - cwd_target * (where(update * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                        else:
+                            param = param - cwd_target * cwd_fisher_scaled
+                    else:
+                        if cautious_wd:
+                            param = param - centered_wd * dlr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                        else:
+                            param = param - centered_wd * dlr * cwd_target
                 param = param + -update
         else:
             grad = float32(grad)
@@ -222,6 +254,12 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                 else:
                     s = s * beta3_used + d / d0 * dlr * gs
                 den += sum(abs(s))
+            if centered_wd != 0 and fisher_wd:
+                if use_atan2:
+                    cwd_fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                else:
+                    cwd_fisher = 1 / denom
+                    cwd_fisher = cwd_fisher / maximum(sqrt(mean((param * cwd_fisher) ** 2)) / 1.0, 1.0)
             if stochastic_rounding and bf16 != 0:
                 param_fp32 = float32(param)
                 update_fp32 = float32(update)
@@ -243,11 +281,24 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                         else:
                             param_fp32 = param_fp32 - weight_decay * dlr * param_fp32
                 if centered_wd != 0:
-                    cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                    if cautious_wd:
-                        param_fp32 = param_fp32 - centered_wd * dlr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                    if centered_wd_mode == 'int8':
+                        cwd_target = param_fp32 - cast(decode(), param_fp32)
                     else:
-                        param_fp32 = param_fp32 - centered_wd * dlr * cwd_target
+                        if centered_wd_mode == 'int4':
+                            cwd_target = param_fp32 - cast(decode(), param_fp32)
+                        else:
+                            cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                    if fisher_wd:
+                        cwd_fisher_scaled = cwd_fisher * (centered_wd * dlr)
+                        if cautious_wd:
+                            param_fp32 = param_fp32 - cwd_target * (where(update_fp32 * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                        else:
+                            param_fp32 = param_fp32 - cwd_target * cwd_fisher_scaled
+                    else:
+                        if cautious_wd:
+                            param_fp32 = param_fp32 - centered_wd * dlr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                        else:
+                            param_fp32 = param_fp32 - centered_wd * dlr * cwd_target
                 param_fp32 = param_fp32 + -update_fp32
                 param = stochastic_round(param_fp32, step)
             else:
@@ -269,11 +320,24 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                         else:
                             param = param - weight_decay * dlr * param
                 if centered_wd != 0:
-                    cwd_target = param - cast(anchor_data, param)
-                    if cautious_wd:
-                        param = param - centered_wd * dlr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                    if centered_wd_mode == 'int8':
+                        cwd_target = param - cast(decode(), param)
                     else:
-                        param = param - centered_wd * dlr * cwd_target
+                        if centered_wd_mode == 'int4':
+                            cwd_target = param - cast(decode(), param)
+                        else:
+                            cwd_target = param - cast(anchor_data, param)
+                    if fisher_wd:
+                        cwd_fisher_scaled = cwd_fisher * (centered_wd * dlr)
+                        if cautious_wd:
+                            param = param - cwd_target * (where(update * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                        else:
+                            param = param - cwd_target * cwd_fisher_scaled
+                    else:
+                        if cautious_wd:
+                            param = param - centered_wd * dlr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                        else:
+                            param = param - centered_wd * dlr * cwd_target
                 param = param + -update
     else:
         if factored_2nd:
@@ -357,6 +421,12 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                         else:
                             s = s * beta3_used + d / d0 * dlr * gs
                         den += sum(abs(s))
+                    if centered_wd != 0 and fisher_wd:
+                        if use_atan2:
+                            cwd_fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                        else:
+                            cwd_fisher = 1 / denom
+                            cwd_fisher = cwd_fisher / maximum(sqrt(mean((param * cwd_fisher) ** 2)) / 1.0, 1.0)
                     if stochastic_rounding and bf16 != 0:
                         param_fp32 = float32(param)
                         update_fp32 = float32(update)
@@ -378,11 +448,24 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                                 else:
                                     param_fp32 = param_fp32 - weight_decay * dlr * param_fp32
                         if centered_wd != 0:
-                            cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                            if cautious_wd:
-                                param_fp32 = param_fp32 - centered_wd * dlr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                            if centered_wd_mode == 'int8':
+                                cwd_target = param_fp32 - cast(decode(), param_fp32)
                             else:
-                                param_fp32 = param_fp32 - centered_wd * dlr * cwd_target
+                                if centered_wd_mode == 'int4':
+                                    cwd_target = param_fp32 - cast(decode(), param_fp32)
+                                else:
+                                    cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                            if fisher_wd:
+                                cwd_fisher_scaled = cwd_fisher * (centered_wd * dlr)
+                                if cautious_wd:
+                                    param_fp32 = param_fp32 - cwd_target * (where(update_fp32 * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                                else:
+                                    param_fp32 = param_fp32 - cwd_target * cwd_fisher_scaled
+                            else:
+                                if cautious_wd:
+                                    param_fp32 = param_fp32 - centered_wd * dlr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                                else:
+                                    param_fp32 = param_fp32 - centered_wd * dlr * cwd_target
                         param_fp32 = param_fp32 + -update_fp32
                         param = stochastic_round(param_fp32, step)
                     else:
@@ -404,11 +487,24 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                                 else:
                                     param = param - weight_decay * dlr * param
                         if centered_wd != 0:
-                            cwd_target = param - cast(anchor_data, param)
-                            if cautious_wd:
-                                param = param - centered_wd * dlr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                            if centered_wd_mode == 'int8':
+                                cwd_target = param - cast(decode(), param)
                             else:
-                                param = param - centered_wd * dlr * cwd_target
+                                if centered_wd_mode == 'int4':
+                                    cwd_target = param - cast(decode(), param)
+                                else:
+                                    cwd_target = param - cast(anchor_data, param)
+                            if fisher_wd:
+                                cwd_fisher_scaled = cwd_fisher * (centered_wd * dlr)
+                                if cautious_wd:
+                                    param = param - cwd_target * (where(update * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                                else:
+                                    param = param - cwd_target * cwd_fisher_scaled
+                            else:
+                                if cautious_wd:
+                                    param = param - centered_wd * dlr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                                else:
+                                    param = param - centered_wd * dlr * cwd_target
                         param = param + -update
                 else:
                     if state_precision == 'int8_sr' and not nnmf_factor:
@@ -490,6 +586,12 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                             else:
                                 s = s * beta3_used + d / d0 * dlr * gs
                             den += sum(abs(s))
+                        if centered_wd != 0 and fisher_wd:
+                            if use_atan2:
+                                cwd_fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                            else:
+                                cwd_fisher = 1 / denom
+                                cwd_fisher = cwd_fisher / maximum(sqrt(mean((param * cwd_fisher) ** 2)) / 1.0, 1.0)
                         if stochastic_rounding and bf16 != 0:
                             param_fp32 = float32(param)
                             update_fp32 = float32(update)
@@ -511,11 +613,24 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                                     else:
                                         param_fp32 = param_fp32 - weight_decay * dlr * param_fp32
                             if centered_wd != 0:
-                                cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                                if cautious_wd:
-                                    param_fp32 = param_fp32 - centered_wd * dlr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                                if centered_wd_mode == 'int8':
+                                    cwd_target = param_fp32 - cast(decode(), param_fp32)
                                 else:
-                                    param_fp32 = param_fp32 - centered_wd * dlr * cwd_target
+                                    if centered_wd_mode == 'int4':
+                                        cwd_target = param_fp32 - cast(decode(), param_fp32)
+                                    else:
+                                        cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                if fisher_wd:
+                                    cwd_fisher_scaled = cwd_fisher * (centered_wd * dlr)
+                                    if cautious_wd:
+                                        param_fp32 = param_fp32 - cwd_target * (where(update_fp32 * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                                    else:
+                                        param_fp32 = param_fp32 - cwd_target * cwd_fisher_scaled
+                                else:
+                                    if cautious_wd:
+                                        param_fp32 = param_fp32 - centered_wd * dlr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                                    else:
+                                        param_fp32 = param_fp32 - centered_wd * dlr * cwd_target
                             param_fp32 = param_fp32 + -update_fp32
                             param = stochastic_round(param_fp32, step)
                         else:
@@ -537,11 +652,24 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                                     else:
                                         param = param - weight_decay * dlr * param
                             if centered_wd != 0:
-                                cwd_target = param - cast(anchor_data, param)
-                                if cautious_wd:
-                                    param = param - centered_wd * dlr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                                if centered_wd_mode == 'int8':
+                                    cwd_target = param - cast(decode(), param)
                                 else:
-                                    param = param - centered_wd * dlr * cwd_target
+                                    if centered_wd_mode == 'int4':
+                                        cwd_target = param - cast(decode(), param)
+                                    else:
+                                        cwd_target = param - cast(anchor_data, param)
+                                if fisher_wd:
+                                    cwd_fisher_scaled = cwd_fisher * (centered_wd * dlr)
+                                    if cautious_wd:
+                                        param = param - cwd_target * (where(update * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                                    else:
+                                        param = param - cwd_target * cwd_fisher_scaled
+                                else:
+                                    if cautious_wd:
+                                        param = param - centered_wd * dlr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                                    else:
+                                        param = param - centered_wd * dlr * cwd_target
                             param = param + -update
                     else:
                         if (state_precision == 'fp32' and not nnmf_factor) and (beta1 > 0 and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape)) or not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape) or not (state_precision == 'factored' or nnmf_factor) and (factored_2nd and ((ndim != 1 or vector_reshape) and not (spectral_normalization and ndim >= 3))))):
@@ -620,6 +748,12 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                             else:
                                 s = s * beta3_used + d / d0 * dlr * gs
                             den += sum(abs(s))
+                        if centered_wd != 0 and fisher_wd:
+                            if use_atan2:
+                                cwd_fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                            else:
+                                cwd_fisher = 1 / denom
+                                cwd_fisher = cwd_fisher / maximum(sqrt(mean((param * cwd_fisher) ** 2)) / 1.0, 1.0)
                         if stochastic_rounding and bf16 != 0:
                             param_fp32 = float32(param)
                             update_fp32 = float32(update)
@@ -641,11 +775,24 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                                     else:
                                         param_fp32 = param_fp32 - weight_decay * dlr * param_fp32
                             if centered_wd != 0:
-                                cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                                if cautious_wd:
-                                    param_fp32 = param_fp32 - centered_wd * dlr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                                if centered_wd_mode == 'int8':
+                                    cwd_target = param_fp32 - cast(decode(), param_fp32)
                                 else:
-                                    param_fp32 = param_fp32 - centered_wd * dlr * cwd_target
+                                    if centered_wd_mode == 'int4':
+                                        cwd_target = param_fp32 - cast(decode(), param_fp32)
+                                    else:
+                                        cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                if fisher_wd:
+                                    cwd_fisher_scaled = cwd_fisher * (centered_wd * dlr)
+                                    if cautious_wd:
+                                        param_fp32 = param_fp32 - cwd_target * (where(update_fp32 * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                                    else:
+                                        param_fp32 = param_fp32 - cwd_target * cwd_fisher_scaled
+                                else:
+                                    if cautious_wd:
+                                        param_fp32 = param_fp32 - centered_wd * dlr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                                    else:
+                                        param_fp32 = param_fp32 - centered_wd * dlr * cwd_target
                             param_fp32 = param_fp32 + -update_fp32
                             param = stochastic_round(param_fp32, step)
                         else:
@@ -667,11 +814,24 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                                     else:
                                         param = param - weight_decay * dlr * param
                             if centered_wd != 0:
-                                cwd_target = param - cast(anchor_data, param)
-                                if cautious_wd:
-                                    param = param - centered_wd * dlr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                                if centered_wd_mode == 'int8':
+                                    cwd_target = param - cast(decode(), param)
                                 else:
-                                    param = param - centered_wd * dlr * cwd_target
+                                    if centered_wd_mode == 'int4':
+                                        cwd_target = param - cast(decode(), param)
+                                    else:
+                                        cwd_target = param - cast(anchor_data, param)
+                                if fisher_wd:
+                                    cwd_fisher_scaled = cwd_fisher * (centered_wd * dlr)
+                                    if cautious_wd:
+                                        param = param - cwd_target * (where(update * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                                    else:
+                                        param = param - cwd_target * cwd_fisher_scaled
+                                else:
+                                    if cautious_wd:
+                                        param = param - centered_wd * dlr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                                    else:
+                                        param = param - centered_wd * dlr * cwd_target
                             param = param + -update
             else:
                 if state_precision == 'bf16_sr' and not nnmf_factor:
@@ -747,6 +907,12 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                         else:
                             s = s * beta3_used + d / d0 * dlr * gs
                         den += sum(abs(s))
+                    if centered_wd != 0 and fisher_wd:
+                        if use_atan2:
+                            cwd_fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                        else:
+                            cwd_fisher = 1 / denom
+                            cwd_fisher = cwd_fisher / maximum(sqrt(mean((param * cwd_fisher) ** 2)) / 1.0, 1.0)
                     if stochastic_rounding and bf16 != 0:
                         param_fp32 = float32(param)
                         update_fp32 = float32(update)
@@ -768,11 +934,24 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                                 else:
                                     param_fp32 = param_fp32 - weight_decay * dlr * param_fp32
                         if centered_wd != 0:
-                            cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                            if cautious_wd:
-                                param_fp32 = param_fp32 - centered_wd * dlr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                            if centered_wd_mode == 'int8':
+                                cwd_target = param_fp32 - cast(decode(), param_fp32)
                             else:
-                                param_fp32 = param_fp32 - centered_wd * dlr * cwd_target
+                                if centered_wd_mode == 'int4':
+                                    cwd_target = param_fp32 - cast(decode(), param_fp32)
+                                else:
+                                    cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                            if fisher_wd:
+                                cwd_fisher_scaled = cwd_fisher * (centered_wd * dlr)
+                                if cautious_wd:
+                                    param_fp32 = param_fp32 - cwd_target * (where(update_fp32 * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                                else:
+                                    param_fp32 = param_fp32 - cwd_target * cwd_fisher_scaled
+                            else:
+                                if cautious_wd:
+                                    param_fp32 = param_fp32 - centered_wd * dlr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                                else:
+                                    param_fp32 = param_fp32 - centered_wd * dlr * cwd_target
                         param_fp32 = param_fp32 + -update_fp32
                         param = stochastic_round(param_fp32, step)
                     else:
@@ -794,11 +973,24 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                                 else:
                                     param = param - weight_decay * dlr * param
                         if centered_wd != 0:
-                            cwd_target = param - cast(anchor_data, param)
-                            if cautious_wd:
-                                param = param - centered_wd * dlr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                            if centered_wd_mode == 'int8':
+                                cwd_target = param - cast(decode(), param)
                             else:
-                                param = param - centered_wd * dlr * cwd_target
+                                if centered_wd_mode == 'int4':
+                                    cwd_target = param - cast(decode(), param)
+                                else:
+                                    cwd_target = param - cast(anchor_data, param)
+                            if fisher_wd:
+                                cwd_fisher_scaled = cwd_fisher * (centered_wd * dlr)
+                                if cautious_wd:
+                                    param = param - cwd_target * (where(update * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                                else:
+                                    param = param - cwd_target * cwd_fisher_scaled
+                            else:
+                                if cautious_wd:
+                                    param = param - centered_wd * dlr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                                else:
+                                    param = param - centered_wd * dlr * cwd_target
                         param = param + -update
                 else:
                     if state_precision == 'int8_sr' and not nnmf_factor:
@@ -874,6 +1066,12 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                             else:
                                 s = s * beta3_used + d / d0 * dlr * gs
                             den += sum(abs(s))
+                        if centered_wd != 0 and fisher_wd:
+                            if use_atan2:
+                                cwd_fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                            else:
+                                cwd_fisher = 1 / denom
+                                cwd_fisher = cwd_fisher / maximum(sqrt(mean((param * cwd_fisher) ** 2)) / 1.0, 1.0)
                         if stochastic_rounding and bf16 != 0:
                             param_fp32 = float32(param)
                             update_fp32 = float32(update)
@@ -895,11 +1093,24 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                                     else:
                                         param_fp32 = param_fp32 - weight_decay * dlr * param_fp32
                             if centered_wd != 0:
-                                cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                                if cautious_wd:
-                                    param_fp32 = param_fp32 - centered_wd * dlr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                                if centered_wd_mode == 'int8':
+                                    cwd_target = param_fp32 - cast(decode(), param_fp32)
                                 else:
-                                    param_fp32 = param_fp32 - centered_wd * dlr * cwd_target
+                                    if centered_wd_mode == 'int4':
+                                        cwd_target = param_fp32 - cast(decode(), param_fp32)
+                                    else:
+                                        cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                if fisher_wd:
+                                    cwd_fisher_scaled = cwd_fisher * (centered_wd * dlr)
+                                    if cautious_wd:
+                                        param_fp32 = param_fp32 - cwd_target * (where(update_fp32 * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                                    else:
+                                        param_fp32 = param_fp32 - cwd_target * cwd_fisher_scaled
+                                else:
+                                    if cautious_wd:
+                                        param_fp32 = param_fp32 - centered_wd * dlr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                                    else:
+                                        param_fp32 = param_fp32 - centered_wd * dlr * cwd_target
                             param_fp32 = param_fp32 + -update_fp32
                             param = stochastic_round(param_fp32, step)
                         else:
@@ -921,11 +1132,24 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                                     else:
                                         param = param - weight_decay * dlr * param
                             if centered_wd != 0:
-                                cwd_target = param - cast(anchor_data, param)
-                                if cautious_wd:
-                                    param = param - centered_wd * dlr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                                if centered_wd_mode == 'int8':
+                                    cwd_target = param - cast(decode(), param)
                                 else:
-                                    param = param - centered_wd * dlr * cwd_target
+                                    if centered_wd_mode == 'int4':
+                                        cwd_target = param - cast(decode(), param)
+                                    else:
+                                        cwd_target = param - cast(anchor_data, param)
+                                if fisher_wd:
+                                    cwd_fisher_scaled = cwd_fisher * (centered_wd * dlr)
+                                    if cautious_wd:
+                                        param = param - cwd_target * (where(update * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                                    else:
+                                        param = param - cwd_target * cwd_fisher_scaled
+                                else:
+                                    if cautious_wd:
+                                        param = param - centered_wd * dlr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                                    else:
+                                        param = param - centered_wd * dlr * cwd_target
                             param = param + -update
                     else:
                         if (state_precision == 'fp32' and not nnmf_factor) and (beta1 > 0 and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape)) or not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape) or not (state_precision == 'factored' or nnmf_factor) and (factored_2nd and ((ndim != 1 or vector_reshape) and not (spectral_normalization and ndim >= 3))))):
@@ -994,6 +1218,12 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                             else:
                                 s = s * beta3_used + d / d0 * dlr * gs
                             den += sum(abs(s))
+                        if centered_wd != 0 and fisher_wd:
+                            if use_atan2:
+                                cwd_fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                            else:
+                                cwd_fisher = 1 / denom
+                                cwd_fisher = cwd_fisher / maximum(sqrt(mean((param * cwd_fisher) ** 2)) / 1.0, 1.0)
                         if stochastic_rounding and bf16 != 0:
                             param_fp32 = float32(param)
                             update_fp32 = float32(update)
@@ -1015,11 +1245,24 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                                     else:
                                         param_fp32 = param_fp32 - weight_decay * dlr * param_fp32
                             if centered_wd != 0:
-                                cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                                if cautious_wd:
-                                    param_fp32 = param_fp32 - centered_wd * dlr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                                if centered_wd_mode == 'int8':
+                                    cwd_target = param_fp32 - cast(decode(), param_fp32)
                                 else:
-                                    param_fp32 = param_fp32 - centered_wd * dlr * cwd_target
+                                    if centered_wd_mode == 'int4':
+                                        cwd_target = param_fp32 - cast(decode(), param_fp32)
+                                    else:
+                                        cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                if fisher_wd:
+                                    cwd_fisher_scaled = cwd_fisher * (centered_wd * dlr)
+                                    if cautious_wd:
+                                        param_fp32 = param_fp32 - cwd_target * (where(update_fp32 * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                                    else:
+                                        param_fp32 = param_fp32 - cwd_target * cwd_fisher_scaled
+                                else:
+                                    if cautious_wd:
+                                        param_fp32 = param_fp32 - centered_wd * dlr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                                    else:
+                                        param_fp32 = param_fp32 - centered_wd * dlr * cwd_target
                             param_fp32 = param_fp32 + -update_fp32
                             param = stochastic_round(param_fp32, step)
                         else:
@@ -1041,11 +1284,24 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                                     else:
                                         param = param - weight_decay * dlr * param
                             if centered_wd != 0:
-                                cwd_target = param - cast(anchor_data, param)
-                                if cautious_wd:
-                                    param = param - centered_wd * dlr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                                if centered_wd_mode == 'int8':
+                                    cwd_target = param - cast(decode(), param)
                                 else:
-                                    param = param - centered_wd * dlr * cwd_target
+                                    if centered_wd_mode == 'int4':
+                                        cwd_target = param - cast(decode(), param)
+                                    else:
+                                        cwd_target = param - cast(anchor_data, param)
+                                if fisher_wd:
+                                    cwd_fisher_scaled = cwd_fisher * (centered_wd * dlr)
+                                    if cautious_wd:
+                                        param = param - cwd_target * (where(update * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                                    else:
+                                        param = param - cwd_target * cwd_fisher_scaled
+                                else:
+                                    if cautious_wd:
+                                        param = param - centered_wd * dlr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                                    else:
+                                        param = param - centered_wd * dlr * cwd_target
                             param = param + -update
         else:
             if state_precision == 'bf16_sr' and not nnmf_factor:
@@ -1121,6 +1377,12 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                     else:
                         s = s * beta3_used + d / d0 * dlr * gs
                     den += sum(abs(s))
+                if centered_wd != 0 and fisher_wd:
+                    if use_atan2:
+                        cwd_fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                    else:
+                        cwd_fisher = 1 / denom
+                        cwd_fisher = cwd_fisher / maximum(sqrt(mean((param * cwd_fisher) ** 2)) / 1.0, 1.0)
                 if stochastic_rounding and bf16 != 0:
                     param_fp32 = float32(param)
                     update_fp32 = float32(update)
@@ -1142,11 +1404,24 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                             else:
                                 param_fp32 = param_fp32 - weight_decay * dlr * param_fp32
                     if centered_wd != 0:
-                        cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                        if cautious_wd:
-                            param_fp32 = param_fp32 - centered_wd * dlr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                        if centered_wd_mode == 'int8':
+                            cwd_target = param_fp32 - cast(decode(), param_fp32)
                         else:
-                            param_fp32 = param_fp32 - centered_wd * dlr * cwd_target
+                            if centered_wd_mode == 'int4':
+                                cwd_target = param_fp32 - cast(decode(), param_fp32)
+                            else:
+                                cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                        if fisher_wd:
+                            cwd_fisher_scaled = cwd_fisher * (centered_wd * dlr)
+                            if cautious_wd:
+                                param_fp32 = param_fp32 - cwd_target * (where(update_fp32 * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                            else:
+                                param_fp32 = param_fp32 - cwd_target * cwd_fisher_scaled
+                        else:
+                            if cautious_wd:
+                                param_fp32 = param_fp32 - centered_wd * dlr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                            else:
+                                param_fp32 = param_fp32 - centered_wd * dlr * cwd_target
                     param_fp32 = param_fp32 + -update_fp32
                     param = stochastic_round(param_fp32, step)
                 else:
@@ -1168,11 +1443,24 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                             else:
                                 param = param - weight_decay * dlr * param
                     if centered_wd != 0:
-                        cwd_target = param - cast(anchor_data, param)
-                        if cautious_wd:
-                            param = param - centered_wd * dlr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                        if centered_wd_mode == 'int8':
+                            cwd_target = param - cast(decode(), param)
                         else:
-                            param = param - centered_wd * dlr * cwd_target
+                            if centered_wd_mode == 'int4':
+                                cwd_target = param - cast(decode(), param)
+                            else:
+                                cwd_target = param - cast(anchor_data, param)
+                        if fisher_wd:
+                            cwd_fisher_scaled = cwd_fisher * (centered_wd * dlr)
+                            if cautious_wd:
+                                param = param - cwd_target * (where(update * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                            else:
+                                param = param - cwd_target * cwd_fisher_scaled
+                        else:
+                            if cautious_wd:
+                                param = param - centered_wd * dlr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                            else:
+                                param = param - centered_wd * dlr * cwd_target
                     param = param + -update
             else:
                 if state_precision == 'int8_sr' and not nnmf_factor:
@@ -1248,6 +1536,12 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                         else:
                             s = s * beta3_used + d / d0 * dlr * gs
                         den += sum(abs(s))
+                    if centered_wd != 0 and fisher_wd:
+                        if use_atan2:
+                            cwd_fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                        else:
+                            cwd_fisher = 1 / denom
+                            cwd_fisher = cwd_fisher / maximum(sqrt(mean((param * cwd_fisher) ** 2)) / 1.0, 1.0)
                     if stochastic_rounding and bf16 != 0:
                         param_fp32 = float32(param)
                         update_fp32 = float32(update)
@@ -1269,11 +1563,24 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                                 else:
                                     param_fp32 = param_fp32 - weight_decay * dlr * param_fp32
                         if centered_wd != 0:
-                            cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                            if cautious_wd:
-                                param_fp32 = param_fp32 - centered_wd * dlr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                            if centered_wd_mode == 'int8':
+                                cwd_target = param_fp32 - cast(decode(), param_fp32)
                             else:
-                                param_fp32 = param_fp32 - centered_wd * dlr * cwd_target
+                                if centered_wd_mode == 'int4':
+                                    cwd_target = param_fp32 - cast(decode(), param_fp32)
+                                else:
+                                    cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                            if fisher_wd:
+                                cwd_fisher_scaled = cwd_fisher * (centered_wd * dlr)
+                                if cautious_wd:
+                                    param_fp32 = param_fp32 - cwd_target * (where(update_fp32 * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                                else:
+                                    param_fp32 = param_fp32 - cwd_target * cwd_fisher_scaled
+                            else:
+                                if cautious_wd:
+                                    param_fp32 = param_fp32 - centered_wd * dlr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                                else:
+                                    param_fp32 = param_fp32 - centered_wd * dlr * cwd_target
                         param_fp32 = param_fp32 + -update_fp32
                         param = stochastic_round(param_fp32, step)
                     else:
@@ -1295,11 +1602,24 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                                 else:
                                     param = param - weight_decay * dlr * param
                         if centered_wd != 0:
-                            cwd_target = param - cast(anchor_data, param)
-                            if cautious_wd:
-                                param = param - centered_wd * dlr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                            if centered_wd_mode == 'int8':
+                                cwd_target = param - cast(decode(), param)
                             else:
-                                param = param - centered_wd * dlr * cwd_target
+                                if centered_wd_mode == 'int4':
+                                    cwd_target = param - cast(decode(), param)
+                                else:
+                                    cwd_target = param - cast(anchor_data, param)
+                            if fisher_wd:
+                                cwd_fisher_scaled = cwd_fisher * (centered_wd * dlr)
+                                if cautious_wd:
+                                    param = param - cwd_target * (where(update * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                                else:
+                                    param = param - cwd_target * cwd_fisher_scaled
+                            else:
+                                if cautious_wd:
+                                    param = param - centered_wd * dlr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                                else:
+                                    param = param - centered_wd * dlr * cwd_target
                         param = param + -update
                 else:
                     if (state_precision == 'fp32' and not nnmf_factor) and (beta1 > 0 and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape)) or not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape) or not (state_precision == 'factored' or nnmf_factor) and (factored_2nd and ((ndim != 1 or vector_reshape) and not (spectral_normalization and ndim >= 3))))):
@@ -1368,6 +1688,12 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                         else:
                             s = s * beta3_used + d / d0 * dlr * gs
                         den += sum(abs(s))
+                    if centered_wd != 0 and fisher_wd:
+                        if use_atan2:
+                            cwd_fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                        else:
+                            cwd_fisher = 1 / denom
+                            cwd_fisher = cwd_fisher / maximum(sqrt(mean((param * cwd_fisher) ** 2)) / 1.0, 1.0)
                     if stochastic_rounding and bf16 != 0:
                         param_fp32 = float32(param)
                         update_fp32 = float32(update)
@@ -1389,11 +1715,24 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                                 else:
                                     param_fp32 = param_fp32 - weight_decay * dlr * param_fp32
                         if centered_wd != 0:
-                            cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                            if cautious_wd:
-                                param_fp32 = param_fp32 - centered_wd * dlr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                            if centered_wd_mode == 'int8':
+                                cwd_target = param_fp32 - cast(decode(), param_fp32)
                             else:
-                                param_fp32 = param_fp32 - centered_wd * dlr * cwd_target
+                                if centered_wd_mode == 'int4':
+                                    cwd_target = param_fp32 - cast(decode(), param_fp32)
+                                else:
+                                    cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                            if fisher_wd:
+                                cwd_fisher_scaled = cwd_fisher * (centered_wd * dlr)
+                                if cautious_wd:
+                                    param_fp32 = param_fp32 - cwd_target * (where(update_fp32 * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                                else:
+                                    param_fp32 = param_fp32 - cwd_target * cwd_fisher_scaled
+                            else:
+                                if cautious_wd:
+                                    param_fp32 = param_fp32 - centered_wd * dlr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                                else:
+                                    param_fp32 = param_fp32 - centered_wd * dlr * cwd_target
                         param_fp32 = param_fp32 + -update_fp32
                         param = stochastic_round(param_fp32, step)
                     else:
@@ -1415,11 +1754,24 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                                 else:
                                     param = param - weight_decay * dlr * param
                         if centered_wd != 0:
-                            cwd_target = param - cast(anchor_data, param)
-                            if cautious_wd:
-                                param = param - centered_wd * dlr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                            if centered_wd_mode == 'int8':
+                                cwd_target = param - cast(decode(), param)
                             else:
-                                param = param - centered_wd * dlr * cwd_target
+                                if centered_wd_mode == 'int4':
+                                    cwd_target = param - cast(decode(), param)
+                                else:
+                                    cwd_target = param - cast(anchor_data, param)
+                            if fisher_wd:
+                                cwd_fisher_scaled = cwd_fisher * (centered_wd * dlr)
+                                if cautious_wd:
+                                    param = param - cwd_target * (where(update * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                                else:
+                                    param = param - cwd_target * cwd_fisher_scaled
+                            else:
+                                if cautious_wd:
+                                    param = param - centered_wd * dlr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                                else:
+                                    param = param - centered_wd * dlr * cwd_target
                         param = param + -update
 """
 
@@ -1458,6 +1810,8 @@ def _device_step(h, param, grad, S, A):
     spectral_u = S["spectral_u"]
     wd_scaler = S["wd_scaler"]
     anchor_data = S["anchor_data"]
+    anchor_scale = S["anchor_scale"]
+    anchor_min = S["anchor_min"]
     kourkoutas_sq = S["kourkoutas_sq"]
     exp_avg_scale = S["exp_avg_scale"]
     exp_avg_sq_scale = S["exp_avg_sq_scale"]
@@ -1675,16 +2029,35 @@ def _device_step(h, param, grad, S, A):
                 den_1 = F.abs(s)
                 den_2 = F.sum(den_1, kind="slice")
                 A.append(("den", den_2))
-            # if stochastic_rounding and bf16 != 0:
+            # if centered_wd != 0 and fisher_wd:
             if h["_c14"]:
+                # if use_atan2:
+                if h["_c9"]:
+                    # cwd_fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                    cwd_fisher = F.atan2(wd_scaler, denom)
+                    F.mul_(cwd_fisher, 1.2732395447351628)
+                else:
+                    # cwd_fisher = 1 / denom
+                    cwd_fisher = F.rdiv(denom, 1)
+                    # cwd_fisher = cwd_fisher / maximum(sqrt(mean((param * cwd_fisher) ** 2)) / 1.0, 1.0)
+                    cwd_fisher_1 = F.mul(param, cwd_fisher)
+                    F.pow_(cwd_fisher_1, 2)
+                    cwd_fisher_2 = F.mean(cwd_fisher_1)
+                    F.sqrt_(cwd_fisher_2)
+                    F.div_(cwd_fisher_2, 1.0)
+                    F.maximum_(cwd_fisher_2, 1.0)
+                    cwd_fisher_3 = F.div(cwd_fisher, cwd_fisher_2)
+                    cwd_fisher = cwd_fisher_3
+            # if stochastic_rounding and bf16 != 0:
+            if h["_c15"]:
                 # param_fp32 = float32(param)
                 param_fp32 = F.float32(param)
                 # update_fp32 = float32(update)
                 update_fp32 = F.float32(update)
                 # if weight_decay != 0:
-                if h["_c15"]:
+                if h["_c16"]:
                     # if fisher_wd:
-                    if h["_c16"]:
+                    if h["_c17"]:
                         # if use_atan2:
                         if h["_c9"]:
                             # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
@@ -1705,7 +2078,7 @@ def _device_step(h, param, grad, S, A):
                         # fisher = fisher * (weight_decay * dlr)
                         F.mul_(fisher, h["_k20"])
                         # if cautious_wd:
-                        if h["_c17"]:
+                        if h["_c18"]:
                             # param_fp32 = param_fp32 - param_fp32 * (where(update_fp32 * param_fp32 >= 0, 1.0, 0.0) * fisher)
                             param_fp32_1 = F.mul(update_fp32, param_fp32)
                             param_fp32_2 = F.ge(param_fp32_1, 0)
@@ -1718,7 +2091,7 @@ def _device_step(h, param, grad, S, A):
                             param_fp32 = F.addcmul(param_fp32, param_fp32, fisher, -1.0)
                     else:
                         # if cautious_wd:
-                        if h["_c17"]:
+                        if h["_c18"]:
                             # param_fp32 = param_fp32 - weight_decay * dlr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
                             param_fp32_5 = F.mul(update_fp32, param_fp32)
                             param_fp32_6 = F.ge(param_fp32_5, 0)
@@ -1729,31 +2102,62 @@ def _device_step(h, param, grad, S, A):
                             # param_fp32 = param_fp32 - weight_decay * dlr * param_fp32
                             param_fp32 = F.axpy(param_fp32, param_fp32, h["_k22"])
                 # if centered_wd != 0:
-                if h["_c18"]:
-                    # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                    cwd_target_1 = F.cast(anchor_data, param_fp32)
-                    cwd_target = F.sub(param_fp32, cwd_target_1)
-                    # if cautious_wd:
-                    if h["_c17"]:
-                        # param_fp32 = param_fp32 - centered_wd * dlr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
-                        param_fp32_9 = F.mul(update_fp32, cwd_target)
-                        param_fp32_10 = F.ge(param_fp32_9, 0)
-                        param_fp32_11 = F.where(param_fp32_10, 1.0, 0.0, like=param)
-                        param_fp32_12 = F.addcmul(param_fp32, cwd_target, param_fp32_11, h["_k23"])
-                        param_fp32 = param_fp32_12
+                if h["_c19"]:
+                    # if centered_wd_mode == 'int8':
+                    if h["_c20"]:
+                        # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                        cwd_target_1 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                        cwd_target_2 = F.cast(cwd_target_1, param_fp32)
+                        cwd_target = F.sub(param_fp32, cwd_target_2)
                     else:
-                        # param_fp32 = param_fp32 - centered_wd * dlr * cwd_target
-                        param_fp32 = F.axpy(param_fp32, cwd_target, h["_k24"])
+                        # if centered_wd_mode == 'int4':
+                        if h["_c21"]:
+                            # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                            cwd_target_3 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                            cwd_target_4 = F.cast(cwd_target_3, param_fp32)
+                            cwd_target = F.sub(param_fp32, cwd_target_4)
+                        else:
+                            # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                            cwd_target_5 = F.cast(anchor_data, param_fp32)
+                            cwd_target = F.sub(param_fp32, cwd_target_5)
+                    # if fisher_wd:
+                    if h["_c17"]:
+                        # cwd_fisher_scaled = cwd_fisher * (centered_wd * dlr)
+                        cwd_fisher_scaled = F.mul(cwd_fisher, h["_k23"])
+                        # if cautious_wd:
+                        if h["_c18"]:
+                            # param_fp32 = param_fp32 - cwd_target * (where(update_fp32 * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                            param_fp32_9 = F.mul(update_fp32, cwd_target)
+                            param_fp32_10 = F.ge(param_fp32_9, 0)
+                            param_fp32_11 = F.where(param_fp32_10, 1.0, 0.0, like=param)
+                            F.mul_(param_fp32_11, cwd_fisher_scaled)
+                            param_fp32_12 = F.addcmul(param_fp32, cwd_target, param_fp32_11, -1.0)
+                            param_fp32 = param_fp32_12
+                        else:
+                            # param_fp32 = param_fp32 - cwd_target * cwd_fisher_scaled
+                            param_fp32 = F.addcmul(param_fp32, cwd_target, cwd_fisher_scaled, -1.0)
+                    else:
+                        # if cautious_wd:
+                        if h["_c18"]:
+                            # param_fp32 = param_fp32 - centered_wd * dlr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                            param_fp32_13 = F.mul(update_fp32, cwd_target)
+                            param_fp32_14 = F.ge(param_fp32_13, 0)
+                            param_fp32_15 = F.where(param_fp32_14, 1.0, 0.0, like=param)
+                            param_fp32_16 = F.addcmul(param_fp32, cwd_target, param_fp32_15, h["_k24"])
+                            param_fp32 = param_fp32_16
+                        else:
+                            # param_fp32 = param_fp32 - centered_wd * dlr * cwd_target
+                            param_fp32 = F.axpy(param_fp32, cwd_target, h["_k25"])
                 # param_fp32 = param_fp32 + -update_fp32
                 param_fp32 = F.sub(param_fp32, update_fp32)
                 # param = stochastic_round(param_fp32, step)
-                param_1 = F.stochastic_round(param_fp32, h["_k25"])
+                param_1 = F.stochastic_round(param_fp32, h["_k26"])
                 F.assign_(param, param_1)
             else:
                 # if weight_decay != 0:
-                if h["_c15"]:
+                if h["_c16"]:
                     # if fisher_wd:
-                    if h["_c16"]:
+                    if h["_c17"]:
                         # if use_atan2:
                         if h["_c9"]:
                             # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
@@ -1772,9 +2176,9 @@ def _device_step(h, param, grad, S, A):
                             fisher_6 = F.div(fisher, fisher_5)
                             fisher = fisher_6
                         # fisher = fisher * (weight_decay * dlr)
-                        F.mul_(fisher, h["_k26"])
+                        F.mul_(fisher, h["_k27"])
                         # if cautious_wd:
-                        if h["_c17"]:
+                        if h["_c18"]:
                             # param = param - param * (where(update * param >= 0, 1.0, 0.0) * fisher)
                             param_2 = F.mul(update, param)
                             param_3 = F.ge(param_2, 0)
@@ -1788,32 +2192,62 @@ def _device_step(h, param, grad, S, A):
                             F.assign_(param, param_6)
                     else:
                         # if cautious_wd:
-                        if h["_c17"]:
+                        if h["_c18"]:
                             # param = param - weight_decay * dlr * param * where(update * param >= 0, 1.0, 0.0)
                             param_7 = F.mul(update, param)
                             param_8 = F.ge(param_7, 0)
                             param_9 = F.where(param_8, 1.0, 0.0, like=param)
-                            param_10 = F.addcmul(param, param, param_9, h["_k27"])
+                            param_10 = F.addcmul(param, param, param_9, h["_k28"])
                             F.assign_(param, param_10)
                         else:
                             # param = param - weight_decay * dlr * param
-                            param_11 = F.axpy(param, param, h["_k28"])
+                            param_11 = F.axpy(param, param, h["_k29"])
                             F.assign_(param, param_11)
                 # if centered_wd != 0:
-                if h["_c18"]:
-                    # cwd_target = param - cast(anchor_data, param)
-                    cwd_target_2 = F.cast(anchor_data, param)
-                    cwd_target = F.sub(param, cwd_target_2)
-                    # if cautious_wd:
-                    if h["_c17"]:
-                        # param = param - centered_wd * dlr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
-                        param_12 = F.mul(update, cwd_target)
-                        param_13 = F.ge(param_12, 0)
-                        param_14 = F.where(param_13, 1.0, 0.0, like=param)
-                        F.addcmul_(param, cwd_target, param_14, h["_k29"])
+                if h["_c19"]:
+                    # if centered_wd_mode == 'int8':
+                    if h["_c20"]:
+                        # cwd_target = param - cast(anchor_data, param)
+                        cwd_target_6 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                        cwd_target_7 = F.cast(cwd_target_6, param)
+                        cwd_target = F.sub(param, cwd_target_7)
                     else:
-                        # param = param - centered_wd * dlr * cwd_target
-                        F.axpy_(param, cwd_target, h["_k30"])
+                        # if centered_wd_mode == 'int4':
+                        if h["_c21"]:
+                            # cwd_target = param - cast(anchor_data, param)
+                            cwd_target_8 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                            cwd_target_9 = F.cast(cwd_target_8, param)
+                            cwd_target = F.sub(param, cwd_target_9)
+                        else:
+                            # cwd_target = param - cast(anchor_data, param)
+                            cwd_target_10 = F.cast(anchor_data, param)
+                            cwd_target = F.sub(param, cwd_target_10)
+                    # if fisher_wd:
+                    if h["_c17"]:
+                        # cwd_fisher_scaled = cwd_fisher * (centered_wd * dlr)
+                        cwd_fisher_scaled = F.mul(cwd_fisher, h["_k30"])
+                        # if cautious_wd:
+                        if h["_c18"]:
+                            # param = param - cwd_target * (where(update * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                            param_12 = F.mul(update, cwd_target)
+                            param_13 = F.ge(param_12, 0)
+                            param_14 = F.where(param_13, 1.0, 0.0, like=param)
+                            F.mul_(param_14, cwd_fisher_scaled)
+                            F.addcmul_(param, cwd_target, param_14, -1.0)
+                        else:
+                            # param = param - cwd_target * cwd_fisher_scaled
+                            F.addcmul_(param, cwd_target, cwd_fisher_scaled, -1.0)
+                    else:
+                        # if cautious_wd:
+                        if h["_c18"]:
+                            # param = param - centered_wd * dlr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                            param_15 = F.mul(update, cwd_target)
+                            param_16 = F.ge(param_15, 0)
+                            param_17 = F.where(param_16, 1.0, 0.0, like=param)
+                            F.addcmul_(param, cwd_target, param_17, h["_k31"])
+                        else:
+                            # param = param - centered_wd * dlr * cwd_target
+                            F.axpy_(param, cwd_target, h["_k32"])
                 # param = param + -update
                 F.sub_(param, update)
         else:
@@ -1855,23 +2289,23 @@ def _device_step(h, param, grad, S, A):
             # if beta1 > 0:
             if h["_c5"]:
                 # exp_avg = exp_avg * beta1_used + d * (1 - beta1_used) * grad
-                F.mul_(exp_avg, h["_k31"])
-                F.axpy_(exp_avg, grad, h["_k32"])
+                F.mul_(exp_avg, h["_k33"])
+                F.axpy_(exp_avg, grad, h["_k34"])
                 # if nesterov:
                 if h["_c6"]:
                     # if nesterov_coef == None:
                     if h["_c7"]:
                         # update = lerp(exp_avg, grad, 1 - beta1_used)
-                        update = F.lerp(exp_avg, grad, h["_k33"])
+                        update = F.lerp(exp_avg, grad, h["_k35"])
                     else:
                         # update = lerp(exp_avg, grad, 1 - nesterov_coef)
-                        update = F.lerp(exp_avg, grad, h["_k34"])
+                        update = F.lerp(exp_avg, grad, h["_k36"])
                 else:
                     # update = copy(exp_avg)
                     update = F.copy(exp_avg)
             else:
                 # update = grad * d
-                update = F.mul(grad, h["_k35"])
+                update = F.mul(grad, h["_k37"])
             # if kourkoutas_beta:
             if h["_c8"]:
                 # kourkoutas_sq = sum(grad * grad)
@@ -1879,12 +2313,12 @@ def _device_step(h, param, grad, S, A):
                 kourkoutas_sq_4 = F.sum(kourkoutas_sq_3)
                 F.assign_(kourkoutas_sq, kourkoutas_sq_4)
                 # exp_avg_sq = exp_avg_sq * input() + d * d * (1 - input()) * grad * grad
-                F.mul_(exp_avg_sq, h["_k36"])
-                F.addcmul_(exp_avg_sq, grad, grad, h["_k37"])
-            else:
-                # exp_avg_sq = exp_avg_sq * beta2 + d * d * (1 - beta2) * grad * grad
                 F.mul_(exp_avg_sq, h["_k38"])
                 F.addcmul_(exp_avg_sq, grad, grad, h["_k39"])
+            else:
+                # exp_avg_sq = exp_avg_sq * beta2 + d * d * (1 - beta2) * grad * grad
+                F.mul_(exp_avg_sq, h["_k40"])
+                F.addcmul_(exp_avg_sq, grad, grad, h["_k41"])
             # if use_atan2:
             if h["_c9"]:
                 # denom = sqrt(exp_avg_sq)
@@ -1892,7 +2326,7 @@ def _device_step(h, param, grad, S, A):
             else:
                 # denom = sqrt(exp_avg_sq) + d * eps_eff
                 denom = F.sqrt(exp_avg_sq)
-                F.add_(denom, h["_k40"])
+                F.add_(denom, h["_k42"])
             # if use_atan2:
             if h["_c9"]:
                 # update = atan2(update, denom)
@@ -1929,8 +2363,8 @@ def _device_step(h, param, grad, S, A):
                     # spectral_sigma = vdot(spectral_u, spectral_ur)
                     spectral_sigma = F.vdot(spectral_u, spectral_ur, kind="row")
                     # update = spectral_x * (sqrt(rows / cols) / maximum(spectral_sigma, 1 / (sqrt(rows) + sqrt(cols))) * spectral_lr)
-                    update_4 = F.maximum(spectral_sigma, h["_k41"])
-                    F.rdiv_(update_4, h["_k42"])
+                    update_4 = F.maximum(spectral_sigma, h["_k43"])
+                    F.rdiv_(update_4, h["_k44"])
                     F.mul_(update_4, h["spectral_lr"])
                     update = F.mul(spectral_x, update_4)
                 else:
@@ -1944,47 +2378,66 @@ def _device_step(h, param, grad, S, A):
                 # if use_atan2:
                 if h["_c9"]:
                     # update = update * (dlr * 1.2732395447351628)
-                    F.mul_(update, h["_k43"])
+                    F.mul_(update, h["_k45"])
                 else:
                     # update = update * dlr
                     F.mul_(update, h["dlr"])
             # if prodigy_steps <= 0 or k < prodigy_steps:
             if h["_c12"]:
                 # gs = float32(strided(grad, slice_p))
-                gs_2 = F.strided(grad, h["_k44"])
+                gs_2 = F.strided(grad, h["_k46"])
                 gs = F.float32(gs_2)
                 # ps = float32(strided(param, slice_p))
-                ps_2 = F.strided(param, h["_k45"])
+                ps_2 = F.strided(param, h["_k47"])
                 ps = F.float32(ps_2)
                 # num += vdot(gs, float32(p0) - ps) * (d / d0 * dlr)
                 num_4 = F.float32(p0)
                 num_5 = F.sub(num_4, ps)
                 num_6 = F.vdot(gs, num_5, kind="slice")
-                F.mul_(num_6, h["_k46"])
+                F.mul_(num_6, h["_k48"])
                 A.append(("num", num_6))
                 # if safeguard_warmup:
                 if h["_c13"]:
                     # s = s * beta3_used + d / d0 * d * gs
-                    F.mul_(s, h["_k47"])
-                    F.axpy_(s, gs, h["_k48"])
-                else:
-                    # s = s * beta3_used + d / d0 * dlr * gs
                     F.mul_(s, h["_k49"])
                     F.axpy_(s, gs, h["_k50"])
+                else:
+                    # s = s * beta3_used + d / d0 * dlr * gs
+                    F.mul_(s, h["_k51"])
+                    F.axpy_(s, gs, h["_k52"])
                 # den += sum(abs(s))
                 den_3 = F.abs(s)
                 den_4 = F.sum(den_3, kind="slice")
                 A.append(("den", den_4))
-            # if stochastic_rounding and bf16 != 0:
+            # if centered_wd != 0 and fisher_wd:
             if h["_c14"]:
+                # if use_atan2:
+                if h["_c9"]:
+                    # cwd_fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                    cwd_fisher = F.atan2(wd_scaler, denom)
+                    F.mul_(cwd_fisher, 1.2732395447351628)
+                else:
+                    # cwd_fisher = 1 / denom
+                    cwd_fisher = F.rdiv(denom, 1)
+                    # cwd_fisher = cwd_fisher / maximum(sqrt(mean((param * cwd_fisher) ** 2)) / 1.0, 1.0)
+                    cwd_fisher_4 = F.mul(param, cwd_fisher)
+                    F.pow_(cwd_fisher_4, 2)
+                    cwd_fisher_5 = F.mean(cwd_fisher_4)
+                    F.sqrt_(cwd_fisher_5)
+                    F.div_(cwd_fisher_5, 1.0)
+                    F.maximum_(cwd_fisher_5, 1.0)
+                    cwd_fisher_6 = F.div(cwd_fisher, cwd_fisher_5)
+                    cwd_fisher = cwd_fisher_6
+            # if stochastic_rounding and bf16 != 0:
+            if h["_c15"]:
                 # param_fp32 = float32(param)
                 param_fp32 = F.float32(param)
                 # update_fp32 = float32(update)
                 update_fp32 = F.float32(update)
                 # if weight_decay != 0:
-                if h["_c15"]:
+                if h["_c16"]:
                     # if fisher_wd:
-                    if h["_c16"]:
+                    if h["_c17"]:
                         # if use_atan2:
                         if h["_c9"]:
                             # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
@@ -2003,57 +2456,88 @@ def _device_step(h, param, grad, S, A):
                             fisher_9 = F.div(fisher, fisher_8)
                             fisher = fisher_9
                         # fisher = fisher * (weight_decay * dlr)
-                        F.mul_(fisher, h["_k51"])
+                        F.mul_(fisher, h["_k53"])
                         # if cautious_wd:
-                        if h["_c17"]:
+                        if h["_c18"]:
                             # param_fp32 = param_fp32 - param_fp32 * (where(update_fp32 * param_fp32 >= 0, 1.0, 0.0) * fisher)
-                            param_fp32_13 = F.mul(update_fp32, param_fp32)
-                            param_fp32_14 = F.ge(param_fp32_13, 0)
-                            param_fp32_15 = F.where(param_fp32_14, 1.0, 0.0, like=param)
-                            F.mul_(param_fp32_15, fisher)
-                            param_fp32_16 = F.addcmul(param_fp32, param_fp32, param_fp32_15, -1.0)
-                            param_fp32 = param_fp32_16
+                            param_fp32_17 = F.mul(update_fp32, param_fp32)
+                            param_fp32_18 = F.ge(param_fp32_17, 0)
+                            param_fp32_19 = F.where(param_fp32_18, 1.0, 0.0, like=param)
+                            F.mul_(param_fp32_19, fisher)
+                            param_fp32_20 = F.addcmul(param_fp32, param_fp32, param_fp32_19, -1.0)
+                            param_fp32 = param_fp32_20
                         else:
                             # param_fp32 = param_fp32 - param_fp32 * fisher
                             param_fp32 = F.addcmul(param_fp32, param_fp32, fisher, -1.0)
                     else:
                         # if cautious_wd:
-                        if h["_c17"]:
+                        if h["_c18"]:
                             # param_fp32 = param_fp32 - weight_decay * dlr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
-                            param_fp32_17 = F.mul(update_fp32, param_fp32)
-                            param_fp32_18 = F.ge(param_fp32_17, 0)
-                            param_fp32_19 = F.where(param_fp32_18, 1.0, 0.0, like=param)
-                            param_fp32_20 = F.addcmul(param_fp32, param_fp32, param_fp32_19, h["_k52"])
-                            param_fp32 = param_fp32_20
+                            param_fp32_21 = F.mul(update_fp32, param_fp32)
+                            param_fp32_22 = F.ge(param_fp32_21, 0)
+                            param_fp32_23 = F.where(param_fp32_22, 1.0, 0.0, like=param)
+                            param_fp32_24 = F.addcmul(param_fp32, param_fp32, param_fp32_23, h["_k54"])
+                            param_fp32 = param_fp32_24
                         else:
                             # param_fp32 = param_fp32 - weight_decay * dlr * param_fp32
-                            param_fp32 = F.axpy(param_fp32, param_fp32, h["_k53"])
+                            param_fp32 = F.axpy(param_fp32, param_fp32, h["_k55"])
                 # if centered_wd != 0:
-                if h["_c18"]:
-                    # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                    cwd_target_3 = F.cast(anchor_data, param_fp32)
-                    cwd_target = F.sub(param_fp32, cwd_target_3)
-                    # if cautious_wd:
-                    if h["_c17"]:
-                        # param_fp32 = param_fp32 - centered_wd * dlr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
-                        param_fp32_21 = F.mul(update_fp32, cwd_target)
-                        param_fp32_22 = F.ge(param_fp32_21, 0)
-                        param_fp32_23 = F.where(param_fp32_22, 1.0, 0.0, like=param)
-                        param_fp32_24 = F.addcmul(param_fp32, cwd_target, param_fp32_23, h["_k54"])
-                        param_fp32 = param_fp32_24
+                if h["_c19"]:
+                    # if centered_wd_mode == 'int8':
+                    if h["_c20"]:
+                        # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                        cwd_target_11 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                        cwd_target_12 = F.cast(cwd_target_11, param_fp32)
+                        cwd_target = F.sub(param_fp32, cwd_target_12)
                     else:
-                        # param_fp32 = param_fp32 - centered_wd * dlr * cwd_target
-                        param_fp32 = F.axpy(param_fp32, cwd_target, h["_k55"])
+                        # if centered_wd_mode == 'int4':
+                        if h["_c21"]:
+                            # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                            cwd_target_13 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                            cwd_target_14 = F.cast(cwd_target_13, param_fp32)
+                            cwd_target = F.sub(param_fp32, cwd_target_14)
+                        else:
+                            # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                            cwd_target_15 = F.cast(anchor_data, param_fp32)
+                            cwd_target = F.sub(param_fp32, cwd_target_15)
+                    # if fisher_wd:
+                    if h["_c17"]:
+                        # cwd_fisher_scaled = cwd_fisher * (centered_wd * dlr)
+                        cwd_fisher_scaled = F.mul(cwd_fisher, h["_k56"])
+                        # if cautious_wd:
+                        if h["_c18"]:
+                            # param_fp32 = param_fp32 - cwd_target * (where(update_fp32 * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                            param_fp32_25 = F.mul(update_fp32, cwd_target)
+                            param_fp32_26 = F.ge(param_fp32_25, 0)
+                            param_fp32_27 = F.where(param_fp32_26, 1.0, 0.0, like=param)
+                            F.mul_(param_fp32_27, cwd_fisher_scaled)
+                            param_fp32_28 = F.addcmul(param_fp32, cwd_target, param_fp32_27, -1.0)
+                            param_fp32 = param_fp32_28
+                        else:
+                            # param_fp32 = param_fp32 - cwd_target * cwd_fisher_scaled
+                            param_fp32 = F.addcmul(param_fp32, cwd_target, cwd_fisher_scaled, -1.0)
+                    else:
+                        # if cautious_wd:
+                        if h["_c18"]:
+                            # param_fp32 = param_fp32 - centered_wd * dlr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                            param_fp32_29 = F.mul(update_fp32, cwd_target)
+                            param_fp32_30 = F.ge(param_fp32_29, 0)
+                            param_fp32_31 = F.where(param_fp32_30, 1.0, 0.0, like=param)
+                            param_fp32_32 = F.addcmul(param_fp32, cwd_target, param_fp32_31, h["_k57"])
+                            param_fp32 = param_fp32_32
+                        else:
+                            # param_fp32 = param_fp32 - centered_wd * dlr * cwd_target
+                            param_fp32 = F.axpy(param_fp32, cwd_target, h["_k58"])
                 # param_fp32 = param_fp32 + -update_fp32
                 param_fp32 = F.sub(param_fp32, update_fp32)
                 # param = stochastic_round(param_fp32, step)
-                param_15 = F.stochastic_round(param_fp32, h["_k56"])
-                F.assign_(param, param_15)
+                param_18 = F.stochastic_round(param_fp32, h["_k59"])
+                F.assign_(param, param_18)
             else:
                 # if weight_decay != 0:
-                if h["_c15"]:
+                if h["_c16"]:
                     # if fisher_wd:
-                    if h["_c16"]:
+                    if h["_c17"]:
                         # if use_atan2:
                         if h["_c9"]:
                             # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
@@ -2072,59 +2556,89 @@ def _device_step(h, param, grad, S, A):
                             fisher_12 = F.div(fisher, fisher_11)
                             fisher = fisher_12
                         # fisher = fisher * (weight_decay * dlr)
-                        F.mul_(fisher, h["_k57"])
+                        F.mul_(fisher, h["_k60"])
                         # if cautious_wd:
-                        if h["_c17"]:
+                        if h["_c18"]:
                             # param = param - param * (where(update * param >= 0, 1.0, 0.0) * fisher)
-                            param_16 = F.mul(update, param)
-                            param_17 = F.ge(param_16, 0)
-                            param_18 = F.where(param_17, 1.0, 0.0, like=param)
-                            F.mul_(param_18, fisher)
-                            param_19 = F.addcmul(param, param, param_18, -1.0)
-                            F.assign_(param, param_19)
+                            param_19 = F.mul(update, param)
+                            param_20 = F.ge(param_19, 0)
+                            param_21 = F.where(param_20, 1.0, 0.0, like=param)
+                            F.mul_(param_21, fisher)
+                            param_22 = F.addcmul(param, param, param_21, -1.0)
+                            F.assign_(param, param_22)
                         else:
                             # param = param - param * fisher
-                            param_20 = F.addcmul(param, param, fisher, -1.0)
-                            F.assign_(param, param_20)
+                            param_23 = F.addcmul(param, param, fisher, -1.0)
+                            F.assign_(param, param_23)
                     else:
                         # if cautious_wd:
-                        if h["_c17"]:
+                        if h["_c18"]:
                             # param = param - weight_decay * dlr * param * where(update * param >= 0, 1.0, 0.0)
-                            param_21 = F.mul(update, param)
-                            param_22 = F.ge(param_21, 0)
-                            param_23 = F.where(param_22, 1.0, 0.0, like=param)
-                            param_24 = F.addcmul(param, param, param_23, h["_k58"])
-                            F.assign_(param, param_24)
+                            param_24 = F.mul(update, param)
+                            param_25 = F.ge(param_24, 0)
+                            param_26 = F.where(param_25, 1.0, 0.0, like=param)
+                            param_27 = F.addcmul(param, param, param_26, h["_k61"])
+                            F.assign_(param, param_27)
                         else:
                             # param = param - weight_decay * dlr * param
-                            param_25 = F.axpy(param, param, h["_k59"])
-                            F.assign_(param, param_25)
+                            param_28 = F.axpy(param, param, h["_k62"])
+                            F.assign_(param, param_28)
                 # if centered_wd != 0:
-                if h["_c18"]:
-                    # cwd_target = param - cast(anchor_data, param)
-                    cwd_target_4 = F.cast(anchor_data, param)
-                    cwd_target = F.sub(param, cwd_target_4)
-                    # if cautious_wd:
-                    if h["_c17"]:
-                        # param = param - centered_wd * dlr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
-                        param_26 = F.mul(update, cwd_target)
-                        param_27 = F.ge(param_26, 0)
-                        param_28 = F.where(param_27, 1.0, 0.0, like=param)
-                        F.addcmul_(param, cwd_target, param_28, h["_k60"])
+                if h["_c19"]:
+                    # if centered_wd_mode == 'int8':
+                    if h["_c20"]:
+                        # cwd_target = param - cast(anchor_data, param)
+                        cwd_target_16 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                        cwd_target_17 = F.cast(cwd_target_16, param)
+                        cwd_target = F.sub(param, cwd_target_17)
                     else:
-                        # param = param - centered_wd * dlr * cwd_target
-                        F.axpy_(param, cwd_target, h["_k61"])
+                        # if centered_wd_mode == 'int4':
+                        if h["_c21"]:
+                            # cwd_target = param - cast(anchor_data, param)
+                            cwd_target_18 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                            cwd_target_19 = F.cast(cwd_target_18, param)
+                            cwd_target = F.sub(param, cwd_target_19)
+                        else:
+                            # cwd_target = param - cast(anchor_data, param)
+                            cwd_target_20 = F.cast(anchor_data, param)
+                            cwd_target = F.sub(param, cwd_target_20)
+                    # if fisher_wd:
+                    if h["_c17"]:
+                        # cwd_fisher_scaled = cwd_fisher * (centered_wd * dlr)
+                        cwd_fisher_scaled = F.mul(cwd_fisher, h["_k63"])
+                        # if cautious_wd:
+                        if h["_c18"]:
+                            # param = param - cwd_target * (where(update * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                            param_29 = F.mul(update, cwd_target)
+                            param_30 = F.ge(param_29, 0)
+                            param_31 = F.where(param_30, 1.0, 0.0, like=param)
+                            F.mul_(param_31, cwd_fisher_scaled)
+                            F.addcmul_(param, cwd_target, param_31, -1.0)
+                        else:
+                            # param = param - cwd_target * cwd_fisher_scaled
+                            F.addcmul_(param, cwd_target, cwd_fisher_scaled, -1.0)
+                    else:
+                        # if cautious_wd:
+                        if h["_c18"]:
+                            # param = param - centered_wd * dlr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                            param_32 = F.mul(update, cwd_target)
+                            param_33 = F.ge(param_32, 0)
+                            param_34 = F.where(param_33, 1.0, 0.0, like=param)
+                            F.addcmul_(param, cwd_target, param_34, h["_k64"])
+                        else:
+                            # param = param - centered_wd * dlr * cwd_target
+                            F.axpy_(param, cwd_target, h["_k65"])
                 # param = param + -update
                 F.sub_(param, update)
     else:
         # if factored_2nd:
-        if h["_c19"]:
+        if h["_c22"]:
             # if (ndim != 1 or vector_reshape) and not (spectral_normalization and ndim >= 3):
-            if h["_c20"]:
+            if h["_c23"]:
                 # if state_precision == 'bf16_sr' and not nnmf_factor:
-                if h["_c21"]:
+                if h["_c24"]:
                     # if beta1 > 0 and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape)) or not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape) or not (state_precision == 'factored' or nnmf_factor) and (factored_2nd and ((ndim != 1 or vector_reshape) and not (spectral_normalization and ndim >= 3)))):
-                    if h["_c22"]:
+                    if h["_c25"]:
                         # grad = float32(grad)
                         grad = F.float32(grad)
                     # if orthogonal_gradient == 'flattened' or orthogonal_gradient == 'iterative' and (ndim < 2 or param_attr('_is_dora_scale', False) or param_attr('is_vector', False)):
@@ -2165,8 +2679,8 @@ def _device_step(h, param, grad, S, A):
                         # exp_avg_work = exp_avg
                         exp_avg_work = F.decode("bf16_sr", False, {"": exp_avg})
                         # exp_avg_work = exp_avg_work * beta1_used + d * (1 - beta1_used) * grad
-                        F.mul_(exp_avg_work, h["_k62"])
-                        F.axpy_(exp_avg_work, grad, h["_k63"])
+                        F.mul_(exp_avg_work, h["_k66"])
+                        F.axpy_(exp_avg_work, grad, h["_k67"])
                         # exp_avg = exp_avg_work
                         F.encode_("bf16_sr", False, {"": exp_avg}, exp_avg_work)
                         # if nesterov:
@@ -2174,16 +2688,16 @@ def _device_step(h, param, grad, S, A):
                             # if nesterov_coef == None:
                             if h["_c7"]:
                                 # update = lerp(exp_avg_work, grad, 1 - beta1_used)
-                                update = F.lerp(exp_avg_work, grad, h["_k65"])
+                                update = F.lerp(exp_avg_work, grad, h["_k69"])
                             else:
                                 # update = lerp(exp_avg_work, grad, 1 - nesterov_coef)
-                                update = F.lerp(exp_avg_work, grad, h["_k66"])
+                                update = F.lerp(exp_avg_work, grad, h["_k70"])
                         else:
                             # update = copy(exp_avg_work)
                             update = F.copy(exp_avg_work)
                     else:
                         # update = grad * d
-                        update = F.mul(grad, h["_k67"])
+                        update = F.mul(grad, h["_k71"])
                     # if kourkoutas_beta:
                     if h["_c8"]:
                         # kourkoutas_sq = sum(grad * grad)
@@ -2194,10 +2708,10 @@ def _device_step(h, param, grad, S, A):
                         exp_avg_sq_full = F.outer(mu_v_nmf, mv_v_nmf)
                         # exp_avg_sq_full = float32(exp_avg_sq_full) * input() + d * d * (1 - input()) * float32(grad) * float32(grad)
                         exp_avg_sq_full_1 = F.float32(exp_avg_sq_full)
-                        exp_avg_sq_full_2 = F.mul(exp_avg_sq_full_1, h["_k68"])
+                        exp_avg_sq_full_2 = F.mul(exp_avg_sq_full_1, h["_k72"])
                         exp_avg_sq_full_3 = F.float32(grad)
                         exp_avg_sq_full_4 = F.float32(grad)
-                        F.addcmul_(exp_avg_sq_full_2, exp_avg_sq_full_3, exp_avg_sq_full_4, h["_k69"])
+                        F.addcmul_(exp_avg_sq_full_2, exp_avg_sq_full_3, exp_avg_sq_full_4, h["_k73"])
                         exp_avg_sq_full = exp_avg_sq_full_2
                         # exp_avg_sq_abs = abs(float32(exp_avg_sq_full))
                         exp_avg_sq_abs_3 = F.float32(exp_avg_sq_full)
@@ -2217,10 +2731,10 @@ def _device_step(h, param, grad, S, A):
                         exp_avg_sq_full = F.outer(mu_v_nmf, mv_v_nmf)
                         # exp_avg_sq_full = float32(exp_avg_sq_full) * beta2 + d * d * (1 - beta2) * float32(grad) * float32(grad)
                         exp_avg_sq_full_5 = F.float32(exp_avg_sq_full)
-                        exp_avg_sq_full_6 = F.mul(exp_avg_sq_full_5, h["_k70"])
+                        exp_avg_sq_full_6 = F.mul(exp_avg_sq_full_5, h["_k74"])
                         exp_avg_sq_full_7 = F.float32(grad)
                         exp_avg_sq_full_8 = F.float32(grad)
-                        F.addcmul_(exp_avg_sq_full_6, exp_avg_sq_full_7, exp_avg_sq_full_8, h["_k71"])
+                        F.addcmul_(exp_avg_sq_full_6, exp_avg_sq_full_7, exp_avg_sq_full_8, h["_k75"])
                         exp_avg_sq_full = exp_avg_sq_full_6
                         # exp_avg_sq_abs = abs(float32(exp_avg_sq_full))
                         exp_avg_sq_abs_4 = F.float32(exp_avg_sq_full)
@@ -2242,7 +2756,7 @@ def _device_step(h, param, grad, S, A):
                     else:
                         # denom = sqrt(exp_avg_sq_full) + d * eps_eff
                         denom = F.sqrt(exp_avg_sq_full)
-                        F.add_(denom, h["_k72"])
+                        F.add_(denom, h["_k76"])
                     # if use_atan2:
                     if h["_c9"]:
                         # update = atan2(update, cast(denom, grad))
@@ -2282,8 +2796,8 @@ def _device_step(h, param, grad, S, A):
                             # spectral_sigma = vdot(spectral_u, spectral_ur)
                             spectral_sigma = F.vdot(spectral_u, spectral_ur, kind="row")
                             # update = spectral_x * (sqrt(rows / cols) / maximum(spectral_sigma, 1 / (sqrt(rows) + sqrt(cols))) * spectral_lr)
-                            update_10 = F.maximum(spectral_sigma, h["_k73"])
-                            F.rdiv_(update_10, h["_k74"])
+                            update_10 = F.maximum(spectral_sigma, h["_k77"])
+                            F.rdiv_(update_10, h["_k78"])
                             F.mul_(update_10, h["spectral_lr"])
                             update = F.mul(spectral_x, update_10)
                         else:
@@ -2297,47 +2811,66 @@ def _device_step(h, param, grad, S, A):
                         # if use_atan2:
                         if h["_c9"]:
                             # update = update * (dlr * 1.2732395447351628)
-                            F.mul_(update, h["_k75"])
+                            F.mul_(update, h["_k79"])
                         else:
                             # update = update * dlr
                             F.mul_(update, h["dlr"])
                     # if prodigy_steps <= 0 or k < prodigy_steps:
                     if h["_c12"]:
                         # gs = float32(strided(grad, slice_p))
-                        gs_3 = F.strided(grad, h["_k76"])
+                        gs_3 = F.strided(grad, h["_k80"])
                         gs = F.float32(gs_3)
                         # ps = float32(strided(param, slice_p))
-                        ps_3 = F.strided(param, h["_k77"])
+                        ps_3 = F.strided(param, h["_k81"])
                         ps = F.float32(ps_3)
                         # num += vdot(gs, float32(p0) - ps) * (d / d0 * dlr)
                         num_7 = F.float32(p0)
                         num_8 = F.sub(num_7, ps)
                         num_9 = F.vdot(gs, num_8, kind="slice")
-                        F.mul_(num_9, h["_k78"])
+                        F.mul_(num_9, h["_k82"])
                         A.append(("num", num_9))
                         # if safeguard_warmup:
                         if h["_c13"]:
                             # s = s * beta3_used + d / d0 * d * gs
-                            F.mul_(s, h["_k79"])
-                            F.axpy_(s, gs, h["_k80"])
+                            F.mul_(s, h["_k83"])
+                            F.axpy_(s, gs, h["_k84"])
                         else:
                             # s = s * beta3_used + d / d0 * dlr * gs
-                            F.mul_(s, h["_k81"])
-                            F.axpy_(s, gs, h["_k82"])
+                            F.mul_(s, h["_k85"])
+                            F.axpy_(s, gs, h["_k86"])
                         # den += sum(abs(s))
                         den_5 = F.abs(s)
                         den_6 = F.sum(den_5, kind="slice")
                         A.append(("den", den_6))
-                    # if stochastic_rounding and bf16 != 0:
+                    # if centered_wd != 0 and fisher_wd:
                     if h["_c14"]:
+                        # if use_atan2:
+                        if h["_c9"]:
+                            # cwd_fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                            cwd_fisher = F.atan2(wd_scaler, denom)
+                            F.mul_(cwd_fisher, 1.2732395447351628)
+                        else:
+                            # cwd_fisher = 1 / denom
+                            cwd_fisher = F.rdiv(denom, 1)
+                            # cwd_fisher = cwd_fisher / maximum(sqrt(mean((param * cwd_fisher) ** 2)) / 1.0, 1.0)
+                            cwd_fisher_7 = F.mul(param, cwd_fisher)
+                            F.pow_(cwd_fisher_7, 2)
+                            cwd_fisher_8 = F.mean(cwd_fisher_7)
+                            F.sqrt_(cwd_fisher_8)
+                            F.div_(cwd_fisher_8, 1.0)
+                            F.maximum_(cwd_fisher_8, 1.0)
+                            cwd_fisher_9 = F.div(cwd_fisher, cwd_fisher_8)
+                            cwd_fisher = cwd_fisher_9
+                    # if stochastic_rounding and bf16 != 0:
+                    if h["_c15"]:
                         # param_fp32 = float32(param)
                         param_fp32 = F.float32(param)
                         # update_fp32 = float32(update)
                         update_fp32 = F.float32(update)
                         # if weight_decay != 0:
-                        if h["_c15"]:
+                        if h["_c16"]:
                             # if fisher_wd:
-                            if h["_c16"]:
+                            if h["_c17"]:
                                 # if use_atan2:
                                 if h["_c9"]:
                                     # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
@@ -2356,57 +2889,88 @@ def _device_step(h, param, grad, S, A):
                                     fisher_15 = F.div(fisher, fisher_14)
                                     fisher = fisher_15
                                 # fisher = fisher * (weight_decay * dlr)
-                                F.mul_(fisher, h["_k83"])
+                                F.mul_(fisher, h["_k87"])
                                 # if cautious_wd:
-                                if h["_c17"]:
+                                if h["_c18"]:
                                     # param_fp32 = param_fp32 - param_fp32 * (where(update_fp32 * param_fp32 >= 0, 1.0, 0.0) * fisher)
-                                    param_fp32_25 = F.mul(update_fp32, param_fp32)
-                                    param_fp32_26 = F.ge(param_fp32_25, 0)
-                                    param_fp32_27 = F.where(param_fp32_26, 1.0, 0.0, like=param)
-                                    F.mul_(param_fp32_27, fisher)
-                                    param_fp32_28 = F.addcmul(param_fp32, param_fp32, param_fp32_27, -1.0)
-                                    param_fp32 = param_fp32_28
+                                    param_fp32_33 = F.mul(update_fp32, param_fp32)
+                                    param_fp32_34 = F.ge(param_fp32_33, 0)
+                                    param_fp32_35 = F.where(param_fp32_34, 1.0, 0.0, like=param)
+                                    F.mul_(param_fp32_35, fisher)
+                                    param_fp32_36 = F.addcmul(param_fp32, param_fp32, param_fp32_35, -1.0)
+                                    param_fp32 = param_fp32_36
                                 else:
                                     # param_fp32 = param_fp32 - param_fp32 * fisher
                                     param_fp32 = F.addcmul(param_fp32, param_fp32, fisher, -1.0)
                             else:
                                 # if cautious_wd:
-                                if h["_c17"]:
+                                if h["_c18"]:
                                     # param_fp32 = param_fp32 - weight_decay * dlr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
-                                    param_fp32_29 = F.mul(update_fp32, param_fp32)
-                                    param_fp32_30 = F.ge(param_fp32_29, 0)
-                                    param_fp32_31 = F.where(param_fp32_30, 1.0, 0.0, like=param)
-                                    param_fp32_32 = F.addcmul(param_fp32, param_fp32, param_fp32_31, h["_k84"])
-                                    param_fp32 = param_fp32_32
+                                    param_fp32_37 = F.mul(update_fp32, param_fp32)
+                                    param_fp32_38 = F.ge(param_fp32_37, 0)
+                                    param_fp32_39 = F.where(param_fp32_38, 1.0, 0.0, like=param)
+                                    param_fp32_40 = F.addcmul(param_fp32, param_fp32, param_fp32_39, h["_k88"])
+                                    param_fp32 = param_fp32_40
                                 else:
                                     # param_fp32 = param_fp32 - weight_decay * dlr * param_fp32
-                                    param_fp32 = F.axpy(param_fp32, param_fp32, h["_k85"])
+                                    param_fp32 = F.axpy(param_fp32, param_fp32, h["_k89"])
                         # if centered_wd != 0:
-                        if h["_c18"]:
-                            # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                            cwd_target_5 = F.cast(anchor_data, param_fp32)
-                            cwd_target = F.sub(param_fp32, cwd_target_5)
-                            # if cautious_wd:
-                            if h["_c17"]:
-                                # param_fp32 = param_fp32 - centered_wd * dlr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
-                                param_fp32_33 = F.mul(update_fp32, cwd_target)
-                                param_fp32_34 = F.ge(param_fp32_33, 0)
-                                param_fp32_35 = F.where(param_fp32_34, 1.0, 0.0, like=param)
-                                param_fp32_36 = F.addcmul(param_fp32, cwd_target, param_fp32_35, h["_k86"])
-                                param_fp32 = param_fp32_36
+                        if h["_c19"]:
+                            # if centered_wd_mode == 'int8':
+                            if h["_c20"]:
+                                # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                cwd_target_21 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                cwd_target_22 = F.cast(cwd_target_21, param_fp32)
+                                cwd_target = F.sub(param_fp32, cwd_target_22)
                             else:
-                                # param_fp32 = param_fp32 - centered_wd * dlr * cwd_target
-                                param_fp32 = F.axpy(param_fp32, cwd_target, h["_k87"])
+                                # if centered_wd_mode == 'int4':
+                                if h["_c21"]:
+                                    # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                    cwd_target_23 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                    cwd_target_24 = F.cast(cwd_target_23, param_fp32)
+                                    cwd_target = F.sub(param_fp32, cwd_target_24)
+                                else:
+                                    # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                    cwd_target_25 = F.cast(anchor_data, param_fp32)
+                                    cwd_target = F.sub(param_fp32, cwd_target_25)
+                            # if fisher_wd:
+                            if h["_c17"]:
+                                # cwd_fisher_scaled = cwd_fisher * (centered_wd * dlr)
+                                cwd_fisher_scaled = F.mul(cwd_fisher, h["_k90"])
+                                # if cautious_wd:
+                                if h["_c18"]:
+                                    # param_fp32 = param_fp32 - cwd_target * (where(update_fp32 * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                                    param_fp32_41 = F.mul(update_fp32, cwd_target)
+                                    param_fp32_42 = F.ge(param_fp32_41, 0)
+                                    param_fp32_43 = F.where(param_fp32_42, 1.0, 0.0, like=param)
+                                    F.mul_(param_fp32_43, cwd_fisher_scaled)
+                                    param_fp32_44 = F.addcmul(param_fp32, cwd_target, param_fp32_43, -1.0)
+                                    param_fp32 = param_fp32_44
+                                else:
+                                    # param_fp32 = param_fp32 - cwd_target * cwd_fisher_scaled
+                                    param_fp32 = F.addcmul(param_fp32, cwd_target, cwd_fisher_scaled, -1.0)
+                            else:
+                                # if cautious_wd:
+                                if h["_c18"]:
+                                    # param_fp32 = param_fp32 - centered_wd * dlr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                                    param_fp32_45 = F.mul(update_fp32, cwd_target)
+                                    param_fp32_46 = F.ge(param_fp32_45, 0)
+                                    param_fp32_47 = F.where(param_fp32_46, 1.0, 0.0, like=param)
+                                    param_fp32_48 = F.addcmul(param_fp32, cwd_target, param_fp32_47, h["_k91"])
+                                    param_fp32 = param_fp32_48
+                                else:
+                                    # param_fp32 = param_fp32 - centered_wd * dlr * cwd_target
+                                    param_fp32 = F.axpy(param_fp32, cwd_target, h["_k92"])
                         # param_fp32 = param_fp32 + -update_fp32
                         param_fp32 = F.sub(param_fp32, update_fp32)
                         # param = stochastic_round(param_fp32, step)
-                        param_29 = F.stochastic_round(param_fp32, h["_k88"])
-                        F.assign_(param, param_29)
+                        param_35 = F.stochastic_round(param_fp32, h["_k93"])
+                        F.assign_(param, param_35)
                     else:
                         # if weight_decay != 0:
-                        if h["_c15"]:
+                        if h["_c16"]:
                             # if fisher_wd:
-                            if h["_c16"]:
+                            if h["_c17"]:
                                 # if use_atan2:
                                 if h["_c9"]:
                                     # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
@@ -2425,55 +2989,85 @@ def _device_step(h, param, grad, S, A):
                                     fisher_18 = F.div(fisher, fisher_17)
                                     fisher = fisher_18
                                 # fisher = fisher * (weight_decay * dlr)
-                                F.mul_(fisher, h["_k89"])
+                                F.mul_(fisher, h["_k94"])
                                 # if cautious_wd:
-                                if h["_c17"]:
+                                if h["_c18"]:
                                     # param = param - param * (where(update * param >= 0, 1.0, 0.0) * fisher)
-                                    param_30 = F.mul(update, param)
-                                    param_31 = F.ge(param_30, 0)
-                                    param_32 = F.where(param_31, 1.0, 0.0, like=param)
-                                    F.mul_(param_32, fisher)
-                                    param_33 = F.addcmul(param, param, param_32, -1.0)
-                                    F.assign_(param, param_33)
+                                    param_36 = F.mul(update, param)
+                                    param_37 = F.ge(param_36, 0)
+                                    param_38 = F.where(param_37, 1.0, 0.0, like=param)
+                                    F.mul_(param_38, fisher)
+                                    param_39 = F.addcmul(param, param, param_38, -1.0)
+                                    F.assign_(param, param_39)
                                 else:
                                     # param = param - param * fisher
-                                    param_34 = F.addcmul(param, param, fisher, -1.0)
-                                    F.assign_(param, param_34)
+                                    param_40 = F.addcmul(param, param, fisher, -1.0)
+                                    F.assign_(param, param_40)
                             else:
                                 # if cautious_wd:
-                                if h["_c17"]:
+                                if h["_c18"]:
                                     # param = param - weight_decay * dlr * param * where(update * param >= 0, 1.0, 0.0)
-                                    param_35 = F.mul(update, param)
-                                    param_36 = F.ge(param_35, 0)
-                                    param_37 = F.where(param_36, 1.0, 0.0, like=param)
-                                    param_38 = F.addcmul(param, param, param_37, h["_k90"])
-                                    F.assign_(param, param_38)
+                                    param_41 = F.mul(update, param)
+                                    param_42 = F.ge(param_41, 0)
+                                    param_43 = F.where(param_42, 1.0, 0.0, like=param)
+                                    param_44 = F.addcmul(param, param, param_43, h["_k95"])
+                                    F.assign_(param, param_44)
                                 else:
                                     # param = param - weight_decay * dlr * param
-                                    param_39 = F.axpy(param, param, h["_k91"])
-                                    F.assign_(param, param_39)
+                                    param_45 = F.axpy(param, param, h["_k96"])
+                                    F.assign_(param, param_45)
                         # if centered_wd != 0:
-                        if h["_c18"]:
-                            # cwd_target = param - cast(anchor_data, param)
-                            cwd_target_6 = F.cast(anchor_data, param)
-                            cwd_target = F.sub(param, cwd_target_6)
-                            # if cautious_wd:
-                            if h["_c17"]:
-                                # param = param - centered_wd * dlr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
-                                param_40 = F.mul(update, cwd_target)
-                                param_41 = F.ge(param_40, 0)
-                                param_42 = F.where(param_41, 1.0, 0.0, like=param)
-                                F.addcmul_(param, cwd_target, param_42, h["_k92"])
+                        if h["_c19"]:
+                            # if centered_wd_mode == 'int8':
+                            if h["_c20"]:
+                                # cwd_target = param - cast(anchor_data, param)
+                                cwd_target_26 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                cwd_target_27 = F.cast(cwd_target_26, param)
+                                cwd_target = F.sub(param, cwd_target_27)
                             else:
-                                # param = param - centered_wd * dlr * cwd_target
-                                F.axpy_(param, cwd_target, h["_k93"])
+                                # if centered_wd_mode == 'int4':
+                                if h["_c21"]:
+                                    # cwd_target = param - cast(anchor_data, param)
+                                    cwd_target_28 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                    cwd_target_29 = F.cast(cwd_target_28, param)
+                                    cwd_target = F.sub(param, cwd_target_29)
+                                else:
+                                    # cwd_target = param - cast(anchor_data, param)
+                                    cwd_target_30 = F.cast(anchor_data, param)
+                                    cwd_target = F.sub(param, cwd_target_30)
+                            # if fisher_wd:
+                            if h["_c17"]:
+                                # cwd_fisher_scaled = cwd_fisher * (centered_wd * dlr)
+                                cwd_fisher_scaled = F.mul(cwd_fisher, h["_k97"])
+                                # if cautious_wd:
+                                if h["_c18"]:
+                                    # param = param - cwd_target * (where(update * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                                    param_46 = F.mul(update, cwd_target)
+                                    param_47 = F.ge(param_46, 0)
+                                    param_48 = F.where(param_47, 1.0, 0.0, like=param)
+                                    F.mul_(param_48, cwd_fisher_scaled)
+                                    F.addcmul_(param, cwd_target, param_48, -1.0)
+                                else:
+                                    # param = param - cwd_target * cwd_fisher_scaled
+                                    F.addcmul_(param, cwd_target, cwd_fisher_scaled, -1.0)
+                            else:
+                                # if cautious_wd:
+                                if h["_c18"]:
+                                    # param = param - centered_wd * dlr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                                    param_49 = F.mul(update, cwd_target)
+                                    param_50 = F.ge(param_49, 0)
+                                    param_51 = F.where(param_50, 1.0, 0.0, like=param)
+                                    F.addcmul_(param, cwd_target, param_51, h["_k98"])
+                                else:
+                                    # param = param - centered_wd * dlr * cwd_target
+                                    F.axpy_(param, cwd_target, h["_k99"])
                         # param = param + -update
                         F.sub_(param, update)
                 else:
                     # if state_precision == 'int8_sr' and not nnmf_factor:
-                    if h["_c23"]:
+                    if h["_c26"]:
                         # if beta1 > 0 and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape)) or not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape) or not (state_precision == 'factored' or nnmf_factor) and (factored_2nd and ((ndim != 1 or vector_reshape) and not (spectral_normalization and ndim >= 3)))):
-                        if h["_c22"]:
+                        if h["_c25"]:
                             # grad = float32(grad)
                             grad = F.float32(grad)
                         # if orthogonal_gradient == 'flattened' or orthogonal_gradient == 'iterative' and (ndim < 2 or param_attr('_is_dora_scale', False) or param_attr('is_vector', False)):
@@ -2514,8 +3108,8 @@ def _device_step(h, param, grad, S, A):
                             # exp_avg_work = exp_avg
                             exp_avg_work = F.decode("int8_sr", False, {"": exp_avg, "_scale": exp_avg_scale})
                             # exp_avg_work = exp_avg_work * beta1_used + d * (1 - beta1_used) * grad
-                            F.mul_(exp_avg_work, h["_k94"])
-                            F.axpy_(exp_avg_work, grad, h["_k95"])
+                            F.mul_(exp_avg_work, h["_k100"])
+                            F.axpy_(exp_avg_work, grad, h["_k101"])
                             # exp_avg = exp_avg_work
                             F.encode_("int8_sr", False, {"": exp_avg, "_scale": exp_avg_scale}, exp_avg_work)
                             # if nesterov:
@@ -2523,16 +3117,16 @@ def _device_step(h, param, grad, S, A):
                                 # if nesterov_coef == None:
                                 if h["_c7"]:
                                     # update = lerp(exp_avg_work, grad, 1 - beta1_used)
-                                    update = F.lerp(exp_avg_work, grad, h["_k97"])
+                                    update = F.lerp(exp_avg_work, grad, h["_k103"])
                                 else:
                                     # update = lerp(exp_avg_work, grad, 1 - nesterov_coef)
-                                    update = F.lerp(exp_avg_work, grad, h["_k98"])
+                                    update = F.lerp(exp_avg_work, grad, h["_k104"])
                             else:
                                 # update = copy(exp_avg_work)
                                 update = F.copy(exp_avg_work)
                         else:
                             # update = grad * d
-                            update = F.mul(grad, h["_k99"])
+                            update = F.mul(grad, h["_k105"])
                         # if kourkoutas_beta:
                         if h["_c8"]:
                             # kourkoutas_sq = sum(grad * grad)
@@ -2543,10 +3137,10 @@ def _device_step(h, param, grad, S, A):
                             exp_avg_sq_full = F.outer(mu_v_nmf, mv_v_nmf)
                             # exp_avg_sq_full = float32(exp_avg_sq_full) * input() + d * d * (1 - input()) * float32(grad) * float32(grad)
                             exp_avg_sq_full_9 = F.float32(exp_avg_sq_full)
-                            exp_avg_sq_full_10 = F.mul(exp_avg_sq_full_9, h["_k100"])
+                            exp_avg_sq_full_10 = F.mul(exp_avg_sq_full_9, h["_k106"])
                             exp_avg_sq_full_11 = F.float32(grad)
                             exp_avg_sq_full_12 = F.float32(grad)
-                            F.addcmul_(exp_avg_sq_full_10, exp_avg_sq_full_11, exp_avg_sq_full_12, h["_k101"])
+                            F.addcmul_(exp_avg_sq_full_10, exp_avg_sq_full_11, exp_avg_sq_full_12, h["_k107"])
                             exp_avg_sq_full = exp_avg_sq_full_10
                             # exp_avg_sq_abs = abs(float32(exp_avg_sq_full))
                             exp_avg_sq_abs_5 = F.float32(exp_avg_sq_full)
@@ -2566,10 +3160,10 @@ def _device_step(h, param, grad, S, A):
                             exp_avg_sq_full = F.outer(mu_v_nmf, mv_v_nmf)
                             # exp_avg_sq_full = float32(exp_avg_sq_full) * beta2 + d * d * (1 - beta2) * float32(grad) * float32(grad)
                             exp_avg_sq_full_13 = F.float32(exp_avg_sq_full)
-                            exp_avg_sq_full_14 = F.mul(exp_avg_sq_full_13, h["_k102"])
+                            exp_avg_sq_full_14 = F.mul(exp_avg_sq_full_13, h["_k108"])
                             exp_avg_sq_full_15 = F.float32(grad)
                             exp_avg_sq_full_16 = F.float32(grad)
-                            F.addcmul_(exp_avg_sq_full_14, exp_avg_sq_full_15, exp_avg_sq_full_16, h["_k103"])
+                            F.addcmul_(exp_avg_sq_full_14, exp_avg_sq_full_15, exp_avg_sq_full_16, h["_k109"])
                             exp_avg_sq_full = exp_avg_sq_full_14
                             # exp_avg_sq_abs = abs(float32(exp_avg_sq_full))
                             exp_avg_sq_abs_6 = F.float32(exp_avg_sq_full)
@@ -2591,7 +3185,7 @@ def _device_step(h, param, grad, S, A):
                         else:
                             # denom = sqrt(exp_avg_sq_full) + d * eps_eff
                             denom = F.sqrt(exp_avg_sq_full)
-                            F.add_(denom, h["_k104"])
+                            F.add_(denom, h["_k110"])
                         # if use_atan2:
                         if h["_c9"]:
                             # update = atan2(update, cast(denom, grad))
@@ -2631,8 +3225,8 @@ def _device_step(h, param, grad, S, A):
                                 # spectral_sigma = vdot(spectral_u, spectral_ur)
                                 spectral_sigma = F.vdot(spectral_u, spectral_ur, kind="row")
                                 # update = spectral_x * (sqrt(rows / cols) / maximum(spectral_sigma, 1 / (sqrt(rows) + sqrt(cols))) * spectral_lr)
-                                update_16 = F.maximum(spectral_sigma, h["_k105"])
-                                F.rdiv_(update_16, h["_k106"])
+                                update_16 = F.maximum(spectral_sigma, h["_k111"])
+                                F.rdiv_(update_16, h["_k112"])
                                 F.mul_(update_16, h["spectral_lr"])
                                 update = F.mul(spectral_x, update_16)
                             else:
@@ -2646,47 +3240,66 @@ def _device_step(h, param, grad, S, A):
                             # if use_atan2:
                             if h["_c9"]:
                                 # update = update * (dlr * 1.2732395447351628)
-                                F.mul_(update, h["_k107"])
+                                F.mul_(update, h["_k113"])
                             else:
                                 # update = update * dlr
                                 F.mul_(update, h["dlr"])
                         # if prodigy_steps <= 0 or k < prodigy_steps:
                         if h["_c12"]:
                             # gs = float32(strided(grad, slice_p))
-                            gs_4 = F.strided(grad, h["_k108"])
+                            gs_4 = F.strided(grad, h["_k114"])
                             gs = F.float32(gs_4)
                             # ps = float32(strided(param, slice_p))
-                            ps_4 = F.strided(param, h["_k109"])
+                            ps_4 = F.strided(param, h["_k115"])
                             ps = F.float32(ps_4)
                             # num += vdot(gs, float32(p0) - ps) * (d / d0 * dlr)
                             num_10 = F.float32(p0)
                             num_11 = F.sub(num_10, ps)
                             num_12 = F.vdot(gs, num_11, kind="slice")
-                            F.mul_(num_12, h["_k110"])
+                            F.mul_(num_12, h["_k116"])
                             A.append(("num", num_12))
                             # if safeguard_warmup:
                             if h["_c13"]:
                                 # s = s * beta3_used + d / d0 * d * gs
-                                F.mul_(s, h["_k111"])
-                                F.axpy_(s, gs, h["_k112"])
+                                F.mul_(s, h["_k117"])
+                                F.axpy_(s, gs, h["_k118"])
                             else:
                                 # s = s * beta3_used + d / d0 * dlr * gs
-                                F.mul_(s, h["_k113"])
-                                F.axpy_(s, gs, h["_k114"])
+                                F.mul_(s, h["_k119"])
+                                F.axpy_(s, gs, h["_k120"])
                             # den += sum(abs(s))
                             den_7 = F.abs(s)
                             den_8 = F.sum(den_7, kind="slice")
                             A.append(("den", den_8))
-                        # if stochastic_rounding and bf16 != 0:
+                        # if centered_wd != 0 and fisher_wd:
                         if h["_c14"]:
+                            # if use_atan2:
+                            if h["_c9"]:
+                                # cwd_fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                                cwd_fisher = F.atan2(wd_scaler, denom)
+                                F.mul_(cwd_fisher, 1.2732395447351628)
+                            else:
+                                # cwd_fisher = 1 / denom
+                                cwd_fisher = F.rdiv(denom, 1)
+                                # cwd_fisher = cwd_fisher / maximum(sqrt(mean((param * cwd_fisher) ** 2)) / 1.0, 1.0)
+                                cwd_fisher_10 = F.mul(param, cwd_fisher)
+                                F.pow_(cwd_fisher_10, 2)
+                                cwd_fisher_11 = F.mean(cwd_fisher_10)
+                                F.sqrt_(cwd_fisher_11)
+                                F.div_(cwd_fisher_11, 1.0)
+                                F.maximum_(cwd_fisher_11, 1.0)
+                                cwd_fisher_12 = F.div(cwd_fisher, cwd_fisher_11)
+                                cwd_fisher = cwd_fisher_12
+                        # if stochastic_rounding and bf16 != 0:
+                        if h["_c15"]:
                             # param_fp32 = float32(param)
                             param_fp32 = F.float32(param)
                             # update_fp32 = float32(update)
                             update_fp32 = F.float32(update)
                             # if weight_decay != 0:
-                            if h["_c15"]:
+                            if h["_c16"]:
                                 # if fisher_wd:
-                                if h["_c16"]:
+                                if h["_c17"]:
                                     # if use_atan2:
                                     if h["_c9"]:
                                         # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
@@ -2705,57 +3318,88 @@ def _device_step(h, param, grad, S, A):
                                         fisher_21 = F.div(fisher, fisher_20)
                                         fisher = fisher_21
                                     # fisher = fisher * (weight_decay * dlr)
-                                    F.mul_(fisher, h["_k115"])
+                                    F.mul_(fisher, h["_k121"])
                                     # if cautious_wd:
-                                    if h["_c17"]:
+                                    if h["_c18"]:
                                         # param_fp32 = param_fp32 - param_fp32 * (where(update_fp32 * param_fp32 >= 0, 1.0, 0.0) * fisher)
-                                        param_fp32_37 = F.mul(update_fp32, param_fp32)
-                                        param_fp32_38 = F.ge(param_fp32_37, 0)
-                                        param_fp32_39 = F.where(param_fp32_38, 1.0, 0.0, like=param)
-                                        F.mul_(param_fp32_39, fisher)
-                                        param_fp32_40 = F.addcmul(param_fp32, param_fp32, param_fp32_39, -1.0)
-                                        param_fp32 = param_fp32_40
+                                        param_fp32_49 = F.mul(update_fp32, param_fp32)
+                                        param_fp32_50 = F.ge(param_fp32_49, 0)
+                                        param_fp32_51 = F.where(param_fp32_50, 1.0, 0.0, like=param)
+                                        F.mul_(param_fp32_51, fisher)
+                                        param_fp32_52 = F.addcmul(param_fp32, param_fp32, param_fp32_51, -1.0)
+                                        param_fp32 = param_fp32_52
                                     else:
                                         # param_fp32 = param_fp32 - param_fp32 * fisher
                                         param_fp32 = F.addcmul(param_fp32, param_fp32, fisher, -1.0)
                                 else:
                                     # if cautious_wd:
-                                    if h["_c17"]:
+                                    if h["_c18"]:
                                         # param_fp32 = param_fp32 - weight_decay * dlr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
-                                        param_fp32_41 = F.mul(update_fp32, param_fp32)
-                                        param_fp32_42 = F.ge(param_fp32_41, 0)
-                                        param_fp32_43 = F.where(param_fp32_42, 1.0, 0.0, like=param)
-                                        param_fp32_44 = F.addcmul(param_fp32, param_fp32, param_fp32_43, h["_k116"])
-                                        param_fp32 = param_fp32_44
+                                        param_fp32_53 = F.mul(update_fp32, param_fp32)
+                                        param_fp32_54 = F.ge(param_fp32_53, 0)
+                                        param_fp32_55 = F.where(param_fp32_54, 1.0, 0.0, like=param)
+                                        param_fp32_56 = F.addcmul(param_fp32, param_fp32, param_fp32_55, h["_k122"])
+                                        param_fp32 = param_fp32_56
                                     else:
                                         # param_fp32 = param_fp32 - weight_decay * dlr * param_fp32
-                                        param_fp32 = F.axpy(param_fp32, param_fp32, h["_k117"])
+                                        param_fp32 = F.axpy(param_fp32, param_fp32, h["_k123"])
                             # if centered_wd != 0:
-                            if h["_c18"]:
-                                # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                                cwd_target_7 = F.cast(anchor_data, param_fp32)
-                                cwd_target = F.sub(param_fp32, cwd_target_7)
-                                # if cautious_wd:
-                                if h["_c17"]:
-                                    # param_fp32 = param_fp32 - centered_wd * dlr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
-                                    param_fp32_45 = F.mul(update_fp32, cwd_target)
-                                    param_fp32_46 = F.ge(param_fp32_45, 0)
-                                    param_fp32_47 = F.where(param_fp32_46, 1.0, 0.0, like=param)
-                                    param_fp32_48 = F.addcmul(param_fp32, cwd_target, param_fp32_47, h["_k118"])
-                                    param_fp32 = param_fp32_48
+                            if h["_c19"]:
+                                # if centered_wd_mode == 'int8':
+                                if h["_c20"]:
+                                    # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                    cwd_target_31 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                    cwd_target_32 = F.cast(cwd_target_31, param_fp32)
+                                    cwd_target = F.sub(param_fp32, cwd_target_32)
                                 else:
-                                    # param_fp32 = param_fp32 - centered_wd * dlr * cwd_target
-                                    param_fp32 = F.axpy(param_fp32, cwd_target, h["_k119"])
+                                    # if centered_wd_mode == 'int4':
+                                    if h["_c21"]:
+                                        # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                        cwd_target_33 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                        cwd_target_34 = F.cast(cwd_target_33, param_fp32)
+                                        cwd_target = F.sub(param_fp32, cwd_target_34)
+                                    else:
+                                        # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                        cwd_target_35 = F.cast(anchor_data, param_fp32)
+                                        cwd_target = F.sub(param_fp32, cwd_target_35)
+                                # if fisher_wd:
+                                if h["_c17"]:
+                                    # cwd_fisher_scaled = cwd_fisher * (centered_wd * dlr)
+                                    cwd_fisher_scaled = F.mul(cwd_fisher, h["_k124"])
+                                    # if cautious_wd:
+                                    if h["_c18"]:
+                                        # param_fp32 = param_fp32 - cwd_target * (where(update_fp32 * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                                        param_fp32_57 = F.mul(update_fp32, cwd_target)
+                                        param_fp32_58 = F.ge(param_fp32_57, 0)
+                                        param_fp32_59 = F.where(param_fp32_58, 1.0, 0.0, like=param)
+                                        F.mul_(param_fp32_59, cwd_fisher_scaled)
+                                        param_fp32_60 = F.addcmul(param_fp32, cwd_target, param_fp32_59, -1.0)
+                                        param_fp32 = param_fp32_60
+                                    else:
+                                        # param_fp32 = param_fp32 - cwd_target * cwd_fisher_scaled
+                                        param_fp32 = F.addcmul(param_fp32, cwd_target, cwd_fisher_scaled, -1.0)
+                                else:
+                                    # if cautious_wd:
+                                    if h["_c18"]:
+                                        # param_fp32 = param_fp32 - centered_wd * dlr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                                        param_fp32_61 = F.mul(update_fp32, cwd_target)
+                                        param_fp32_62 = F.ge(param_fp32_61, 0)
+                                        param_fp32_63 = F.where(param_fp32_62, 1.0, 0.0, like=param)
+                                        param_fp32_64 = F.addcmul(param_fp32, cwd_target, param_fp32_63, h["_k125"])
+                                        param_fp32 = param_fp32_64
+                                    else:
+                                        # param_fp32 = param_fp32 - centered_wd * dlr * cwd_target
+                                        param_fp32 = F.axpy(param_fp32, cwd_target, h["_k126"])
                             # param_fp32 = param_fp32 + -update_fp32
                             param_fp32 = F.sub(param_fp32, update_fp32)
                             # param = stochastic_round(param_fp32, step)
-                            param_43 = F.stochastic_round(param_fp32, h["_k120"])
-                            F.assign_(param, param_43)
+                            param_52 = F.stochastic_round(param_fp32, h["_k127"])
+                            F.assign_(param, param_52)
                         else:
                             # if weight_decay != 0:
-                            if h["_c15"]:
+                            if h["_c16"]:
                                 # if fisher_wd:
-                                if h["_c16"]:
+                                if h["_c17"]:
                                     # if use_atan2:
                                     if h["_c9"]:
                                         # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
@@ -2774,53 +3418,83 @@ def _device_step(h, param, grad, S, A):
                                         fisher_24 = F.div(fisher, fisher_23)
                                         fisher = fisher_24
                                     # fisher = fisher * (weight_decay * dlr)
-                                    F.mul_(fisher, h["_k121"])
+                                    F.mul_(fisher, h["_k128"])
                                     # if cautious_wd:
-                                    if h["_c17"]:
+                                    if h["_c18"]:
                                         # param = param - param * (where(update * param >= 0, 1.0, 0.0) * fisher)
-                                        param_44 = F.mul(update, param)
-                                        param_45 = F.ge(param_44, 0)
-                                        param_46 = F.where(param_45, 1.0, 0.0, like=param)
-                                        F.mul_(param_46, fisher)
-                                        param_47 = F.addcmul(param, param, param_46, -1.0)
-                                        F.assign_(param, param_47)
+                                        param_53 = F.mul(update, param)
+                                        param_54 = F.ge(param_53, 0)
+                                        param_55 = F.where(param_54, 1.0, 0.0, like=param)
+                                        F.mul_(param_55, fisher)
+                                        param_56 = F.addcmul(param, param, param_55, -1.0)
+                                        F.assign_(param, param_56)
                                     else:
                                         # param = param - param * fisher
-                                        param_48 = F.addcmul(param, param, fisher, -1.0)
-                                        F.assign_(param, param_48)
+                                        param_57 = F.addcmul(param, param, fisher, -1.0)
+                                        F.assign_(param, param_57)
                                 else:
                                     # if cautious_wd:
-                                    if h["_c17"]:
+                                    if h["_c18"]:
                                         # param = param - weight_decay * dlr * param * where(update * param >= 0, 1.0, 0.0)
-                                        param_49 = F.mul(update, param)
-                                        param_50 = F.ge(param_49, 0)
-                                        param_51 = F.where(param_50, 1.0, 0.0, like=param)
-                                        param_52 = F.addcmul(param, param, param_51, h["_k122"])
-                                        F.assign_(param, param_52)
+                                        param_58 = F.mul(update, param)
+                                        param_59 = F.ge(param_58, 0)
+                                        param_60 = F.where(param_59, 1.0, 0.0, like=param)
+                                        param_61 = F.addcmul(param, param, param_60, h["_k129"])
+                                        F.assign_(param, param_61)
                                     else:
                                         # param = param - weight_decay * dlr * param
-                                        param_53 = F.axpy(param, param, h["_k123"])
-                                        F.assign_(param, param_53)
+                                        param_62 = F.axpy(param, param, h["_k130"])
+                                        F.assign_(param, param_62)
                             # if centered_wd != 0:
-                            if h["_c18"]:
-                                # cwd_target = param - cast(anchor_data, param)
-                                cwd_target_8 = F.cast(anchor_data, param)
-                                cwd_target = F.sub(param, cwd_target_8)
-                                # if cautious_wd:
-                                if h["_c17"]:
-                                    # param = param - centered_wd * dlr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
-                                    param_54 = F.mul(update, cwd_target)
-                                    param_55 = F.ge(param_54, 0)
-                                    param_56 = F.where(param_55, 1.0, 0.0, like=param)
-                                    F.addcmul_(param, cwd_target, param_56, h["_k124"])
+                            if h["_c19"]:
+                                # if centered_wd_mode == 'int8':
+                                if h["_c20"]:
+                                    # cwd_target = param - cast(anchor_data, param)
+                                    cwd_target_36 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                    cwd_target_37 = F.cast(cwd_target_36, param)
+                                    cwd_target = F.sub(param, cwd_target_37)
                                 else:
-                                    # param = param - centered_wd * dlr * cwd_target
-                                    F.axpy_(param, cwd_target, h["_k125"])
+                                    # if centered_wd_mode == 'int4':
+                                    if h["_c21"]:
+                                        # cwd_target = param - cast(anchor_data, param)
+                                        cwd_target_38 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                        cwd_target_39 = F.cast(cwd_target_38, param)
+                                        cwd_target = F.sub(param, cwd_target_39)
+                                    else:
+                                        # cwd_target = param - cast(anchor_data, param)
+                                        cwd_target_40 = F.cast(anchor_data, param)
+                                        cwd_target = F.sub(param, cwd_target_40)
+                                # if fisher_wd:
+                                if h["_c17"]:
+                                    # cwd_fisher_scaled = cwd_fisher * (centered_wd * dlr)
+                                    cwd_fisher_scaled = F.mul(cwd_fisher, h["_k131"])
+                                    # if cautious_wd:
+                                    if h["_c18"]:
+                                        # param = param - cwd_target * (where(update * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                                        param_63 = F.mul(update, cwd_target)
+                                        param_64 = F.ge(param_63, 0)
+                                        param_65 = F.where(param_64, 1.0, 0.0, like=param)
+                                        F.mul_(param_65, cwd_fisher_scaled)
+                                        F.addcmul_(param, cwd_target, param_65, -1.0)
+                                    else:
+                                        # param = param - cwd_target * cwd_fisher_scaled
+                                        F.addcmul_(param, cwd_target, cwd_fisher_scaled, -1.0)
+                                else:
+                                    # if cautious_wd:
+                                    if h["_c18"]:
+                                        # param = param - centered_wd * dlr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                                        param_66 = F.mul(update, cwd_target)
+                                        param_67 = F.ge(param_66, 0)
+                                        param_68 = F.where(param_67, 1.0, 0.0, like=param)
+                                        F.addcmul_(param, cwd_target, param_68, h["_k132"])
+                                    else:
+                                        # param = param - centered_wd * dlr * cwd_target
+                                        F.axpy_(param, cwd_target, h["_k133"])
                             # param = param + -update
                             F.sub_(param, update)
                     else:
                         # if (state_precision == 'fp32' and not nnmf_factor) and (beta1 > 0 and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape)) or not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape) or not (state_precision == 'factored' or nnmf_factor) and (factored_2nd and ((ndim != 1 or vector_reshape) and not (spectral_normalization and ndim >= 3))))):
-                        if h["_c24"]:
+                        if h["_c27"]:
                             # grad = float32(grad)
                             grad = F.float32(grad)
                         # if orthogonal_gradient == 'flattened' or orthogonal_gradient == 'iterative' and (ndim < 2 or param_attr('_is_dora_scale', False) or param_attr('is_vector', False)):
@@ -2859,23 +3533,23 @@ def _device_step(h, param, grad, S, A):
                         # if beta1 > 0:
                         if h["_c5"]:
                             # exp_avg = exp_avg * beta1_used + d * (1 - beta1_used) * grad
-                            F.mul_(exp_avg, h["_k126"])
-                            F.axpy_(exp_avg, grad, h["_k127"])
+                            F.mul_(exp_avg, h["_k134"])
+                            F.axpy_(exp_avg, grad, h["_k135"])
                             # if nesterov:
                             if h["_c6"]:
                                 # if nesterov_coef == None:
                                 if h["_c7"]:
                                     # update = lerp(exp_avg, grad, 1 - beta1_used)
-                                    update = F.lerp(exp_avg, grad, h["_k128"])
+                                    update = F.lerp(exp_avg, grad, h["_k136"])
                                 else:
                                     # update = lerp(exp_avg, grad, 1 - nesterov_coef)
-                                    update = F.lerp(exp_avg, grad, h["_k129"])
+                                    update = F.lerp(exp_avg, grad, h["_k137"])
                             else:
                                 # update = copy(exp_avg)
                                 update = F.copy(exp_avg)
                         else:
                             # update = grad * d
-                            update = F.mul(grad, h["_k130"])
+                            update = F.mul(grad, h["_k138"])
                         # if kourkoutas_beta:
                         if h["_c8"]:
                             # kourkoutas_sq = sum(grad * grad)
@@ -2886,10 +3560,10 @@ def _device_step(h, param, grad, S, A):
                             exp_avg_sq_full = F.outer(mu_v_nmf, mv_v_nmf)
                             # exp_avg_sq_full = float32(exp_avg_sq_full) * input() + d * d * (1 - input()) * float32(grad) * float32(grad)
                             exp_avg_sq_full_17 = F.float32(exp_avg_sq_full)
-                            exp_avg_sq_full_18 = F.mul(exp_avg_sq_full_17, h["_k131"])
+                            exp_avg_sq_full_18 = F.mul(exp_avg_sq_full_17, h["_k139"])
                             exp_avg_sq_full_19 = F.float32(grad)
                             exp_avg_sq_full_20 = F.float32(grad)
-                            F.addcmul_(exp_avg_sq_full_18, exp_avg_sq_full_19, exp_avg_sq_full_20, h["_k132"])
+                            F.addcmul_(exp_avg_sq_full_18, exp_avg_sq_full_19, exp_avg_sq_full_20, h["_k140"])
                             exp_avg_sq_full = exp_avg_sq_full_18
                             # exp_avg_sq_abs = abs(float32(exp_avg_sq_full))
                             exp_avg_sq_abs_7 = F.float32(exp_avg_sq_full)
@@ -2909,10 +3583,10 @@ def _device_step(h, param, grad, S, A):
                             exp_avg_sq_full = F.outer(mu_v_nmf, mv_v_nmf)
                             # exp_avg_sq_full = float32(exp_avg_sq_full) * beta2 + d * d * (1 - beta2) * float32(grad) * float32(grad)
                             exp_avg_sq_full_21 = F.float32(exp_avg_sq_full)
-                            exp_avg_sq_full_22 = F.mul(exp_avg_sq_full_21, h["_k133"])
+                            exp_avg_sq_full_22 = F.mul(exp_avg_sq_full_21, h["_k141"])
                             exp_avg_sq_full_23 = F.float32(grad)
                             exp_avg_sq_full_24 = F.float32(grad)
-                            F.addcmul_(exp_avg_sq_full_22, exp_avg_sq_full_23, exp_avg_sq_full_24, h["_k134"])
+                            F.addcmul_(exp_avg_sq_full_22, exp_avg_sq_full_23, exp_avg_sq_full_24, h["_k142"])
                             exp_avg_sq_full = exp_avg_sq_full_22
                             # exp_avg_sq_abs = abs(float32(exp_avg_sq_full))
                             exp_avg_sq_abs_8 = F.float32(exp_avg_sq_full)
@@ -2934,7 +3608,7 @@ def _device_step(h, param, grad, S, A):
                         else:
                             # denom = sqrt(exp_avg_sq_full) + d * eps_eff
                             denom = F.sqrt(exp_avg_sq_full)
-                            F.add_(denom, h["_k135"])
+                            F.add_(denom, h["_k143"])
                         # if use_atan2:
                         if h["_c9"]:
                             # update = atan2(update, cast(denom, grad))
@@ -2974,8 +3648,8 @@ def _device_step(h, param, grad, S, A):
                                 # spectral_sigma = vdot(spectral_u, spectral_ur)
                                 spectral_sigma = F.vdot(spectral_u, spectral_ur, kind="row")
                                 # update = spectral_x * (sqrt(rows / cols) / maximum(spectral_sigma, 1 / (sqrt(rows) + sqrt(cols))) * spectral_lr)
-                                update_22 = F.maximum(spectral_sigma, h["_k136"])
-                                F.rdiv_(update_22, h["_k137"])
+                                update_22 = F.maximum(spectral_sigma, h["_k144"])
+                                F.rdiv_(update_22, h["_k145"])
                                 F.mul_(update_22, h["spectral_lr"])
                                 update = F.mul(spectral_x, update_22)
                             else:
@@ -2989,47 +3663,66 @@ def _device_step(h, param, grad, S, A):
                             # if use_atan2:
                             if h["_c9"]:
                                 # update = update * (dlr * 1.2732395447351628)
-                                F.mul_(update, h["_k138"])
+                                F.mul_(update, h["_k146"])
                             else:
                                 # update = update * dlr
                                 F.mul_(update, h["dlr"])
                         # if prodigy_steps <= 0 or k < prodigy_steps:
                         if h["_c12"]:
                             # gs = float32(strided(grad, slice_p))
-                            gs_5 = F.strided(grad, h["_k139"])
+                            gs_5 = F.strided(grad, h["_k147"])
                             gs = F.float32(gs_5)
                             # ps = float32(strided(param, slice_p))
-                            ps_5 = F.strided(param, h["_k140"])
+                            ps_5 = F.strided(param, h["_k148"])
                             ps = F.float32(ps_5)
                             # num += vdot(gs, float32(p0) - ps) * (d / d0 * dlr)
                             num_13 = F.float32(p0)
                             num_14 = F.sub(num_13, ps)
                             num_15 = F.vdot(gs, num_14, kind="slice")
-                            F.mul_(num_15, h["_k141"])
+                            F.mul_(num_15, h["_k149"])
                             A.append(("num", num_15))
                             # if safeguard_warmup:
                             if h["_c13"]:
                                 # s = s * beta3_used + d / d0 * d * gs
-                                F.mul_(s, h["_k142"])
-                                F.axpy_(s, gs, h["_k143"])
+                                F.mul_(s, h["_k150"])
+                                F.axpy_(s, gs, h["_k151"])
                             else:
                                 # s = s * beta3_used + d / d0 * dlr * gs
-                                F.mul_(s, h["_k144"])
-                                F.axpy_(s, gs, h["_k145"])
+                                F.mul_(s, h["_k152"])
+                                F.axpy_(s, gs, h["_k153"])
                             # den += sum(abs(s))
                             den_9 = F.abs(s)
                             den_10 = F.sum(den_9, kind="slice")
                             A.append(("den", den_10))
-                        # if stochastic_rounding and bf16 != 0:
+                        # if centered_wd != 0 and fisher_wd:
                         if h["_c14"]:
+                            # if use_atan2:
+                            if h["_c9"]:
+                                # cwd_fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                                cwd_fisher = F.atan2(wd_scaler, denom)
+                                F.mul_(cwd_fisher, 1.2732395447351628)
+                            else:
+                                # cwd_fisher = 1 / denom
+                                cwd_fisher = F.rdiv(denom, 1)
+                                # cwd_fisher = cwd_fisher / maximum(sqrt(mean((param * cwd_fisher) ** 2)) / 1.0, 1.0)
+                                cwd_fisher_13 = F.mul(param, cwd_fisher)
+                                F.pow_(cwd_fisher_13, 2)
+                                cwd_fisher_14 = F.mean(cwd_fisher_13)
+                                F.sqrt_(cwd_fisher_14)
+                                F.div_(cwd_fisher_14, 1.0)
+                                F.maximum_(cwd_fisher_14, 1.0)
+                                cwd_fisher_15 = F.div(cwd_fisher, cwd_fisher_14)
+                                cwd_fisher = cwd_fisher_15
+                        # if stochastic_rounding and bf16 != 0:
+                        if h["_c15"]:
                             # param_fp32 = float32(param)
                             param_fp32 = F.float32(param)
                             # update_fp32 = float32(update)
                             update_fp32 = F.float32(update)
                             # if weight_decay != 0:
-                            if h["_c15"]:
+                            if h["_c16"]:
                                 # if fisher_wd:
-                                if h["_c16"]:
+                                if h["_c17"]:
                                     # if use_atan2:
                                     if h["_c9"]:
                                         # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
@@ -3048,57 +3741,88 @@ def _device_step(h, param, grad, S, A):
                                         fisher_27 = F.div(fisher, fisher_26)
                                         fisher = fisher_27
                                     # fisher = fisher * (weight_decay * dlr)
-                                    F.mul_(fisher, h["_k146"])
+                                    F.mul_(fisher, h["_k154"])
                                     # if cautious_wd:
-                                    if h["_c17"]:
+                                    if h["_c18"]:
                                         # param_fp32 = param_fp32 - param_fp32 * (where(update_fp32 * param_fp32 >= 0, 1.0, 0.0) * fisher)
-                                        param_fp32_49 = F.mul(update_fp32, param_fp32)
-                                        param_fp32_50 = F.ge(param_fp32_49, 0)
-                                        param_fp32_51 = F.where(param_fp32_50, 1.0, 0.0, like=param)
-                                        F.mul_(param_fp32_51, fisher)
-                                        param_fp32_52 = F.addcmul(param_fp32, param_fp32, param_fp32_51, -1.0)
-                                        param_fp32 = param_fp32_52
+                                        param_fp32_65 = F.mul(update_fp32, param_fp32)
+                                        param_fp32_66 = F.ge(param_fp32_65, 0)
+                                        param_fp32_67 = F.where(param_fp32_66, 1.0, 0.0, like=param)
+                                        F.mul_(param_fp32_67, fisher)
+                                        param_fp32_68 = F.addcmul(param_fp32, param_fp32, param_fp32_67, -1.0)
+                                        param_fp32 = param_fp32_68
                                     else:
                                         # param_fp32 = param_fp32 - param_fp32 * fisher
                                         param_fp32 = F.addcmul(param_fp32, param_fp32, fisher, -1.0)
                                 else:
                                     # if cautious_wd:
-                                    if h["_c17"]:
+                                    if h["_c18"]:
                                         # param_fp32 = param_fp32 - weight_decay * dlr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
-                                        param_fp32_53 = F.mul(update_fp32, param_fp32)
-                                        param_fp32_54 = F.ge(param_fp32_53, 0)
-                                        param_fp32_55 = F.where(param_fp32_54, 1.0, 0.0, like=param)
-                                        param_fp32_56 = F.addcmul(param_fp32, param_fp32, param_fp32_55, h["_k147"])
-                                        param_fp32 = param_fp32_56
+                                        param_fp32_69 = F.mul(update_fp32, param_fp32)
+                                        param_fp32_70 = F.ge(param_fp32_69, 0)
+                                        param_fp32_71 = F.where(param_fp32_70, 1.0, 0.0, like=param)
+                                        param_fp32_72 = F.addcmul(param_fp32, param_fp32, param_fp32_71, h["_k155"])
+                                        param_fp32 = param_fp32_72
                                     else:
                                         # param_fp32 = param_fp32 - weight_decay * dlr * param_fp32
-                                        param_fp32 = F.axpy(param_fp32, param_fp32, h["_k148"])
+                                        param_fp32 = F.axpy(param_fp32, param_fp32, h["_k156"])
                             # if centered_wd != 0:
-                            if h["_c18"]:
-                                # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                                cwd_target_9 = F.cast(anchor_data, param_fp32)
-                                cwd_target = F.sub(param_fp32, cwd_target_9)
-                                # if cautious_wd:
-                                if h["_c17"]:
-                                    # param_fp32 = param_fp32 - centered_wd * dlr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
-                                    param_fp32_57 = F.mul(update_fp32, cwd_target)
-                                    param_fp32_58 = F.ge(param_fp32_57, 0)
-                                    param_fp32_59 = F.where(param_fp32_58, 1.0, 0.0, like=param)
-                                    param_fp32_60 = F.addcmul(param_fp32, cwd_target, param_fp32_59, h["_k149"])
-                                    param_fp32 = param_fp32_60
+                            if h["_c19"]:
+                                # if centered_wd_mode == 'int8':
+                                if h["_c20"]:
+                                    # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                    cwd_target_41 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                    cwd_target_42 = F.cast(cwd_target_41, param_fp32)
+                                    cwd_target = F.sub(param_fp32, cwd_target_42)
                                 else:
-                                    # param_fp32 = param_fp32 - centered_wd * dlr * cwd_target
-                                    param_fp32 = F.axpy(param_fp32, cwd_target, h["_k150"])
+                                    # if centered_wd_mode == 'int4':
+                                    if h["_c21"]:
+                                        # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                        cwd_target_43 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                        cwd_target_44 = F.cast(cwd_target_43, param_fp32)
+                                        cwd_target = F.sub(param_fp32, cwd_target_44)
+                                    else:
+                                        # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                        cwd_target_45 = F.cast(anchor_data, param_fp32)
+                                        cwd_target = F.sub(param_fp32, cwd_target_45)
+                                # if fisher_wd:
+                                if h["_c17"]:
+                                    # cwd_fisher_scaled = cwd_fisher * (centered_wd * dlr)
+                                    cwd_fisher_scaled = F.mul(cwd_fisher, h["_k157"])
+                                    # if cautious_wd:
+                                    if h["_c18"]:
+                                        # param_fp32 = param_fp32 - cwd_target * (where(update_fp32 * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                                        param_fp32_73 = F.mul(update_fp32, cwd_target)
+                                        param_fp32_74 = F.ge(param_fp32_73, 0)
+                                        param_fp32_75 = F.where(param_fp32_74, 1.0, 0.0, like=param)
+                                        F.mul_(param_fp32_75, cwd_fisher_scaled)
+                                        param_fp32_76 = F.addcmul(param_fp32, cwd_target, param_fp32_75, -1.0)
+                                        param_fp32 = param_fp32_76
+                                    else:
+                                        # param_fp32 = param_fp32 - cwd_target * cwd_fisher_scaled
+                                        param_fp32 = F.addcmul(param_fp32, cwd_target, cwd_fisher_scaled, -1.0)
+                                else:
+                                    # if cautious_wd:
+                                    if h["_c18"]:
+                                        # param_fp32 = param_fp32 - centered_wd * dlr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                                        param_fp32_77 = F.mul(update_fp32, cwd_target)
+                                        param_fp32_78 = F.ge(param_fp32_77, 0)
+                                        param_fp32_79 = F.where(param_fp32_78, 1.0, 0.0, like=param)
+                                        param_fp32_80 = F.addcmul(param_fp32, cwd_target, param_fp32_79, h["_k158"])
+                                        param_fp32 = param_fp32_80
+                                    else:
+                                        # param_fp32 = param_fp32 - centered_wd * dlr * cwd_target
+                                        param_fp32 = F.axpy(param_fp32, cwd_target, h["_k159"])
                             # param_fp32 = param_fp32 + -update_fp32
                             param_fp32 = F.sub(param_fp32, update_fp32)
                             # param = stochastic_round(param_fp32, step)
-                            param_57 = F.stochastic_round(param_fp32, h["_k151"])
-                            F.assign_(param, param_57)
+                            param_69 = F.stochastic_round(param_fp32, h["_k160"])
+                            F.assign_(param, param_69)
                         else:
                             # if weight_decay != 0:
-                            if h["_c15"]:
+                            if h["_c16"]:
                                 # if fisher_wd:
-                                if h["_c16"]:
+                                if h["_c17"]:
                                     # if use_atan2:
                                     if h["_c9"]:
                                         # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
@@ -3117,55 +3841,85 @@ def _device_step(h, param, grad, S, A):
                                         fisher_30 = F.div(fisher, fisher_29)
                                         fisher = fisher_30
                                     # fisher = fisher * (weight_decay * dlr)
-                                    F.mul_(fisher, h["_k152"])
+                                    F.mul_(fisher, h["_k161"])
                                     # if cautious_wd:
-                                    if h["_c17"]:
+                                    if h["_c18"]:
                                         # param = param - param * (where(update * param >= 0, 1.0, 0.0) * fisher)
-                                        param_58 = F.mul(update, param)
-                                        param_59 = F.ge(param_58, 0)
-                                        param_60 = F.where(param_59, 1.0, 0.0, like=param)
-                                        F.mul_(param_60, fisher)
-                                        param_61 = F.addcmul(param, param, param_60, -1.0)
-                                        F.assign_(param, param_61)
+                                        param_70 = F.mul(update, param)
+                                        param_71 = F.ge(param_70, 0)
+                                        param_72 = F.where(param_71, 1.0, 0.0, like=param)
+                                        F.mul_(param_72, fisher)
+                                        param_73 = F.addcmul(param, param, param_72, -1.0)
+                                        F.assign_(param, param_73)
                                     else:
                                         # param = param - param * fisher
-                                        param_62 = F.addcmul(param, param, fisher, -1.0)
-                                        F.assign_(param, param_62)
+                                        param_74 = F.addcmul(param, param, fisher, -1.0)
+                                        F.assign_(param, param_74)
                                 else:
                                     # if cautious_wd:
-                                    if h["_c17"]:
+                                    if h["_c18"]:
                                         # param = param - weight_decay * dlr * param * where(update * param >= 0, 1.0, 0.0)
-                                        param_63 = F.mul(update, param)
-                                        param_64 = F.ge(param_63, 0)
-                                        param_65 = F.where(param_64, 1.0, 0.0, like=param)
-                                        param_66 = F.addcmul(param, param, param_65, h["_k153"])
-                                        F.assign_(param, param_66)
+                                        param_75 = F.mul(update, param)
+                                        param_76 = F.ge(param_75, 0)
+                                        param_77 = F.where(param_76, 1.0, 0.0, like=param)
+                                        param_78 = F.addcmul(param, param, param_77, h["_k162"])
+                                        F.assign_(param, param_78)
                                     else:
                                         # param = param - weight_decay * dlr * param
-                                        param_67 = F.axpy(param, param, h["_k154"])
-                                        F.assign_(param, param_67)
+                                        param_79 = F.axpy(param, param, h["_k163"])
+                                        F.assign_(param, param_79)
                             # if centered_wd != 0:
-                            if h["_c18"]:
-                                # cwd_target = param - cast(anchor_data, param)
-                                cwd_target_10 = F.cast(anchor_data, param)
-                                cwd_target = F.sub(param, cwd_target_10)
-                                # if cautious_wd:
-                                if h["_c17"]:
-                                    # param = param - centered_wd * dlr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
-                                    param_68 = F.mul(update, cwd_target)
-                                    param_69 = F.ge(param_68, 0)
-                                    param_70 = F.where(param_69, 1.0, 0.0, like=param)
-                                    F.addcmul_(param, cwd_target, param_70, h["_k155"])
+                            if h["_c19"]:
+                                # if centered_wd_mode == 'int8':
+                                if h["_c20"]:
+                                    # cwd_target = param - cast(anchor_data, param)
+                                    cwd_target_46 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                    cwd_target_47 = F.cast(cwd_target_46, param)
+                                    cwd_target = F.sub(param, cwd_target_47)
                                 else:
-                                    # param = param - centered_wd * dlr * cwd_target
-                                    F.axpy_(param, cwd_target, h["_k156"])
+                                    # if centered_wd_mode == 'int4':
+                                    if h["_c21"]:
+                                        # cwd_target = param - cast(anchor_data, param)
+                                        cwd_target_48 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                        cwd_target_49 = F.cast(cwd_target_48, param)
+                                        cwd_target = F.sub(param, cwd_target_49)
+                                    else:
+                                        # cwd_target = param - cast(anchor_data, param)
+                                        cwd_target_50 = F.cast(anchor_data, param)
+                                        cwd_target = F.sub(param, cwd_target_50)
+                                # if fisher_wd:
+                                if h["_c17"]:
+                                    # cwd_fisher_scaled = cwd_fisher * (centered_wd * dlr)
+                                    cwd_fisher_scaled = F.mul(cwd_fisher, h["_k164"])
+                                    # if cautious_wd:
+                                    if h["_c18"]:
+                                        # param = param - cwd_target * (where(update * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                                        param_80 = F.mul(update, cwd_target)
+                                        param_81 = F.ge(param_80, 0)
+                                        param_82 = F.where(param_81, 1.0, 0.0, like=param)
+                                        F.mul_(param_82, cwd_fisher_scaled)
+                                        F.addcmul_(param, cwd_target, param_82, -1.0)
+                                    else:
+                                        # param = param - cwd_target * cwd_fisher_scaled
+                                        F.addcmul_(param, cwd_target, cwd_fisher_scaled, -1.0)
+                                else:
+                                    # if cautious_wd:
+                                    if h["_c18"]:
+                                        # param = param - centered_wd * dlr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                                        param_83 = F.mul(update, cwd_target)
+                                        param_84 = F.ge(param_83, 0)
+                                        param_85 = F.where(param_84, 1.0, 0.0, like=param)
+                                        F.addcmul_(param, cwd_target, param_85, h["_k165"])
+                                    else:
+                                        # param = param - centered_wd * dlr * cwd_target
+                                        F.axpy_(param, cwd_target, h["_k166"])
                             # param = param + -update
                             F.sub_(param, update)
             else:
                 # if state_precision == 'bf16_sr' and not nnmf_factor:
-                if h["_c21"]:
+                if h["_c24"]:
                     # if beta1 > 0 and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape)) or not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape) or not (state_precision == 'factored' or nnmf_factor) and (factored_2nd and ((ndim != 1 or vector_reshape) and not (spectral_normalization and ndim >= 3)))):
-                    if h["_c22"]:
+                    if h["_c25"]:
                         # grad = float32(grad)
                         grad = F.float32(grad)
                     # if orthogonal_gradient == 'flattened' or orthogonal_gradient == 'iterative' and (ndim < 2 or param_attr('_is_dora_scale', False) or param_attr('is_vector', False)):
@@ -3206,8 +3960,8 @@ def _device_step(h, param, grad, S, A):
                         # exp_avg_work = exp_avg
                         exp_avg_work = F.decode("bf16_sr", False, {"": exp_avg})
                         # exp_avg_work = exp_avg_work * beta1_used + d * (1 - beta1_used) * grad
-                        F.mul_(exp_avg_work, h["_k157"])
-                        F.axpy_(exp_avg_work, grad, h["_k158"])
+                        F.mul_(exp_avg_work, h["_k167"])
+                        F.axpy_(exp_avg_work, grad, h["_k168"])
                         # exp_avg = exp_avg_work
                         F.encode_("bf16_sr", False, {"": exp_avg}, exp_avg_work)
                         # if nesterov:
@@ -3215,16 +3969,16 @@ def _device_step(h, param, grad, S, A):
                             # if nesterov_coef == None:
                             if h["_c7"]:
                                 # update = lerp(exp_avg_work, grad, 1 - beta1_used)
-                                update = F.lerp(exp_avg_work, grad, h["_k160"])
+                                update = F.lerp(exp_avg_work, grad, h["_k170"])
                             else:
                                 # update = lerp(exp_avg_work, grad, 1 - nesterov_coef)
-                                update = F.lerp(exp_avg_work, grad, h["_k161"])
+                                update = F.lerp(exp_avg_work, grad, h["_k171"])
                         else:
                             # update = copy(exp_avg_work)
                             update = F.copy(exp_avg_work)
                     else:
                         # update = grad * d
-                        update = F.mul(grad, h["_k162"])
+                        update = F.mul(grad, h["_k172"])
                     # if kourkoutas_beta:
                     if h["_c8"]:
                         # kourkoutas_sq = sum(grad * grad)
@@ -3234,16 +3988,16 @@ def _device_step(h, param, grad, S, A):
                         # exp_avg_sq_work = exp_avg_sq
                         exp_avg_sq_work = F.decode("bf16_sr", True, {"": exp_avg_sq})
                         # exp_avg_sq_work = exp_avg_sq_work * input() + d * d * (1 - input()) * grad * grad
-                        F.mul_(exp_avg_sq_work, h["_k163"])
-                        F.addcmul_(exp_avg_sq_work, grad, grad, h["_k164"])
+                        F.mul_(exp_avg_sq_work, h["_k173"])
+                        F.addcmul_(exp_avg_sq_work, grad, grad, h["_k174"])
                         # exp_avg_sq = exp_avg_sq_work
                         F.encode_("bf16_sr", True, {"": exp_avg_sq}, exp_avg_sq_work)
                     else:
                         # exp_avg_sq_work = exp_avg_sq
                         exp_avg_sq_work = F.decode("bf16_sr", True, {"": exp_avg_sq})
                         # exp_avg_sq_work = exp_avg_sq_work * beta2 + d * d * (1 - beta2) * grad * grad
-                        F.mul_(exp_avg_sq_work, h["_k166"])
-                        F.addcmul_(exp_avg_sq_work, grad, grad, h["_k167"])
+                        F.mul_(exp_avg_sq_work, h["_k176"])
+                        F.addcmul_(exp_avg_sq_work, grad, grad, h["_k177"])
                         # exp_avg_sq = exp_avg_sq_work
                         F.encode_("bf16_sr", True, {"": exp_avg_sq}, exp_avg_sq_work)
                     # if use_atan2:
@@ -3253,7 +4007,7 @@ def _device_step(h, param, grad, S, A):
                     else:
                         # denom = sqrt(exp_avg_sq_work) + d * eps_eff
                         denom = F.sqrt(exp_avg_sq_work)
-                        F.add_(denom, h["_k169"])
+                        F.add_(denom, h["_k179"])
                     # if use_atan2:
                     if h["_c9"]:
                         # update = atan2(update, denom)
@@ -3290,8 +4044,8 @@ def _device_step(h, param, grad, S, A):
                             # spectral_sigma = vdot(spectral_u, spectral_ur)
                             spectral_sigma = F.vdot(spectral_u, spectral_ur, kind="row")
                             # update = spectral_x * (sqrt(rows / cols) / maximum(spectral_sigma, 1 / (sqrt(rows) + sqrt(cols))) * spectral_lr)
-                            update_25 = F.maximum(spectral_sigma, h["_k170"])
-                            F.rdiv_(update_25, h["_k171"])
+                            update_25 = F.maximum(spectral_sigma, h["_k180"])
+                            F.rdiv_(update_25, h["_k181"])
                             F.mul_(update_25, h["spectral_lr"])
                             update = F.mul(spectral_x, update_25)
                         else:
@@ -3305,47 +4059,66 @@ def _device_step(h, param, grad, S, A):
                         # if use_atan2:
                         if h["_c9"]:
                             # update = update * (dlr * 1.2732395447351628)
-                            F.mul_(update, h["_k172"])
+                            F.mul_(update, h["_k182"])
                         else:
                             # update = update * dlr
                             F.mul_(update, h["dlr"])
                     # if prodigy_steps <= 0 or k < prodigy_steps:
                     if h["_c12"]:
                         # gs = float32(strided(grad, slice_p))
-                        gs_6 = F.strided(grad, h["_k173"])
+                        gs_6 = F.strided(grad, h["_k183"])
                         gs = F.float32(gs_6)
                         # ps = float32(strided(param, slice_p))
-                        ps_6 = F.strided(param, h["_k174"])
+                        ps_6 = F.strided(param, h["_k184"])
                         ps = F.float32(ps_6)
                         # num += vdot(gs, float32(p0) - ps) * (d / d0 * dlr)
                         num_16 = F.float32(p0)
                         num_17 = F.sub(num_16, ps)
                         num_18 = F.vdot(gs, num_17, kind="slice")
-                        F.mul_(num_18, h["_k175"])
+                        F.mul_(num_18, h["_k185"])
                         A.append(("num", num_18))
                         # if safeguard_warmup:
                         if h["_c13"]:
                             # s = s * beta3_used + d / d0 * d * gs
-                            F.mul_(s, h["_k176"])
-                            F.axpy_(s, gs, h["_k177"])
+                            F.mul_(s, h["_k186"])
+                            F.axpy_(s, gs, h["_k187"])
                         else:
                             # s = s * beta3_used + d / d0 * dlr * gs
-                            F.mul_(s, h["_k178"])
-                            F.axpy_(s, gs, h["_k179"])
+                            F.mul_(s, h["_k188"])
+                            F.axpy_(s, gs, h["_k189"])
                         # den += sum(abs(s))
                         den_11 = F.abs(s)
                         den_12 = F.sum(den_11, kind="slice")
                         A.append(("den", den_12))
-                    # if stochastic_rounding and bf16 != 0:
+                    # if centered_wd != 0 and fisher_wd:
                     if h["_c14"]:
+                        # if use_atan2:
+                        if h["_c9"]:
+                            # cwd_fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                            cwd_fisher = F.atan2(wd_scaler, denom)
+                            F.mul_(cwd_fisher, 1.2732395447351628)
+                        else:
+                            # cwd_fisher = 1 / denom
+                            cwd_fisher = F.rdiv(denom, 1)
+                            # cwd_fisher = cwd_fisher / maximum(sqrt(mean((param * cwd_fisher) ** 2)) / 1.0, 1.0)
+                            cwd_fisher_16 = F.mul(param, cwd_fisher)
+                            F.pow_(cwd_fisher_16, 2)
+                            cwd_fisher_17 = F.mean(cwd_fisher_16)
+                            F.sqrt_(cwd_fisher_17)
+                            F.div_(cwd_fisher_17, 1.0)
+                            F.maximum_(cwd_fisher_17, 1.0)
+                            cwd_fisher_18 = F.div(cwd_fisher, cwd_fisher_17)
+                            cwd_fisher = cwd_fisher_18
+                    # if stochastic_rounding and bf16 != 0:
+                    if h["_c15"]:
                         # param_fp32 = float32(param)
                         param_fp32 = F.float32(param)
                         # update_fp32 = float32(update)
                         update_fp32 = F.float32(update)
                         # if weight_decay != 0:
-                        if h["_c15"]:
+                        if h["_c16"]:
                             # if fisher_wd:
-                            if h["_c16"]:
+                            if h["_c17"]:
                                 # if use_atan2:
                                 if h["_c9"]:
                                     # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
@@ -3364,57 +4137,88 @@ def _device_step(h, param, grad, S, A):
                                     fisher_33 = F.div(fisher, fisher_32)
                                     fisher = fisher_33
                                 # fisher = fisher * (weight_decay * dlr)
-                                F.mul_(fisher, h["_k180"])
+                                F.mul_(fisher, h["_k190"])
                                 # if cautious_wd:
-                                if h["_c17"]:
+                                if h["_c18"]:
                                     # param_fp32 = param_fp32 - param_fp32 * (where(update_fp32 * param_fp32 >= 0, 1.0, 0.0) * fisher)
-                                    param_fp32_61 = F.mul(update_fp32, param_fp32)
-                                    param_fp32_62 = F.ge(param_fp32_61, 0)
-                                    param_fp32_63 = F.where(param_fp32_62, 1.0, 0.0, like=param)
-                                    F.mul_(param_fp32_63, fisher)
-                                    param_fp32_64 = F.addcmul(param_fp32, param_fp32, param_fp32_63, -1.0)
-                                    param_fp32 = param_fp32_64
+                                    param_fp32_81 = F.mul(update_fp32, param_fp32)
+                                    param_fp32_82 = F.ge(param_fp32_81, 0)
+                                    param_fp32_83 = F.where(param_fp32_82, 1.0, 0.0, like=param)
+                                    F.mul_(param_fp32_83, fisher)
+                                    param_fp32_84 = F.addcmul(param_fp32, param_fp32, param_fp32_83, -1.0)
+                                    param_fp32 = param_fp32_84
                                 else:
                                     # param_fp32 = param_fp32 - param_fp32 * fisher
                                     param_fp32 = F.addcmul(param_fp32, param_fp32, fisher, -1.0)
                             else:
                                 # if cautious_wd:
-                                if h["_c17"]:
+                                if h["_c18"]:
                                     # param_fp32 = param_fp32 - weight_decay * dlr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
-                                    param_fp32_65 = F.mul(update_fp32, param_fp32)
-                                    param_fp32_66 = F.ge(param_fp32_65, 0)
-                                    param_fp32_67 = F.where(param_fp32_66, 1.0, 0.0, like=param)
-                                    param_fp32_68 = F.addcmul(param_fp32, param_fp32, param_fp32_67, h["_k181"])
-                                    param_fp32 = param_fp32_68
+                                    param_fp32_85 = F.mul(update_fp32, param_fp32)
+                                    param_fp32_86 = F.ge(param_fp32_85, 0)
+                                    param_fp32_87 = F.where(param_fp32_86, 1.0, 0.0, like=param)
+                                    param_fp32_88 = F.addcmul(param_fp32, param_fp32, param_fp32_87, h["_k191"])
+                                    param_fp32 = param_fp32_88
                                 else:
                                     # param_fp32 = param_fp32 - weight_decay * dlr * param_fp32
-                                    param_fp32 = F.axpy(param_fp32, param_fp32, h["_k182"])
+                                    param_fp32 = F.axpy(param_fp32, param_fp32, h["_k192"])
                         # if centered_wd != 0:
-                        if h["_c18"]:
-                            # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                            cwd_target_11 = F.cast(anchor_data, param_fp32)
-                            cwd_target = F.sub(param_fp32, cwd_target_11)
-                            # if cautious_wd:
-                            if h["_c17"]:
-                                # param_fp32 = param_fp32 - centered_wd * dlr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
-                                param_fp32_69 = F.mul(update_fp32, cwd_target)
-                                param_fp32_70 = F.ge(param_fp32_69, 0)
-                                param_fp32_71 = F.where(param_fp32_70, 1.0, 0.0, like=param)
-                                param_fp32_72 = F.addcmul(param_fp32, cwd_target, param_fp32_71, h["_k183"])
-                                param_fp32 = param_fp32_72
+                        if h["_c19"]:
+                            # if centered_wd_mode == 'int8':
+                            if h["_c20"]:
+                                # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                cwd_target_51 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                cwd_target_52 = F.cast(cwd_target_51, param_fp32)
+                                cwd_target = F.sub(param_fp32, cwd_target_52)
                             else:
-                                # param_fp32 = param_fp32 - centered_wd * dlr * cwd_target
-                                param_fp32 = F.axpy(param_fp32, cwd_target, h["_k184"])
+                                # if centered_wd_mode == 'int4':
+                                if h["_c21"]:
+                                    # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                    cwd_target_53 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                    cwd_target_54 = F.cast(cwd_target_53, param_fp32)
+                                    cwd_target = F.sub(param_fp32, cwd_target_54)
+                                else:
+                                    # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                    cwd_target_55 = F.cast(anchor_data, param_fp32)
+                                    cwd_target = F.sub(param_fp32, cwd_target_55)
+                            # if fisher_wd:
+                            if h["_c17"]:
+                                # cwd_fisher_scaled = cwd_fisher * (centered_wd * dlr)
+                                cwd_fisher_scaled = F.mul(cwd_fisher, h["_k193"])
+                                # if cautious_wd:
+                                if h["_c18"]:
+                                    # param_fp32 = param_fp32 - cwd_target * (where(update_fp32 * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                                    param_fp32_89 = F.mul(update_fp32, cwd_target)
+                                    param_fp32_90 = F.ge(param_fp32_89, 0)
+                                    param_fp32_91 = F.where(param_fp32_90, 1.0, 0.0, like=param)
+                                    F.mul_(param_fp32_91, cwd_fisher_scaled)
+                                    param_fp32_92 = F.addcmul(param_fp32, cwd_target, param_fp32_91, -1.0)
+                                    param_fp32 = param_fp32_92
+                                else:
+                                    # param_fp32 = param_fp32 - cwd_target * cwd_fisher_scaled
+                                    param_fp32 = F.addcmul(param_fp32, cwd_target, cwd_fisher_scaled, -1.0)
+                            else:
+                                # if cautious_wd:
+                                if h["_c18"]:
+                                    # param_fp32 = param_fp32 - centered_wd * dlr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                                    param_fp32_93 = F.mul(update_fp32, cwd_target)
+                                    param_fp32_94 = F.ge(param_fp32_93, 0)
+                                    param_fp32_95 = F.where(param_fp32_94, 1.0, 0.0, like=param)
+                                    param_fp32_96 = F.addcmul(param_fp32, cwd_target, param_fp32_95, h["_k194"])
+                                    param_fp32 = param_fp32_96
+                                else:
+                                    # param_fp32 = param_fp32 - centered_wd * dlr * cwd_target
+                                    param_fp32 = F.axpy(param_fp32, cwd_target, h["_k195"])
                         # param_fp32 = param_fp32 + -update_fp32
                         param_fp32 = F.sub(param_fp32, update_fp32)
                         # param = stochastic_round(param_fp32, step)
-                        param_71 = F.stochastic_round(param_fp32, h["_k185"])
-                        F.assign_(param, param_71)
+                        param_86 = F.stochastic_round(param_fp32, h["_k196"])
+                        F.assign_(param, param_86)
                     else:
                         # if weight_decay != 0:
-                        if h["_c15"]:
+                        if h["_c16"]:
                             # if fisher_wd:
-                            if h["_c16"]:
+                            if h["_c17"]:
                                 # if use_atan2:
                                 if h["_c9"]:
                                     # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
@@ -3433,55 +4237,85 @@ def _device_step(h, param, grad, S, A):
                                     fisher_36 = F.div(fisher, fisher_35)
                                     fisher = fisher_36
                                 # fisher = fisher * (weight_decay * dlr)
-                                F.mul_(fisher, h["_k186"])
+                                F.mul_(fisher, h["_k197"])
                                 # if cautious_wd:
-                                if h["_c17"]:
+                                if h["_c18"]:
                                     # param = param - param * (where(update * param >= 0, 1.0, 0.0) * fisher)
-                                    param_72 = F.mul(update, param)
-                                    param_73 = F.ge(param_72, 0)
-                                    param_74 = F.where(param_73, 1.0, 0.0, like=param)
-                                    F.mul_(param_74, fisher)
-                                    param_75 = F.addcmul(param, param, param_74, -1.0)
-                                    F.assign_(param, param_75)
+                                    param_87 = F.mul(update, param)
+                                    param_88 = F.ge(param_87, 0)
+                                    param_89 = F.where(param_88, 1.0, 0.0, like=param)
+                                    F.mul_(param_89, fisher)
+                                    param_90 = F.addcmul(param, param, param_89, -1.0)
+                                    F.assign_(param, param_90)
                                 else:
                                     # param = param - param * fisher
-                                    param_76 = F.addcmul(param, param, fisher, -1.0)
-                                    F.assign_(param, param_76)
+                                    param_91 = F.addcmul(param, param, fisher, -1.0)
+                                    F.assign_(param, param_91)
                             else:
                                 # if cautious_wd:
-                                if h["_c17"]:
+                                if h["_c18"]:
                                     # param = param - weight_decay * dlr * param * where(update * param >= 0, 1.0, 0.0)
-                                    param_77 = F.mul(update, param)
-                                    param_78 = F.ge(param_77, 0)
-                                    param_79 = F.where(param_78, 1.0, 0.0, like=param)
-                                    param_80 = F.addcmul(param, param, param_79, h["_k187"])
-                                    F.assign_(param, param_80)
+                                    param_92 = F.mul(update, param)
+                                    param_93 = F.ge(param_92, 0)
+                                    param_94 = F.where(param_93, 1.0, 0.0, like=param)
+                                    param_95 = F.addcmul(param, param, param_94, h["_k198"])
+                                    F.assign_(param, param_95)
                                 else:
                                     # param = param - weight_decay * dlr * param
-                                    param_81 = F.axpy(param, param, h["_k188"])
-                                    F.assign_(param, param_81)
+                                    param_96 = F.axpy(param, param, h["_k199"])
+                                    F.assign_(param, param_96)
                         # if centered_wd != 0:
-                        if h["_c18"]:
-                            # cwd_target = param - cast(anchor_data, param)
-                            cwd_target_12 = F.cast(anchor_data, param)
-                            cwd_target = F.sub(param, cwd_target_12)
-                            # if cautious_wd:
-                            if h["_c17"]:
-                                # param = param - centered_wd * dlr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
-                                param_82 = F.mul(update, cwd_target)
-                                param_83 = F.ge(param_82, 0)
-                                param_84 = F.where(param_83, 1.0, 0.0, like=param)
-                                F.addcmul_(param, cwd_target, param_84, h["_k189"])
+                        if h["_c19"]:
+                            # if centered_wd_mode == 'int8':
+                            if h["_c20"]:
+                                # cwd_target = param - cast(anchor_data, param)
+                                cwd_target_56 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                cwd_target_57 = F.cast(cwd_target_56, param)
+                                cwd_target = F.sub(param, cwd_target_57)
                             else:
-                                # param = param - centered_wd * dlr * cwd_target
-                                F.axpy_(param, cwd_target, h["_k190"])
+                                # if centered_wd_mode == 'int4':
+                                if h["_c21"]:
+                                    # cwd_target = param - cast(anchor_data, param)
+                                    cwd_target_58 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                    cwd_target_59 = F.cast(cwd_target_58, param)
+                                    cwd_target = F.sub(param, cwd_target_59)
+                                else:
+                                    # cwd_target = param - cast(anchor_data, param)
+                                    cwd_target_60 = F.cast(anchor_data, param)
+                                    cwd_target = F.sub(param, cwd_target_60)
+                            # if fisher_wd:
+                            if h["_c17"]:
+                                # cwd_fisher_scaled = cwd_fisher * (centered_wd * dlr)
+                                cwd_fisher_scaled = F.mul(cwd_fisher, h["_k200"])
+                                # if cautious_wd:
+                                if h["_c18"]:
+                                    # param = param - cwd_target * (where(update * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                                    param_97 = F.mul(update, cwd_target)
+                                    param_98 = F.ge(param_97, 0)
+                                    param_99 = F.where(param_98, 1.0, 0.0, like=param)
+                                    F.mul_(param_99, cwd_fisher_scaled)
+                                    F.addcmul_(param, cwd_target, param_99, -1.0)
+                                else:
+                                    # param = param - cwd_target * cwd_fisher_scaled
+                                    F.addcmul_(param, cwd_target, cwd_fisher_scaled, -1.0)
+                            else:
+                                # if cautious_wd:
+                                if h["_c18"]:
+                                    # param = param - centered_wd * dlr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                                    param_100 = F.mul(update, cwd_target)
+                                    param_101 = F.ge(param_100, 0)
+                                    param_102 = F.where(param_101, 1.0, 0.0, like=param)
+                                    F.addcmul_(param, cwd_target, param_102, h["_k201"])
+                                else:
+                                    # param = param - centered_wd * dlr * cwd_target
+                                    F.axpy_(param, cwd_target, h["_k202"])
                         # param = param + -update
                         F.sub_(param, update)
                 else:
                     # if state_precision == 'int8_sr' and not nnmf_factor:
-                    if h["_c23"]:
+                    if h["_c26"]:
                         # if beta1 > 0 and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape)) or not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape) or not (state_precision == 'factored' or nnmf_factor) and (factored_2nd and ((ndim != 1 or vector_reshape) and not (spectral_normalization and ndim >= 3)))):
-                        if h["_c22"]:
+                        if h["_c25"]:
                             # grad = float32(grad)
                             grad = F.float32(grad)
                         # if orthogonal_gradient == 'flattened' or orthogonal_gradient == 'iterative' and (ndim < 2 or param_attr('_is_dora_scale', False) or param_attr('is_vector', False)):
@@ -3522,8 +4356,8 @@ def _device_step(h, param, grad, S, A):
                             # exp_avg_work = exp_avg
                             exp_avg_work = F.decode("int8_sr", False, {"": exp_avg, "_scale": exp_avg_scale})
                             # exp_avg_work = exp_avg_work * beta1_used + d * (1 - beta1_used) * grad
-                            F.mul_(exp_avg_work, h["_k191"])
-                            F.axpy_(exp_avg_work, grad, h["_k192"])
+                            F.mul_(exp_avg_work, h["_k203"])
+                            F.axpy_(exp_avg_work, grad, h["_k204"])
                             # exp_avg = exp_avg_work
                             F.encode_("int8_sr", False, {"": exp_avg, "_scale": exp_avg_scale}, exp_avg_work)
                             # if nesterov:
@@ -3531,16 +4365,16 @@ def _device_step(h, param, grad, S, A):
                                 # if nesterov_coef == None:
                                 if h["_c7"]:
                                     # update = lerp(exp_avg_work, grad, 1 - beta1_used)
-                                    update = F.lerp(exp_avg_work, grad, h["_k194"])
+                                    update = F.lerp(exp_avg_work, grad, h["_k206"])
                                 else:
                                     # update = lerp(exp_avg_work, grad, 1 - nesterov_coef)
-                                    update = F.lerp(exp_avg_work, grad, h["_k195"])
+                                    update = F.lerp(exp_avg_work, grad, h["_k207"])
                             else:
                                 # update = copy(exp_avg_work)
                                 update = F.copy(exp_avg_work)
                         else:
                             # update = grad * d
-                            update = F.mul(grad, h["_k196"])
+                            update = F.mul(grad, h["_k208"])
                         # if kourkoutas_beta:
                         if h["_c8"]:
                             # kourkoutas_sq = sum(grad * grad)
@@ -3550,16 +4384,16 @@ def _device_step(h, param, grad, S, A):
                             # exp_avg_sq_work = exp_avg_sq
                             exp_avg_sq_work = F.decode("int8_sr", True, {"": exp_avg_sq, "_scale": exp_avg_sq_scale})
                             # exp_avg_sq_work = exp_avg_sq_work * input() + d * d * (1 - input()) * grad * grad
-                            F.mul_(exp_avg_sq_work, h["_k197"])
-                            F.addcmul_(exp_avg_sq_work, grad, grad, h["_k198"])
+                            F.mul_(exp_avg_sq_work, h["_k209"])
+                            F.addcmul_(exp_avg_sq_work, grad, grad, h["_k210"])
                             # exp_avg_sq = exp_avg_sq_work
                             F.encode_("int8_sr", True, {"": exp_avg_sq, "_scale": exp_avg_sq_scale}, exp_avg_sq_work)
                         else:
                             # exp_avg_sq_work = exp_avg_sq
                             exp_avg_sq_work = F.decode("int8_sr", True, {"": exp_avg_sq, "_scale": exp_avg_sq_scale})
                             # exp_avg_sq_work = exp_avg_sq_work * beta2 + d * d * (1 - beta2) * grad * grad
-                            F.mul_(exp_avg_sq_work, h["_k200"])
-                            F.addcmul_(exp_avg_sq_work, grad, grad, h["_k201"])
+                            F.mul_(exp_avg_sq_work, h["_k212"])
+                            F.addcmul_(exp_avg_sq_work, grad, grad, h["_k213"])
                             # exp_avg_sq = exp_avg_sq_work
                             F.encode_("int8_sr", True, {"": exp_avg_sq, "_scale": exp_avg_sq_scale}, exp_avg_sq_work)
                         # if use_atan2:
@@ -3569,7 +4403,7 @@ def _device_step(h, param, grad, S, A):
                         else:
                             # denom = sqrt(exp_avg_sq_work) + d * eps_eff
                             denom = F.sqrt(exp_avg_sq_work)
-                            F.add_(denom, h["_k203"])
+                            F.add_(denom, h["_k215"])
                         # if use_atan2:
                         if h["_c9"]:
                             # update = atan2(update, denom)
@@ -3606,8 +4440,8 @@ def _device_step(h, param, grad, S, A):
                                 # spectral_sigma = vdot(spectral_u, spectral_ur)
                                 spectral_sigma = F.vdot(spectral_u, spectral_ur, kind="row")
                                 # update = spectral_x * (sqrt(rows / cols) / maximum(spectral_sigma, 1 / (sqrt(rows) + sqrt(cols))) * spectral_lr)
-                                update_28 = F.maximum(spectral_sigma, h["_k204"])
-                                F.rdiv_(update_28, h["_k205"])
+                                update_28 = F.maximum(spectral_sigma, h["_k216"])
+                                F.rdiv_(update_28, h["_k217"])
                                 F.mul_(update_28, h["spectral_lr"])
                                 update = F.mul(spectral_x, update_28)
                             else:
@@ -3621,47 +4455,66 @@ def _device_step(h, param, grad, S, A):
                             # if use_atan2:
                             if h["_c9"]:
                                 # update = update * (dlr * 1.2732395447351628)
-                                F.mul_(update, h["_k206"])
+                                F.mul_(update, h["_k218"])
                             else:
                                 # update = update * dlr
                                 F.mul_(update, h["dlr"])
                         # if prodigy_steps <= 0 or k < prodigy_steps:
                         if h["_c12"]:
                             # gs = float32(strided(grad, slice_p))
-                            gs_7 = F.strided(grad, h["_k207"])
+                            gs_7 = F.strided(grad, h["_k219"])
                             gs = F.float32(gs_7)
                             # ps = float32(strided(param, slice_p))
-                            ps_7 = F.strided(param, h["_k208"])
+                            ps_7 = F.strided(param, h["_k220"])
                             ps = F.float32(ps_7)
                             # num += vdot(gs, float32(p0) - ps) * (d / d0 * dlr)
                             num_19 = F.float32(p0)
                             num_20 = F.sub(num_19, ps)
                             num_21 = F.vdot(gs, num_20, kind="slice")
-                            F.mul_(num_21, h["_k209"])
+                            F.mul_(num_21, h["_k221"])
                             A.append(("num", num_21))
                             # if safeguard_warmup:
                             if h["_c13"]:
                                 # s = s * beta3_used + d / d0 * d * gs
-                                F.mul_(s, h["_k210"])
-                                F.axpy_(s, gs, h["_k211"])
+                                F.mul_(s, h["_k222"])
+                                F.axpy_(s, gs, h["_k223"])
                             else:
                                 # s = s * beta3_used + d / d0 * dlr * gs
-                                F.mul_(s, h["_k212"])
-                                F.axpy_(s, gs, h["_k213"])
+                                F.mul_(s, h["_k224"])
+                                F.axpy_(s, gs, h["_k225"])
                             # den += sum(abs(s))
                             den_13 = F.abs(s)
                             den_14 = F.sum(den_13, kind="slice")
                             A.append(("den", den_14))
-                        # if stochastic_rounding and bf16 != 0:
+                        # if centered_wd != 0 and fisher_wd:
                         if h["_c14"]:
+                            # if use_atan2:
+                            if h["_c9"]:
+                                # cwd_fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                                cwd_fisher = F.atan2(wd_scaler, denom)
+                                F.mul_(cwd_fisher, 1.2732395447351628)
+                            else:
+                                # cwd_fisher = 1 / denom
+                                cwd_fisher = F.rdiv(denom, 1)
+                                # cwd_fisher = cwd_fisher / maximum(sqrt(mean((param * cwd_fisher) ** 2)) / 1.0, 1.0)
+                                cwd_fisher_19 = F.mul(param, cwd_fisher)
+                                F.pow_(cwd_fisher_19, 2)
+                                cwd_fisher_20 = F.mean(cwd_fisher_19)
+                                F.sqrt_(cwd_fisher_20)
+                                F.div_(cwd_fisher_20, 1.0)
+                                F.maximum_(cwd_fisher_20, 1.0)
+                                cwd_fisher_21 = F.div(cwd_fisher, cwd_fisher_20)
+                                cwd_fisher = cwd_fisher_21
+                        # if stochastic_rounding and bf16 != 0:
+                        if h["_c15"]:
                             # param_fp32 = float32(param)
                             param_fp32 = F.float32(param)
                             # update_fp32 = float32(update)
                             update_fp32 = F.float32(update)
                             # if weight_decay != 0:
-                            if h["_c15"]:
+                            if h["_c16"]:
                                 # if fisher_wd:
-                                if h["_c16"]:
+                                if h["_c17"]:
                                     # if use_atan2:
                                     if h["_c9"]:
                                         # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
@@ -3680,57 +4533,88 @@ def _device_step(h, param, grad, S, A):
                                         fisher_39 = F.div(fisher, fisher_38)
                                         fisher = fisher_39
                                     # fisher = fisher * (weight_decay * dlr)
-                                    F.mul_(fisher, h["_k214"])
+                                    F.mul_(fisher, h["_k226"])
                                     # if cautious_wd:
-                                    if h["_c17"]:
+                                    if h["_c18"]:
                                         # param_fp32 = param_fp32 - param_fp32 * (where(update_fp32 * param_fp32 >= 0, 1.0, 0.0) * fisher)
-                                        param_fp32_73 = F.mul(update_fp32, param_fp32)
-                                        param_fp32_74 = F.ge(param_fp32_73, 0)
-                                        param_fp32_75 = F.where(param_fp32_74, 1.0, 0.0, like=param)
-                                        F.mul_(param_fp32_75, fisher)
-                                        param_fp32_76 = F.addcmul(param_fp32, param_fp32, param_fp32_75, -1.0)
-                                        param_fp32 = param_fp32_76
+                                        param_fp32_97 = F.mul(update_fp32, param_fp32)
+                                        param_fp32_98 = F.ge(param_fp32_97, 0)
+                                        param_fp32_99 = F.where(param_fp32_98, 1.0, 0.0, like=param)
+                                        F.mul_(param_fp32_99, fisher)
+                                        param_fp32_100 = F.addcmul(param_fp32, param_fp32, param_fp32_99, -1.0)
+                                        param_fp32 = param_fp32_100
                                     else:
                                         # param_fp32 = param_fp32 - param_fp32 * fisher
                                         param_fp32 = F.addcmul(param_fp32, param_fp32, fisher, -1.0)
                                 else:
                                     # if cautious_wd:
-                                    if h["_c17"]:
+                                    if h["_c18"]:
                                         # param_fp32 = param_fp32 - weight_decay * dlr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
-                                        param_fp32_77 = F.mul(update_fp32, param_fp32)
-                                        param_fp32_78 = F.ge(param_fp32_77, 0)
-                                        param_fp32_79 = F.where(param_fp32_78, 1.0, 0.0, like=param)
-                                        param_fp32_80 = F.addcmul(param_fp32, param_fp32, param_fp32_79, h["_k215"])
-                                        param_fp32 = param_fp32_80
+                                        param_fp32_101 = F.mul(update_fp32, param_fp32)
+                                        param_fp32_102 = F.ge(param_fp32_101, 0)
+                                        param_fp32_103 = F.where(param_fp32_102, 1.0, 0.0, like=param)
+                                        param_fp32_104 = F.addcmul(param_fp32, param_fp32, param_fp32_103, h["_k227"])
+                                        param_fp32 = param_fp32_104
                                     else:
                                         # param_fp32 = param_fp32 - weight_decay * dlr * param_fp32
-                                        param_fp32 = F.axpy(param_fp32, param_fp32, h["_k216"])
+                                        param_fp32 = F.axpy(param_fp32, param_fp32, h["_k228"])
                             # if centered_wd != 0:
-                            if h["_c18"]:
-                                # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                                cwd_target_13 = F.cast(anchor_data, param_fp32)
-                                cwd_target = F.sub(param_fp32, cwd_target_13)
-                                # if cautious_wd:
-                                if h["_c17"]:
-                                    # param_fp32 = param_fp32 - centered_wd * dlr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
-                                    param_fp32_81 = F.mul(update_fp32, cwd_target)
-                                    param_fp32_82 = F.ge(param_fp32_81, 0)
-                                    param_fp32_83 = F.where(param_fp32_82, 1.0, 0.0, like=param)
-                                    param_fp32_84 = F.addcmul(param_fp32, cwd_target, param_fp32_83, h["_k217"])
-                                    param_fp32 = param_fp32_84
+                            if h["_c19"]:
+                                # if centered_wd_mode == 'int8':
+                                if h["_c20"]:
+                                    # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                    cwd_target_61 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                    cwd_target_62 = F.cast(cwd_target_61, param_fp32)
+                                    cwd_target = F.sub(param_fp32, cwd_target_62)
                                 else:
-                                    # param_fp32 = param_fp32 - centered_wd * dlr * cwd_target
-                                    param_fp32 = F.axpy(param_fp32, cwd_target, h["_k218"])
+                                    # if centered_wd_mode == 'int4':
+                                    if h["_c21"]:
+                                        # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                        cwd_target_63 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                        cwd_target_64 = F.cast(cwd_target_63, param_fp32)
+                                        cwd_target = F.sub(param_fp32, cwd_target_64)
+                                    else:
+                                        # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                        cwd_target_65 = F.cast(anchor_data, param_fp32)
+                                        cwd_target = F.sub(param_fp32, cwd_target_65)
+                                # if fisher_wd:
+                                if h["_c17"]:
+                                    # cwd_fisher_scaled = cwd_fisher * (centered_wd * dlr)
+                                    cwd_fisher_scaled = F.mul(cwd_fisher, h["_k229"])
+                                    # if cautious_wd:
+                                    if h["_c18"]:
+                                        # param_fp32 = param_fp32 - cwd_target * (where(update_fp32 * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                                        param_fp32_105 = F.mul(update_fp32, cwd_target)
+                                        param_fp32_106 = F.ge(param_fp32_105, 0)
+                                        param_fp32_107 = F.where(param_fp32_106, 1.0, 0.0, like=param)
+                                        F.mul_(param_fp32_107, cwd_fisher_scaled)
+                                        param_fp32_108 = F.addcmul(param_fp32, cwd_target, param_fp32_107, -1.0)
+                                        param_fp32 = param_fp32_108
+                                    else:
+                                        # param_fp32 = param_fp32 - cwd_target * cwd_fisher_scaled
+                                        param_fp32 = F.addcmul(param_fp32, cwd_target, cwd_fisher_scaled, -1.0)
+                                else:
+                                    # if cautious_wd:
+                                    if h["_c18"]:
+                                        # param_fp32 = param_fp32 - centered_wd * dlr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                                        param_fp32_109 = F.mul(update_fp32, cwd_target)
+                                        param_fp32_110 = F.ge(param_fp32_109, 0)
+                                        param_fp32_111 = F.where(param_fp32_110, 1.0, 0.0, like=param)
+                                        param_fp32_112 = F.addcmul(param_fp32, cwd_target, param_fp32_111, h["_k230"])
+                                        param_fp32 = param_fp32_112
+                                    else:
+                                        # param_fp32 = param_fp32 - centered_wd * dlr * cwd_target
+                                        param_fp32 = F.axpy(param_fp32, cwd_target, h["_k231"])
                             # param_fp32 = param_fp32 + -update_fp32
                             param_fp32 = F.sub(param_fp32, update_fp32)
                             # param = stochastic_round(param_fp32, step)
-                            param_85 = F.stochastic_round(param_fp32, h["_k219"])
-                            F.assign_(param, param_85)
+                            param_103 = F.stochastic_round(param_fp32, h["_k232"])
+                            F.assign_(param, param_103)
                         else:
                             # if weight_decay != 0:
-                            if h["_c15"]:
+                            if h["_c16"]:
                                 # if fisher_wd:
-                                if h["_c16"]:
+                                if h["_c17"]:
                                     # if use_atan2:
                                     if h["_c9"]:
                                         # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
@@ -3749,53 +4633,83 @@ def _device_step(h, param, grad, S, A):
                                         fisher_42 = F.div(fisher, fisher_41)
                                         fisher = fisher_42
                                     # fisher = fisher * (weight_decay * dlr)
-                                    F.mul_(fisher, h["_k220"])
+                                    F.mul_(fisher, h["_k233"])
                                     # if cautious_wd:
-                                    if h["_c17"]:
+                                    if h["_c18"]:
                                         # param = param - param * (where(update * param >= 0, 1.0, 0.0) * fisher)
-                                        param_86 = F.mul(update, param)
-                                        param_87 = F.ge(param_86, 0)
-                                        param_88 = F.where(param_87, 1.0, 0.0, like=param)
-                                        F.mul_(param_88, fisher)
-                                        param_89 = F.addcmul(param, param, param_88, -1.0)
-                                        F.assign_(param, param_89)
+                                        param_104 = F.mul(update, param)
+                                        param_105 = F.ge(param_104, 0)
+                                        param_106 = F.where(param_105, 1.0, 0.0, like=param)
+                                        F.mul_(param_106, fisher)
+                                        param_107 = F.addcmul(param, param, param_106, -1.0)
+                                        F.assign_(param, param_107)
                                     else:
                                         # param = param - param * fisher
-                                        param_90 = F.addcmul(param, param, fisher, -1.0)
-                                        F.assign_(param, param_90)
+                                        param_108 = F.addcmul(param, param, fisher, -1.0)
+                                        F.assign_(param, param_108)
                                 else:
                                     # if cautious_wd:
-                                    if h["_c17"]:
+                                    if h["_c18"]:
                                         # param = param - weight_decay * dlr * param * where(update * param >= 0, 1.0, 0.0)
-                                        param_91 = F.mul(update, param)
-                                        param_92 = F.ge(param_91, 0)
-                                        param_93 = F.where(param_92, 1.0, 0.0, like=param)
-                                        param_94 = F.addcmul(param, param, param_93, h["_k221"])
-                                        F.assign_(param, param_94)
+                                        param_109 = F.mul(update, param)
+                                        param_110 = F.ge(param_109, 0)
+                                        param_111 = F.where(param_110, 1.0, 0.0, like=param)
+                                        param_112 = F.addcmul(param, param, param_111, h["_k234"])
+                                        F.assign_(param, param_112)
                                     else:
                                         # param = param - weight_decay * dlr * param
-                                        param_95 = F.axpy(param, param, h["_k222"])
-                                        F.assign_(param, param_95)
+                                        param_113 = F.axpy(param, param, h["_k235"])
+                                        F.assign_(param, param_113)
                             # if centered_wd != 0:
-                            if h["_c18"]:
-                                # cwd_target = param - cast(anchor_data, param)
-                                cwd_target_14 = F.cast(anchor_data, param)
-                                cwd_target = F.sub(param, cwd_target_14)
-                                # if cautious_wd:
-                                if h["_c17"]:
-                                    # param = param - centered_wd * dlr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
-                                    param_96 = F.mul(update, cwd_target)
-                                    param_97 = F.ge(param_96, 0)
-                                    param_98 = F.where(param_97, 1.0, 0.0, like=param)
-                                    F.addcmul_(param, cwd_target, param_98, h["_k223"])
+                            if h["_c19"]:
+                                # if centered_wd_mode == 'int8':
+                                if h["_c20"]:
+                                    # cwd_target = param - cast(anchor_data, param)
+                                    cwd_target_66 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                    cwd_target_67 = F.cast(cwd_target_66, param)
+                                    cwd_target = F.sub(param, cwd_target_67)
                                 else:
-                                    # param = param - centered_wd * dlr * cwd_target
-                                    F.axpy_(param, cwd_target, h["_k224"])
+                                    # if centered_wd_mode == 'int4':
+                                    if h["_c21"]:
+                                        # cwd_target = param - cast(anchor_data, param)
+                                        cwd_target_68 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                        cwd_target_69 = F.cast(cwd_target_68, param)
+                                        cwd_target = F.sub(param, cwd_target_69)
+                                    else:
+                                        # cwd_target = param - cast(anchor_data, param)
+                                        cwd_target_70 = F.cast(anchor_data, param)
+                                        cwd_target = F.sub(param, cwd_target_70)
+                                # if fisher_wd:
+                                if h["_c17"]:
+                                    # cwd_fisher_scaled = cwd_fisher * (centered_wd * dlr)
+                                    cwd_fisher_scaled = F.mul(cwd_fisher, h["_k236"])
+                                    # if cautious_wd:
+                                    if h["_c18"]:
+                                        # param = param - cwd_target * (where(update * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                                        param_114 = F.mul(update, cwd_target)
+                                        param_115 = F.ge(param_114, 0)
+                                        param_116 = F.where(param_115, 1.0, 0.0, like=param)
+                                        F.mul_(param_116, cwd_fisher_scaled)
+                                        F.addcmul_(param, cwd_target, param_116, -1.0)
+                                    else:
+                                        # param = param - cwd_target * cwd_fisher_scaled
+                                        F.addcmul_(param, cwd_target, cwd_fisher_scaled, -1.0)
+                                else:
+                                    # if cautious_wd:
+                                    if h["_c18"]:
+                                        # param = param - centered_wd * dlr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                                        param_117 = F.mul(update, cwd_target)
+                                        param_118 = F.ge(param_117, 0)
+                                        param_119 = F.where(param_118, 1.0, 0.0, like=param)
+                                        F.addcmul_(param, cwd_target, param_119, h["_k237"])
+                                    else:
+                                        # param = param - centered_wd * dlr * cwd_target
+                                        F.axpy_(param, cwd_target, h["_k238"])
                             # param = param + -update
                             F.sub_(param, update)
                     else:
                         # if (state_precision == 'fp32' and not nnmf_factor) and (beta1 > 0 and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape)) or not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape) or not (state_precision == 'factored' or nnmf_factor) and (factored_2nd and ((ndim != 1 or vector_reshape) and not (spectral_normalization and ndim >= 3))))):
-                        if h["_c24"]:
+                        if h["_c27"]:
                             # grad = float32(grad)
                             grad = F.float32(grad)
                         # if orthogonal_gradient == 'flattened' or orthogonal_gradient == 'iterative' and (ndim < 2 or param_attr('_is_dora_scale', False) or param_attr('is_vector', False)):
@@ -3834,23 +4748,23 @@ def _device_step(h, param, grad, S, A):
                         # if beta1 > 0:
                         if h["_c5"]:
                             # exp_avg = exp_avg * beta1_used + d * (1 - beta1_used) * grad
-                            F.mul_(exp_avg, h["_k225"])
-                            F.axpy_(exp_avg, grad, h["_k226"])
+                            F.mul_(exp_avg, h["_k239"])
+                            F.axpy_(exp_avg, grad, h["_k240"])
                             # if nesterov:
                             if h["_c6"]:
                                 # if nesterov_coef == None:
                                 if h["_c7"]:
                                     # update = lerp(exp_avg, grad, 1 - beta1_used)
-                                    update = F.lerp(exp_avg, grad, h["_k227"])
+                                    update = F.lerp(exp_avg, grad, h["_k241"])
                                 else:
                                     # update = lerp(exp_avg, grad, 1 - nesterov_coef)
-                                    update = F.lerp(exp_avg, grad, h["_k228"])
+                                    update = F.lerp(exp_avg, grad, h["_k242"])
                             else:
                                 # update = copy(exp_avg)
                                 update = F.copy(exp_avg)
                         else:
                             # update = grad * d
-                            update = F.mul(grad, h["_k229"])
+                            update = F.mul(grad, h["_k243"])
                         # if kourkoutas_beta:
                         if h["_c8"]:
                             # kourkoutas_sq = sum(grad * grad)
@@ -3858,12 +4772,12 @@ def _device_step(h, param, grad, S, A):
                             kourkoutas_sq_16 = F.sum(kourkoutas_sq_15)
                             F.assign_(kourkoutas_sq, kourkoutas_sq_16)
                             # exp_avg_sq = exp_avg_sq * input() + d * d * (1 - input()) * grad * grad
-                            F.mul_(exp_avg_sq, h["_k230"])
-                            F.addcmul_(exp_avg_sq, grad, grad, h["_k231"])
+                            F.mul_(exp_avg_sq, h["_k244"])
+                            F.addcmul_(exp_avg_sq, grad, grad, h["_k245"])
                         else:
                             # exp_avg_sq = exp_avg_sq * beta2 + d * d * (1 - beta2) * grad * grad
-                            F.mul_(exp_avg_sq, h["_k232"])
-                            F.addcmul_(exp_avg_sq, grad, grad, h["_k233"])
+                            F.mul_(exp_avg_sq, h["_k246"])
+                            F.addcmul_(exp_avg_sq, grad, grad, h["_k247"])
                         # if use_atan2:
                         if h["_c9"]:
                             # denom = sqrt(exp_avg_sq)
@@ -3871,7 +4785,7 @@ def _device_step(h, param, grad, S, A):
                         else:
                             # denom = sqrt(exp_avg_sq) + d * eps_eff
                             denom = F.sqrt(exp_avg_sq)
-                            F.add_(denom, h["_k234"])
+                            F.add_(denom, h["_k248"])
                         # if use_atan2:
                         if h["_c9"]:
                             # update = atan2(update, denom)
@@ -3908,8 +4822,8 @@ def _device_step(h, param, grad, S, A):
                                 # spectral_sigma = vdot(spectral_u, spectral_ur)
                                 spectral_sigma = F.vdot(spectral_u, spectral_ur, kind="row")
                                 # update = spectral_x * (sqrt(rows / cols) / maximum(spectral_sigma, 1 / (sqrt(rows) + sqrt(cols))) * spectral_lr)
-                                update_31 = F.maximum(spectral_sigma, h["_k235"])
-                                F.rdiv_(update_31, h["_k236"])
+                                update_31 = F.maximum(spectral_sigma, h["_k249"])
+                                F.rdiv_(update_31, h["_k250"])
                                 F.mul_(update_31, h["spectral_lr"])
                                 update = F.mul(spectral_x, update_31)
                             else:
@@ -3923,47 +4837,66 @@ def _device_step(h, param, grad, S, A):
                             # if use_atan2:
                             if h["_c9"]:
                                 # update = update * (dlr * 1.2732395447351628)
-                                F.mul_(update, h["_k237"])
+                                F.mul_(update, h["_k251"])
                             else:
                                 # update = update * dlr
                                 F.mul_(update, h["dlr"])
                         # if prodigy_steps <= 0 or k < prodigy_steps:
                         if h["_c12"]:
                             # gs = float32(strided(grad, slice_p))
-                            gs_8 = F.strided(grad, h["_k238"])
+                            gs_8 = F.strided(grad, h["_k252"])
                             gs = F.float32(gs_8)
                             # ps = float32(strided(param, slice_p))
-                            ps_8 = F.strided(param, h["_k239"])
+                            ps_8 = F.strided(param, h["_k253"])
                             ps = F.float32(ps_8)
                             # num += vdot(gs, float32(p0) - ps) * (d / d0 * dlr)
                             num_22 = F.float32(p0)
                             num_23 = F.sub(num_22, ps)
                             num_24 = F.vdot(gs, num_23, kind="slice")
-                            F.mul_(num_24, h["_k240"])
+                            F.mul_(num_24, h["_k254"])
                             A.append(("num", num_24))
                             # if safeguard_warmup:
                             if h["_c13"]:
                                 # s = s * beta3_used + d / d0 * d * gs
-                                F.mul_(s, h["_k241"])
-                                F.axpy_(s, gs, h["_k242"])
+                                F.mul_(s, h["_k255"])
+                                F.axpy_(s, gs, h["_k256"])
                             else:
                                 # s = s * beta3_used + d / d0 * dlr * gs
-                                F.mul_(s, h["_k243"])
-                                F.axpy_(s, gs, h["_k244"])
+                                F.mul_(s, h["_k257"])
+                                F.axpy_(s, gs, h["_k258"])
                             # den += sum(abs(s))
                             den_15 = F.abs(s)
                             den_16 = F.sum(den_15, kind="slice")
                             A.append(("den", den_16))
-                        # if stochastic_rounding and bf16 != 0:
+                        # if centered_wd != 0 and fisher_wd:
                         if h["_c14"]:
+                            # if use_atan2:
+                            if h["_c9"]:
+                                # cwd_fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                                cwd_fisher = F.atan2(wd_scaler, denom)
+                                F.mul_(cwd_fisher, 1.2732395447351628)
+                            else:
+                                # cwd_fisher = 1 / denom
+                                cwd_fisher = F.rdiv(denom, 1)
+                                # cwd_fisher = cwd_fisher / maximum(sqrt(mean((param * cwd_fisher) ** 2)) / 1.0, 1.0)
+                                cwd_fisher_22 = F.mul(param, cwd_fisher)
+                                F.pow_(cwd_fisher_22, 2)
+                                cwd_fisher_23 = F.mean(cwd_fisher_22)
+                                F.sqrt_(cwd_fisher_23)
+                                F.div_(cwd_fisher_23, 1.0)
+                                F.maximum_(cwd_fisher_23, 1.0)
+                                cwd_fisher_24 = F.div(cwd_fisher, cwd_fisher_23)
+                                cwd_fisher = cwd_fisher_24
+                        # if stochastic_rounding and bf16 != 0:
+                        if h["_c15"]:
                             # param_fp32 = float32(param)
                             param_fp32 = F.float32(param)
                             # update_fp32 = float32(update)
                             update_fp32 = F.float32(update)
                             # if weight_decay != 0:
-                            if h["_c15"]:
+                            if h["_c16"]:
                                 # if fisher_wd:
-                                if h["_c16"]:
+                                if h["_c17"]:
                                     # if use_atan2:
                                     if h["_c9"]:
                                         # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
@@ -3982,57 +4915,88 @@ def _device_step(h, param, grad, S, A):
                                         fisher_45 = F.div(fisher, fisher_44)
                                         fisher = fisher_45
                                     # fisher = fisher * (weight_decay * dlr)
-                                    F.mul_(fisher, h["_k245"])
+                                    F.mul_(fisher, h["_k259"])
                                     # if cautious_wd:
-                                    if h["_c17"]:
+                                    if h["_c18"]:
                                         # param_fp32 = param_fp32 - param_fp32 * (where(update_fp32 * param_fp32 >= 0, 1.0, 0.0) * fisher)
-                                        param_fp32_85 = F.mul(update_fp32, param_fp32)
-                                        param_fp32_86 = F.ge(param_fp32_85, 0)
-                                        param_fp32_87 = F.where(param_fp32_86, 1.0, 0.0, like=param)
-                                        F.mul_(param_fp32_87, fisher)
-                                        param_fp32_88 = F.addcmul(param_fp32, param_fp32, param_fp32_87, -1.0)
-                                        param_fp32 = param_fp32_88
+                                        param_fp32_113 = F.mul(update_fp32, param_fp32)
+                                        param_fp32_114 = F.ge(param_fp32_113, 0)
+                                        param_fp32_115 = F.where(param_fp32_114, 1.0, 0.0, like=param)
+                                        F.mul_(param_fp32_115, fisher)
+                                        param_fp32_116 = F.addcmul(param_fp32, param_fp32, param_fp32_115, -1.0)
+                                        param_fp32 = param_fp32_116
                                     else:
                                         # param_fp32 = param_fp32 - param_fp32 * fisher
                                         param_fp32 = F.addcmul(param_fp32, param_fp32, fisher, -1.0)
                                 else:
                                     # if cautious_wd:
-                                    if h["_c17"]:
+                                    if h["_c18"]:
                                         # param_fp32 = param_fp32 - weight_decay * dlr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
-                                        param_fp32_89 = F.mul(update_fp32, param_fp32)
-                                        param_fp32_90 = F.ge(param_fp32_89, 0)
-                                        param_fp32_91 = F.where(param_fp32_90, 1.0, 0.0, like=param)
-                                        param_fp32_92 = F.addcmul(param_fp32, param_fp32, param_fp32_91, h["_k246"])
-                                        param_fp32 = param_fp32_92
+                                        param_fp32_117 = F.mul(update_fp32, param_fp32)
+                                        param_fp32_118 = F.ge(param_fp32_117, 0)
+                                        param_fp32_119 = F.where(param_fp32_118, 1.0, 0.0, like=param)
+                                        param_fp32_120 = F.addcmul(param_fp32, param_fp32, param_fp32_119, h["_k260"])
+                                        param_fp32 = param_fp32_120
                                     else:
                                         # param_fp32 = param_fp32 - weight_decay * dlr * param_fp32
-                                        param_fp32 = F.axpy(param_fp32, param_fp32, h["_k247"])
+                                        param_fp32 = F.axpy(param_fp32, param_fp32, h["_k261"])
                             # if centered_wd != 0:
-                            if h["_c18"]:
-                                # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                                cwd_target_15 = F.cast(anchor_data, param_fp32)
-                                cwd_target = F.sub(param_fp32, cwd_target_15)
-                                # if cautious_wd:
-                                if h["_c17"]:
-                                    # param_fp32 = param_fp32 - centered_wd * dlr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
-                                    param_fp32_93 = F.mul(update_fp32, cwd_target)
-                                    param_fp32_94 = F.ge(param_fp32_93, 0)
-                                    param_fp32_95 = F.where(param_fp32_94, 1.0, 0.0, like=param)
-                                    param_fp32_96 = F.addcmul(param_fp32, cwd_target, param_fp32_95, h["_k248"])
-                                    param_fp32 = param_fp32_96
+                            if h["_c19"]:
+                                # if centered_wd_mode == 'int8':
+                                if h["_c20"]:
+                                    # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                    cwd_target_71 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                    cwd_target_72 = F.cast(cwd_target_71, param_fp32)
+                                    cwd_target = F.sub(param_fp32, cwd_target_72)
                                 else:
-                                    # param_fp32 = param_fp32 - centered_wd * dlr * cwd_target
-                                    param_fp32 = F.axpy(param_fp32, cwd_target, h["_k249"])
+                                    # if centered_wd_mode == 'int4':
+                                    if h["_c21"]:
+                                        # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                        cwd_target_73 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                        cwd_target_74 = F.cast(cwd_target_73, param_fp32)
+                                        cwd_target = F.sub(param_fp32, cwd_target_74)
+                                    else:
+                                        # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                        cwd_target_75 = F.cast(anchor_data, param_fp32)
+                                        cwd_target = F.sub(param_fp32, cwd_target_75)
+                                # if fisher_wd:
+                                if h["_c17"]:
+                                    # cwd_fisher_scaled = cwd_fisher * (centered_wd * dlr)
+                                    cwd_fisher_scaled = F.mul(cwd_fisher, h["_k262"])
+                                    # if cautious_wd:
+                                    if h["_c18"]:
+                                        # param_fp32 = param_fp32 - cwd_target * (where(update_fp32 * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                                        param_fp32_121 = F.mul(update_fp32, cwd_target)
+                                        param_fp32_122 = F.ge(param_fp32_121, 0)
+                                        param_fp32_123 = F.where(param_fp32_122, 1.0, 0.0, like=param)
+                                        F.mul_(param_fp32_123, cwd_fisher_scaled)
+                                        param_fp32_124 = F.addcmul(param_fp32, cwd_target, param_fp32_123, -1.0)
+                                        param_fp32 = param_fp32_124
+                                    else:
+                                        # param_fp32 = param_fp32 - cwd_target * cwd_fisher_scaled
+                                        param_fp32 = F.addcmul(param_fp32, cwd_target, cwd_fisher_scaled, -1.0)
+                                else:
+                                    # if cautious_wd:
+                                    if h["_c18"]:
+                                        # param_fp32 = param_fp32 - centered_wd * dlr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                                        param_fp32_125 = F.mul(update_fp32, cwd_target)
+                                        param_fp32_126 = F.ge(param_fp32_125, 0)
+                                        param_fp32_127 = F.where(param_fp32_126, 1.0, 0.0, like=param)
+                                        param_fp32_128 = F.addcmul(param_fp32, cwd_target, param_fp32_127, h["_k263"])
+                                        param_fp32 = param_fp32_128
+                                    else:
+                                        # param_fp32 = param_fp32 - centered_wd * dlr * cwd_target
+                                        param_fp32 = F.axpy(param_fp32, cwd_target, h["_k264"])
                             # param_fp32 = param_fp32 + -update_fp32
                             param_fp32 = F.sub(param_fp32, update_fp32)
                             # param = stochastic_round(param_fp32, step)
-                            param_99 = F.stochastic_round(param_fp32, h["_k250"])
-                            F.assign_(param, param_99)
+                            param_120 = F.stochastic_round(param_fp32, h["_k265"])
+                            F.assign_(param, param_120)
                         else:
                             # if weight_decay != 0:
-                            if h["_c15"]:
+                            if h["_c16"]:
                                 # if fisher_wd:
-                                if h["_c16"]:
+                                if h["_c17"]:
                                     # if use_atan2:
                                     if h["_c9"]:
                                         # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
@@ -4051,55 +5015,85 @@ def _device_step(h, param, grad, S, A):
                                         fisher_48 = F.div(fisher, fisher_47)
                                         fisher = fisher_48
                                     # fisher = fisher * (weight_decay * dlr)
-                                    F.mul_(fisher, h["_k251"])
+                                    F.mul_(fisher, h["_k266"])
                                     # if cautious_wd:
-                                    if h["_c17"]:
+                                    if h["_c18"]:
                                         # param = param - param * (where(update * param >= 0, 1.0, 0.0) * fisher)
-                                        param_100 = F.mul(update, param)
-                                        param_101 = F.ge(param_100, 0)
-                                        param_102 = F.where(param_101, 1.0, 0.0, like=param)
-                                        F.mul_(param_102, fisher)
-                                        param_103 = F.addcmul(param, param, param_102, -1.0)
-                                        F.assign_(param, param_103)
+                                        param_121 = F.mul(update, param)
+                                        param_122 = F.ge(param_121, 0)
+                                        param_123 = F.where(param_122, 1.0, 0.0, like=param)
+                                        F.mul_(param_123, fisher)
+                                        param_124 = F.addcmul(param, param, param_123, -1.0)
+                                        F.assign_(param, param_124)
                                     else:
                                         # param = param - param * fisher
-                                        param_104 = F.addcmul(param, param, fisher, -1.0)
-                                        F.assign_(param, param_104)
+                                        param_125 = F.addcmul(param, param, fisher, -1.0)
+                                        F.assign_(param, param_125)
                                 else:
                                     # if cautious_wd:
-                                    if h["_c17"]:
+                                    if h["_c18"]:
                                         # param = param - weight_decay * dlr * param * where(update * param >= 0, 1.0, 0.0)
-                                        param_105 = F.mul(update, param)
-                                        param_106 = F.ge(param_105, 0)
-                                        param_107 = F.where(param_106, 1.0, 0.0, like=param)
-                                        param_108 = F.addcmul(param, param, param_107, h["_k252"])
-                                        F.assign_(param, param_108)
+                                        param_126 = F.mul(update, param)
+                                        param_127 = F.ge(param_126, 0)
+                                        param_128 = F.where(param_127, 1.0, 0.0, like=param)
+                                        param_129 = F.addcmul(param, param, param_128, h["_k267"])
+                                        F.assign_(param, param_129)
                                     else:
                                         # param = param - weight_decay * dlr * param
-                                        param_109 = F.axpy(param, param, h["_k253"])
-                                        F.assign_(param, param_109)
+                                        param_130 = F.axpy(param, param, h["_k268"])
+                                        F.assign_(param, param_130)
                             # if centered_wd != 0:
-                            if h["_c18"]:
-                                # cwd_target = param - cast(anchor_data, param)
-                                cwd_target_16 = F.cast(anchor_data, param)
-                                cwd_target = F.sub(param, cwd_target_16)
-                                # if cautious_wd:
-                                if h["_c17"]:
-                                    # param = param - centered_wd * dlr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
-                                    param_110 = F.mul(update, cwd_target)
-                                    param_111 = F.ge(param_110, 0)
-                                    param_112 = F.where(param_111, 1.0, 0.0, like=param)
-                                    F.addcmul_(param, cwd_target, param_112, h["_k254"])
+                            if h["_c19"]:
+                                # if centered_wd_mode == 'int8':
+                                if h["_c20"]:
+                                    # cwd_target = param - cast(anchor_data, param)
+                                    cwd_target_76 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                    cwd_target_77 = F.cast(cwd_target_76, param)
+                                    cwd_target = F.sub(param, cwd_target_77)
                                 else:
-                                    # param = param - centered_wd * dlr * cwd_target
-                                    F.axpy_(param, cwd_target, h["_k255"])
+                                    # if centered_wd_mode == 'int4':
+                                    if h["_c21"]:
+                                        # cwd_target = param - cast(anchor_data, param)
+                                        cwd_target_78 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                        cwd_target_79 = F.cast(cwd_target_78, param)
+                                        cwd_target = F.sub(param, cwd_target_79)
+                                    else:
+                                        # cwd_target = param - cast(anchor_data, param)
+                                        cwd_target_80 = F.cast(anchor_data, param)
+                                        cwd_target = F.sub(param, cwd_target_80)
+                                # if fisher_wd:
+                                if h["_c17"]:
+                                    # cwd_fisher_scaled = cwd_fisher * (centered_wd * dlr)
+                                    cwd_fisher_scaled = F.mul(cwd_fisher, h["_k269"])
+                                    # if cautious_wd:
+                                    if h["_c18"]:
+                                        # param = param - cwd_target * (where(update * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                                        param_131 = F.mul(update, cwd_target)
+                                        param_132 = F.ge(param_131, 0)
+                                        param_133 = F.where(param_132, 1.0, 0.0, like=param)
+                                        F.mul_(param_133, cwd_fisher_scaled)
+                                        F.addcmul_(param, cwd_target, param_133, -1.0)
+                                    else:
+                                        # param = param - cwd_target * cwd_fisher_scaled
+                                        F.addcmul_(param, cwd_target, cwd_fisher_scaled, -1.0)
+                                else:
+                                    # if cautious_wd:
+                                    if h["_c18"]:
+                                        # param = param - centered_wd * dlr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                                        param_134 = F.mul(update, cwd_target)
+                                        param_135 = F.ge(param_134, 0)
+                                        param_136 = F.where(param_135, 1.0, 0.0, like=param)
+                                        F.addcmul_(param, cwd_target, param_136, h["_k270"])
+                                    else:
+                                        # param = param - centered_wd * dlr * cwd_target
+                                        F.axpy_(param, cwd_target, h["_k271"])
                             # param = param + -update
                             F.sub_(param, update)
         else:
             # if state_precision == 'bf16_sr' and not nnmf_factor:
-            if h["_c21"]:
+            if h["_c24"]:
                 # if beta1 > 0 and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape)) or not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape) or not (state_precision == 'factored' or nnmf_factor) and (factored_2nd and ((ndim != 1 or vector_reshape) and not (spectral_normalization and ndim >= 3)))):
-                if h["_c22"]:
+                if h["_c25"]:
                     # grad = float32(grad)
                     grad = F.float32(grad)
                 # if orthogonal_gradient == 'flattened' or orthogonal_gradient == 'iterative' and (ndim < 2 or param_attr('_is_dora_scale', False) or param_attr('is_vector', False)):
@@ -4140,8 +5134,8 @@ def _device_step(h, param, grad, S, A):
                     # exp_avg_work = exp_avg
                     exp_avg_work = F.decode("bf16_sr", False, {"": exp_avg})
                     # exp_avg_work = exp_avg_work * beta1_used + d * (1 - beta1_used) * grad
-                    F.mul_(exp_avg_work, h["_k256"])
-                    F.axpy_(exp_avg_work, grad, h["_k257"])
+                    F.mul_(exp_avg_work, h["_k272"])
+                    F.axpy_(exp_avg_work, grad, h["_k273"])
                     # exp_avg = exp_avg_work
                     F.encode_("bf16_sr", False, {"": exp_avg}, exp_avg_work)
                     # if nesterov:
@@ -4149,16 +5143,16 @@ def _device_step(h, param, grad, S, A):
                         # if nesterov_coef == None:
                         if h["_c7"]:
                             # update = lerp(exp_avg_work, grad, 1 - beta1_used)
-                            update = F.lerp(exp_avg_work, grad, h["_k259"])
+                            update = F.lerp(exp_avg_work, grad, h["_k275"])
                         else:
                             # update = lerp(exp_avg_work, grad, 1 - nesterov_coef)
-                            update = F.lerp(exp_avg_work, grad, h["_k260"])
+                            update = F.lerp(exp_avg_work, grad, h["_k276"])
                     else:
                         # update = copy(exp_avg_work)
                         update = F.copy(exp_avg_work)
                 else:
                     # update = grad * d
-                    update = F.mul(grad, h["_k261"])
+                    update = F.mul(grad, h["_k277"])
                 # if kourkoutas_beta:
                 if h["_c8"]:
                     # kourkoutas_sq = sum(grad * grad)
@@ -4168,16 +5162,16 @@ def _device_step(h, param, grad, S, A):
                     # exp_avg_sq_work = exp_avg_sq
                     exp_avg_sq_work = F.decode("bf16_sr", True, {"": exp_avg_sq})
                     # exp_avg_sq_work = exp_avg_sq_work * input() + d * d * (1 - input()) * grad * grad
-                    F.mul_(exp_avg_sq_work, h["_k262"])
-                    F.addcmul_(exp_avg_sq_work, grad, grad, h["_k263"])
+                    F.mul_(exp_avg_sq_work, h["_k278"])
+                    F.addcmul_(exp_avg_sq_work, grad, grad, h["_k279"])
                     # exp_avg_sq = exp_avg_sq_work
                     F.encode_("bf16_sr", True, {"": exp_avg_sq}, exp_avg_sq_work)
                 else:
                     # exp_avg_sq_work = exp_avg_sq
                     exp_avg_sq_work = F.decode("bf16_sr", True, {"": exp_avg_sq})
                     # exp_avg_sq_work = exp_avg_sq_work * beta2 + d * d * (1 - beta2) * grad * grad
-                    F.mul_(exp_avg_sq_work, h["_k265"])
-                    F.addcmul_(exp_avg_sq_work, grad, grad, h["_k266"])
+                    F.mul_(exp_avg_sq_work, h["_k281"])
+                    F.addcmul_(exp_avg_sq_work, grad, grad, h["_k282"])
                     # exp_avg_sq = exp_avg_sq_work
                     F.encode_("bf16_sr", True, {"": exp_avg_sq}, exp_avg_sq_work)
                 # if use_atan2:
@@ -4187,7 +5181,7 @@ def _device_step(h, param, grad, S, A):
                 else:
                     # denom = sqrt(exp_avg_sq_work) + d * eps_eff
                     denom = F.sqrt(exp_avg_sq_work)
-                    F.add_(denom, h["_k268"])
+                    F.add_(denom, h["_k284"])
                 # if use_atan2:
                 if h["_c9"]:
                     # update = atan2(update, denom)
@@ -4224,8 +5218,8 @@ def _device_step(h, param, grad, S, A):
                         # spectral_sigma = vdot(spectral_u, spectral_ur)
                         spectral_sigma = F.vdot(spectral_u, spectral_ur, kind="row")
                         # update = spectral_x * (sqrt(rows / cols) / maximum(spectral_sigma, 1 / (sqrt(rows) + sqrt(cols))) * spectral_lr)
-                        update_34 = F.maximum(spectral_sigma, h["_k269"])
-                        F.rdiv_(update_34, h["_k270"])
+                        update_34 = F.maximum(spectral_sigma, h["_k285"])
+                        F.rdiv_(update_34, h["_k286"])
                         F.mul_(update_34, h["spectral_lr"])
                         update = F.mul(spectral_x, update_34)
                     else:
@@ -4239,47 +5233,66 @@ def _device_step(h, param, grad, S, A):
                     # if use_atan2:
                     if h["_c9"]:
                         # update = update * (dlr * 1.2732395447351628)
-                        F.mul_(update, h["_k271"])
+                        F.mul_(update, h["_k287"])
                     else:
                         # update = update * dlr
                         F.mul_(update, h["dlr"])
                 # if prodigy_steps <= 0 or k < prodigy_steps:
                 if h["_c12"]:
                     # gs = float32(strided(grad, slice_p))
-                    gs_9 = F.strided(grad, h["_k272"])
+                    gs_9 = F.strided(grad, h["_k288"])
                     gs = F.float32(gs_9)
                     # ps = float32(strided(param, slice_p))
-                    ps_9 = F.strided(param, h["_k273"])
+                    ps_9 = F.strided(param, h["_k289"])
                     ps = F.float32(ps_9)
                     # num += vdot(gs, float32(p0) - ps) * (d / d0 * dlr)
                     num_25 = F.float32(p0)
                     num_26 = F.sub(num_25, ps)
                     num_27 = F.vdot(gs, num_26, kind="slice")
-                    F.mul_(num_27, h["_k274"])
+                    F.mul_(num_27, h["_k290"])
                     A.append(("num", num_27))
                     # if safeguard_warmup:
                     if h["_c13"]:
                         # s = s * beta3_used + d / d0 * d * gs
-                        F.mul_(s, h["_k275"])
-                        F.axpy_(s, gs, h["_k276"])
+                        F.mul_(s, h["_k291"])
+                        F.axpy_(s, gs, h["_k292"])
                     else:
                         # s = s * beta3_used + d / d0 * dlr * gs
-                        F.mul_(s, h["_k277"])
-                        F.axpy_(s, gs, h["_k278"])
+                        F.mul_(s, h["_k293"])
+                        F.axpy_(s, gs, h["_k294"])
                     # den += sum(abs(s))
                     den_17 = F.abs(s)
                     den_18 = F.sum(den_17, kind="slice")
                     A.append(("den", den_18))
-                # if stochastic_rounding and bf16 != 0:
+                # if centered_wd != 0 and fisher_wd:
                 if h["_c14"]:
+                    # if use_atan2:
+                    if h["_c9"]:
+                        # cwd_fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                        cwd_fisher = F.atan2(wd_scaler, denom)
+                        F.mul_(cwd_fisher, 1.2732395447351628)
+                    else:
+                        # cwd_fisher = 1 / denom
+                        cwd_fisher = F.rdiv(denom, 1)
+                        # cwd_fisher = cwd_fisher / maximum(sqrt(mean((param * cwd_fisher) ** 2)) / 1.0, 1.0)
+                        cwd_fisher_25 = F.mul(param, cwd_fisher)
+                        F.pow_(cwd_fisher_25, 2)
+                        cwd_fisher_26 = F.mean(cwd_fisher_25)
+                        F.sqrt_(cwd_fisher_26)
+                        F.div_(cwd_fisher_26, 1.0)
+                        F.maximum_(cwd_fisher_26, 1.0)
+                        cwd_fisher_27 = F.div(cwd_fisher, cwd_fisher_26)
+                        cwd_fisher = cwd_fisher_27
+                # if stochastic_rounding and bf16 != 0:
+                if h["_c15"]:
                     # param_fp32 = float32(param)
                     param_fp32 = F.float32(param)
                     # update_fp32 = float32(update)
                     update_fp32 = F.float32(update)
                     # if weight_decay != 0:
-                    if h["_c15"]:
+                    if h["_c16"]:
                         # if fisher_wd:
-                        if h["_c16"]:
+                        if h["_c17"]:
                             # if use_atan2:
                             if h["_c9"]:
                                 # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
@@ -4298,57 +5311,88 @@ def _device_step(h, param, grad, S, A):
                                 fisher_51 = F.div(fisher, fisher_50)
                                 fisher = fisher_51
                             # fisher = fisher * (weight_decay * dlr)
-                            F.mul_(fisher, h["_k279"])
+                            F.mul_(fisher, h["_k295"])
                             # if cautious_wd:
-                            if h["_c17"]:
+                            if h["_c18"]:
                                 # param_fp32 = param_fp32 - param_fp32 * (where(update_fp32 * param_fp32 >= 0, 1.0, 0.0) * fisher)
-                                param_fp32_97 = F.mul(update_fp32, param_fp32)
-                                param_fp32_98 = F.ge(param_fp32_97, 0)
-                                param_fp32_99 = F.where(param_fp32_98, 1.0, 0.0, like=param)
-                                F.mul_(param_fp32_99, fisher)
-                                param_fp32_100 = F.addcmul(param_fp32, param_fp32, param_fp32_99, -1.0)
-                                param_fp32 = param_fp32_100
+                                param_fp32_129 = F.mul(update_fp32, param_fp32)
+                                param_fp32_130 = F.ge(param_fp32_129, 0)
+                                param_fp32_131 = F.where(param_fp32_130, 1.0, 0.0, like=param)
+                                F.mul_(param_fp32_131, fisher)
+                                param_fp32_132 = F.addcmul(param_fp32, param_fp32, param_fp32_131, -1.0)
+                                param_fp32 = param_fp32_132
                             else:
                                 # param_fp32 = param_fp32 - param_fp32 * fisher
                                 param_fp32 = F.addcmul(param_fp32, param_fp32, fisher, -1.0)
                         else:
                             # if cautious_wd:
-                            if h["_c17"]:
+                            if h["_c18"]:
                                 # param_fp32 = param_fp32 - weight_decay * dlr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
-                                param_fp32_101 = F.mul(update_fp32, param_fp32)
-                                param_fp32_102 = F.ge(param_fp32_101, 0)
-                                param_fp32_103 = F.where(param_fp32_102, 1.0, 0.0, like=param)
-                                param_fp32_104 = F.addcmul(param_fp32, param_fp32, param_fp32_103, h["_k280"])
-                                param_fp32 = param_fp32_104
+                                param_fp32_133 = F.mul(update_fp32, param_fp32)
+                                param_fp32_134 = F.ge(param_fp32_133, 0)
+                                param_fp32_135 = F.where(param_fp32_134, 1.0, 0.0, like=param)
+                                param_fp32_136 = F.addcmul(param_fp32, param_fp32, param_fp32_135, h["_k296"])
+                                param_fp32 = param_fp32_136
                             else:
                                 # param_fp32 = param_fp32 - weight_decay * dlr * param_fp32
-                                param_fp32 = F.axpy(param_fp32, param_fp32, h["_k281"])
+                                param_fp32 = F.axpy(param_fp32, param_fp32, h["_k297"])
                     # if centered_wd != 0:
-                    if h["_c18"]:
-                        # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                        cwd_target_17 = F.cast(anchor_data, param_fp32)
-                        cwd_target = F.sub(param_fp32, cwd_target_17)
-                        # if cautious_wd:
-                        if h["_c17"]:
-                            # param_fp32 = param_fp32 - centered_wd * dlr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
-                            param_fp32_105 = F.mul(update_fp32, cwd_target)
-                            param_fp32_106 = F.ge(param_fp32_105, 0)
-                            param_fp32_107 = F.where(param_fp32_106, 1.0, 0.0, like=param)
-                            param_fp32_108 = F.addcmul(param_fp32, cwd_target, param_fp32_107, h["_k282"])
-                            param_fp32 = param_fp32_108
+                    if h["_c19"]:
+                        # if centered_wd_mode == 'int8':
+                        if h["_c20"]:
+                            # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                            cwd_target_81 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                            cwd_target_82 = F.cast(cwd_target_81, param_fp32)
+                            cwd_target = F.sub(param_fp32, cwd_target_82)
                         else:
-                            # param_fp32 = param_fp32 - centered_wd * dlr * cwd_target
-                            param_fp32 = F.axpy(param_fp32, cwd_target, h["_k283"])
+                            # if centered_wd_mode == 'int4':
+                            if h["_c21"]:
+                                # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                cwd_target_83 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                cwd_target_84 = F.cast(cwd_target_83, param_fp32)
+                                cwd_target = F.sub(param_fp32, cwd_target_84)
+                            else:
+                                # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                cwd_target_85 = F.cast(anchor_data, param_fp32)
+                                cwd_target = F.sub(param_fp32, cwd_target_85)
+                        # if fisher_wd:
+                        if h["_c17"]:
+                            # cwd_fisher_scaled = cwd_fisher * (centered_wd * dlr)
+                            cwd_fisher_scaled = F.mul(cwd_fisher, h["_k298"])
+                            # if cautious_wd:
+                            if h["_c18"]:
+                                # param_fp32 = param_fp32 - cwd_target * (where(update_fp32 * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                                param_fp32_137 = F.mul(update_fp32, cwd_target)
+                                param_fp32_138 = F.ge(param_fp32_137, 0)
+                                param_fp32_139 = F.where(param_fp32_138, 1.0, 0.0, like=param)
+                                F.mul_(param_fp32_139, cwd_fisher_scaled)
+                                param_fp32_140 = F.addcmul(param_fp32, cwd_target, param_fp32_139, -1.0)
+                                param_fp32 = param_fp32_140
+                            else:
+                                # param_fp32 = param_fp32 - cwd_target * cwd_fisher_scaled
+                                param_fp32 = F.addcmul(param_fp32, cwd_target, cwd_fisher_scaled, -1.0)
+                        else:
+                            # if cautious_wd:
+                            if h["_c18"]:
+                                # param_fp32 = param_fp32 - centered_wd * dlr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                                param_fp32_141 = F.mul(update_fp32, cwd_target)
+                                param_fp32_142 = F.ge(param_fp32_141, 0)
+                                param_fp32_143 = F.where(param_fp32_142, 1.0, 0.0, like=param)
+                                param_fp32_144 = F.addcmul(param_fp32, cwd_target, param_fp32_143, h["_k299"])
+                                param_fp32 = param_fp32_144
+                            else:
+                                # param_fp32 = param_fp32 - centered_wd * dlr * cwd_target
+                                param_fp32 = F.axpy(param_fp32, cwd_target, h["_k300"])
                     # param_fp32 = param_fp32 + -update_fp32
                     param_fp32 = F.sub(param_fp32, update_fp32)
                     # param = stochastic_round(param_fp32, step)
-                    param_113 = F.stochastic_round(param_fp32, h["_k284"])
-                    F.assign_(param, param_113)
+                    param_137 = F.stochastic_round(param_fp32, h["_k301"])
+                    F.assign_(param, param_137)
                 else:
                     # if weight_decay != 0:
-                    if h["_c15"]:
+                    if h["_c16"]:
                         # if fisher_wd:
-                        if h["_c16"]:
+                        if h["_c17"]:
                             # if use_atan2:
                             if h["_c9"]:
                                 # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
@@ -4367,55 +5411,85 @@ def _device_step(h, param, grad, S, A):
                                 fisher_54 = F.div(fisher, fisher_53)
                                 fisher = fisher_54
                             # fisher = fisher * (weight_decay * dlr)
-                            F.mul_(fisher, h["_k285"])
+                            F.mul_(fisher, h["_k302"])
                             # if cautious_wd:
-                            if h["_c17"]:
+                            if h["_c18"]:
                                 # param = param - param * (where(update * param >= 0, 1.0, 0.0) * fisher)
-                                param_114 = F.mul(update, param)
-                                param_115 = F.ge(param_114, 0)
-                                param_116 = F.where(param_115, 1.0, 0.0, like=param)
-                                F.mul_(param_116, fisher)
-                                param_117 = F.addcmul(param, param, param_116, -1.0)
-                                F.assign_(param, param_117)
+                                param_138 = F.mul(update, param)
+                                param_139 = F.ge(param_138, 0)
+                                param_140 = F.where(param_139, 1.0, 0.0, like=param)
+                                F.mul_(param_140, fisher)
+                                param_141 = F.addcmul(param, param, param_140, -1.0)
+                                F.assign_(param, param_141)
                             else:
                                 # param = param - param * fisher
-                                param_118 = F.addcmul(param, param, fisher, -1.0)
-                                F.assign_(param, param_118)
+                                param_142 = F.addcmul(param, param, fisher, -1.0)
+                                F.assign_(param, param_142)
                         else:
                             # if cautious_wd:
-                            if h["_c17"]:
+                            if h["_c18"]:
                                 # param = param - weight_decay * dlr * param * where(update * param >= 0, 1.0, 0.0)
-                                param_119 = F.mul(update, param)
-                                param_120 = F.ge(param_119, 0)
-                                param_121 = F.where(param_120, 1.0, 0.0, like=param)
-                                param_122 = F.addcmul(param, param, param_121, h["_k286"])
-                                F.assign_(param, param_122)
+                                param_143 = F.mul(update, param)
+                                param_144 = F.ge(param_143, 0)
+                                param_145 = F.where(param_144, 1.0, 0.0, like=param)
+                                param_146 = F.addcmul(param, param, param_145, h["_k303"])
+                                F.assign_(param, param_146)
                             else:
                                 # param = param - weight_decay * dlr * param
-                                param_123 = F.axpy(param, param, h["_k287"])
-                                F.assign_(param, param_123)
+                                param_147 = F.axpy(param, param, h["_k304"])
+                                F.assign_(param, param_147)
                     # if centered_wd != 0:
-                    if h["_c18"]:
-                        # cwd_target = param - cast(anchor_data, param)
-                        cwd_target_18 = F.cast(anchor_data, param)
-                        cwd_target = F.sub(param, cwd_target_18)
-                        # if cautious_wd:
-                        if h["_c17"]:
-                            # param = param - centered_wd * dlr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
-                            param_124 = F.mul(update, cwd_target)
-                            param_125 = F.ge(param_124, 0)
-                            param_126 = F.where(param_125, 1.0, 0.0, like=param)
-                            F.addcmul_(param, cwd_target, param_126, h["_k288"])
+                    if h["_c19"]:
+                        # if centered_wd_mode == 'int8':
+                        if h["_c20"]:
+                            # cwd_target = param - cast(anchor_data, param)
+                            cwd_target_86 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                            cwd_target_87 = F.cast(cwd_target_86, param)
+                            cwd_target = F.sub(param, cwd_target_87)
                         else:
-                            # param = param - centered_wd * dlr * cwd_target
-                            F.axpy_(param, cwd_target, h["_k289"])
+                            # if centered_wd_mode == 'int4':
+                            if h["_c21"]:
+                                # cwd_target = param - cast(anchor_data, param)
+                                cwd_target_88 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                cwd_target_89 = F.cast(cwd_target_88, param)
+                                cwd_target = F.sub(param, cwd_target_89)
+                            else:
+                                # cwd_target = param - cast(anchor_data, param)
+                                cwd_target_90 = F.cast(anchor_data, param)
+                                cwd_target = F.sub(param, cwd_target_90)
+                        # if fisher_wd:
+                        if h["_c17"]:
+                            # cwd_fisher_scaled = cwd_fisher * (centered_wd * dlr)
+                            cwd_fisher_scaled = F.mul(cwd_fisher, h["_k305"])
+                            # if cautious_wd:
+                            if h["_c18"]:
+                                # param = param - cwd_target * (where(update * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                                param_148 = F.mul(update, cwd_target)
+                                param_149 = F.ge(param_148, 0)
+                                param_150 = F.where(param_149, 1.0, 0.0, like=param)
+                                F.mul_(param_150, cwd_fisher_scaled)
+                                F.addcmul_(param, cwd_target, param_150, -1.0)
+                            else:
+                                # param = param - cwd_target * cwd_fisher_scaled
+                                F.addcmul_(param, cwd_target, cwd_fisher_scaled, -1.0)
+                        else:
+                            # if cautious_wd:
+                            if h["_c18"]:
+                                # param = param - centered_wd * dlr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                                param_151 = F.mul(update, cwd_target)
+                                param_152 = F.ge(param_151, 0)
+                                param_153 = F.where(param_152, 1.0, 0.0, like=param)
+                                F.addcmul_(param, cwd_target, param_153, h["_k306"])
+                            else:
+                                # param = param - centered_wd * dlr * cwd_target
+                                F.axpy_(param, cwd_target, h["_k307"])
                     # param = param + -update
                     F.sub_(param, update)
             else:
                 # if state_precision == 'int8_sr' and not nnmf_factor:
-                if h["_c23"]:
+                if h["_c26"]:
                     # if beta1 > 0 and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape)) or not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape) or not (state_precision == 'factored' or nnmf_factor) and (factored_2nd and ((ndim != 1 or vector_reshape) and not (spectral_normalization and ndim >= 3)))):
-                    if h["_c22"]:
+                    if h["_c25"]:
                         # grad = float32(grad)
                         grad = F.float32(grad)
                     # if orthogonal_gradient == 'flattened' or orthogonal_gradient == 'iterative' and (ndim < 2 or param_attr('_is_dora_scale', False) or param_attr('is_vector', False)):
@@ -4456,8 +5530,8 @@ def _device_step(h, param, grad, S, A):
                         # exp_avg_work = exp_avg
                         exp_avg_work = F.decode("int8_sr", False, {"": exp_avg, "_scale": exp_avg_scale})
                         # exp_avg_work = exp_avg_work * beta1_used + d * (1 - beta1_used) * grad
-                        F.mul_(exp_avg_work, h["_k290"])
-                        F.axpy_(exp_avg_work, grad, h["_k291"])
+                        F.mul_(exp_avg_work, h["_k308"])
+                        F.axpy_(exp_avg_work, grad, h["_k309"])
                         # exp_avg = exp_avg_work
                         F.encode_("int8_sr", False, {"": exp_avg, "_scale": exp_avg_scale}, exp_avg_work)
                         # if nesterov:
@@ -4465,16 +5539,16 @@ def _device_step(h, param, grad, S, A):
                             # if nesterov_coef == None:
                             if h["_c7"]:
                                 # update = lerp(exp_avg_work, grad, 1 - beta1_used)
-                                update = F.lerp(exp_avg_work, grad, h["_k293"])
+                                update = F.lerp(exp_avg_work, grad, h["_k311"])
                             else:
                                 # update = lerp(exp_avg_work, grad, 1 - nesterov_coef)
-                                update = F.lerp(exp_avg_work, grad, h["_k294"])
+                                update = F.lerp(exp_avg_work, grad, h["_k312"])
                         else:
                             # update = copy(exp_avg_work)
                             update = F.copy(exp_avg_work)
                     else:
                         # update = grad * d
-                        update = F.mul(grad, h["_k295"])
+                        update = F.mul(grad, h["_k313"])
                     # if kourkoutas_beta:
                     if h["_c8"]:
                         # kourkoutas_sq = sum(grad * grad)
@@ -4484,16 +5558,16 @@ def _device_step(h, param, grad, S, A):
                         # exp_avg_sq_work = exp_avg_sq
                         exp_avg_sq_work = F.decode("int8_sr", True, {"": exp_avg_sq, "_scale": exp_avg_sq_scale})
                         # exp_avg_sq_work = exp_avg_sq_work * input() + d * d * (1 - input()) * grad * grad
-                        F.mul_(exp_avg_sq_work, h["_k296"])
-                        F.addcmul_(exp_avg_sq_work, grad, grad, h["_k297"])
+                        F.mul_(exp_avg_sq_work, h["_k314"])
+                        F.addcmul_(exp_avg_sq_work, grad, grad, h["_k315"])
                         # exp_avg_sq = exp_avg_sq_work
                         F.encode_("int8_sr", True, {"": exp_avg_sq, "_scale": exp_avg_sq_scale}, exp_avg_sq_work)
                     else:
                         # exp_avg_sq_work = exp_avg_sq
                         exp_avg_sq_work = F.decode("int8_sr", True, {"": exp_avg_sq, "_scale": exp_avg_sq_scale})
                         # exp_avg_sq_work = exp_avg_sq_work * beta2 + d * d * (1 - beta2) * grad * grad
-                        F.mul_(exp_avg_sq_work, h["_k299"])
-                        F.addcmul_(exp_avg_sq_work, grad, grad, h["_k300"])
+                        F.mul_(exp_avg_sq_work, h["_k317"])
+                        F.addcmul_(exp_avg_sq_work, grad, grad, h["_k318"])
                         # exp_avg_sq = exp_avg_sq_work
                         F.encode_("int8_sr", True, {"": exp_avg_sq, "_scale": exp_avg_sq_scale}, exp_avg_sq_work)
                     # if use_atan2:
@@ -4503,7 +5577,7 @@ def _device_step(h, param, grad, S, A):
                     else:
                         # denom = sqrt(exp_avg_sq_work) + d * eps_eff
                         denom = F.sqrt(exp_avg_sq_work)
-                        F.add_(denom, h["_k302"])
+                        F.add_(denom, h["_k320"])
                     # if use_atan2:
                     if h["_c9"]:
                         # update = atan2(update, denom)
@@ -4540,8 +5614,8 @@ def _device_step(h, param, grad, S, A):
                             # spectral_sigma = vdot(spectral_u, spectral_ur)
                             spectral_sigma = F.vdot(spectral_u, spectral_ur, kind="row")
                             # update = spectral_x * (sqrt(rows / cols) / maximum(spectral_sigma, 1 / (sqrt(rows) + sqrt(cols))) * spectral_lr)
-                            update_37 = F.maximum(spectral_sigma, h["_k303"])
-                            F.rdiv_(update_37, h["_k304"])
+                            update_37 = F.maximum(spectral_sigma, h["_k321"])
+                            F.rdiv_(update_37, h["_k322"])
                             F.mul_(update_37, h["spectral_lr"])
                             update = F.mul(spectral_x, update_37)
                         else:
@@ -4555,47 +5629,66 @@ def _device_step(h, param, grad, S, A):
                         # if use_atan2:
                         if h["_c9"]:
                             # update = update * (dlr * 1.2732395447351628)
-                            F.mul_(update, h["_k305"])
+                            F.mul_(update, h["_k323"])
                         else:
                             # update = update * dlr
                             F.mul_(update, h["dlr"])
                     # if prodigy_steps <= 0 or k < prodigy_steps:
                     if h["_c12"]:
                         # gs = float32(strided(grad, slice_p))
-                        gs_10 = F.strided(grad, h["_k306"])
+                        gs_10 = F.strided(grad, h["_k324"])
                         gs = F.float32(gs_10)
                         # ps = float32(strided(param, slice_p))
-                        ps_10 = F.strided(param, h["_k307"])
+                        ps_10 = F.strided(param, h["_k325"])
                         ps = F.float32(ps_10)
                         # num += vdot(gs, float32(p0) - ps) * (d / d0 * dlr)
                         num_28 = F.float32(p0)
                         num_29 = F.sub(num_28, ps)
                         num_30 = F.vdot(gs, num_29, kind="slice")
-                        F.mul_(num_30, h["_k308"])
+                        F.mul_(num_30, h["_k326"])
                         A.append(("num", num_30))
                         # if safeguard_warmup:
                         if h["_c13"]:
                             # s = s * beta3_used + d / d0 * d * gs
-                            F.mul_(s, h["_k309"])
-                            F.axpy_(s, gs, h["_k310"])
+                            F.mul_(s, h["_k327"])
+                            F.axpy_(s, gs, h["_k328"])
                         else:
                             # s = s * beta3_used + d / d0 * dlr * gs
-                            F.mul_(s, h["_k311"])
-                            F.axpy_(s, gs, h["_k312"])
+                            F.mul_(s, h["_k329"])
+                            F.axpy_(s, gs, h["_k330"])
                         # den += sum(abs(s))
                         den_19 = F.abs(s)
                         den_20 = F.sum(den_19, kind="slice")
                         A.append(("den", den_20))
-                    # if stochastic_rounding and bf16 != 0:
+                    # if centered_wd != 0 and fisher_wd:
                     if h["_c14"]:
+                        # if use_atan2:
+                        if h["_c9"]:
+                            # cwd_fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                            cwd_fisher = F.atan2(wd_scaler, denom)
+                            F.mul_(cwd_fisher, 1.2732395447351628)
+                        else:
+                            # cwd_fisher = 1 / denom
+                            cwd_fisher = F.rdiv(denom, 1)
+                            # cwd_fisher = cwd_fisher / maximum(sqrt(mean((param * cwd_fisher) ** 2)) / 1.0, 1.0)
+                            cwd_fisher_28 = F.mul(param, cwd_fisher)
+                            F.pow_(cwd_fisher_28, 2)
+                            cwd_fisher_29 = F.mean(cwd_fisher_28)
+                            F.sqrt_(cwd_fisher_29)
+                            F.div_(cwd_fisher_29, 1.0)
+                            F.maximum_(cwd_fisher_29, 1.0)
+                            cwd_fisher_30 = F.div(cwd_fisher, cwd_fisher_29)
+                            cwd_fisher = cwd_fisher_30
+                    # if stochastic_rounding and bf16 != 0:
+                    if h["_c15"]:
                         # param_fp32 = float32(param)
                         param_fp32 = F.float32(param)
                         # update_fp32 = float32(update)
                         update_fp32 = F.float32(update)
                         # if weight_decay != 0:
-                        if h["_c15"]:
+                        if h["_c16"]:
                             # if fisher_wd:
-                            if h["_c16"]:
+                            if h["_c17"]:
                                 # if use_atan2:
                                 if h["_c9"]:
                                     # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
@@ -4614,57 +5707,88 @@ def _device_step(h, param, grad, S, A):
                                     fisher_57 = F.div(fisher, fisher_56)
                                     fisher = fisher_57
                                 # fisher = fisher * (weight_decay * dlr)
-                                F.mul_(fisher, h["_k313"])
+                                F.mul_(fisher, h["_k331"])
                                 # if cautious_wd:
-                                if h["_c17"]:
+                                if h["_c18"]:
                                     # param_fp32 = param_fp32 - param_fp32 * (where(update_fp32 * param_fp32 >= 0, 1.0, 0.0) * fisher)
-                                    param_fp32_109 = F.mul(update_fp32, param_fp32)
-                                    param_fp32_110 = F.ge(param_fp32_109, 0)
-                                    param_fp32_111 = F.where(param_fp32_110, 1.0, 0.0, like=param)
-                                    F.mul_(param_fp32_111, fisher)
-                                    param_fp32_112 = F.addcmul(param_fp32, param_fp32, param_fp32_111, -1.0)
-                                    param_fp32 = param_fp32_112
+                                    param_fp32_145 = F.mul(update_fp32, param_fp32)
+                                    param_fp32_146 = F.ge(param_fp32_145, 0)
+                                    param_fp32_147 = F.where(param_fp32_146, 1.0, 0.0, like=param)
+                                    F.mul_(param_fp32_147, fisher)
+                                    param_fp32_148 = F.addcmul(param_fp32, param_fp32, param_fp32_147, -1.0)
+                                    param_fp32 = param_fp32_148
                                 else:
                                     # param_fp32 = param_fp32 - param_fp32 * fisher
                                     param_fp32 = F.addcmul(param_fp32, param_fp32, fisher, -1.0)
                             else:
                                 # if cautious_wd:
-                                if h["_c17"]:
+                                if h["_c18"]:
                                     # param_fp32 = param_fp32 - weight_decay * dlr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
-                                    param_fp32_113 = F.mul(update_fp32, param_fp32)
-                                    param_fp32_114 = F.ge(param_fp32_113, 0)
-                                    param_fp32_115 = F.where(param_fp32_114, 1.0, 0.0, like=param)
-                                    param_fp32_116 = F.addcmul(param_fp32, param_fp32, param_fp32_115, h["_k314"])
-                                    param_fp32 = param_fp32_116
+                                    param_fp32_149 = F.mul(update_fp32, param_fp32)
+                                    param_fp32_150 = F.ge(param_fp32_149, 0)
+                                    param_fp32_151 = F.where(param_fp32_150, 1.0, 0.0, like=param)
+                                    param_fp32_152 = F.addcmul(param_fp32, param_fp32, param_fp32_151, h["_k332"])
+                                    param_fp32 = param_fp32_152
                                 else:
                                     # param_fp32 = param_fp32 - weight_decay * dlr * param_fp32
-                                    param_fp32 = F.axpy(param_fp32, param_fp32, h["_k315"])
+                                    param_fp32 = F.axpy(param_fp32, param_fp32, h["_k333"])
                         # if centered_wd != 0:
-                        if h["_c18"]:
-                            # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                            cwd_target_19 = F.cast(anchor_data, param_fp32)
-                            cwd_target = F.sub(param_fp32, cwd_target_19)
-                            # if cautious_wd:
-                            if h["_c17"]:
-                                # param_fp32 = param_fp32 - centered_wd * dlr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
-                                param_fp32_117 = F.mul(update_fp32, cwd_target)
-                                param_fp32_118 = F.ge(param_fp32_117, 0)
-                                param_fp32_119 = F.where(param_fp32_118, 1.0, 0.0, like=param)
-                                param_fp32_120 = F.addcmul(param_fp32, cwd_target, param_fp32_119, h["_k316"])
-                                param_fp32 = param_fp32_120
+                        if h["_c19"]:
+                            # if centered_wd_mode == 'int8':
+                            if h["_c20"]:
+                                # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                cwd_target_91 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                cwd_target_92 = F.cast(cwd_target_91, param_fp32)
+                                cwd_target = F.sub(param_fp32, cwd_target_92)
                             else:
-                                # param_fp32 = param_fp32 - centered_wd * dlr * cwd_target
-                                param_fp32 = F.axpy(param_fp32, cwd_target, h["_k317"])
+                                # if centered_wd_mode == 'int4':
+                                if h["_c21"]:
+                                    # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                    cwd_target_93 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                    cwd_target_94 = F.cast(cwd_target_93, param_fp32)
+                                    cwd_target = F.sub(param_fp32, cwd_target_94)
+                                else:
+                                    # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                    cwd_target_95 = F.cast(anchor_data, param_fp32)
+                                    cwd_target = F.sub(param_fp32, cwd_target_95)
+                            # if fisher_wd:
+                            if h["_c17"]:
+                                # cwd_fisher_scaled = cwd_fisher * (centered_wd * dlr)
+                                cwd_fisher_scaled = F.mul(cwd_fisher, h["_k334"])
+                                # if cautious_wd:
+                                if h["_c18"]:
+                                    # param_fp32 = param_fp32 - cwd_target * (where(update_fp32 * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                                    param_fp32_153 = F.mul(update_fp32, cwd_target)
+                                    param_fp32_154 = F.ge(param_fp32_153, 0)
+                                    param_fp32_155 = F.where(param_fp32_154, 1.0, 0.0, like=param)
+                                    F.mul_(param_fp32_155, cwd_fisher_scaled)
+                                    param_fp32_156 = F.addcmul(param_fp32, cwd_target, param_fp32_155, -1.0)
+                                    param_fp32 = param_fp32_156
+                                else:
+                                    # param_fp32 = param_fp32 - cwd_target * cwd_fisher_scaled
+                                    param_fp32 = F.addcmul(param_fp32, cwd_target, cwd_fisher_scaled, -1.0)
+                            else:
+                                # if cautious_wd:
+                                if h["_c18"]:
+                                    # param_fp32 = param_fp32 - centered_wd * dlr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                                    param_fp32_157 = F.mul(update_fp32, cwd_target)
+                                    param_fp32_158 = F.ge(param_fp32_157, 0)
+                                    param_fp32_159 = F.where(param_fp32_158, 1.0, 0.0, like=param)
+                                    param_fp32_160 = F.addcmul(param_fp32, cwd_target, param_fp32_159, h["_k335"])
+                                    param_fp32 = param_fp32_160
+                                else:
+                                    # param_fp32 = param_fp32 - centered_wd * dlr * cwd_target
+                                    param_fp32 = F.axpy(param_fp32, cwd_target, h["_k336"])
                         # param_fp32 = param_fp32 + -update_fp32
                         param_fp32 = F.sub(param_fp32, update_fp32)
                         # param = stochastic_round(param_fp32, step)
-                        param_127 = F.stochastic_round(param_fp32, h["_k318"])
-                        F.assign_(param, param_127)
+                        param_154 = F.stochastic_round(param_fp32, h["_k337"])
+                        F.assign_(param, param_154)
                     else:
                         # if weight_decay != 0:
-                        if h["_c15"]:
+                        if h["_c16"]:
                             # if fisher_wd:
-                            if h["_c16"]:
+                            if h["_c17"]:
                                 # if use_atan2:
                                 if h["_c9"]:
                                     # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
@@ -4683,53 +5807,83 @@ def _device_step(h, param, grad, S, A):
                                     fisher_60 = F.div(fisher, fisher_59)
                                     fisher = fisher_60
                                 # fisher = fisher * (weight_decay * dlr)
-                                F.mul_(fisher, h["_k319"])
+                                F.mul_(fisher, h["_k338"])
                                 # if cautious_wd:
-                                if h["_c17"]:
+                                if h["_c18"]:
                                     # param = param - param * (where(update * param >= 0, 1.0, 0.0) * fisher)
-                                    param_128 = F.mul(update, param)
-                                    param_129 = F.ge(param_128, 0)
-                                    param_130 = F.where(param_129, 1.0, 0.0, like=param)
-                                    F.mul_(param_130, fisher)
-                                    param_131 = F.addcmul(param, param, param_130, -1.0)
-                                    F.assign_(param, param_131)
+                                    param_155 = F.mul(update, param)
+                                    param_156 = F.ge(param_155, 0)
+                                    param_157 = F.where(param_156, 1.0, 0.0, like=param)
+                                    F.mul_(param_157, fisher)
+                                    param_158 = F.addcmul(param, param, param_157, -1.0)
+                                    F.assign_(param, param_158)
                                 else:
                                     # param = param - param * fisher
-                                    param_132 = F.addcmul(param, param, fisher, -1.0)
-                                    F.assign_(param, param_132)
+                                    param_159 = F.addcmul(param, param, fisher, -1.0)
+                                    F.assign_(param, param_159)
                             else:
                                 # if cautious_wd:
-                                if h["_c17"]:
+                                if h["_c18"]:
                                     # param = param - weight_decay * dlr * param * where(update * param >= 0, 1.0, 0.0)
-                                    param_133 = F.mul(update, param)
-                                    param_134 = F.ge(param_133, 0)
-                                    param_135 = F.where(param_134, 1.0, 0.0, like=param)
-                                    param_136 = F.addcmul(param, param, param_135, h["_k320"])
-                                    F.assign_(param, param_136)
+                                    param_160 = F.mul(update, param)
+                                    param_161 = F.ge(param_160, 0)
+                                    param_162 = F.where(param_161, 1.0, 0.0, like=param)
+                                    param_163 = F.addcmul(param, param, param_162, h["_k339"])
+                                    F.assign_(param, param_163)
                                 else:
                                     # param = param - weight_decay * dlr * param
-                                    param_137 = F.axpy(param, param, h["_k321"])
-                                    F.assign_(param, param_137)
+                                    param_164 = F.axpy(param, param, h["_k340"])
+                                    F.assign_(param, param_164)
                         # if centered_wd != 0:
-                        if h["_c18"]:
-                            # cwd_target = param - cast(anchor_data, param)
-                            cwd_target_20 = F.cast(anchor_data, param)
-                            cwd_target = F.sub(param, cwd_target_20)
-                            # if cautious_wd:
-                            if h["_c17"]:
-                                # param = param - centered_wd * dlr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
-                                param_138 = F.mul(update, cwd_target)
-                                param_139 = F.ge(param_138, 0)
-                                param_140 = F.where(param_139, 1.0, 0.0, like=param)
-                                F.addcmul_(param, cwd_target, param_140, h["_k322"])
+                        if h["_c19"]:
+                            # if centered_wd_mode == 'int8':
+                            if h["_c20"]:
+                                # cwd_target = param - cast(anchor_data, param)
+                                cwd_target_96 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                cwd_target_97 = F.cast(cwd_target_96, param)
+                                cwd_target = F.sub(param, cwd_target_97)
                             else:
-                                # param = param - centered_wd * dlr * cwd_target
-                                F.axpy_(param, cwd_target, h["_k323"])
+                                # if centered_wd_mode == 'int4':
+                                if h["_c21"]:
+                                    # cwd_target = param - cast(anchor_data, param)
+                                    cwd_target_98 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                    cwd_target_99 = F.cast(cwd_target_98, param)
+                                    cwd_target = F.sub(param, cwd_target_99)
+                                else:
+                                    # cwd_target = param - cast(anchor_data, param)
+                                    cwd_target_100 = F.cast(anchor_data, param)
+                                    cwd_target = F.sub(param, cwd_target_100)
+                            # if fisher_wd:
+                            if h["_c17"]:
+                                # cwd_fisher_scaled = cwd_fisher * (centered_wd * dlr)
+                                cwd_fisher_scaled = F.mul(cwd_fisher, h["_k341"])
+                                # if cautious_wd:
+                                if h["_c18"]:
+                                    # param = param - cwd_target * (where(update * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                                    param_165 = F.mul(update, cwd_target)
+                                    param_166 = F.ge(param_165, 0)
+                                    param_167 = F.where(param_166, 1.0, 0.0, like=param)
+                                    F.mul_(param_167, cwd_fisher_scaled)
+                                    F.addcmul_(param, cwd_target, param_167, -1.0)
+                                else:
+                                    # param = param - cwd_target * cwd_fisher_scaled
+                                    F.addcmul_(param, cwd_target, cwd_fisher_scaled, -1.0)
+                            else:
+                                # if cautious_wd:
+                                if h["_c18"]:
+                                    # param = param - centered_wd * dlr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                                    param_168 = F.mul(update, cwd_target)
+                                    param_169 = F.ge(param_168, 0)
+                                    param_170 = F.where(param_169, 1.0, 0.0, like=param)
+                                    F.addcmul_(param, cwd_target, param_170, h["_k342"])
+                                else:
+                                    # param = param - centered_wd * dlr * cwd_target
+                                    F.axpy_(param, cwd_target, h["_k343"])
                         # param = param + -update
                         F.sub_(param, update)
                 else:
                     # if (state_precision == 'fp32' and not nnmf_factor) and (beta1 > 0 and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape)) or not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape) or not (state_precision == 'factored' or nnmf_factor) and (factored_2nd and ((ndim != 1 or vector_reshape) and not (spectral_normalization and ndim >= 3))))):
-                    if h["_c24"]:
+                    if h["_c27"]:
                         # grad = float32(grad)
                         grad = F.float32(grad)
                     # if orthogonal_gradient == 'flattened' or orthogonal_gradient == 'iterative' and (ndim < 2 or param_attr('_is_dora_scale', False) or param_attr('is_vector', False)):
@@ -4768,23 +5922,23 @@ def _device_step(h, param, grad, S, A):
                     # if beta1 > 0:
                     if h["_c5"]:
                         # exp_avg = exp_avg * beta1_used + d * (1 - beta1_used) * grad
-                        F.mul_(exp_avg, h["_k324"])
-                        F.axpy_(exp_avg, grad, h["_k325"])
+                        F.mul_(exp_avg, h["_k344"])
+                        F.axpy_(exp_avg, grad, h["_k345"])
                         # if nesterov:
                         if h["_c6"]:
                             # if nesterov_coef == None:
                             if h["_c7"]:
                                 # update = lerp(exp_avg, grad, 1 - beta1_used)
-                                update = F.lerp(exp_avg, grad, h["_k326"])
+                                update = F.lerp(exp_avg, grad, h["_k346"])
                             else:
                                 # update = lerp(exp_avg, grad, 1 - nesterov_coef)
-                                update = F.lerp(exp_avg, grad, h["_k327"])
+                                update = F.lerp(exp_avg, grad, h["_k347"])
                         else:
                             # update = copy(exp_avg)
                             update = F.copy(exp_avg)
                     else:
                         # update = grad * d
-                        update = F.mul(grad, h["_k328"])
+                        update = F.mul(grad, h["_k348"])
                     # if kourkoutas_beta:
                     if h["_c8"]:
                         # kourkoutas_sq = sum(grad * grad)
@@ -4792,12 +5946,12 @@ def _device_step(h, param, grad, S, A):
                         kourkoutas_sq_22 = F.sum(kourkoutas_sq_21)
                         F.assign_(kourkoutas_sq, kourkoutas_sq_22)
                         # exp_avg_sq = exp_avg_sq * input() + d * d * (1 - input()) * grad * grad
-                        F.mul_(exp_avg_sq, h["_k329"])
-                        F.addcmul_(exp_avg_sq, grad, grad, h["_k330"])
+                        F.mul_(exp_avg_sq, h["_k349"])
+                        F.addcmul_(exp_avg_sq, grad, grad, h["_k350"])
                     else:
                         # exp_avg_sq = exp_avg_sq * beta2 + d * d * (1 - beta2) * grad * grad
-                        F.mul_(exp_avg_sq, h["_k331"])
-                        F.addcmul_(exp_avg_sq, grad, grad, h["_k332"])
+                        F.mul_(exp_avg_sq, h["_k351"])
+                        F.addcmul_(exp_avg_sq, grad, grad, h["_k352"])
                     # if use_atan2:
                     if h["_c9"]:
                         # denom = sqrt(exp_avg_sq)
@@ -4805,7 +5959,7 @@ def _device_step(h, param, grad, S, A):
                     else:
                         # denom = sqrt(exp_avg_sq) + d * eps_eff
                         denom = F.sqrt(exp_avg_sq)
-                        F.add_(denom, h["_k333"])
+                        F.add_(denom, h["_k353"])
                     # if use_atan2:
                     if h["_c9"]:
                         # update = atan2(update, denom)
@@ -4842,8 +5996,8 @@ def _device_step(h, param, grad, S, A):
                             # spectral_sigma = vdot(spectral_u, spectral_ur)
                             spectral_sigma = F.vdot(spectral_u, spectral_ur, kind="row")
                             # update = spectral_x * (sqrt(rows / cols) / maximum(spectral_sigma, 1 / (sqrt(rows) + sqrt(cols))) * spectral_lr)
-                            update_40 = F.maximum(spectral_sigma, h["_k334"])
-                            F.rdiv_(update_40, h["_k335"])
+                            update_40 = F.maximum(spectral_sigma, h["_k354"])
+                            F.rdiv_(update_40, h["_k355"])
                             F.mul_(update_40, h["spectral_lr"])
                             update = F.mul(spectral_x, update_40)
                         else:
@@ -4857,47 +6011,66 @@ def _device_step(h, param, grad, S, A):
                         # if use_atan2:
                         if h["_c9"]:
                             # update = update * (dlr * 1.2732395447351628)
-                            F.mul_(update, h["_k336"])
+                            F.mul_(update, h["_k356"])
                         else:
                             # update = update * dlr
                             F.mul_(update, h["dlr"])
                     # if prodigy_steps <= 0 or k < prodigy_steps:
                     if h["_c12"]:
                         # gs = float32(strided(grad, slice_p))
-                        gs_11 = F.strided(grad, h["_k337"])
+                        gs_11 = F.strided(grad, h["_k357"])
                         gs = F.float32(gs_11)
                         # ps = float32(strided(param, slice_p))
-                        ps_11 = F.strided(param, h["_k338"])
+                        ps_11 = F.strided(param, h["_k358"])
                         ps = F.float32(ps_11)
                         # num += vdot(gs, float32(p0) - ps) * (d / d0 * dlr)
                         num_31 = F.float32(p0)
                         num_32 = F.sub(num_31, ps)
                         num_33 = F.vdot(gs, num_32, kind="slice")
-                        F.mul_(num_33, h["_k339"])
+                        F.mul_(num_33, h["_k359"])
                         A.append(("num", num_33))
                         # if safeguard_warmup:
                         if h["_c13"]:
                             # s = s * beta3_used + d / d0 * d * gs
-                            F.mul_(s, h["_k340"])
-                            F.axpy_(s, gs, h["_k341"])
+                            F.mul_(s, h["_k360"])
+                            F.axpy_(s, gs, h["_k361"])
                         else:
                             # s = s * beta3_used + d / d0 * dlr * gs
-                            F.mul_(s, h["_k342"])
-                            F.axpy_(s, gs, h["_k343"])
+                            F.mul_(s, h["_k362"])
+                            F.axpy_(s, gs, h["_k363"])
                         # den += sum(abs(s))
                         den_21 = F.abs(s)
                         den_22 = F.sum(den_21, kind="slice")
                         A.append(("den", den_22))
-                    # if stochastic_rounding and bf16 != 0:
+                    # if centered_wd != 0 and fisher_wd:
                     if h["_c14"]:
+                        # if use_atan2:
+                        if h["_c9"]:
+                            # cwd_fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                            cwd_fisher = F.atan2(wd_scaler, denom)
+                            F.mul_(cwd_fisher, 1.2732395447351628)
+                        else:
+                            # cwd_fisher = 1 / denom
+                            cwd_fisher = F.rdiv(denom, 1)
+                            # cwd_fisher = cwd_fisher / maximum(sqrt(mean((param * cwd_fisher) ** 2)) / 1.0, 1.0)
+                            cwd_fisher_31 = F.mul(param, cwd_fisher)
+                            F.pow_(cwd_fisher_31, 2)
+                            cwd_fisher_32 = F.mean(cwd_fisher_31)
+                            F.sqrt_(cwd_fisher_32)
+                            F.div_(cwd_fisher_32, 1.0)
+                            F.maximum_(cwd_fisher_32, 1.0)
+                            cwd_fisher_33 = F.div(cwd_fisher, cwd_fisher_32)
+                            cwd_fisher = cwd_fisher_33
+                    # if stochastic_rounding and bf16 != 0:
+                    if h["_c15"]:
                         # param_fp32 = float32(param)
                         param_fp32 = F.float32(param)
                         # update_fp32 = float32(update)
                         update_fp32 = F.float32(update)
                         # if weight_decay != 0:
-                        if h["_c15"]:
+                        if h["_c16"]:
                             # if fisher_wd:
-                            if h["_c16"]:
+                            if h["_c17"]:
                                 # if use_atan2:
                                 if h["_c9"]:
                                     # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
@@ -4916,57 +6089,88 @@ def _device_step(h, param, grad, S, A):
                                     fisher_63 = F.div(fisher, fisher_62)
                                     fisher = fisher_63
                                 # fisher = fisher * (weight_decay * dlr)
-                                F.mul_(fisher, h["_k344"])
+                                F.mul_(fisher, h["_k364"])
                                 # if cautious_wd:
-                                if h["_c17"]:
+                                if h["_c18"]:
                                     # param_fp32 = param_fp32 - param_fp32 * (where(update_fp32 * param_fp32 >= 0, 1.0, 0.0) * fisher)
-                                    param_fp32_121 = F.mul(update_fp32, param_fp32)
-                                    param_fp32_122 = F.ge(param_fp32_121, 0)
-                                    param_fp32_123 = F.where(param_fp32_122, 1.0, 0.0, like=param)
-                                    F.mul_(param_fp32_123, fisher)
-                                    param_fp32_124 = F.addcmul(param_fp32, param_fp32, param_fp32_123, -1.0)
-                                    param_fp32 = param_fp32_124
+                                    param_fp32_161 = F.mul(update_fp32, param_fp32)
+                                    param_fp32_162 = F.ge(param_fp32_161, 0)
+                                    param_fp32_163 = F.where(param_fp32_162, 1.0, 0.0, like=param)
+                                    F.mul_(param_fp32_163, fisher)
+                                    param_fp32_164 = F.addcmul(param_fp32, param_fp32, param_fp32_163, -1.0)
+                                    param_fp32 = param_fp32_164
                                 else:
                                     # param_fp32 = param_fp32 - param_fp32 * fisher
                                     param_fp32 = F.addcmul(param_fp32, param_fp32, fisher, -1.0)
                             else:
                                 # if cautious_wd:
-                                if h["_c17"]:
+                                if h["_c18"]:
                                     # param_fp32 = param_fp32 - weight_decay * dlr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
-                                    param_fp32_125 = F.mul(update_fp32, param_fp32)
-                                    param_fp32_126 = F.ge(param_fp32_125, 0)
-                                    param_fp32_127 = F.where(param_fp32_126, 1.0, 0.0, like=param)
-                                    param_fp32_128 = F.addcmul(param_fp32, param_fp32, param_fp32_127, h["_k345"])
-                                    param_fp32 = param_fp32_128
+                                    param_fp32_165 = F.mul(update_fp32, param_fp32)
+                                    param_fp32_166 = F.ge(param_fp32_165, 0)
+                                    param_fp32_167 = F.where(param_fp32_166, 1.0, 0.0, like=param)
+                                    param_fp32_168 = F.addcmul(param_fp32, param_fp32, param_fp32_167, h["_k365"])
+                                    param_fp32 = param_fp32_168
                                 else:
                                     # param_fp32 = param_fp32 - weight_decay * dlr * param_fp32
-                                    param_fp32 = F.axpy(param_fp32, param_fp32, h["_k346"])
+                                    param_fp32 = F.axpy(param_fp32, param_fp32, h["_k366"])
                         # if centered_wd != 0:
-                        if h["_c18"]:
-                            # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                            cwd_target_21 = F.cast(anchor_data, param_fp32)
-                            cwd_target = F.sub(param_fp32, cwd_target_21)
-                            # if cautious_wd:
-                            if h["_c17"]:
-                                # param_fp32 = param_fp32 - centered_wd * dlr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
-                                param_fp32_129 = F.mul(update_fp32, cwd_target)
-                                param_fp32_130 = F.ge(param_fp32_129, 0)
-                                param_fp32_131 = F.where(param_fp32_130, 1.0, 0.0, like=param)
-                                param_fp32_132 = F.addcmul(param_fp32, cwd_target, param_fp32_131, h["_k347"])
-                                param_fp32 = param_fp32_132
+                        if h["_c19"]:
+                            # if centered_wd_mode == 'int8':
+                            if h["_c20"]:
+                                # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                cwd_target_101 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                cwd_target_102 = F.cast(cwd_target_101, param_fp32)
+                                cwd_target = F.sub(param_fp32, cwd_target_102)
                             else:
-                                # param_fp32 = param_fp32 - centered_wd * dlr * cwd_target
-                                param_fp32 = F.axpy(param_fp32, cwd_target, h["_k348"])
+                                # if centered_wd_mode == 'int4':
+                                if h["_c21"]:
+                                    # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                    cwd_target_103 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                    cwd_target_104 = F.cast(cwd_target_103, param_fp32)
+                                    cwd_target = F.sub(param_fp32, cwd_target_104)
+                                else:
+                                    # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                    cwd_target_105 = F.cast(anchor_data, param_fp32)
+                                    cwd_target = F.sub(param_fp32, cwd_target_105)
+                            # if fisher_wd:
+                            if h["_c17"]:
+                                # cwd_fisher_scaled = cwd_fisher * (centered_wd * dlr)
+                                cwd_fisher_scaled = F.mul(cwd_fisher, h["_k367"])
+                                # if cautious_wd:
+                                if h["_c18"]:
+                                    # param_fp32 = param_fp32 - cwd_target * (where(update_fp32 * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                                    param_fp32_169 = F.mul(update_fp32, cwd_target)
+                                    param_fp32_170 = F.ge(param_fp32_169, 0)
+                                    param_fp32_171 = F.where(param_fp32_170, 1.0, 0.0, like=param)
+                                    F.mul_(param_fp32_171, cwd_fisher_scaled)
+                                    param_fp32_172 = F.addcmul(param_fp32, cwd_target, param_fp32_171, -1.0)
+                                    param_fp32 = param_fp32_172
+                                else:
+                                    # param_fp32 = param_fp32 - cwd_target * cwd_fisher_scaled
+                                    param_fp32 = F.addcmul(param_fp32, cwd_target, cwd_fisher_scaled, -1.0)
+                            else:
+                                # if cautious_wd:
+                                if h["_c18"]:
+                                    # param_fp32 = param_fp32 - centered_wd * dlr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                                    param_fp32_173 = F.mul(update_fp32, cwd_target)
+                                    param_fp32_174 = F.ge(param_fp32_173, 0)
+                                    param_fp32_175 = F.where(param_fp32_174, 1.0, 0.0, like=param)
+                                    param_fp32_176 = F.addcmul(param_fp32, cwd_target, param_fp32_175, h["_k368"])
+                                    param_fp32 = param_fp32_176
+                                else:
+                                    # param_fp32 = param_fp32 - centered_wd * dlr * cwd_target
+                                    param_fp32 = F.axpy(param_fp32, cwd_target, h["_k369"])
                         # param_fp32 = param_fp32 + -update_fp32
                         param_fp32 = F.sub(param_fp32, update_fp32)
                         # param = stochastic_round(param_fp32, step)
-                        param_141 = F.stochastic_round(param_fp32, h["_k349"])
-                        F.assign_(param, param_141)
+                        param_171 = F.stochastic_round(param_fp32, h["_k370"])
+                        F.assign_(param, param_171)
                     else:
                         # if weight_decay != 0:
-                        if h["_c15"]:
+                        if h["_c16"]:
                             # if fisher_wd:
-                            if h["_c16"]:
+                            if h["_c17"]:
                                 # if use_atan2:
                                 if h["_c9"]:
                                     # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
@@ -4985,48 +6189,78 @@ def _device_step(h, param, grad, S, A):
                                     fisher_66 = F.div(fisher, fisher_65)
                                     fisher = fisher_66
                                 # fisher = fisher * (weight_decay * dlr)
-                                F.mul_(fisher, h["_k350"])
+                                F.mul_(fisher, h["_k371"])
                                 # if cautious_wd:
-                                if h["_c17"]:
+                                if h["_c18"]:
                                     # param = param - param * (where(update * param >= 0, 1.0, 0.0) * fisher)
-                                    param_142 = F.mul(update, param)
-                                    param_143 = F.ge(param_142, 0)
-                                    param_144 = F.where(param_143, 1.0, 0.0, like=param)
-                                    F.mul_(param_144, fisher)
-                                    param_145 = F.addcmul(param, param, param_144, -1.0)
-                                    F.assign_(param, param_145)
+                                    param_172 = F.mul(update, param)
+                                    param_173 = F.ge(param_172, 0)
+                                    param_174 = F.where(param_173, 1.0, 0.0, like=param)
+                                    F.mul_(param_174, fisher)
+                                    param_175 = F.addcmul(param, param, param_174, -1.0)
+                                    F.assign_(param, param_175)
                                 else:
                                     # param = param - param * fisher
-                                    param_146 = F.addcmul(param, param, fisher, -1.0)
-                                    F.assign_(param, param_146)
+                                    param_176 = F.addcmul(param, param, fisher, -1.0)
+                                    F.assign_(param, param_176)
                             else:
                                 # if cautious_wd:
-                                if h["_c17"]:
+                                if h["_c18"]:
                                     # param = param - weight_decay * dlr * param * where(update * param >= 0, 1.0, 0.0)
-                                    param_147 = F.mul(update, param)
-                                    param_148 = F.ge(param_147, 0)
-                                    param_149 = F.where(param_148, 1.0, 0.0, like=param)
-                                    param_150 = F.addcmul(param, param, param_149, h["_k351"])
-                                    F.assign_(param, param_150)
+                                    param_177 = F.mul(update, param)
+                                    param_178 = F.ge(param_177, 0)
+                                    param_179 = F.where(param_178, 1.0, 0.0, like=param)
+                                    param_180 = F.addcmul(param, param, param_179, h["_k372"])
+                                    F.assign_(param, param_180)
                                 else:
                                     # param = param - weight_decay * dlr * param
-                                    param_151 = F.axpy(param, param, h["_k352"])
-                                    F.assign_(param, param_151)
+                                    param_181 = F.axpy(param, param, h["_k373"])
+                                    F.assign_(param, param_181)
                         # if centered_wd != 0:
-                        if h["_c18"]:
-                            # cwd_target = param - cast(anchor_data, param)
-                            cwd_target_22 = F.cast(anchor_data, param)
-                            cwd_target = F.sub(param, cwd_target_22)
-                            # if cautious_wd:
-                            if h["_c17"]:
-                                # param = param - centered_wd * dlr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
-                                param_152 = F.mul(update, cwd_target)
-                                param_153 = F.ge(param_152, 0)
-                                param_154 = F.where(param_153, 1.0, 0.0, like=param)
-                                F.addcmul_(param, cwd_target, param_154, h["_k353"])
+                        if h["_c19"]:
+                            # if centered_wd_mode == 'int8':
+                            if h["_c20"]:
+                                # cwd_target = param - cast(anchor_data, param)
+                                cwd_target_106 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                cwd_target_107 = F.cast(cwd_target_106, param)
+                                cwd_target = F.sub(param, cwd_target_107)
                             else:
-                                # param = param - centered_wd * dlr * cwd_target
-                                F.axpy_(param, cwd_target, h["_k354"])
+                                # if centered_wd_mode == 'int4':
+                                if h["_c21"]:
+                                    # cwd_target = param - cast(anchor_data, param)
+                                    cwd_target_108 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                    cwd_target_109 = F.cast(cwd_target_108, param)
+                                    cwd_target = F.sub(param, cwd_target_109)
+                                else:
+                                    # cwd_target = param - cast(anchor_data, param)
+                                    cwd_target_110 = F.cast(anchor_data, param)
+                                    cwd_target = F.sub(param, cwd_target_110)
+                            # if fisher_wd:
+                            if h["_c17"]:
+                                # cwd_fisher_scaled = cwd_fisher * (centered_wd * dlr)
+                                cwd_fisher_scaled = F.mul(cwd_fisher, h["_k374"])
+                                # if cautious_wd:
+                                if h["_c18"]:
+                                    # param = param - cwd_target * (where(update * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
+                                    param_182 = F.mul(update, cwd_target)
+                                    param_183 = F.ge(param_182, 0)
+                                    param_184 = F.where(param_183, 1.0, 0.0, like=param)
+                                    F.mul_(param_184, cwd_fisher_scaled)
+                                    F.addcmul_(param, cwd_target, param_184, -1.0)
+                                else:
+                                    # param = param - cwd_target * cwd_fisher_scaled
+                                    F.addcmul_(param, cwd_target, cwd_fisher_scaled, -1.0)
+                            else:
+                                # if cautious_wd:
+                                if h["_c18"]:
+                                    # param = param - centered_wd * dlr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                                    param_185 = F.mul(update, cwd_target)
+                                    param_186 = F.ge(param_185, 0)
+                                    param_187 = F.where(param_186, 1.0, 0.0, like=param)
+                                    F.addcmul_(param, cwd_target, param_187, h["_k375"])
+                                else:
+                                    # param = param - centered_wd * dlr * cwd_target
+                                    F.axpy_(param, cwd_target, h["_k376"])
                         # param = param + -update
                         F.sub_(param, update)
 
@@ -5069,7 +6303,7 @@ class Prodigy_adv(GeneratedOptimizer):
         k_logging: accepted; unused (as in adv_optm) (default: ``0``)
         layer_key_fn: parameter -> bucket key (default: its shape) (default: ``None``)
         centered_wd: centered decay coefficient (a pull toward the initial parameter, scaled like weight_decay); 0: off (default: ``0.0``)
-        centered_wd_mode: the anchor's storage: 'float8' (float8_e4m3fn, unscaled) or 'full' (the parameter's dtype); 'int8', 'int4' are not implemented yet (default: ``'float8'``)
+        centered_wd_mode: the anchor's storage: 'float8' (float8_e4m3fn, unscaled), 'full' (the parameter's dtype), 'int8' / 'int4' (asymmetric blocks of 128 / 32) (default: ``'float8'``)
         spectral_normalization: scale the update by its spectral norm (one power-iteration step) instead of the step size alone (default: ``False``)
         backend: ``"auto"`` (triton on CUDA; on CPU the compiled backend where inductor finds a
             C++ compiler, else torch with a warning), ``"triton"`` (fused Triton kernels),

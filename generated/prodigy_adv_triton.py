@@ -18,12 +18,12 @@ def _prodigy_adv_prologue0(
     tab, chunks, gptr, hv, ws, hyp, steps, inp,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr,
 ):
     """Prologue: one program per tensor; counts the step, computes the host values in float64 and
     writes the 12 the passes read to hv.
     """
-    COL_GIDX: tl.constexpr = 22
+    COL_GIDX: tl.constexpr = 24
     HV_BETA1_USED: tl.constexpr = 0
     HV_D_TIMES_ONE_MINUS_BETA1_USED: tl.constexpr = 1
     HV_BETA2: tl.constexpr = 2
@@ -39,11 +39,11 @@ def _prodigy_adv_prologue0(
     HYP_BETA1_USED: tl.constexpr = 0
     HYP_BETA3_USED: tl.constexpr = 1
     HYP_BETA2: tl.constexpr = 3
-    HYP_D: tl.constexpr = 6
-    HYP_D0: tl.constexpr = 7
-    HYP_EPS: tl.constexpr = 8
-    HYP_LR: tl.constexpr = 13
-    HYP_SLICE_P: tl.constexpr = 20
+    HYP_D: tl.constexpr = 7
+    HYP_D0: tl.constexpr = 8
+    HYP_EPS: tl.constexpr = 9
+    HYP_LR: tl.constexpr = 14
+    HYP_SLICE_P: tl.constexpr = 21
     t = tl.program_id(0)
     gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
@@ -80,11 +80,11 @@ def _prodigy_adv_prologue0(
 
 # flat
 @triton.jit
-def _prodigy_adv_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr):
+def _prodigy_adv_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_PARAM: tl.constexpr = 0
-    COL_WS_R0: tl.constexpr = 24
-    COL_WS_R1: tl.constexpr = 25
+    COL_WS_R0: tl.constexpr = 26
+    COL_WS_R1: tl.constexpr = 27
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
@@ -109,13 +109,13 @@ def _prodigy_adv_flat0(
     tab, chunks, gptr, hv, ws, hyp, steps, inp,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads grad, param; writes grad; accumulates _r0, _r1.
     """
-    COL_NUMEL: tl.constexpr = 17
+    COL_NUMEL: tl.constexpr = 19
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -124,21 +124,21 @@ def _prodigy_adv_flat0(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _prodigy_adv_flat0_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_exp_avg_sq, DT_mu_v_nmf, DT_mv_v_nmf, DT_s, DT_p0, DT_spectral_v, DT_spectral_u, DT_wd_scaler, DT_anchor_data, DT_kourkoutas_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale)
+        _prodigy_adv_flat0_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_exp_avg_sq, DT_mu_v_nmf, DT_mv_v_nmf, DT_s, DT_p0, DT_spectral_v, DT_spectral_u, DT_wd_scaler, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_kourkoutas_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale)
     else:
-        _prodigy_adv_flat0_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_exp_avg_sq, DT_mu_v_nmf, DT_mv_v_nmf, DT_s, DT_p0, DT_spectral_v, DT_spectral_u, DT_wd_scaler, DT_anchor_data, DT_kourkoutas_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale)
+        _prodigy_adv_flat0_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_exp_avg_sq, DT_mu_v_nmf, DT_mv_v_nmf, DT_s, DT_p0, DT_spectral_v, DT_spectral_u, DT_wd_scaler, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_kourkoutas_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale)
 
 
 # flat
 @triton.jit
-def _prodigy_adv_flat1_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr):
+def _prodigy_adv_flat1_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_PARAM: tl.constexpr = 0
-    COL_WS_R0: tl.constexpr = 24
-    COL_WS_R1: tl.constexpr = 25
-    COL_WS_R2: tl.constexpr = 26
-    COL_WS_R3: tl.constexpr = 27
-    COL_WS_ORTHO_G: tl.constexpr = 34
+    COL_WS_R0: tl.constexpr = 26
+    COL_WS_R1: tl.constexpr = 27
+    COL_WS_R2: tl.constexpr = 28
+    COL_WS_R3: tl.constexpr = 29
+    COL_WS_ORTHO_G: tl.constexpr = 36
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
@@ -169,13 +169,13 @@ def _prodigy_adv_flat1(
     tab, chunks, gptr, hv, ws, hyp, steps, inp,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads grad, param, _r0, _r1; writes ortho_g; accumulates _r2, _r3.
     """
-    COL_NUMEL: tl.constexpr = 17
+    COL_NUMEL: tl.constexpr = 19
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -184,9 +184,9 @@ def _prodigy_adv_flat1(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _prodigy_adv_flat1_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_exp_avg_sq, DT_mu_v_nmf, DT_mv_v_nmf, DT_s, DT_p0, DT_spectral_v, DT_spectral_u, DT_wd_scaler, DT_anchor_data, DT_kourkoutas_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale)
+        _prodigy_adv_flat1_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_exp_avg_sq, DT_mu_v_nmf, DT_mv_v_nmf, DT_s, DT_p0, DT_spectral_v, DT_spectral_u, DT_wd_scaler, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_kourkoutas_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale)
     else:
-        _prodigy_adv_flat1_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_exp_avg_sq, DT_mu_v_nmf, DT_mv_v_nmf, DT_s, DT_p0, DT_spectral_v, DT_spectral_u, DT_wd_scaler, DT_anchor_data, DT_kourkoutas_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale)
+        _prodigy_adv_flat1_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_exp_avg_sq, DT_mu_v_nmf, DT_mv_v_nmf, DT_s, DT_p0, DT_spectral_v, DT_spectral_u, DT_wd_scaler, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_kourkoutas_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale)
 
 
 # vec
@@ -195,19 +195,19 @@ def _prodigy_adv_vec0(
     tab, chunks, gptr, hv, ws, hyp, steps, inp,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr,
 ):
     """Vector stage: one program per tensor, looping over its matrices and their rows / columns in
     blocks of VB.
 
     Reads _r2, _r3; writes ortho_scale.
     """
-    COL_B: tl.constexpr = 18
-    COL_M: tl.constexpr = 19
-    COL_N: tl.constexpr = 20
-    COL_WS_R2: tl.constexpr = 26
-    COL_WS_R3: tl.constexpr = 27
-    COL_WS_ORTHO_SCALE: tl.constexpr = 30
+    COL_B: tl.constexpr = 20
+    COL_M: tl.constexpr = 21
+    COL_N: tl.constexpr = 22
+    COL_WS_R2: tl.constexpr = 28
+    COL_WS_R3: tl.constexpr = 29
+    COL_WS_ORTHO_SCALE: tl.constexpr = 32
     t = tl.program_id(0)
     B = tl.load(tab + t * TBL_W + COL_B)
     M = tl.load(tab + t * TBL_W + COL_M)
@@ -225,19 +225,19 @@ def _prodigy_adv_vec0(
 
 # flat
 @triton.jit
-def _prodigy_adv_flat2_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr):
+def _prodigy_adv_flat2_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_PARAM: tl.constexpr = 0
     COL_EXP_AVG: tl.constexpr = 1
     COL_EXP_AVG_SQ: tl.constexpr = 5
     COL_S: tl.constexpr = 8
     COL_P0: tl.constexpr = 9
-    COL_GIDX: tl.constexpr = 22
-    COL_STRIDE: tl.constexpr = 23
-    COL_WS_R4: tl.constexpr = 28
-    COL_WS_R5: tl.constexpr = 29
-    COL_WS_ORTHO_SCALE: tl.constexpr = 30
-    COL_WS_ORTHO_G: tl.constexpr = 34
+    COL_GIDX: tl.constexpr = 24
+    COL_STRIDE: tl.constexpr = 25
+    COL_WS_R4: tl.constexpr = 30
+    COL_WS_R5: tl.constexpr = 31
+    COL_WS_ORTHO_SCALE: tl.constexpr = 32
+    COL_WS_ORTHO_G: tl.constexpr = 36
     HV_BETA1_USED: tl.constexpr = 0
     HV_D_TIMES_ONE_MINUS_BETA1_USED: tl.constexpr = 1
     HV_BETA2: tl.constexpr = 2
@@ -332,14 +332,14 @@ def _prodigy_adv_flat2(
     tab, chunks, gptr, hv, ws, hyp, steps, inp,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads ortho_g, ortho_scale, grad, exp_avg, exp_avg_sq, param, p0, s; writes exp_avg, exp_avg_sq,
     s, param; accumulates _r4, _r5.
     """
-    COL_NUMEL: tl.constexpr = 17
+    COL_NUMEL: tl.constexpr = 19
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -348,9 +348,9 @@ def _prodigy_adv_flat2(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _prodigy_adv_flat2_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_exp_avg_sq, DT_mu_v_nmf, DT_mv_v_nmf, DT_s, DT_p0, DT_spectral_v, DT_spectral_u, DT_wd_scaler, DT_anchor_data, DT_kourkoutas_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale)
+        _prodigy_adv_flat2_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_exp_avg_sq, DT_mu_v_nmf, DT_mv_v_nmf, DT_s, DT_p0, DT_spectral_v, DT_spectral_u, DT_wd_scaler, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_kourkoutas_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale)
     else:
-        _prodigy_adv_flat2_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_exp_avg_sq, DT_mu_v_nmf, DT_mv_v_nmf, DT_s, DT_p0, DT_spectral_v, DT_spectral_u, DT_wd_scaler, DT_anchor_data, DT_kourkoutas_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale)
+        _prodigy_adv_flat2_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_exp_avg_sq, DT_mu_v_nmf, DT_mv_v_nmf, DT_s, DT_p0, DT_spectral_v, DT_spectral_u, DT_wd_scaler, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_kourkoutas_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale)
 
 
 # vec
@@ -359,20 +359,20 @@ def _prodigy_adv_vec1(
     tab, chunks, gptr, hv, ws, hyp, steps, inp,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr,
 ):
     """Vector stage: one program per tensor, looping over its matrices and their rows / columns in
     blocks of VB.
 
     Reads _r4, _r5; writes _acc0_num, _acc1_den.
     """
-    COL_B: tl.constexpr = 18
-    COL_M: tl.constexpr = 19
-    COL_N: tl.constexpr = 20
-    COL_WS_R4: tl.constexpr = 28
-    COL_WS_R5: tl.constexpr = 29
-    COL_WS_ACC0_NUM: tl.constexpr = 31
-    COL_WS_ACC1_DEN: tl.constexpr = 32
+    COL_B: tl.constexpr = 20
+    COL_M: tl.constexpr = 21
+    COL_N: tl.constexpr = 22
+    COL_WS_R4: tl.constexpr = 30
+    COL_WS_R5: tl.constexpr = 31
+    COL_WS_ACC0_NUM: tl.constexpr = 33
+    COL_WS_ACC1_DEN: tl.constexpr = 34
     HV_D_OVER_D0_TIMES_DLR: tl.constexpr = 8
     t = tl.program_id(0)
     B = tl.load(tab + t * TBL_W + COL_B)
@@ -399,12 +399,12 @@ def _prodigy_adv_prologue1(
     tab, chunks, gptr, hv, ws, hyp, steps, inp,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr,
 ):
     """Prologue: one program per tensor; counts the step, computes the host values in float64 and
     writes the 11 the passes read to hv.
     """
-    COL_GIDX: tl.constexpr = 22
+    COL_GIDX: tl.constexpr = 24
     HV_BETA1_USED: tl.constexpr = 0
     HV_D_TIMES_ONE_MINUS_BETA1_USED: tl.constexpr = 1
     HV_BETA2: tl.constexpr = 2
@@ -419,11 +419,11 @@ def _prodigy_adv_prologue1(
     HYP_BETA1_USED: tl.constexpr = 0
     HYP_BETA3_USED: tl.constexpr = 1
     HYP_BETA2: tl.constexpr = 3
-    HYP_D: tl.constexpr = 6
-    HYP_D0: tl.constexpr = 7
-    HYP_EPS: tl.constexpr = 8
-    HYP_LR: tl.constexpr = 13
-    HYP_SLICE_P: tl.constexpr = 20
+    HYP_D: tl.constexpr = 7
+    HYP_D0: tl.constexpr = 8
+    HYP_EPS: tl.constexpr = 9
+    HYP_LR: tl.constexpr = 14
+    HYP_SLICE_P: tl.constexpr = 21
     t = tl.program_id(0)
     gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
@@ -458,18 +458,18 @@ def _prodigy_adv_prologue1(
 
 # flat
 @triton.jit
-def _prodigy_adv_flat3_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr):
+def _prodigy_adv_flat3_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_PARAM: tl.constexpr = 0
     COL_EXP_AVG: tl.constexpr = 1
     COL_EXP_AVG_SQ: tl.constexpr = 5
     COL_S: tl.constexpr = 8
     COL_P0: tl.constexpr = 9
-    COL_STRIDE: tl.constexpr = 23
-    COL_WS_R4: tl.constexpr = 28
-    COL_WS_R5: tl.constexpr = 29
-    COL_WS_ORTHO_SCALE: tl.constexpr = 30
-    COL_WS_ORTHO_G: tl.constexpr = 34
+    COL_STRIDE: tl.constexpr = 25
+    COL_WS_R4: tl.constexpr = 30
+    COL_WS_R5: tl.constexpr = 31
+    COL_WS_ORTHO_SCALE: tl.constexpr = 32
+    COL_WS_ORTHO_G: tl.constexpr = 36
     HV_BETA1_USED: tl.constexpr = 0
     HV_D_TIMES_ONE_MINUS_BETA1_USED: tl.constexpr = 1
     HV_BETA2: tl.constexpr = 2
@@ -558,14 +558,14 @@ def _prodigy_adv_flat3(
     tab, chunks, gptr, hv, ws, hyp, steps, inp,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads ortho_g, ortho_scale, grad, exp_avg, exp_avg_sq, param, p0, s; writes exp_avg, exp_avg_sq,
     s, param; accumulates _r4, _r5.
     """
-    COL_NUMEL: tl.constexpr = 17
+    COL_NUMEL: tl.constexpr = 19
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -574,24 +574,24 @@ def _prodigy_adv_flat3(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _prodigy_adv_flat3_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_exp_avg_sq, DT_mu_v_nmf, DT_mv_v_nmf, DT_s, DT_p0, DT_spectral_v, DT_spectral_u, DT_wd_scaler, DT_anchor_data, DT_kourkoutas_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale)
+        _prodigy_adv_flat3_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_exp_avg_sq, DT_mu_v_nmf, DT_mv_v_nmf, DT_s, DT_p0, DT_spectral_v, DT_spectral_u, DT_wd_scaler, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_kourkoutas_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale)
     else:
-        _prodigy_adv_flat3_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_exp_avg_sq, DT_mu_v_nmf, DT_mv_v_nmf, DT_s, DT_p0, DT_spectral_v, DT_spectral_u, DT_wd_scaler, DT_anchor_data, DT_kourkoutas_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale)
+        _prodigy_adv_flat3_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_exp_avg_sq, DT_mu_v_nmf, DT_mv_v_nmf, DT_s, DT_p0, DT_spectral_v, DT_spectral_u, DT_wd_scaler, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_kourkoutas_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale)
 
 
 # flat
 @triton.jit
-def _prodigy_adv_flat4_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr):
+def _prodigy_adv_flat4_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_PARAM: tl.constexpr = 0
     COL_EXP_AVG: tl.constexpr = 1
     COL_EXP_AVG_SQ: tl.constexpr = 5
     COL_S: tl.constexpr = 8
     COL_P0: tl.constexpr = 9
-    COL_GIDX: tl.constexpr = 22
-    COL_STRIDE: tl.constexpr = 23
-    COL_WS_R0: tl.constexpr = 24
-    COL_WS_R1: tl.constexpr = 25
+    COL_GIDX: tl.constexpr = 24
+    COL_STRIDE: tl.constexpr = 25
+    COL_WS_R0: tl.constexpr = 26
+    COL_WS_R1: tl.constexpr = 27
     HV_BETA1_USED: tl.constexpr = 0
     HV_D_TIMES_ONE_MINUS_BETA1_USED: tl.constexpr = 1
     HV_BETA2: tl.constexpr = 2
@@ -681,14 +681,14 @@ def _prodigy_adv_flat4(
     tab, chunks, gptr, hv, ws, hyp, steps, inp,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads grad, exp_avg, exp_avg_sq, param, p0, s; writes exp_avg, exp_avg_sq, s, param; accumulates
     _r0, _r1.
     """
-    COL_NUMEL: tl.constexpr = 17
+    COL_NUMEL: tl.constexpr = 19
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -697,9 +697,9 @@ def _prodigy_adv_flat4(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _prodigy_adv_flat4_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_exp_avg_sq, DT_mu_v_nmf, DT_mv_v_nmf, DT_s, DT_p0, DT_spectral_v, DT_spectral_u, DT_wd_scaler, DT_anchor_data, DT_kourkoutas_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale)
+        _prodigy_adv_flat4_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_exp_avg_sq, DT_mu_v_nmf, DT_mv_v_nmf, DT_s, DT_p0, DT_spectral_v, DT_spectral_u, DT_wd_scaler, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_kourkoutas_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale)
     else:
-        _prodigy_adv_flat4_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_exp_avg_sq, DT_mu_v_nmf, DT_mv_v_nmf, DT_s, DT_p0, DT_spectral_v, DT_spectral_u, DT_wd_scaler, DT_anchor_data, DT_kourkoutas_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale)
+        _prodigy_adv_flat4_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_exp_avg_sq, DT_mu_v_nmf, DT_mv_v_nmf, DT_s, DT_p0, DT_spectral_v, DT_spectral_u, DT_wd_scaler, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_kourkoutas_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale)
 
 
 # vec
@@ -708,20 +708,20 @@ def _prodigy_adv_vec2(
     tab, chunks, gptr, hv, ws, hyp, steps, inp,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr,
 ):
     """Vector stage: one program per tensor, looping over its matrices and their rows / columns in
     blocks of VB.
 
     Reads _r0, _r1; writes _acc0_num, _acc1_den.
     """
-    COL_B: tl.constexpr = 18
-    COL_M: tl.constexpr = 19
-    COL_N: tl.constexpr = 20
-    COL_WS_R0: tl.constexpr = 24
-    COL_WS_R1: tl.constexpr = 25
-    COL_WS_ACC0_NUM: tl.constexpr = 26
-    COL_WS_ACC1_DEN: tl.constexpr = 27
+    COL_B: tl.constexpr = 20
+    COL_M: tl.constexpr = 21
+    COL_N: tl.constexpr = 22
+    COL_WS_R0: tl.constexpr = 26
+    COL_WS_R1: tl.constexpr = 27
+    COL_WS_ACC0_NUM: tl.constexpr = 28
+    COL_WS_ACC1_DEN: tl.constexpr = 29
     HV_D_OVER_D0_TIMES_DLR: tl.constexpr = 8
     t = tl.program_id(0)
     B = tl.load(tab + t * TBL_W + COL_B)
@@ -744,16 +744,16 @@ def _prodigy_adv_vec2(
 
 # flat
 @triton.jit
-def _prodigy_adv_flat5_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr):
+def _prodigy_adv_flat5_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_PARAM: tl.constexpr = 0
     COL_EXP_AVG: tl.constexpr = 1
     COL_EXP_AVG_SQ: tl.constexpr = 5
     COL_S: tl.constexpr = 8
     COL_P0: tl.constexpr = 9
-    COL_STRIDE: tl.constexpr = 23
-    COL_WS_R0: tl.constexpr = 24
-    COL_WS_R1: tl.constexpr = 25
+    COL_STRIDE: tl.constexpr = 25
+    COL_WS_R0: tl.constexpr = 26
+    COL_WS_R1: tl.constexpr = 27
     HV_BETA1_USED: tl.constexpr = 0
     HV_D_TIMES_ONE_MINUS_BETA1_USED: tl.constexpr = 1
     HV_BETA2: tl.constexpr = 2
@@ -837,14 +837,14 @@ def _prodigy_adv_flat5(
     tab, chunks, gptr, hv, ws, hyp, steps, inp,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads grad, exp_avg, exp_avg_sq, param, p0, s; writes exp_avg, exp_avg_sq, s, param; accumulates
     _r0, _r1.
     """
-    COL_NUMEL: tl.constexpr = 17
+    COL_NUMEL: tl.constexpr = 19
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -853,18 +853,18 @@ def _prodigy_adv_flat5(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _prodigy_adv_flat5_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_exp_avg_sq, DT_mu_v_nmf, DT_mv_v_nmf, DT_s, DT_p0, DT_spectral_v, DT_spectral_u, DT_wd_scaler, DT_anchor_data, DT_kourkoutas_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale)
+        _prodigy_adv_flat5_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_exp_avg_sq, DT_mu_v_nmf, DT_mv_v_nmf, DT_s, DT_p0, DT_spectral_v, DT_spectral_u, DT_wd_scaler, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_kourkoutas_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale)
     else:
-        _prodigy_adv_flat5_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_exp_avg_sq, DT_mu_v_nmf, DT_mv_v_nmf, DT_s, DT_p0, DT_spectral_v, DT_spectral_u, DT_wd_scaler, DT_anchor_data, DT_kourkoutas_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale)
+        _prodigy_adv_flat5_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_exp_avg_sq, DT_mu_v_nmf, DT_mv_v_nmf, DT_s, DT_p0, DT_spectral_v, DT_spectral_u, DT_wd_scaler, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_kourkoutas_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale)
 
 
 # flat
 @triton.jit
-def _prodigy_adv_flat6_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr):
+def _prodigy_adv_flat6_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_PARAM: tl.constexpr = 0
-    COL_WS_R0: tl.constexpr = 24
-    COL_WS_R1: tl.constexpr = 25
+    COL_WS_R0: tl.constexpr = 26
+    COL_WS_R1: tl.constexpr = 27
     p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
@@ -886,13 +886,13 @@ def _prodigy_adv_flat6(
     tab, chunks, gptr, hv, ws, hyp, steps, inp,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads param, grad; accumulates _r0, _r1.
     """
-    COL_NUMEL: tl.constexpr = 17
+    COL_NUMEL: tl.constexpr = 19
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -901,21 +901,21 @@ def _prodigy_adv_flat6(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _prodigy_adv_flat6_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_exp_avg_sq, DT_mu_v_nmf, DT_mv_v_nmf, DT_s, DT_p0, DT_spectral_v, DT_spectral_u, DT_wd_scaler, DT_anchor_data, DT_kourkoutas_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale)
+        _prodigy_adv_flat6_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_exp_avg_sq, DT_mu_v_nmf, DT_mv_v_nmf, DT_s, DT_p0, DT_spectral_v, DT_spectral_u, DT_wd_scaler, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_kourkoutas_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale)
     else:
-        _prodigy_adv_flat6_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_exp_avg_sq, DT_mu_v_nmf, DT_mv_v_nmf, DT_s, DT_p0, DT_spectral_v, DT_spectral_u, DT_wd_scaler, DT_anchor_data, DT_kourkoutas_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale)
+        _prodigy_adv_flat6_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_exp_avg_sq, DT_mu_v_nmf, DT_mv_v_nmf, DT_s, DT_p0, DT_spectral_v, DT_spectral_u, DT_wd_scaler, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_kourkoutas_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale)
 
 
 # flat
 @triton.jit
-def _prodigy_adv_flat7_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr):
+def _prodigy_adv_flat7_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_PARAM: tl.constexpr = 0
-    COL_WS_R0: tl.constexpr = 24
-    COL_WS_R1: tl.constexpr = 25
-    COL_WS_R2: tl.constexpr = 26
-    COL_WS_R3: tl.constexpr = 27
-    COL_WS_ORTHO_G: tl.constexpr = 33
+    COL_WS_R0: tl.constexpr = 26
+    COL_WS_R1: tl.constexpr = 27
+    COL_WS_R2: tl.constexpr = 28
+    COL_WS_R3: tl.constexpr = 29
+    COL_WS_ORTHO_G: tl.constexpr = 35
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
@@ -946,13 +946,13 @@ def _prodigy_adv_flat7(
     tab, chunks, gptr, hv, ws, hyp, steps, inp,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads grad, param, _r0, _r1; writes ortho_g; accumulates _r2, _r3.
     """
-    COL_NUMEL: tl.constexpr = 17
+    COL_NUMEL: tl.constexpr = 19
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -961,26 +961,26 @@ def _prodigy_adv_flat7(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _prodigy_adv_flat7_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_exp_avg_sq, DT_mu_v_nmf, DT_mv_v_nmf, DT_s, DT_p0, DT_spectral_v, DT_spectral_u, DT_wd_scaler, DT_anchor_data, DT_kourkoutas_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale)
+        _prodigy_adv_flat7_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_exp_avg_sq, DT_mu_v_nmf, DT_mv_v_nmf, DT_s, DT_p0, DT_spectral_v, DT_spectral_u, DT_wd_scaler, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_kourkoutas_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale)
     else:
-        _prodigy_adv_flat7_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_exp_avg_sq, DT_mu_v_nmf, DT_mv_v_nmf, DT_s, DT_p0, DT_spectral_v, DT_spectral_u, DT_wd_scaler, DT_anchor_data, DT_kourkoutas_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale)
+        _prodigy_adv_flat7_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_exp_avg_sq, DT_mu_v_nmf, DT_mv_v_nmf, DT_s, DT_p0, DT_spectral_v, DT_spectral_u, DT_wd_scaler, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_kourkoutas_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale)
 
 
 # flat
 @triton.jit
-def _prodigy_adv_flat8_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr):
+def _prodigy_adv_flat8_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_PARAM: tl.constexpr = 0
     COL_EXP_AVG: tl.constexpr = 1
     COL_EXP_AVG_SQ: tl.constexpr = 5
     COL_S: tl.constexpr = 8
     COL_P0: tl.constexpr = 9
-    COL_GIDX: tl.constexpr = 22
-    COL_STRIDE: tl.constexpr = 23
-    COL_WS_R4: tl.constexpr = 28
-    COL_WS_R5: tl.constexpr = 29
-    COL_WS_ORTHO_SCALE: tl.constexpr = 30
-    COL_WS_ORTHO_G: tl.constexpr = 33
+    COL_GIDX: tl.constexpr = 24
+    COL_STRIDE: tl.constexpr = 25
+    COL_WS_R4: tl.constexpr = 30
+    COL_WS_R5: tl.constexpr = 31
+    COL_WS_ORTHO_SCALE: tl.constexpr = 32
+    COL_WS_ORTHO_G: tl.constexpr = 35
     HV_BETA1_USED: tl.constexpr = 0
     HV_D_TIMES_ONE_MINUS_BETA1_USED: tl.constexpr = 1
     HV_BETA2: tl.constexpr = 2
@@ -1075,14 +1075,14 @@ def _prodigy_adv_flat8(
     tab, chunks, gptr, hv, ws, hyp, steps, inp,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads ortho_g, ortho_scale, grad, exp_avg, exp_avg_sq, param, p0, s; writes exp_avg, exp_avg_sq,
     s, param; accumulates _r4, _r5.
     """
-    COL_NUMEL: tl.constexpr = 17
+    COL_NUMEL: tl.constexpr = 19
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -1091,25 +1091,25 @@ def _prodigy_adv_flat8(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _prodigy_adv_flat8_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_exp_avg_sq, DT_mu_v_nmf, DT_mv_v_nmf, DT_s, DT_p0, DT_spectral_v, DT_spectral_u, DT_wd_scaler, DT_anchor_data, DT_kourkoutas_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale)
+        _prodigy_adv_flat8_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_exp_avg_sq, DT_mu_v_nmf, DT_mv_v_nmf, DT_s, DT_p0, DT_spectral_v, DT_spectral_u, DT_wd_scaler, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_kourkoutas_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale)
     else:
-        _prodigy_adv_flat8_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_exp_avg_sq, DT_mu_v_nmf, DT_mv_v_nmf, DT_s, DT_p0, DT_spectral_v, DT_spectral_u, DT_wd_scaler, DT_anchor_data, DT_kourkoutas_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale)
+        _prodigy_adv_flat8_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_exp_avg_sq, DT_mu_v_nmf, DT_mv_v_nmf, DT_s, DT_p0, DT_spectral_v, DT_spectral_u, DT_wd_scaler, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_kourkoutas_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale)
 
 
 # flat
 @triton.jit
-def _prodigy_adv_flat9_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr):
+def _prodigy_adv_flat9_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_PARAM: tl.constexpr = 0
     COL_EXP_AVG: tl.constexpr = 1
     COL_EXP_AVG_SQ: tl.constexpr = 5
     COL_S: tl.constexpr = 8
     COL_P0: tl.constexpr = 9
-    COL_STRIDE: tl.constexpr = 23
-    COL_WS_R4: tl.constexpr = 28
-    COL_WS_R5: tl.constexpr = 29
-    COL_WS_ORTHO_SCALE: tl.constexpr = 30
-    COL_WS_ORTHO_G: tl.constexpr = 33
+    COL_STRIDE: tl.constexpr = 25
+    COL_WS_R4: tl.constexpr = 30
+    COL_WS_R5: tl.constexpr = 31
+    COL_WS_ORTHO_SCALE: tl.constexpr = 32
+    COL_WS_ORTHO_G: tl.constexpr = 35
     HV_BETA1_USED: tl.constexpr = 0
     HV_D_TIMES_ONE_MINUS_BETA1_USED: tl.constexpr = 1
     HV_BETA2: tl.constexpr = 2
@@ -1198,14 +1198,14 @@ def _prodigy_adv_flat9(
     tab, chunks, gptr, hv, ws, hyp, steps, inp,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads ortho_g, ortho_scale, grad, exp_avg, exp_avg_sq, param, p0, s; writes exp_avg, exp_avg_sq,
     s, param; accumulates _r4, _r5.
     """
-    COL_NUMEL: tl.constexpr = 17
+    COL_NUMEL: tl.constexpr = 19
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -1214,24 +1214,24 @@ def _prodigy_adv_flat9(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _prodigy_adv_flat9_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_exp_avg_sq, DT_mu_v_nmf, DT_mv_v_nmf, DT_s, DT_p0, DT_spectral_v, DT_spectral_u, DT_wd_scaler, DT_anchor_data, DT_kourkoutas_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale)
+        _prodigy_adv_flat9_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_exp_avg_sq, DT_mu_v_nmf, DT_mv_v_nmf, DT_s, DT_p0, DT_spectral_v, DT_spectral_u, DT_wd_scaler, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_kourkoutas_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale)
     else:
-        _prodigy_adv_flat9_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_exp_avg_sq, DT_mu_v_nmf, DT_mv_v_nmf, DT_s, DT_p0, DT_spectral_v, DT_spectral_u, DT_wd_scaler, DT_anchor_data, DT_kourkoutas_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale)
+        _prodigy_adv_flat9_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_exp_avg_sq, DT_mu_v_nmf, DT_mv_v_nmf, DT_s, DT_p0, DT_spectral_v, DT_spectral_u, DT_wd_scaler, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_kourkoutas_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale)
 
 
 # flat
 @triton.jit
-def _prodigy_adv_flat10_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr):
+def _prodigy_adv_flat10_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_PARAM: tl.constexpr = 0
     COL_EXP_AVG: tl.constexpr = 1
     COL_EXP_AVG_SQ: tl.constexpr = 5
     COL_S: tl.constexpr = 8
     COL_P0: tl.constexpr = 9
-    COL_GIDX: tl.constexpr = 22
-    COL_STRIDE: tl.constexpr = 23
-    COL_WS_R0: tl.constexpr = 24
-    COL_WS_R1: tl.constexpr = 25
+    COL_GIDX: tl.constexpr = 24
+    COL_STRIDE: tl.constexpr = 25
+    COL_WS_R0: tl.constexpr = 26
+    COL_WS_R1: tl.constexpr = 27
     HV_BETA1_USED: tl.constexpr = 0
     HV_D_TIMES_ONE_MINUS_BETA1_USED: tl.constexpr = 1
     HV_BETA2: tl.constexpr = 2
@@ -1320,14 +1320,14 @@ def _prodigy_adv_flat10(
     tab, chunks, gptr, hv, ws, hyp, steps, inp,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads exp_avg, grad, exp_avg_sq, param, p0, s; writes exp_avg, exp_avg_sq, s, param; accumulates
     _r0, _r1.
     """
-    COL_NUMEL: tl.constexpr = 17
+    COL_NUMEL: tl.constexpr = 19
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -1336,23 +1336,23 @@ def _prodigy_adv_flat10(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _prodigy_adv_flat10_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_exp_avg_sq, DT_mu_v_nmf, DT_mv_v_nmf, DT_s, DT_p0, DT_spectral_v, DT_spectral_u, DT_wd_scaler, DT_anchor_data, DT_kourkoutas_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale)
+        _prodigy_adv_flat10_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_exp_avg_sq, DT_mu_v_nmf, DT_mv_v_nmf, DT_s, DT_p0, DT_spectral_v, DT_spectral_u, DT_wd_scaler, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_kourkoutas_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale)
     else:
-        _prodigy_adv_flat10_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_exp_avg_sq, DT_mu_v_nmf, DT_mv_v_nmf, DT_s, DT_p0, DT_spectral_v, DT_spectral_u, DT_wd_scaler, DT_anchor_data, DT_kourkoutas_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale)
+        _prodigy_adv_flat10_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_exp_avg_sq, DT_mu_v_nmf, DT_mv_v_nmf, DT_s, DT_p0, DT_spectral_v, DT_spectral_u, DT_wd_scaler, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_kourkoutas_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale)
 
 
 # flat
 @triton.jit
-def _prodigy_adv_flat11_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr):
+def _prodigy_adv_flat11_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_PARAM: tl.constexpr = 0
     COL_EXP_AVG: tl.constexpr = 1
     COL_EXP_AVG_SQ: tl.constexpr = 5
     COL_S: tl.constexpr = 8
     COL_P0: tl.constexpr = 9
-    COL_STRIDE: tl.constexpr = 23
-    COL_WS_R0: tl.constexpr = 24
-    COL_WS_R1: tl.constexpr = 25
+    COL_STRIDE: tl.constexpr = 25
+    COL_WS_R0: tl.constexpr = 26
+    COL_WS_R1: tl.constexpr = 27
     HV_BETA1_USED: tl.constexpr = 0
     HV_D_TIMES_ONE_MINUS_BETA1_USED: tl.constexpr = 1
     HV_BETA2: tl.constexpr = 2
@@ -1435,14 +1435,14 @@ def _prodigy_adv_flat11(
     tab, chunks, gptr, hv, ws, hyp, steps, inp,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads exp_avg, grad, exp_avg_sq, param, p0, s; writes exp_avg, exp_avg_sq, s, param; accumulates
     _r0, _r1.
     """
-    COL_NUMEL: tl.constexpr = 17
+    COL_NUMEL: tl.constexpr = 19
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -1451,9 +1451,9 @@ def _prodigy_adv_flat11(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _prodigy_adv_flat11_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_exp_avg_sq, DT_mu_v_nmf, DT_mv_v_nmf, DT_s, DT_p0, DT_spectral_v, DT_spectral_u, DT_wd_scaler, DT_anchor_data, DT_kourkoutas_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale)
+        _prodigy_adv_flat11_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_exp_avg_sq, DT_mu_v_nmf, DT_mv_v_nmf, DT_s, DT_p0, DT_spectral_v, DT_spectral_u, DT_wd_scaler, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_kourkoutas_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale)
     else:
-        _prodigy_adv_flat11_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_exp_avg_sq, DT_mu_v_nmf, DT_mv_v_nmf, DT_s, DT_p0, DT_spectral_v, DT_spectral_u, DT_wd_scaler, DT_anchor_data, DT_kourkoutas_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale)
+        _prodigy_adv_flat11_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_exp_avg_sq, DT_mu_v_nmf, DT_mv_v_nmf, DT_s, DT_p0, DT_spectral_v, DT_spectral_u, DT_wd_scaler, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_kourkoutas_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale)
 
 
 KERNELS = {
@@ -1476,20 +1476,19 @@ KERNELS = {
     "_prodigy_adv_flat11": _prodigy_adv_flat11,
 }
 
-PLAN = {'dynamic': ['_c17',
+PLAN = {'dynamic': ['_c18',
              '_k0',
              '_k1',
              '_k100',
              '_k101',
+             '_k102',
              '_k103',
-             '_k104',
+             '_k105',
+             '_k106',
              '_k107',
+             '_k109',
              '_k110',
-             '_k111',
-             '_k112',
              '_k113',
-             '_k114',
-             '_k115',
              '_k116',
              '_k117',
              '_k118',
@@ -1504,20 +1503,20 @@ PLAN = {'dynamic': ['_c17',
              '_k126',
              '_k127',
              '_k128',
+             '_k129',
              '_k130',
              '_k131',
              '_k132',
+             '_k133',
              '_k134',
              '_k135',
+             '_k136',
              '_k138',
-             '_k141',
+             '_k139',
+             '_k140',
              '_k142',
              '_k143',
-             '_k144',
-             '_k145',
              '_k146',
-             '_k147',
-             '_k148',
              '_k149',
              '_k15',
              '_k150',
@@ -1532,26 +1531,26 @@ PLAN = {'dynamic': ['_c17',
              '_k159',
              '_k16',
              '_k160',
+             '_k161',
              '_k162',
              '_k163',
              '_k164',
              '_k165',
+             '_k166',
              '_k167',
              '_k168',
              '_k169',
              '_k17',
+             '_k170',
              '_k172',
+             '_k173',
+             '_k174',
              '_k175',
-             '_k176',
              '_k177',
              '_k178',
              '_k179',
              '_k18',
-             '_k180',
-             '_k181',
              '_k182',
-             '_k183',
-             '_k184',
              '_k185',
              '_k186',
              '_k187',
@@ -1563,30 +1562,30 @@ PLAN = {'dynamic': ['_c17',
              '_k192',
              '_k193',
              '_k194',
+             '_k195',
              '_k196',
              '_k197',
              '_k198',
              '_k199',
              '_k2',
              '_k20',
+             '_k200',
              '_k201',
              '_k202',
              '_k203',
+             '_k204',
+             '_k205',
              '_k206',
+             '_k208',
              '_k209',
              '_k21',
              '_k210',
              '_k211',
-             '_k212',
              '_k213',
              '_k214',
              '_k215',
-             '_k216',
-             '_k217',
              '_k218',
-             '_k219',
              '_k22',
-             '_k220',
              '_k221',
              '_k222',
              '_k223',
@@ -1594,29 +1593,29 @@ PLAN = {'dynamic': ['_c17',
              '_k225',
              '_k226',
              '_k227',
+             '_k228',
              '_k229',
              '_k23',
              '_k230',
              '_k231',
+             '_k232',
              '_k233',
              '_k234',
+             '_k235',
+             '_k236',
              '_k237',
+             '_k238',
+             '_k239',
              '_k24',
              '_k240',
              '_k241',
-             '_k242',
              '_k243',
              '_k244',
              '_k245',
-             '_k246',
              '_k247',
              '_k248',
-             '_k249',
              '_k25',
-             '_k250',
              '_k251',
-             '_k252',
-             '_k253',
              '_k254',
              '_k255',
              '_k256',
@@ -1624,75 +1623,82 @@ PLAN = {'dynamic': ['_c17',
              '_k258',
              '_k259',
              '_k26',
+             '_k260',
              '_k261',
              '_k262',
              '_k263',
              '_k264',
+             '_k265',
              '_k266',
              '_k267',
              '_k268',
+             '_k269',
              '_k27',
+             '_k270',
              '_k271',
+             '_k272',
+             '_k273',
              '_k274',
              '_k275',
-             '_k276',
              '_k277',
              '_k278',
              '_k279',
              '_k28',
              '_k280',
-             '_k281',
              '_k282',
              '_k283',
              '_k284',
-             '_k285',
-             '_k286',
              '_k287',
-             '_k288',
-             '_k289',
              '_k29',
              '_k290',
              '_k291',
              '_k292',
              '_k293',
+             '_k294',
              '_k295',
              '_k296',
              '_k297',
              '_k298',
+             '_k299',
              '_k30',
              '_k300',
              '_k301',
              '_k302',
+             '_k303',
+             '_k304',
              '_k305',
+             '_k306',
+             '_k307',
              '_k308',
              '_k309',
              '_k31',
              '_k310',
              '_k311',
-             '_k312',
              '_k313',
              '_k314',
              '_k315',
              '_k316',
-             '_k317',
              '_k318',
              '_k319',
              '_k32',
              '_k320',
-             '_k321',
-             '_k322',
              '_k323',
-             '_k324',
-             '_k325',
              '_k326',
+             '_k327',
              '_k328',
              '_k329',
              '_k33',
              '_k330',
+             '_k331',
              '_k332',
              '_k333',
+             '_k334',
+             '_k335',
              '_k336',
+             '_k337',
+             '_k338',
              '_k339',
+             '_k34',
              '_k340',
              '_k341',
              '_k342',
@@ -1700,23 +1706,38 @@ PLAN = {'dynamic': ['_c17',
              '_k344',
              '_k345',
              '_k346',
-             '_k347',
              '_k348',
              '_k349',
              '_k35',
              '_k350',
-             '_k351',
              '_k352',
              '_k353',
-             '_k354',
-             '_k36',
+             '_k356',
+             '_k359',
+             '_k360',
+             '_k361',
+             '_k362',
+             '_k363',
+             '_k364',
+             '_k365',
+             '_k366',
+             '_k367',
+             '_k368',
+             '_k369',
              '_k37',
+             '_k370',
+             '_k371',
+             '_k372',
+             '_k373',
+             '_k374',
+             '_k375',
+             '_k376',
+             '_k38',
              '_k39',
              '_k4',
-             '_k40',
-             '_k43',
-             '_k46',
-             '_k47',
+             '_k41',
+             '_k42',
+             '_k45',
              '_k48',
              '_k49',
              '_k5',
@@ -1737,17 +1758,17 @@ PLAN = {'dynamic': ['_c17',
              '_k63',
              '_k64',
              '_k65',
+             '_k66',
              '_k67',
              '_k68',
              '_k69',
              '_k71',
              '_k72',
+             '_k73',
              '_k75',
-             '_k78',
+             '_k76',
              '_k79',
              '_k8',
-             '_k80',
-             '_k81',
              '_k82',
              '_k83',
              '_k84',
@@ -1765,6 +1786,7 @@ PLAN = {'dynamic': ['_c17',
              '_k95',
              '_k96',
              '_k97',
+             '_k98',
              '_k99',
              'dlr',
              'spectral_lr'],
@@ -1772,12 +1794,15 @@ PLAN = {'dynamic': ['_c17',
  'group_conditions': ['_c0',
                       '_c10',
                       '_c13',
-                      '_c15',
+                      '_c14',
                       '_c16',
-                      '_c18',
+                      '_c17',
                       '_c19',
+                      '_c20',
                       '_c21',
-                      '_c23',
+                      '_c22',
+                      '_c24',
+                      '_c26',
                       '_c3',
                       '_c4',
                       '_c5',
@@ -1791,6 +1816,7 @@ PLAN = {'dynamic': ['_c17',
                  ['betas', 1],
                  ['cautious_wd', None],
                  ['centered_wd', None],
+                 ['centered_wd_mode', None],
                  ['d', None],
                  ['d0', None],
                  ['eps', None],
@@ -1813,7 +1839,144 @@ PLAN = {'dynamic': ['_c17',
                  ['vector_reshape', None],
                  ['weight_decay', None]],
  'inputs': ['kourkoutas_beta2'],
- 'paths': {(('_c0', False), ('_c19', False), ('_c21', False), ('_c23', False), ('_c24', False), ('_c2', False), ('_c3', False), ('_c4', False), ('_c5', True), ('_c6', False), ('_c8', False), ('_c9', False), ('_c10', False), ('_c12', True), ('_c13', False), ('_c14', False), ('_c15', False), ('_c18', False)): {'accumulates': [('num',
+ 'paths': {(('_c0', False), ('_c22', False), ('_c24', False), ('_c26', False), ('_c27', False), ('_c2', False), ('_c3', False), ('_c4', False), ('_c5', True), ('_c6', False), ('_c8', False), ('_c9', False), ('_c10', False), ('_c12', True), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c19', False)): {'accumulates': [('num',
+                                                                                                                                                                                                                                                                                                                                                        '_acc0_num'),
+                                                                                                                                                                                                                                                                                                                                                       ('den',
+                                                                                                                                                                                                                                                                                                                                                        '_acc1_den')],
+                                                                                                                                                                                                                                                                                                                                       'columns': ['param',
+                                                                                                                                                                                                                                                                                                                                                   'state:exp_avg',
+                                                                                                                                                                                                                                                                                                                                                   'state:mu_m_nmf',
+                                                                                                                                                                                                                                                                                                                                                   'state:mv_m_nmf',
+                                                                                                                                                                                                                                                                                                                                                   'state:sign',
+                                                                                                                                                                                                                                                                                                                                                   'state:exp_avg_sq',
+                                                                                                                                                                                                                                                                                                                                                   'state:mu_v_nmf',
+                                                                                                                                                                                                                                                                                                                                                   'state:mv_v_nmf',
+                                                                                                                                                                                                                                                                                                                                                   'state:s',
+                                                                                                                                                                                                                                                                                                                                                   'state:p0',
+                                                                                                                                                                                                                                                                                                                                                   'state:spectral_v',
+                                                                                                                                                                                                                                                                                                                                                   'state:spectral_u',
+                                                                                                                                                                                                                                                                                                                                                   'state:wd_scaler',
+                                                                                                                                                                                                                                                                                                                                                   'state:anchor_data',
+                                                                                                                                                                                                                                                                                                                                                   'state:anchor_scale',
+                                                                                                                                                                                                                                                                                                                                                   'state:anchor_min',
+                                                                                                                                                                                                                                                                                                                                                   'state:kourkoutas_sq',
+                                                                                                                                                                                                                                                                                                                                                   'state:exp_avg_scale',
+                                                                                                                                                                                                                                                                                                                                                   'state:exp_avg_sq_scale',
+                                                                                                                                                                                                                                                                                                                                                   'numel',
+                                                                                                                                                                                                                                                                                                                                                   'B',
+                                                                                                                                                                                                                                                                                                                                                   'M',
+                                                                                                                                                                                                                                                                                                                                                   'N',
+                                                                                                                                                                                                                                                                                                                                                   'ndim',
+                                                                                                                                                                                                                                                                                                                                                   'gidx',
+                                                                                                                                                                                                                                                                                                                                                   'stride',
+                                                                                                                                                                                                                                                                                                                                                   'ws:_r0',
+                                                                                                                                                                                                                                                                                                                                                   'ws:_r1',
+                                                                                                                                                                                                                                                                                                                                                   'ws:_acc0_num',
+                                                                                                                                                                                                                                                                                                                                                   'ws:_acc1_den'],
+                                                                                                                                                                                                                                                                                                                                       'creates': [],
+                                                                                                                                                                                                                                                                                                                                       'hv': ['_k344',
+                                                                                                                                                                                                                                                                                                                                              '_k345',
+                                                                                                                                                                                                                                                                                                                                              '_k351',
+                                                                                                                                                                                                                                                                                                                                              '_k352',
+                                                                                                                                                                                                                                                                                                                                              '_k353',
+                                                                                                                                                                                                                                                                                                                                              'dlr',
+                                                                                                                                                                                                                                                                                                                                              '_k357',
+                                                                                                                                                                                                                                                                                                                                              '_k358',
+                                                                                                                                                                                                                                                                                                                                              '_k359',
+                                                                                                                                                                                                                                                                                                                                              '_k362',
+                                                                                                                                                                                                                                                                                                                                              '_k363'],
+                                                                                                                                                                                                                                                                                                                                       'launches': [('_prodigy_adv_prologue1',
+                                                                                                                                                                                                                                                                                                                                                     'prologue'),
+                                                                                                                                                                                                                                                                                                                                                    ('_prodigy_adv_flat11',
+                                                                                                                                                                                                                                                                                                                                                     'flat'),
+                                                                                                                                                                                                                                                                                                                                                    ('_prodigy_adv_vec2',
+                                                                                                                                                                                                                                                                                                                                                     'vec')],
+                                                                                                                                                                                                                                                                                                                                       'states': ['exp_avg',
+                                                                                                                                                                                                                                                                                                                                                  'exp_avg_sq',
+                                                                                                                                                                                                                                                                                                                                                  'p0',
+                                                                                                                                                                                                                                                                                                                                                  's'],
+                                                                                                                                                                                                                                                                                                                                       'temps': [('_r0',
+                                                                                                                                                                                                                                                                                                                                                  'tensor',
+                                                                                                                                                                                                                                                                                                                                                  True),
+                                                                                                                                                                                                                                                                                                                                                 ('_r1',
+                                                                                                                                                                                                                                                                                                                                                  'tensor',
+                                                                                                                                                                                                                                                                                                                                                  True),
+                                                                                                                                                                                                                                                                                                                                                 ('_acc0_num',
+                                                                                                                                                                                                                                                                                                                                                  'tensor',
+                                                                                                                                                                                                                                                                                                                                                  False),
+                                                                                                                                                                                                                                                                                                                                                 ('_acc1_den',
+                                                                                                                                                                                                                                                                                                                                                  'tensor',
+                                                                                                                                                                                                                                                                                                                                                  False)]},
+           (('_c0', False), ('_c22', False), ('_c24', False), ('_c26', False), ('_c27', False), ('_c2', False), ('_c3', False), ('_c4', False), ('_c5', True), ('_c6', False), ('_c8', False), ('_c9', False), ('_c10', False), ('_c12', True), ('_c13', False), ('_c14', False), ('_c15', True), ('_c16', False), ('_c19', False)): {'accumulates': [('num',
+                                                                                                                                                                                                                                                                                                                                                       '_acc0_num'),
+                                                                                                                                                                                                                                                                                                                                                      ('den',
+                                                                                                                                                                                                                                                                                                                                                       '_acc1_den')],
+                                                                                                                                                                                                                                                                                                                                      'columns': ['param',
+                                                                                                                                                                                                                                                                                                                                                  'state:exp_avg',
+                                                                                                                                                                                                                                                                                                                                                  'state:mu_m_nmf',
+                                                                                                                                                                                                                                                                                                                                                  'state:mv_m_nmf',
+                                                                                                                                                                                                                                                                                                                                                  'state:sign',
+                                                                                                                                                                                                                                                                                                                                                  'state:exp_avg_sq',
+                                                                                                                                                                                                                                                                                                                                                  'state:mu_v_nmf',
+                                                                                                                                                                                                                                                                                                                                                  'state:mv_v_nmf',
+                                                                                                                                                                                                                                                                                                                                                  'state:s',
+                                                                                                                                                                                                                                                                                                                                                  'state:p0',
+                                                                                                                                                                                                                                                                                                                                                  'state:spectral_v',
+                                                                                                                                                                                                                                                                                                                                                  'state:spectral_u',
+                                                                                                                                                                                                                                                                                                                                                  'state:wd_scaler',
+                                                                                                                                                                                                                                                                                                                                                  'state:anchor_data',
+                                                                                                                                                                                                                                                                                                                                                  'state:anchor_scale',
+                                                                                                                                                                                                                                                                                                                                                  'state:anchor_min',
+                                                                                                                                                                                                                                                                                                                                                  'state:kourkoutas_sq',
+                                                                                                                                                                                                                                                                                                                                                  'state:exp_avg_scale',
+                                                                                                                                                                                                                                                                                                                                                  'state:exp_avg_sq_scale',
+                                                                                                                                                                                                                                                                                                                                                  'numel',
+                                                                                                                                                                                                                                                                                                                                                  'B',
+                                                                                                                                                                                                                                                                                                                                                  'M',
+                                                                                                                                                                                                                                                                                                                                                  'N',
+                                                                                                                                                                                                                                                                                                                                                  'ndim',
+                                                                                                                                                                                                                                                                                                                                                  'gidx',
+                                                                                                                                                                                                                                                                                                                                                  'stride',
+                                                                                                                                                                                                                                                                                                                                                  'ws:_r0',
+                                                                                                                                                                                                                                                                                                                                                  'ws:_r1',
+                                                                                                                                                                                                                                                                                                                                                  'ws:_acc0_num',
+                                                                                                                                                                                                                                                                                                                                                  'ws:_acc1_den'],
+                                                                                                                                                                                                                                                                                                                                      'creates': [],
+                                                                                                                                                                                                                                                                                                                                      'hv': ['_k344',
+                                                                                                                                                                                                                                                                                                                                             '_k345',
+                                                                                                                                                                                                                                                                                                                                             '_k351',
+                                                                                                                                                                                                                                                                                                                                             '_k352',
+                                                                                                                                                                                                                                                                                                                                             '_k353',
+                                                                                                                                                                                                                                                                                                                                             'dlr',
+                                                                                                                                                                                                                                                                                                                                             '_k357',
+                                                                                                                                                                                                                                                                                                                                             '_k358',
+                                                                                                                                                                                                                                                                                                                                             '_k359',
+                                                                                                                                                                                                                                                                                                                                             '_k362',
+                                                                                                                                                                                                                                                                                                                                             '_k363',
+                                                                                                                                                                                                                                                                                                                                             '_k370'],
+                                                                                                                                                                                                                                                                                                                                      'launches': [('_prodigy_adv_prologue0',
+                                                                                                                                                                                                                                                                                                                                                    'prologue'),
+                                                                                                                                                                                                                                                                                                                                                   ('_prodigy_adv_flat10',
+                                                                                                                                                                                                                                                                                                                                                    'flat'),
+                                                                                                                                                                                                                                                                                                                                                   ('_prodigy_adv_vec2',
+                                                                                                                                                                                                                                                                                                                                                    'vec')],
+                                                                                                                                                                                                                                                                                                                                      'states': ['exp_avg',
+                                                                                                                                                                                                                                                                                                                                                 'exp_avg_sq',
+                                                                                                                                                                                                                                                                                                                                                 'p0',
+                                                                                                                                                                                                                                                                                                                                                 's'],
+                                                                                                                                                                                                                                                                                                                                      'temps': [('_r0',
+                                                                                                                                                                                                                                                                                                                                                 'tensor',
+                                                                                                                                                                                                                                                                                                                                                 True),
+                                                                                                                                                                                                                                                                                                                                                ('_r1',
+                                                                                                                                                                                                                                                                                                                                                 'tensor',
+                                                                                                                                                                                                                                                                                                                                                 True),
+                                                                                                                                                                                                                                                                                                                                                ('_acc0_num',
+                                                                                                                                                                                                                                                                                                                                                 'tensor',
+                                                                                                                                                                                                                                                                                                                                                 False),
+                                                                                                                                                                                                                                                                                                                                                ('_acc1_den',
+                                                                                                                                                                                                                                                                                                                                                 'tensor',
+                                                                                                                                                                                                                                                                                                                                                 False)]},
+           (('_c0', False), ('_c22', False), ('_c24', False), ('_c26', False), ('_c27', False), ('_c2', True), ('_c4', False), ('_c5', True), ('_c6', False), ('_c8', False), ('_c9', False), ('_c10', False), ('_c12', True), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c19', False)): {'accumulates': [('num',
                                                                                                                                                                                                                                                                                                                                        '_acc0_num'),
                                                                                                                                                                                                                                                                                                                                       ('den',
                                                                                                                                                                                                                                                                                                                                        '_acc1_den')],
@@ -1831,6 +1994,8 @@ PLAN = {'dynamic': ['_c17',
                                                                                                                                                                                                                                                                                                                                   'state:spectral_u',
                                                                                                                                                                                                                                                                                                                                   'state:wd_scaler',
                                                                                                                                                                                                                                                                                                                                   'state:anchor_data',
+                                                                                                                                                                                                                                                                                                                                  'state:anchor_scale',
+                                                                                                                                                                                                                                                                                                                                  'state:anchor_min',
                                                                                                                                                                                                                                                                                                                                   'state:kourkoutas_sq',
                                                                                                                                                                                                                                                                                                                                   'state:exp_avg_scale',
                                                                                                                                                                                                                                                                                                                                   'state:exp_avg_sq_scale',
@@ -1843,25 +2008,37 @@ PLAN = {'dynamic': ['_c17',
                                                                                                                                                                                                                                                                                                                                   'stride',
                                                                                                                                                                                                                                                                                                                                   'ws:_r0',
                                                                                                                                                                                                                                                                                                                                   'ws:_r1',
+                                                                                                                                                                                                                                                                                                                                  'ws:_r2',
+                                                                                                                                                                                                                                                                                                                                  'ws:_r3',
+                                                                                                                                                                                                                                                                                                                                  'ws:_r4',
+                                                                                                                                                                                                                                                                                                                                  'ws:_r5',
+                                                                                                                                                                                                                                                                                                                                  'ws:ortho_scale',
                                                                                                                                                                                                                                                                                                                                   'ws:_acc0_num',
-                                                                                                                                                                                                                                                                                                                                  'ws:_acc1_den'],
+                                                                                                                                                                                                                                                                                                                                  'ws:_acc1_den',
+                                                                                                                                                                                                                                                                                                                                  'ws:ortho_g'],
                                                                                                                                                                                                                                                                                                                       'creates': [],
-                                                                                                                                                                                                                                                                                                                      'hv': ['_k324',
-                                                                                                                                                                                                                                                                                                                             '_k325',
-                                                                                                                                                                                                                                                                                                                             '_k331',
-                                                                                                                                                                                                                                                                                                                             '_k332',
-                                                                                                                                                                                                                                                                                                                             '_k333',
+                                                                                                                                                                                                                                                                                                                      'hv': ['_k344',
+                                                                                                                                                                                                                                                                                                                             '_k345',
+                                                                                                                                                                                                                                                                                                                             '_k351',
+                                                                                                                                                                                                                                                                                                                             '_k352',
+                                                                                                                                                                                                                                                                                                                             '_k353',
                                                                                                                                                                                                                                                                                                                              'dlr',
-                                                                                                                                                                                                                                                                                                                             '_k337',
-                                                                                                                                                                                                                                                                                                                             '_k338',
-                                                                                                                                                                                                                                                                                                                             '_k339',
-                                                                                                                                                                                                                                                                                                                             '_k342',
-                                                                                                                                                                                                                                                                                                                             '_k343'],
+                                                                                                                                                                                                                                                                                                                             '_k357',
+                                                                                                                                                                                                                                                                                                                             '_k358',
+                                                                                                                                                                                                                                                                                                                             '_k359',
+                                                                                                                                                                                                                                                                                                                             '_k362',
+                                                                                                                                                                                                                                                                                                                             '_k363'],
                                                                                                                                                                                                                                                                                                                       'launches': [('_prodigy_adv_prologue1',
                                                                                                                                                                                                                                                                                                                                     'prologue'),
-                                                                                                                                                                                                                                                                                                                                   ('_prodigy_adv_flat11',
+                                                                                                                                                                                                                                                                                                                                   ('_prodigy_adv_flat6',
                                                                                                                                                                                                                                                                                                                                     'flat'),
-                                                                                                                                                                                                                                                                                                                                   ('_prodigy_adv_vec2',
+                                                                                                                                                                                                                                                                                                                                   ('_prodigy_adv_flat7',
+                                                                                                                                                                                                                                                                                                                                    'flat'),
+                                                                                                                                                                                                                                                                                                                                   ('_prodigy_adv_vec0',
+                                                                                                                                                                                                                                                                                                                                    'vec'),
+                                                                                                                                                                                                                                                                                                                                   ('_prodigy_adv_flat9',
+                                                                                                                                                                                                                                                                                                                                    'flat'),
+                                                                                                                                                                                                                                                                                                                                   ('_prodigy_adv_vec1',
                                                                                                                                                                                                                                                                                                                                     'vec')],
                                                                                                                                                                                                                                                                                                                       'states': ['exp_avg',
                                                                                                                                                                                                                                                                                                                                  'exp_avg_sq',
@@ -1873,13 +2050,31 @@ PLAN = {'dynamic': ['_c17',
                                                                                                                                                                                                                                                                                                                                 ('_r1',
                                                                                                                                                                                                                                                                                                                                  'tensor',
                                                                                                                                                                                                                                                                                                                                  True),
+                                                                                                                                                                                                                                                                                                                                ('_r2',
+                                                                                                                                                                                                                                                                                                                                 'tensor',
+                                                                                                                                                                                                                                                                                                                                 True),
+                                                                                                                                                                                                                                                                                                                                ('_r3',
+                                                                                                                                                                                                                                                                                                                                 'tensor',
+                                                                                                                                                                                                                                                                                                                                 True),
+                                                                                                                                                                                                                                                                                                                                ('_r4',
+                                                                                                                                                                                                                                                                                                                                 'tensor',
+                                                                                                                                                                                                                                                                                                                                 True),
+                                                                                                                                                                                                                                                                                                                                ('_r5',
+                                                                                                                                                                                                                                                                                                                                 'tensor',
+                                                                                                                                                                                                                                                                                                                                 True),
+                                                                                                                                                                                                                                                                                                                                ('ortho_scale',
+                                                                                                                                                                                                                                                                                                                                 'tensor',
+                                                                                                                                                                                                                                                                                                                                 False),
                                                                                                                                                                                                                                                                                                                                 ('_acc0_num',
                                                                                                                                                                                                                                                                                                                                  'tensor',
                                                                                                                                                                                                                                                                                                                                  False),
                                                                                                                                                                                                                                                                                                                                 ('_acc1_den',
                                                                                                                                                                                                                                                                                                                                  'tensor',
+                                                                                                                                                                                                                                                                                                                                 False),
+                                                                                                                                                                                                                                                                                                                                ('ortho_g',
+                                                                                                                                                                                                                                                                                                                                 'element',
                                                                                                                                                                                                                                                                                                                                  False)]},
-           (('_c0', False), ('_c19', False), ('_c21', False), ('_c23', False), ('_c24', False), ('_c2', False), ('_c3', False), ('_c4', False), ('_c5', True), ('_c6', False), ('_c8', False), ('_c9', False), ('_c10', False), ('_c12', True), ('_c13', False), ('_c14', True), ('_c15', False), ('_c18', False)): {'accumulates': [('num',
+           (('_c0', False), ('_c22', False), ('_c24', False), ('_c26', False), ('_c27', False), ('_c2', True), ('_c4', False), ('_c5', True), ('_c6', False), ('_c8', False), ('_c9', False), ('_c10', False), ('_c12', True), ('_c13', False), ('_c14', False), ('_c15', True), ('_c16', False), ('_c19', False)): {'accumulates': [('num',
                                                                                                                                                                                                                                                                                                                                       '_acc0_num'),
                                                                                                                                                                                                                                                                                                                                      ('den',
                                                                                                                                                                                                                                                                                                                                       '_acc1_den')],
@@ -1897,6 +2092,8 @@ PLAN = {'dynamic': ['_c17',
                                                                                                                                                                                                                                                                                                                                  'state:spectral_u',
                                                                                                                                                                                                                                                                                                                                  'state:wd_scaler',
                                                                                                                                                                                                                                                                                                                                  'state:anchor_data',
+                                                                                                                                                                                                                                                                                                                                 'state:anchor_scale',
+                                                                                                                                                                                                                                                                                                                                 'state:anchor_min',
                                                                                                                                                                                                                                                                                                                                  'state:kourkoutas_sq',
                                                                                                                                                                                                                                                                                                                                  'state:exp_avg_scale',
                                                                                                                                                                                                                                                                                                                                  'state:exp_avg_sq_scale',
@@ -1909,26 +2106,38 @@ PLAN = {'dynamic': ['_c17',
                                                                                                                                                                                                                                                                                                                                  'stride',
                                                                                                                                                                                                                                                                                                                                  'ws:_r0',
                                                                                                                                                                                                                                                                                                                                  'ws:_r1',
+                                                                                                                                                                                                                                                                                                                                 'ws:_r2',
+                                                                                                                                                                                                                                                                                                                                 'ws:_r3',
+                                                                                                                                                                                                                                                                                                                                 'ws:_r4',
+                                                                                                                                                                                                                                                                                                                                 'ws:_r5',
+                                                                                                                                                                                                                                                                                                                                 'ws:ortho_scale',
                                                                                                                                                                                                                                                                                                                                  'ws:_acc0_num',
-                                                                                                                                                                                                                                                                                                                                 'ws:_acc1_den'],
+                                                                                                                                                                                                                                                                                                                                 'ws:_acc1_den',
+                                                                                                                                                                                                                                                                                                                                 'ws:ortho_g'],
                                                                                                                                                                                                                                                                                                                      'creates': [],
-                                                                                                                                                                                                                                                                                                                     'hv': ['_k324',
-                                                                                                                                                                                                                                                                                                                            '_k325',
-                                                                                                                                                                                                                                                                                                                            '_k331',
-                                                                                                                                                                                                                                                                                                                            '_k332',
-                                                                                                                                                                                                                                                                                                                            '_k333',
+                                                                                                                                                                                                                                                                                                                     'hv': ['_k344',
+                                                                                                                                                                                                                                                                                                                            '_k345',
+                                                                                                                                                                                                                                                                                                                            '_k351',
+                                                                                                                                                                                                                                                                                                                            '_k352',
+                                                                                                                                                                                                                                                                                                                            '_k353',
                                                                                                                                                                                                                                                                                                                             'dlr',
-                                                                                                                                                                                                                                                                                                                            '_k337',
-                                                                                                                                                                                                                                                                                                                            '_k338',
-                                                                                                                                                                                                                                                                                                                            '_k339',
-                                                                                                                                                                                                                                                                                                                            '_k342',
-                                                                                                                                                                                                                                                                                                                            '_k343',
-                                                                                                                                                                                                                                                                                                                            '_k349'],
+                                                                                                                                                                                                                                                                                                                            '_k357',
+                                                                                                                                                                                                                                                                                                                            '_k358',
+                                                                                                                                                                                                                                                                                                                            '_k359',
+                                                                                                                                                                                                                                                                                                                            '_k362',
+                                                                                                                                                                                                                                                                                                                            '_k363',
+                                                                                                                                                                                                                                                                                                                            '_k370'],
                                                                                                                                                                                                                                                                                                                      'launches': [('_prodigy_adv_prologue0',
                                                                                                                                                                                                                                                                                                                                    'prologue'),
-                                                                                                                                                                                                                                                                                                                                  ('_prodigy_adv_flat10',
+                                                                                                                                                                                                                                                                                                                                  ('_prodigy_adv_flat6',
                                                                                                                                                                                                                                                                                                                                    'flat'),
-                                                                                                                                                                                                                                                                                                                                  ('_prodigy_adv_vec2',
+                                                                                                                                                                                                                                                                                                                                  ('_prodigy_adv_flat7',
+                                                                                                                                                                                                                                                                                                                                   'flat'),
+                                                                                                                                                                                                                                                                                                                                  ('_prodigy_adv_vec0',
+                                                                                                                                                                                                                                                                                                                                   'vec'),
+                                                                                                                                                                                                                                                                                                                                  ('_prodigy_adv_flat8',
+                                                                                                                                                                                                                                                                                                                                   'flat'),
+                                                                                                                                                                                                                                                                                                                                  ('_prodigy_adv_vec1',
                                                                                                                                                                                                                                                                                                                                    'vec')],
                                                                                                                                                                                                                                                                                                                      'states': ['exp_avg',
                                                                                                                                                                                                                                                                                                                                 'exp_avg_sq',
@@ -1940,206 +2149,168 @@ PLAN = {'dynamic': ['_c17',
                                                                                                                                                                                                                                                                                                                                ('_r1',
                                                                                                                                                                                                                                                                                                                                 'tensor',
                                                                                                                                                                                                                                                                                                                                 True),
+                                                                                                                                                                                                                                                                                                                               ('_r2',
+                                                                                                                                                                                                                                                                                                                                'tensor',
+                                                                                                                                                                                                                                                                                                                                True),
+                                                                                                                                                                                                                                                                                                                               ('_r3',
+                                                                                                                                                                                                                                                                                                                                'tensor',
+                                                                                                                                                                                                                                                                                                                                True),
+                                                                                                                                                                                                                                                                                                                               ('_r4',
+                                                                                                                                                                                                                                                                                                                                'tensor',
+                                                                                                                                                                                                                                                                                                                                True),
+                                                                                                                                                                                                                                                                                                                               ('_r5',
+                                                                                                                                                                                                                                                                                                                                'tensor',
+                                                                                                                                                                                                                                                                                                                                True),
+                                                                                                                                                                                                                                                                                                                               ('ortho_scale',
+                                                                                                                                                                                                                                                                                                                                'tensor',
+                                                                                                                                                                                                                                                                                                                                False),
                                                                                                                                                                                                                                                                                                                                ('_acc0_num',
                                                                                                                                                                                                                                                                                                                                 'tensor',
                                                                                                                                                                                                                                                                                                                                 False),
                                                                                                                                                                                                                                                                                                                                ('_acc1_den',
                                                                                                                                                                                                                                                                                                                                 'tensor',
+                                                                                                                                                                                                                                                                                                                                False),
+                                                                                                                                                                                                                                                                                                                               ('ortho_g',
+                                                                                                                                                                                                                                                                                                                                'element',
                                                                                                                                                                                                                                                                                                                                 False)]},
-           (('_c0', False), ('_c19', False), ('_c21', False), ('_c23', False), ('_c24', False), ('_c2', True), ('_c4', False), ('_c5', True), ('_c6', False), ('_c8', False), ('_c9', False), ('_c10', False), ('_c12', True), ('_c13', False), ('_c14', False), ('_c15', False), ('_c18', False)): {'accumulates': [('num',
-                                                                                                                                                                                                                                                                                                                      '_acc0_num'),
-                                                                                                                                                                                                                                                                                                                     ('den',
-                                                                                                                                                                                                                                                                                                                      '_acc1_den')],
-                                                                                                                                                                                                                                                                                                     'columns': ['param',
-                                                                                                                                                                                                                                                                                                                 'state:exp_avg',
-                                                                                                                                                                                                                                                                                                                 'state:mu_m_nmf',
-                                                                                                                                                                                                                                                                                                                 'state:mv_m_nmf',
-                                                                                                                                                                                                                                                                                                                 'state:sign',
-                                                                                                                                                                                                                                                                                                                 'state:exp_avg_sq',
-                                                                                                                                                                                                                                                                                                                 'state:mu_v_nmf',
-                                                                                                                                                                                                                                                                                                                 'state:mv_v_nmf',
-                                                                                                                                                                                                                                                                                                                 'state:s',
-                                                                                                                                                                                                                                                                                                                 'state:p0',
-                                                                                                                                                                                                                                                                                                                 'state:spectral_v',
-                                                                                                                                                                                                                                                                                                                 'state:spectral_u',
-                                                                                                                                                                                                                                                                                                                 'state:wd_scaler',
-                                                                                                                                                                                                                                                                                                                 'state:anchor_data',
-                                                                                                                                                                                                                                                                                                                 'state:kourkoutas_sq',
-                                                                                                                                                                                                                                                                                                                 'state:exp_avg_scale',
-                                                                                                                                                                                                                                                                                                                 'state:exp_avg_sq_scale',
-                                                                                                                                                                                                                                                                                                                 'numel',
-                                                                                                                                                                                                                                                                                                                 'B',
-                                                                                                                                                                                                                                                                                                                 'M',
-                                                                                                                                                                                                                                                                                                                 'N',
-                                                                                                                                                                                                                                                                                                                 'ndim',
-                                                                                                                                                                                                                                                                                                                 'gidx',
-                                                                                                                                                                                                                                                                                                                 'stride',
-                                                                                                                                                                                                                                                                                                                 'ws:_r0',
-                                                                                                                                                                                                                                                                                                                 'ws:_r1',
-                                                                                                                                                                                                                                                                                                                 'ws:_r2',
-                                                                                                                                                                                                                                                                                                                 'ws:_r3',
-                                                                                                                                                                                                                                                                                                                 'ws:_r4',
-                                                                                                                                                                                                                                                                                                                 'ws:_r5',
-                                                                                                                                                                                                                                                                                                                 'ws:ortho_scale',
-                                                                                                                                                                                                                                                                                                                 'ws:_acc0_num',
-                                                                                                                                                                                                                                                                                                                 'ws:_acc1_den',
-                                                                                                                                                                                                                                                                                                                 'ws:ortho_g'],
-                                                                                                                                                                                                                                                                                                     'creates': [],
-                                                                                                                                                                                                                                                                                                     'hv': ['_k324',
-                                                                                                                                                                                                                                                                                                            '_k325',
-                                                                                                                                                                                                                                                                                                            '_k331',
-                                                                                                                                                                                                                                                                                                            '_k332',
-                                                                                                                                                                                                                                                                                                            '_k333',
-                                                                                                                                                                                                                                                                                                            'dlr',
-                                                                                                                                                                                                                                                                                                            '_k337',
-                                                                                                                                                                                                                                                                                                            '_k338',
-                                                                                                                                                                                                                                                                                                            '_k339',
-                                                                                                                                                                                                                                                                                                            '_k342',
-                                                                                                                                                                                                                                                                                                            '_k343'],
-                                                                                                                                                                                                                                                                                                     'launches': [('_prodigy_adv_prologue1',
-                                                                                                                                                                                                                                                                                                                   'prologue'),
-                                                                                                                                                                                                                                                                                                                  ('_prodigy_adv_flat6',
-                                                                                                                                                                                                                                                                                                                   'flat'),
-                                                                                                                                                                                                                                                                                                                  ('_prodigy_adv_flat7',
-                                                                                                                                                                                                                                                                                                                   'flat'),
-                                                                                                                                                                                                                                                                                                                  ('_prodigy_adv_vec0',
-                                                                                                                                                                                                                                                                                                                   'vec'),
-                                                                                                                                                                                                                                                                                                                  ('_prodigy_adv_flat9',
-                                                                                                                                                                                                                                                                                                                   'flat'),
-                                                                                                                                                                                                                                                                                                                  ('_prodigy_adv_vec1',
-                                                                                                                                                                                                                                                                                                                   'vec')],
-                                                                                                                                                                                                                                                                                                     'states': ['exp_avg',
-                                                                                                                                                                                                                                                                                                                'exp_avg_sq',
-                                                                                                                                                                                                                                                                                                                'p0',
-                                                                                                                                                                                                                                                                                                                's'],
-                                                                                                                                                                                                                                                                                                     'temps': [('_r0',
-                                                                                                                                                                                                                                                                                                                'tensor',
-                                                                                                                                                                                                                                                                                                                True),
-                                                                                                                                                                                                                                                                                                               ('_r1',
-                                                                                                                                                                                                                                                                                                                'tensor',
-                                                                                                                                                                                                                                                                                                                True),
-                                                                                                                                                                                                                                                                                                               ('_r2',
-                                                                                                                                                                                                                                                                                                                'tensor',
-                                                                                                                                                                                                                                                                                                                True),
-                                                                                                                                                                                                                                                                                                               ('_r3',
-                                                                                                                                                                                                                                                                                                                'tensor',
-                                                                                                                                                                                                                                                                                                                True),
-                                                                                                                                                                                                                                                                                                               ('_r4',
-                                                                                                                                                                                                                                                                                                                'tensor',
-                                                                                                                                                                                                                                                                                                                True),
-                                                                                                                                                                                                                                                                                                               ('_r5',
-                                                                                                                                                                                                                                                                                                                'tensor',
-                                                                                                                                                                                                                                                                                                                True),
-                                                                                                                                                                                                                                                                                                               ('ortho_scale',
-                                                                                                                                                                                                                                                                                                                'tensor',
-                                                                                                                                                                                                                                                                                                                False),
-                                                                                                                                                                                                                                                                                                               ('_acc0_num',
-                                                                                                                                                                                                                                                                                                                'tensor',
-                                                                                                                                                                                                                                                                                                                False),
-                                                                                                                                                                                                                                                                                                               ('_acc1_den',
-                                                                                                                                                                                                                                                                                                                'tensor',
-                                                                                                                                                                                                                                                                                                                False),
-                                                                                                                                                                                                                                                                                                               ('ortho_g',
-                                                                                                                                                                                                                                                                                                                'element',
-                                                                                                                                                                                                                                                                                                                False)]},
-           (('_c0', False), ('_c19', False), ('_c21', False), ('_c23', False), ('_c24', False), ('_c2', True), ('_c4', False), ('_c5', True), ('_c6', False), ('_c8', False), ('_c9', False), ('_c10', False), ('_c12', True), ('_c13', False), ('_c14', True), ('_c15', False), ('_c18', False)): {'accumulates': [('num',
-                                                                                                                                                                                                                                                                                                                     '_acc0_num'),
-                                                                                                                                                                                                                                                                                                                    ('den',
-                                                                                                                                                                                                                                                                                                                     '_acc1_den')],
-                                                                                                                                                                                                                                                                                                    'columns': ['param',
-                                                                                                                                                                                                                                                                                                                'state:exp_avg',
-                                                                                                                                                                                                                                                                                                                'state:mu_m_nmf',
-                                                                                                                                                                                                                                                                                                                'state:mv_m_nmf',
-                                                                                                                                                                                                                                                                                                                'state:sign',
-                                                                                                                                                                                                                                                                                                                'state:exp_avg_sq',
-                                                                                                                                                                                                                                                                                                                'state:mu_v_nmf',
-                                                                                                                                                                                                                                                                                                                'state:mv_v_nmf',
-                                                                                                                                                                                                                                                                                                                'state:s',
-                                                                                                                                                                                                                                                                                                                'state:p0',
-                                                                                                                                                                                                                                                                                                                'state:spectral_v',
-                                                                                                                                                                                                                                                                                                                'state:spectral_u',
-                                                                                                                                                                                                                                                                                                                'state:wd_scaler',
-                                                                                                                                                                                                                                                                                                                'state:anchor_data',
-                                                                                                                                                                                                                                                                                                                'state:kourkoutas_sq',
-                                                                                                                                                                                                                                                                                                                'state:exp_avg_scale',
-                                                                                                                                                                                                                                                                                                                'state:exp_avg_sq_scale',
-                                                                                                                                                                                                                                                                                                                'numel',
-                                                                                                                                                                                                                                                                                                                'B',
-                                                                                                                                                                                                                                                                                                                'M',
-                                                                                                                                                                                                                                                                                                                'N',
-                                                                                                                                                                                                                                                                                                                'ndim',
-                                                                                                                                                                                                                                                                                                                'gidx',
-                                                                                                                                                                                                                                                                                                                'stride',
-                                                                                                                                                                                                                                                                                                                'ws:_r0',
-                                                                                                                                                                                                                                                                                                                'ws:_r1',
-                                                                                                                                                                                                                                                                                                                'ws:_r2',
-                                                                                                                                                                                                                                                                                                                'ws:_r3',
-                                                                                                                                                                                                                                                                                                                'ws:_r4',
-                                                                                                                                                                                                                                                                                                                'ws:_r5',
-                                                                                                                                                                                                                                                                                                                'ws:ortho_scale',
-                                                                                                                                                                                                                                                                                                                'ws:_acc0_num',
-                                                                                                                                                                                                                                                                                                                'ws:_acc1_den',
-                                                                                                                                                                                                                                                                                                                'ws:ortho_g'],
-                                                                                                                                                                                                                                                                                                    'creates': [],
-                                                                                                                                                                                                                                                                                                    'hv': ['_k324',
-                                                                                                                                                                                                                                                                                                           '_k325',
-                                                                                                                                                                                                                                                                                                           '_k331',
-                                                                                                                                                                                                                                                                                                           '_k332',
-                                                                                                                                                                                                                                                                                                           '_k333',
-                                                                                                                                                                                                                                                                                                           'dlr',
-                                                                                                                                                                                                                                                                                                           '_k337',
-                                                                                                                                                                                                                                                                                                           '_k338',
-                                                                                                                                                                                                                                                                                                           '_k339',
-                                                                                                                                                                                                                                                                                                           '_k342',
-                                                                                                                                                                                                                                                                                                           '_k343',
-                                                                                                                                                                                                                                                                                                           '_k349'],
-                                                                                                                                                                                                                                                                                                    'launches': [('_prodigy_adv_prologue0',
-                                                                                                                                                                                                                                                                                                                  'prologue'),
-                                                                                                                                                                                                                                                                                                                 ('_prodigy_adv_flat6',
-                                                                                                                                                                                                                                                                                                                  'flat'),
-                                                                                                                                                                                                                                                                                                                 ('_prodigy_adv_flat7',
-                                                                                                                                                                                                                                                                                                                  'flat'),
-                                                                                                                                                                                                                                                                                                                 ('_prodigy_adv_vec0',
-                                                                                                                                                                                                                                                                                                                  'vec'),
-                                                                                                                                                                                                                                                                                                                 ('_prodigy_adv_flat8',
-                                                                                                                                                                                                                                                                                                                  'flat'),
-                                                                                                                                                                                                                                                                                                                 ('_prodigy_adv_vec1',
-                                                                                                                                                                                                                                                                                                                  'vec')],
-                                                                                                                                                                                                                                                                                                    'states': ['exp_avg',
-                                                                                                                                                                                                                                                                                                               'exp_avg_sq',
-                                                                                                                                                                                                                                                                                                               'p0',
-                                                                                                                                                                                                                                                                                                               's'],
-                                                                                                                                                                                                                                                                                                    'temps': [('_r0',
-                                                                                                                                                                                                                                                                                                               'tensor',
-                                                                                                                                                                                                                                                                                                               True),
-                                                                                                                                                                                                                                                                                                              ('_r1',
-                                                                                                                                                                                                                                                                                                               'tensor',
-                                                                                                                                                                                                                                                                                                               True),
-                                                                                                                                                                                                                                                                                                              ('_r2',
-                                                                                                                                                                                                                                                                                                               'tensor',
-                                                                                                                                                                                                                                                                                                               True),
-                                                                                                                                                                                                                                                                                                              ('_r3',
-                                                                                                                                                                                                                                                                                                               'tensor',
-                                                                                                                                                                                                                                                                                                               True),
-                                                                                                                                                                                                                                                                                                              ('_r4',
-                                                                                                                                                                                                                                                                                                               'tensor',
-                                                                                                                                                                                                                                                                                                               True),
-                                                                                                                                                                                                                                                                                                              ('_r5',
-                                                                                                                                                                                                                                                                                                               'tensor',
-                                                                                                                                                                                                                                                                                                               True),
-                                                                                                                                                                                                                                                                                                              ('ortho_scale',
-                                                                                                                                                                                                                                                                                                               'tensor',
-                                                                                                                                                                                                                                                                                                               False),
-                                                                                                                                                                                                                                                                                                              ('_acc0_num',
-                                                                                                                                                                                                                                                                                                               'tensor',
-                                                                                                                                                                                                                                                                                                               False),
-                                                                                                                                                                                                                                                                                                              ('_acc1_den',
-                                                                                                                                                                                                                                                                                                               'tensor',
-                                                                                                                                                                                                                                                                                                               False),
-                                                                                                                                                                                                                                                                                                              ('ortho_g',
-                                                                                                                                                                                                                                                                                                               'element',
-                                                                                                                                                                                                                                                                                                               False)]},
-           (('_c0', False), ('_c19', False), ('_c21', False), ('_c23', False), ('_c24', True), ('_c2', False), ('_c3', False), ('_c4', False), ('_c5', True), ('_c6', False), ('_c8', False), ('_c9', False), ('_c10', False), ('_c12', True), ('_c13', False), ('_c14', False), ('_c15', False), ('_c18', False)): {'accumulates': [('num',
+           (('_c0', False), ('_c22', False), ('_c24', False), ('_c26', False), ('_c27', True), ('_c2', False), ('_c3', False), ('_c4', False), ('_c5', True), ('_c6', False), ('_c8', False), ('_c9', False), ('_c10', False), ('_c12', True), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c19', False)): {'accumulates': [('num',
+                                                                                                                                                                                                                                                                                                                                                       '_acc0_num'),
+                                                                                                                                                                                                                                                                                                                                                      ('den',
+                                                                                                                                                                                                                                                                                                                                                       '_acc1_den')],
+                                                                                                                                                                                                                                                                                                                                      'columns': ['param',
+                                                                                                                                                                                                                                                                                                                                                  'state:exp_avg',
+                                                                                                                                                                                                                                                                                                                                                  'state:mu_m_nmf',
+                                                                                                                                                                                                                                                                                                                                                  'state:mv_m_nmf',
+                                                                                                                                                                                                                                                                                                                                                  'state:sign',
+                                                                                                                                                                                                                                                                                                                                                  'state:exp_avg_sq',
+                                                                                                                                                                                                                                                                                                                                                  'state:mu_v_nmf',
+                                                                                                                                                                                                                                                                                                                                                  'state:mv_v_nmf',
+                                                                                                                                                                                                                                                                                                                                                  'state:s',
+                                                                                                                                                                                                                                                                                                                                                  'state:p0',
+                                                                                                                                                                                                                                                                                                                                                  'state:spectral_v',
+                                                                                                                                                                                                                                                                                                                                                  'state:spectral_u',
+                                                                                                                                                                                                                                                                                                                                                  'state:wd_scaler',
+                                                                                                                                                                                                                                                                                                                                                  'state:anchor_data',
+                                                                                                                                                                                                                                                                                                                                                  'state:anchor_scale',
+                                                                                                                                                                                                                                                                                                                                                  'state:anchor_min',
+                                                                                                                                                                                                                                                                                                                                                  'state:kourkoutas_sq',
+                                                                                                                                                                                                                                                                                                                                                  'state:exp_avg_scale',
+                                                                                                                                                                                                                                                                                                                                                  'state:exp_avg_sq_scale',
+                                                                                                                                                                                                                                                                                                                                                  'numel',
+                                                                                                                                                                                                                                                                                                                                                  'B',
+                                                                                                                                                                                                                                                                                                                                                  'M',
+                                                                                                                                                                                                                                                                                                                                                  'N',
+                                                                                                                                                                                                                                                                                                                                                  'ndim',
+                                                                                                                                                                                                                                                                                                                                                  'gidx',
+                                                                                                                                                                                                                                                                                                                                                  'stride',
+                                                                                                                                                                                                                                                                                                                                                  'ws:_r0',
+                                                                                                                                                                                                                                                                                                                                                  'ws:_r1',
+                                                                                                                                                                                                                                                                                                                                                  'ws:_acc0_num',
+                                                                                                                                                                                                                                                                                                                                                  'ws:_acc1_den'],
+                                                                                                                                                                                                                                                                                                                                      'creates': [],
+                                                                                                                                                                                                                                                                                                                                      'hv': ['_k344',
+                                                                                                                                                                                                                                                                                                                                             '_k345',
+                                                                                                                                                                                                                                                                                                                                             '_k351',
+                                                                                                                                                                                                                                                                                                                                             '_k352',
+                                                                                                                                                                                                                                                                                                                                             '_k353',
+                                                                                                                                                                                                                                                                                                                                             'dlr',
+                                                                                                                                                                                                                                                                                                                                             '_k357',
+                                                                                                                                                                                                                                                                                                                                             '_k358',
+                                                                                                                                                                                                                                                                                                                                             '_k359',
+                                                                                                                                                                                                                                                                                                                                             '_k362',
+                                                                                                                                                                                                                                                                                                                                             '_k363'],
+                                                                                                                                                                                                                                                                                                                                      'launches': [('_prodigy_adv_prologue1',
+                                                                                                                                                                                                                                                                                                                                                    'prologue'),
+                                                                                                                                                                                                                                                                                                                                                   ('_prodigy_adv_flat5',
+                                                                                                                                                                                                                                                                                                                                                    'flat'),
+                                                                                                                                                                                                                                                                                                                                                   ('_prodigy_adv_vec2',
+                                                                                                                                                                                                                                                                                                                                                    'vec')],
+                                                                                                                                                                                                                                                                                                                                      'states': ['exp_avg',
+                                                                                                                                                                                                                                                                                                                                                 'exp_avg_sq',
+                                                                                                                                                                                                                                                                                                                                                 'p0',
+                                                                                                                                                                                                                                                                                                                                                 's'],
+                                                                                                                                                                                                                                                                                                                                      'temps': [('_r0',
+                                                                                                                                                                                                                                                                                                                                                 'tensor',
+                                                                                                                                                                                                                                                                                                                                                 True),
+                                                                                                                                                                                                                                                                                                                                                ('_r1',
+                                                                                                                                                                                                                                                                                                                                                 'tensor',
+                                                                                                                                                                                                                                                                                                                                                 True),
+                                                                                                                                                                                                                                                                                                                                                ('_acc0_num',
+                                                                                                                                                                                                                                                                                                                                                 'tensor',
+                                                                                                                                                                                                                                                                                                                                                 False),
+                                                                                                                                                                                                                                                                                                                                                ('_acc1_den',
+                                                                                                                                                                                                                                                                                                                                                 'tensor',
+                                                                                                                                                                                                                                                                                                                                                 False)]},
+           (('_c0', False), ('_c22', False), ('_c24', False), ('_c26', False), ('_c27', True), ('_c2', False), ('_c3', False), ('_c4', False), ('_c5', True), ('_c6', False), ('_c8', False), ('_c9', False), ('_c10', False), ('_c12', True), ('_c13', False), ('_c14', False), ('_c15', True), ('_c16', False), ('_c19', False)): {'accumulates': [('num',
+                                                                                                                                                                                                                                                                                                                                                      '_acc0_num'),
+                                                                                                                                                                                                                                                                                                                                                     ('den',
+                                                                                                                                                                                                                                                                                                                                                      '_acc1_den')],
+                                                                                                                                                                                                                                                                                                                                     'columns': ['param',
+                                                                                                                                                                                                                                                                                                                                                 'state:exp_avg',
+                                                                                                                                                                                                                                                                                                                                                 'state:mu_m_nmf',
+                                                                                                                                                                                                                                                                                                                                                 'state:mv_m_nmf',
+                                                                                                                                                                                                                                                                                                                                                 'state:sign',
+                                                                                                                                                                                                                                                                                                                                                 'state:exp_avg_sq',
+                                                                                                                                                                                                                                                                                                                                                 'state:mu_v_nmf',
+                                                                                                                                                                                                                                                                                                                                                 'state:mv_v_nmf',
+                                                                                                                                                                                                                                                                                                                                                 'state:s',
+                                                                                                                                                                                                                                                                                                                                                 'state:p0',
+                                                                                                                                                                                                                                                                                                                                                 'state:spectral_v',
+                                                                                                                                                                                                                                                                                                                                                 'state:spectral_u',
+                                                                                                                                                                                                                                                                                                                                                 'state:wd_scaler',
+                                                                                                                                                                                                                                                                                                                                                 'state:anchor_data',
+                                                                                                                                                                                                                                                                                                                                                 'state:anchor_scale',
+                                                                                                                                                                                                                                                                                                                                                 'state:anchor_min',
+                                                                                                                                                                                                                                                                                                                                                 'state:kourkoutas_sq',
+                                                                                                                                                                                                                                                                                                                                                 'state:exp_avg_scale',
+                                                                                                                                                                                                                                                                                                                                                 'state:exp_avg_sq_scale',
+                                                                                                                                                                                                                                                                                                                                                 'numel',
+                                                                                                                                                                                                                                                                                                                                                 'B',
+                                                                                                                                                                                                                                                                                                                                                 'M',
+                                                                                                                                                                                                                                                                                                                                                 'N',
+                                                                                                                                                                                                                                                                                                                                                 'ndim',
+                                                                                                                                                                                                                                                                                                                                                 'gidx',
+                                                                                                                                                                                                                                                                                                                                                 'stride',
+                                                                                                                                                                                                                                                                                                                                                 'ws:_r0',
+                                                                                                                                                                                                                                                                                                                                                 'ws:_r1',
+                                                                                                                                                                                                                                                                                                                                                 'ws:_acc0_num',
+                                                                                                                                                                                                                                                                                                                                                 'ws:_acc1_den'],
+                                                                                                                                                                                                                                                                                                                                     'creates': [],
+                                                                                                                                                                                                                                                                                                                                     'hv': ['_k344',
+                                                                                                                                                                                                                                                                                                                                            '_k345',
+                                                                                                                                                                                                                                                                                                                                            '_k351',
+                                                                                                                                                                                                                                                                                                                                            '_k352',
+                                                                                                                                                                                                                                                                                                                                            '_k353',
+                                                                                                                                                                                                                                                                                                                                            'dlr',
+                                                                                                                                                                                                                                                                                                                                            '_k357',
+                                                                                                                                                                                                                                                                                                                                            '_k358',
+                                                                                                                                                                                                                                                                                                                                            '_k359',
+                                                                                                                                                                                                                                                                                                                                            '_k362',
+                                                                                                                                                                                                                                                                                                                                            '_k363',
+                                                                                                                                                                                                                                                                                                                                            '_k370'],
+                                                                                                                                                                                                                                                                                                                                     'launches': [('_prodigy_adv_prologue0',
+                                                                                                                                                                                                                                                                                                                                                   'prologue'),
+                                                                                                                                                                                                                                                                                                                                                  ('_prodigy_adv_flat4',
+                                                                                                                                                                                                                                                                                                                                                   'flat'),
+                                                                                                                                                                                                                                                                                                                                                  ('_prodigy_adv_vec2',
+                                                                                                                                                                                                                                                                                                                                                   'vec')],
+                                                                                                                                                                                                                                                                                                                                     'states': ['exp_avg',
+                                                                                                                                                                                                                                                                                                                                                'exp_avg_sq',
+                                                                                                                                                                                                                                                                                                                                                'p0',
+                                                                                                                                                                                                                                                                                                                                                's'],
+                                                                                                                                                                                                                                                                                                                                     'temps': [('_r0',
+                                                                                                                                                                                                                                                                                                                                                'tensor',
+                                                                                                                                                                                                                                                                                                                                                True),
+                                                                                                                                                                                                                                                                                                                                               ('_r1',
+                                                                                                                                                                                                                                                                                                                                                'tensor',
+                                                                                                                                                                                                                                                                                                                                                True),
+                                                                                                                                                                                                                                                                                                                                               ('_acc0_num',
+                                                                                                                                                                                                                                                                                                                                                'tensor',
+                                                                                                                                                                                                                                                                                                                                                False),
+                                                                                                                                                                                                                                                                                                                                               ('_acc1_den',
+                                                                                                                                                                                                                                                                                                                                                'tensor',
+                                                                                                                                                                                                                                                                                                                                                False)]},
+           (('_c0', False), ('_c22', False), ('_c24', False), ('_c26', False), ('_c27', True), ('_c2', True), ('_c4', False), ('_c5', True), ('_c6', False), ('_c8', False), ('_c9', False), ('_c10', False), ('_c12', True), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c19', False)): {'accumulates': [('num',
                                                                                                                                                                                                                                                                                                                                       '_acc0_num'),
                                                                                                                                                                                                                                                                                                                                      ('den',
                                                                                                                                                                                                                                                                                                                                       '_acc1_den')],
@@ -2157,6 +2328,8 @@ PLAN = {'dynamic': ['_c17',
                                                                                                                                                                                                                                                                                                                                  'state:spectral_u',
                                                                                                                                                                                                                                                                                                                                  'state:wd_scaler',
                                                                                                                                                                                                                                                                                                                                  'state:anchor_data',
+                                                                                                                                                                                                                                                                                                                                 'state:anchor_scale',
+                                                                                                                                                                                                                                                                                                                                 'state:anchor_min',
                                                                                                                                                                                                                                                                                                                                  'state:kourkoutas_sq',
                                                                                                                                                                                                                                                                                                                                  'state:exp_avg_scale',
                                                                                                                                                                                                                                                                                                                                  'state:exp_avg_sq_scale',
@@ -2169,25 +2342,38 @@ PLAN = {'dynamic': ['_c17',
                                                                                                                                                                                                                                                                                                                                  'stride',
                                                                                                                                                                                                                                                                                                                                  'ws:_r0',
                                                                                                                                                                                                                                                                                                                                  'ws:_r1',
+                                                                                                                                                                                                                                                                                                                                 'ws:_r2',
+                                                                                                                                                                                                                                                                                                                                 'ws:_r3',
+                                                                                                                                                                                                                                                                                                                                 'ws:_r4',
+                                                                                                                                                                                                                                                                                                                                 'ws:_r5',
+                                                                                                                                                                                                                                                                                                                                 'ws:ortho_scale',
                                                                                                                                                                                                                                                                                                                                  'ws:_acc0_num',
-                                                                                                                                                                                                                                                                                                                                 'ws:_acc1_den'],
+                                                                                                                                                                                                                                                                                                                                 'ws:_acc1_den',
+                                                                                                                                                                                                                                                                                                                                 'ws:grad',
+                                                                                                                                                                                                                                                                                                                                 'ws:ortho_g'],
                                                                                                                                                                                                                                                                                                                      'creates': [],
-                                                                                                                                                                                                                                                                                                                     'hv': ['_k324',
-                                                                                                                                                                                                                                                                                                                            '_k325',
-                                                                                                                                                                                                                                                                                                                            '_k331',
-                                                                                                                                                                                                                                                                                                                            '_k332',
-                                                                                                                                                                                                                                                                                                                            '_k333',
+                                                                                                                                                                                                                                                                                                                     'hv': ['_k344',
+                                                                                                                                                                                                                                                                                                                            '_k345',
+                                                                                                                                                                                                                                                                                                                            '_k351',
+                                                                                                                                                                                                                                                                                                                            '_k352',
+                                                                                                                                                                                                                                                                                                                            '_k353',
                                                                                                                                                                                                                                                                                                                             'dlr',
-                                                                                                                                                                                                                                                                                                                            '_k337',
-                                                                                                                                                                                                                                                                                                                            '_k338',
-                                                                                                                                                                                                                                                                                                                            '_k339',
-                                                                                                                                                                                                                                                                                                                            '_k342',
-                                                                                                                                                                                                                                                                                                                            '_k343'],
+                                                                                                                                                                                                                                                                                                                            '_k357',
+                                                                                                                                                                                                                                                                                                                            '_k358',
+                                                                                                                                                                                                                                                                                                                            '_k359',
+                                                                                                                                                                                                                                                                                                                            '_k362',
+                                                                                                                                                                                                                                                                                                                            '_k363'],
                                                                                                                                                                                                                                                                                                                      'launches': [('_prodigy_adv_prologue1',
                                                                                                                                                                                                                                                                                                                                    'prologue'),
-                                                                                                                                                                                                                                                                                                                                  ('_prodigy_adv_flat5',
+                                                                                                                                                                                                                                                                                                                                  ('_prodigy_adv_flat0',
                                                                                                                                                                                                                                                                                                                                    'flat'),
-                                                                                                                                                                                                                                                                                                                                  ('_prodigy_adv_vec2',
+                                                                                                                                                                                                                                                                                                                                  ('_prodigy_adv_flat1',
+                                                                                                                                                                                                                                                                                                                                   'flat'),
+                                                                                                                                                                                                                                                                                                                                  ('_prodigy_adv_vec0',
+                                                                                                                                                                                                                                                                                                                                   'vec'),
+                                                                                                                                                                                                                                                                                                                                  ('_prodigy_adv_flat3',
+                                                                                                                                                                                                                                                                                                                                   'flat'),
+                                                                                                                                                                                                                                                                                                                                  ('_prodigy_adv_vec1',
                                                                                                                                                                                                                                                                                                                                    'vec')],
                                                                                                                                                                                                                                                                                                                      'states': ['exp_avg',
                                                                                                                                                                                                                                                                                                                                 'exp_avg_sq',
@@ -2199,13 +2385,34 @@ PLAN = {'dynamic': ['_c17',
                                                                                                                                                                                                                                                                                                                                ('_r1',
                                                                                                                                                                                                                                                                                                                                 'tensor',
                                                                                                                                                                                                                                                                                                                                 True),
+                                                                                                                                                                                                                                                                                                                               ('_r2',
+                                                                                                                                                                                                                                                                                                                                'tensor',
+                                                                                                                                                                                                                                                                                                                                True),
+                                                                                                                                                                                                                                                                                                                               ('_r3',
+                                                                                                                                                                                                                                                                                                                                'tensor',
+                                                                                                                                                                                                                                                                                                                                True),
+                                                                                                                                                                                                                                                                                                                               ('_r4',
+                                                                                                                                                                                                                                                                                                                                'tensor',
+                                                                                                                                                                                                                                                                                                                                True),
+                                                                                                                                                                                                                                                                                                                               ('_r5',
+                                                                                                                                                                                                                                                                                                                                'tensor',
+                                                                                                                                                                                                                                                                                                                                True),
+                                                                                                                                                                                                                                                                                                                               ('ortho_scale',
+                                                                                                                                                                                                                                                                                                                                'tensor',
+                                                                                                                                                                                                                                                                                                                                False),
                                                                                                                                                                                                                                                                                                                                ('_acc0_num',
                                                                                                                                                                                                                                                                                                                                 'tensor',
                                                                                                                                                                                                                                                                                                                                 False),
                                                                                                                                                                                                                                                                                                                                ('_acc1_den',
                                                                                                                                                                                                                                                                                                                                 'tensor',
+                                                                                                                                                                                                                                                                                                                                False),
+                                                                                                                                                                                                                                                                                                                               ('grad',
+                                                                                                                                                                                                                                                                                                                                'element',
+                                                                                                                                                                                                                                                                                                                                False),
+                                                                                                                                                                                                                                                                                                                               ('ortho_g',
+                                                                                                                                                                                                                                                                                                                                'element',
                                                                                                                                                                                                                                                                                                                                 False)]},
-           (('_c0', False), ('_c19', False), ('_c21', False), ('_c23', False), ('_c24', True), ('_c2', False), ('_c3', False), ('_c4', False), ('_c5', True), ('_c6', False), ('_c8', False), ('_c9', False), ('_c10', False), ('_c12', True), ('_c13', False), ('_c14', True), ('_c15', False), ('_c18', False)): {'accumulates': [('num',
+           (('_c0', False), ('_c22', False), ('_c24', False), ('_c26', False), ('_c27', True), ('_c2', True), ('_c4', False), ('_c5', True), ('_c6', False), ('_c8', False), ('_c9', False), ('_c10', False), ('_c12', True), ('_c13', False), ('_c14', False), ('_c15', True), ('_c16', False), ('_c19', False)): {'accumulates': [('num',
                                                                                                                                                                                                                                                                                                                                      '_acc0_num'),
                                                                                                                                                                                                                                                                                                                                     ('den',
                                                                                                                                                                                                                                                                                                                                      '_acc1_den')],
@@ -2223,6 +2430,8 @@ PLAN = {'dynamic': ['_c17',
                                                                                                                                                                                                                                                                                                                                 'state:spectral_u',
                                                                                                                                                                                                                                                                                                                                 'state:wd_scaler',
                                                                                                                                                                                                                                                                                                                                 'state:anchor_data',
+                                                                                                                                                                                                                                                                                                                                'state:anchor_scale',
+                                                                                                                                                                                                                                                                                                                                'state:anchor_min',
                                                                                                                                                                                                                                                                                                                                 'state:kourkoutas_sq',
                                                                                                                                                                                                                                                                                                                                 'state:exp_avg_scale',
                                                                                                                                                                                                                                                                                                                                 'state:exp_avg_sq_scale',
@@ -2235,26 +2444,39 @@ PLAN = {'dynamic': ['_c17',
                                                                                                                                                                                                                                                                                                                                 'stride',
                                                                                                                                                                                                                                                                                                                                 'ws:_r0',
                                                                                                                                                                                                                                                                                                                                 'ws:_r1',
+                                                                                                                                                                                                                                                                                                                                'ws:_r2',
+                                                                                                                                                                                                                                                                                                                                'ws:_r3',
+                                                                                                                                                                                                                                                                                                                                'ws:_r4',
+                                                                                                                                                                                                                                                                                                                                'ws:_r5',
+                                                                                                                                                                                                                                                                                                                                'ws:ortho_scale',
                                                                                                                                                                                                                                                                                                                                 'ws:_acc0_num',
-                                                                                                                                                                                                                                                                                                                                'ws:_acc1_den'],
+                                                                                                                                                                                                                                                                                                                                'ws:_acc1_den',
+                                                                                                                                                                                                                                                                                                                                'ws:grad',
+                                                                                                                                                                                                                                                                                                                                'ws:ortho_g'],
                                                                                                                                                                                                                                                                                                                     'creates': [],
-                                                                                                                                                                                                                                                                                                                    'hv': ['_k324',
-                                                                                                                                                                                                                                                                                                                           '_k325',
-                                                                                                                                                                                                                                                                                                                           '_k331',
-                                                                                                                                                                                                                                                                                                                           '_k332',
-                                                                                                                                                                                                                                                                                                                           '_k333',
+                                                                                                                                                                                                                                                                                                                    'hv': ['_k344',
+                                                                                                                                                                                                                                                                                                                           '_k345',
+                                                                                                                                                                                                                                                                                                                           '_k351',
+                                                                                                                                                                                                                                                                                                                           '_k352',
+                                                                                                                                                                                                                                                                                                                           '_k353',
                                                                                                                                                                                                                                                                                                                            'dlr',
-                                                                                                                                                                                                                                                                                                                           '_k337',
-                                                                                                                                                                                                                                                                                                                           '_k338',
-                                                                                                                                                                                                                                                                                                                           '_k339',
-                                                                                                                                                                                                                                                                                                                           '_k342',
-                                                                                                                                                                                                                                                                                                                           '_k343',
-                                                                                                                                                                                                                                                                                                                           '_k349'],
+                                                                                                                                                                                                                                                                                                                           '_k357',
+                                                                                                                                                                                                                                                                                                                           '_k358',
+                                                                                                                                                                                                                                                                                                                           '_k359',
+                                                                                                                                                                                                                                                                                                                           '_k362',
+                                                                                                                                                                                                                                                                                                                           '_k363',
+                                                                                                                                                                                                                                                                                                                           '_k370'],
                                                                                                                                                                                                                                                                                                                     'launches': [('_prodigy_adv_prologue0',
                                                                                                                                                                                                                                                                                                                                   'prologue'),
-                                                                                                                                                                                                                                                                                                                                 ('_prodigy_adv_flat4',
+                                                                                                                                                                                                                                                                                                                                 ('_prodigy_adv_flat0',
                                                                                                                                                                                                                                                                                                                                   'flat'),
-                                                                                                                                                                                                                                                                                                                                 ('_prodigy_adv_vec2',
+                                                                                                                                                                                                                                                                                                                                 ('_prodigy_adv_flat1',
+                                                                                                                                                                                                                                                                                                                                  'flat'),
+                                                                                                                                                                                                                                                                                                                                 ('_prodigy_adv_vec0',
+                                                                                                                                                                                                                                                                                                                                  'vec'),
+                                                                                                                                                                                                                                                                                                                                 ('_prodigy_adv_flat2',
+                                                                                                                                                                                                                                                                                                                                  'flat'),
+                                                                                                                                                                                                                                                                                                                                 ('_prodigy_adv_vec1',
                                                                                                                                                                                                                                                                                                                                   'vec')],
                                                                                                                                                                                                                                                                                                                     'states': ['exp_avg',
                                                                                                                                                                                                                                                                                                                                'exp_avg_sq',
@@ -2266,213 +2488,33 @@ PLAN = {'dynamic': ['_c17',
                                                                                                                                                                                                                                                                                                                               ('_r1',
                                                                                                                                                                                                                                                                                                                                'tensor',
                                                                                                                                                                                                                                                                                                                                True),
+                                                                                                                                                                                                                                                                                                                              ('_r2',
+                                                                                                                                                                                                                                                                                                                               'tensor',
+                                                                                                                                                                                                                                                                                                                               True),
+                                                                                                                                                                                                                                                                                                                              ('_r3',
+                                                                                                                                                                                                                                                                                                                               'tensor',
+                                                                                                                                                                                                                                                                                                                               True),
+                                                                                                                                                                                                                                                                                                                              ('_r4',
+                                                                                                                                                                                                                                                                                                                               'tensor',
+                                                                                                                                                                                                                                                                                                                               True),
+                                                                                                                                                                                                                                                                                                                              ('_r5',
+                                                                                                                                                                                                                                                                                                                               'tensor',
+                                                                                                                                                                                                                                                                                                                               True),
+                                                                                                                                                                                                                                                                                                                              ('ortho_scale',
+                                                                                                                                                                                                                                                                                                                               'tensor',
+                                                                                                                                                                                                                                                                                                                               False),
                                                                                                                                                                                                                                                                                                                               ('_acc0_num',
                                                                                                                                                                                                                                                                                                                                'tensor',
                                                                                                                                                                                                                                                                                                                                False),
                                                                                                                                                                                                                                                                                                                               ('_acc1_den',
                                                                                                                                                                                                                                                                                                                                'tensor',
-                                                                                                                                                                                                                                                                                                                               False)]},
-           (('_c0', False), ('_c19', False), ('_c21', False), ('_c23', False), ('_c24', True), ('_c2', True), ('_c4', False), ('_c5', True), ('_c6', False), ('_c8', False), ('_c9', False), ('_c10', False), ('_c12', True), ('_c13', False), ('_c14', False), ('_c15', False), ('_c18', False)): {'accumulates': [('num',
-                                                                                                                                                                                                                                                                                                                     '_acc0_num'),
-                                                                                                                                                                                                                                                                                                                    ('den',
-                                                                                                                                                                                                                                                                                                                     '_acc1_den')],
-                                                                                                                                                                                                                                                                                                    'columns': ['param',
-                                                                                                                                                                                                                                                                                                                'state:exp_avg',
-                                                                                                                                                                                                                                                                                                                'state:mu_m_nmf',
-                                                                                                                                                                                                                                                                                                                'state:mv_m_nmf',
-                                                                                                                                                                                                                                                                                                                'state:sign',
-                                                                                                                                                                                                                                                                                                                'state:exp_avg_sq',
-                                                                                                                                                                                                                                                                                                                'state:mu_v_nmf',
-                                                                                                                                                                                                                                                                                                                'state:mv_v_nmf',
-                                                                                                                                                                                                                                                                                                                'state:s',
-                                                                                                                                                                                                                                                                                                                'state:p0',
-                                                                                                                                                                                                                                                                                                                'state:spectral_v',
-                                                                                                                                                                                                                                                                                                                'state:spectral_u',
-                                                                                                                                                                                                                                                                                                                'state:wd_scaler',
-                                                                                                                                                                                                                                                                                                                'state:anchor_data',
-                                                                                                                                                                                                                                                                                                                'state:kourkoutas_sq',
-                                                                                                                                                                                                                                                                                                                'state:exp_avg_scale',
-                                                                                                                                                                                                                                                                                                                'state:exp_avg_sq_scale',
-                                                                                                                                                                                                                                                                                                                'numel',
-                                                                                                                                                                                                                                                                                                                'B',
-                                                                                                                                                                                                                                                                                                                'M',
-                                                                                                                                                                                                                                                                                                                'N',
-                                                                                                                                                                                                                                                                                                                'ndim',
-                                                                                                                                                                                                                                                                                                                'gidx',
-                                                                                                                                                                                                                                                                                                                'stride',
-                                                                                                                                                                                                                                                                                                                'ws:_r0',
-                                                                                                                                                                                                                                                                                                                'ws:_r1',
-                                                                                                                                                                                                                                                                                                                'ws:_r2',
-                                                                                                                                                                                                                                                                                                                'ws:_r3',
-                                                                                                                                                                                                                                                                                                                'ws:_r4',
-                                                                                                                                                                                                                                                                                                                'ws:_r5',
-                                                                                                                                                                                                                                                                                                                'ws:ortho_scale',
-                                                                                                                                                                                                                                                                                                                'ws:_acc0_num',
-                                                                                                                                                                                                                                                                                                                'ws:_acc1_den',
-                                                                                                                                                                                                                                                                                                                'ws:grad',
-                                                                                                                                                                                                                                                                                                                'ws:ortho_g'],
-                                                                                                                                                                                                                                                                                                    'creates': [],
-                                                                                                                                                                                                                                                                                                    'hv': ['_k324',
-                                                                                                                                                                                                                                                                                                           '_k325',
-                                                                                                                                                                                                                                                                                                           '_k331',
-                                                                                                                                                                                                                                                                                                           '_k332',
-                                                                                                                                                                                                                                                                                                           '_k333',
-                                                                                                                                                                                                                                                                                                           'dlr',
-                                                                                                                                                                                                                                                                                                           '_k337',
-                                                                                                                                                                                                                                                                                                           '_k338',
-                                                                                                                                                                                                                                                                                                           '_k339',
-                                                                                                                                                                                                                                                                                                           '_k342',
-                                                                                                                                                                                                                                                                                                           '_k343'],
-                                                                                                                                                                                                                                                                                                    'launches': [('_prodigy_adv_prologue1',
-                                                                                                                                                                                                                                                                                                                  'prologue'),
-                                                                                                                                                                                                                                                                                                                 ('_prodigy_adv_flat0',
-                                                                                                                                                                                                                                                                                                                  'flat'),
-                                                                                                                                                                                                                                                                                                                 ('_prodigy_adv_flat1',
-                                                                                                                                                                                                                                                                                                                  'flat'),
-                                                                                                                                                                                                                                                                                                                 ('_prodigy_adv_vec0',
-                                                                                                                                                                                                                                                                                                                  'vec'),
-                                                                                                                                                                                                                                                                                                                 ('_prodigy_adv_flat3',
-                                                                                                                                                                                                                                                                                                                  'flat'),
-                                                                                                                                                                                                                                                                                                                 ('_prodigy_adv_vec1',
-                                                                                                                                                                                                                                                                                                                  'vec')],
-                                                                                                                                                                                                                                                                                                    'states': ['exp_avg',
-                                                                                                                                                                                                                                                                                                               'exp_avg_sq',
-                                                                                                                                                                                                                                                                                                               'p0',
-                                                                                                                                                                                                                                                                                                               's'],
-                                                                                                                                                                                                                                                                                                    'temps': [('_r0',
-                                                                                                                                                                                                                                                                                                               'tensor',
-                                                                                                                                                                                                                                                                                                               True),
-                                                                                                                                                                                                                                                                                                              ('_r1',
-                                                                                                                                                                                                                                                                                                               'tensor',
-                                                                                                                                                                                                                                                                                                               True),
-                                                                                                                                                                                                                                                                                                              ('_r2',
-                                                                                                                                                                                                                                                                                                               'tensor',
-                                                                                                                                                                                                                                                                                                               True),
-                                                                                                                                                                                                                                                                                                              ('_r3',
-                                                                                                                                                                                                                                                                                                               'tensor',
-                                                                                                                                                                                                                                                                                                               True),
-                                                                                                                                                                                                                                                                                                              ('_r4',
-                                                                                                                                                                                                                                                                                                               'tensor',
-                                                                                                                                                                                                                                                                                                               True),
-                                                                                                                                                                                                                                                                                                              ('_r5',
-                                                                                                                                                                                                                                                                                                               'tensor',
-                                                                                                                                                                                                                                                                                                               True),
-                                                                                                                                                                                                                                                                                                              ('ortho_scale',
-                                                                                                                                                                                                                                                                                                               'tensor',
-                                                                                                                                                                                                                                                                                                               False),
-                                                                                                                                                                                                                                                                                                              ('_acc0_num',
-                                                                                                                                                                                                                                                                                                               'tensor',
-                                                                                                                                                                                                                                                                                                               False),
-                                                                                                                                                                                                                                                                                                              ('_acc1_den',
-                                                                                                                                                                                                                                                                                                               'tensor',
-                                                                                                                                                                                                                                                                                                               False),
-                                                                                                                                                                                                                                                                                                              ('grad',
-                                                                                                                                                                                                                                                                                                               'element',
-                                                                                                                                                                                                                                                                                                               False),
-                                                                                                                                                                                                                                                                                                              ('ortho_g',
-                                                                                                                                                                                                                                                                                                               'element',
-                                                                                                                                                                                                                                                                                                               False)]},
-           (('_c0', False), ('_c19', False), ('_c21', False), ('_c23', False), ('_c24', True), ('_c2', True), ('_c4', False), ('_c5', True), ('_c6', False), ('_c8', False), ('_c9', False), ('_c10', False), ('_c12', True), ('_c13', False), ('_c14', True), ('_c15', False), ('_c18', False)): {'accumulates': [('num',
-                                                                                                                                                                                                                                                                                                                    '_acc0_num'),
-                                                                                                                                                                                                                                                                                                                   ('den',
-                                                                                                                                                                                                                                                                                                                    '_acc1_den')],
-                                                                                                                                                                                                                                                                                                   'columns': ['param',
-                                                                                                                                                                                                                                                                                                               'state:exp_avg',
-                                                                                                                                                                                                                                                                                                               'state:mu_m_nmf',
-                                                                                                                                                                                                                                                                                                               'state:mv_m_nmf',
-                                                                                                                                                                                                                                                                                                               'state:sign',
-                                                                                                                                                                                                                                                                                                               'state:exp_avg_sq',
-                                                                                                                                                                                                                                                                                                               'state:mu_v_nmf',
-                                                                                                                                                                                                                                                                                                               'state:mv_v_nmf',
-                                                                                                                                                                                                                                                                                                               'state:s',
-                                                                                                                                                                                                                                                                                                               'state:p0',
-                                                                                                                                                                                                                                                                                                               'state:spectral_v',
-                                                                                                                                                                                                                                                                                                               'state:spectral_u',
-                                                                                                                                                                                                                                                                                                               'state:wd_scaler',
-                                                                                                                                                                                                                                                                                                               'state:anchor_data',
-                                                                                                                                                                                                                                                                                                               'state:kourkoutas_sq',
-                                                                                                                                                                                                                                                                                                               'state:exp_avg_scale',
-                                                                                                                                                                                                                                                                                                               'state:exp_avg_sq_scale',
-                                                                                                                                                                                                                                                                                                               'numel',
-                                                                                                                                                                                                                                                                                                               'B',
-                                                                                                                                                                                                                                                                                                               'M',
-                                                                                                                                                                                                                                                                                                               'N',
-                                                                                                                                                                                                                                                                                                               'ndim',
-                                                                                                                                                                                                                                                                                                               'gidx',
-                                                                                                                                                                                                                                                                                                               'stride',
-                                                                                                                                                                                                                                                                                                               'ws:_r0',
-                                                                                                                                                                                                                                                                                                               'ws:_r1',
-                                                                                                                                                                                                                                                                                                               'ws:_r2',
-                                                                                                                                                                                                                                                                                                               'ws:_r3',
-                                                                                                                                                                                                                                                                                                               'ws:_r4',
-                                                                                                                                                                                                                                                                                                               'ws:_r5',
-                                                                                                                                                                                                                                                                                                               'ws:ortho_scale',
-                                                                                                                                                                                                                                                                                                               'ws:_acc0_num',
-                                                                                                                                                                                                                                                                                                               'ws:_acc1_den',
-                                                                                                                                                                                                                                                                                                               'ws:grad',
-                                                                                                                                                                                                                                                                                                               'ws:ortho_g'],
-                                                                                                                                                                                                                                                                                                   'creates': [],
-                                                                                                                                                                                                                                                                                                   'hv': ['_k324',
-                                                                                                                                                                                                                                                                                                          '_k325',
-                                                                                                                                                                                                                                                                                                          '_k331',
-                                                                                                                                                                                                                                                                                                          '_k332',
-                                                                                                                                                                                                                                                                                                          '_k333',
-                                                                                                                                                                                                                                                                                                          'dlr',
-                                                                                                                                                                                                                                                                                                          '_k337',
-                                                                                                                                                                                                                                                                                                          '_k338',
-                                                                                                                                                                                                                                                                                                          '_k339',
-                                                                                                                                                                                                                                                                                                          '_k342',
-                                                                                                                                                                                                                                                                                                          '_k343',
-                                                                                                                                                                                                                                                                                                          '_k349'],
-                                                                                                                                                                                                                                                                                                   'launches': [('_prodigy_adv_prologue0',
-                                                                                                                                                                                                                                                                                                                 'prologue'),
-                                                                                                                                                                                                                                                                                                                ('_prodigy_adv_flat0',
-                                                                                                                                                                                                                                                                                                                 'flat'),
-                                                                                                                                                                                                                                                                                                                ('_prodigy_adv_flat1',
-                                                                                                                                                                                                                                                                                                                 'flat'),
-                                                                                                                                                                                                                                                                                                                ('_prodigy_adv_vec0',
-                                                                                                                                                                                                                                                                                                                 'vec'),
-                                                                                                                                                                                                                                                                                                                ('_prodigy_adv_flat2',
-                                                                                                                                                                                                                                                                                                                 'flat'),
-                                                                                                                                                                                                                                                                                                                ('_prodigy_adv_vec1',
-                                                                                                                                                                                                                                                                                                                 'vec')],
-                                                                                                                                                                                                                                                                                                   'states': ['exp_avg',
-                                                                                                                                                                                                                                                                                                              'exp_avg_sq',
-                                                                                                                                                                                                                                                                                                              'p0',
-                                                                                                                                                                                                                                                                                                              's'],
-                                                                                                                                                                                                                                                                                                   'temps': [('_r0',
-                                                                                                                                                                                                                                                                                                              'tensor',
-                                                                                                                                                                                                                                                                                                              True),
-                                                                                                                                                                                                                                                                                                             ('_r1',
-                                                                                                                                                                                                                                                                                                              'tensor',
-                                                                                                                                                                                                                                                                                                              True),
-                                                                                                                                                                                                                                                                                                             ('_r2',
-                                                                                                                                                                                                                                                                                                              'tensor',
-                                                                                                                                                                                                                                                                                                              True),
-                                                                                                                                                                                                                                                                                                             ('_r3',
-                                                                                                                                                                                                                                                                                                              'tensor',
-                                                                                                                                                                                                                                                                                                              True),
-                                                                                                                                                                                                                                                                                                             ('_r4',
-                                                                                                                                                                                                                                                                                                              'tensor',
-                                                                                                                                                                                                                                                                                                              True),
-                                                                                                                                                                                                                                                                                                             ('_r5',
-                                                                                                                                                                                                                                                                                                              'tensor',
-                                                                                                                                                                                                                                                                                                              True),
-                                                                                                                                                                                                                                                                                                             ('ortho_scale',
-                                                                                                                                                                                                                                                                                                              'tensor',
-                                                                                                                                                                                                                                                                                                              False),
-                                                                                                                                                                                                                                                                                                             ('_acc0_num',
-                                                                                                                                                                                                                                                                                                              'tensor',
-                                                                                                                                                                                                                                                                                                              False),
-                                                                                                                                                                                                                                                                                                             ('_acc1_den',
-                                                                                                                                                                                                                                                                                                              'tensor',
-                                                                                                                                                                                                                                                                                                              False),
-                                                                                                                                                                                                                                                                                                             ('grad',
-                                                                                                                                                                                                                                                                                                              'element',
-                                                                                                                                                                                                                                                                                                              False),
-                                                                                                                                                                                                                                                                                                             ('ortho_g',
-                                                                                                                                                                                                                                                                                                              'element',
-                                                                                                                                                                                                                                                                                                              False)]}},
+                                                                                                                                                                                                                                                                                                                               False),
+                                                                                                                                                                                                                                                                                                                              ('grad',
+                                                                                                                                                                                                                                                                                                                               'element',
+                                                                                                                                                                                                                                                                                                                               False),
+                                                                                                                                                                                                                                                                                                                              ('ortho_g',
+                                                                                                                                                                                                                                                                                                                               'element',
+                                                                                                                                                                                                                                                                                                                               False)]}},
  'static_hypers': ['factored_2nd',
                    'nnmf_factor',
                    'slice_p',

@@ -132,6 +132,32 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                     wd_target = wd_target * (norm(param) / sqrt(numel))
             else:
                 wd_target = param
+            if centered_wd != 0 and (weight_decay != 0 and geometric_wd):
+                if centered_wd_mode == 'int8':
+                    cwd_target_delta = param - cast(decode(), param)
+                else:
+                    if centered_wd_mode == 'int4':
+                        cwd_target_delta = param - cast(decode(), param)
+                    else:
+                        cwd_target_delta = param - cast(anchor_data, param)
+                cwd_target_geometric = copy(cwd_target_delta)
+                if stochastic_sign and ndim >= 2:
+                    if ndim == 2:
+                        cwd_target_geometric = cwd_target_geometric / maximum(rowmaxabs(cwd_target_geometric), 1e-12)
+                        cwd_target_geometric = cwd_target_geometric / maximum(colmaxabs(cwd_target_geometric), 1e-12)
+                    else:
+                        cwd_target_geometric = cwd_target_geometric / maximum(maxabs_dim(cwd_target_geometric, 1), 1e-12)
+                        cwd_target_geometric = cwd_target_geometric / maximum(maxabs_dim(cwd_target_geometric, 0), 1e-12)
+                    cwd_sso_noise = stream_rand(cwd_target_geometric, step) * 2
+                    cwd_sso_noise = cwd_sso_noise - 1
+                    cwd_target_geometric = sign(cwd_target_geometric + cwd_sso_noise)
+                else:
+                    cwd_target_geometric = sign(cwd_target_geometric)
+                if snr_cond and normed_momentum and momentum > 0:
+                    cwd_target_geometric = atan2(cwd_target_geometric, snr_denom)
+                    cwd_target_geometric = cwd_target_geometric * (norm(cwd_target_delta) / maximum(norm(cwd_target_geometric), 1 / sqrt(numel)))
+                else:
+                    cwd_target_geometric = cwd_target_geometric * (norm(cwd_target_delta) / sqrt(numel))
             if stochastic_rounding and bf16 != 0:
                 param_fp32 = float32(param)
                 update_fp32 = float32(update)
@@ -147,7 +173,16 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                         else:
                             param_fp32 = param_fp32 - weight_decay * lr * param_fp32
                 if centered_wd != 0:
-                    cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                    if weight_decay != 0 and geometric_wd:
+                        cwd_target = cwd_target_geometric
+                    else:
+                        if centered_wd_mode == 'int8':
+                            cwd_target = param_fp32 - cast(decode(), param_fp32)
+                        else:
+                            if centered_wd_mode == 'int4':
+                                cwd_target = param_fp32 - cast(decode(), param_fp32)
+                            else:
+                                cwd_target = param_fp32 - cast(anchor_data, param_fp32)
                     if cautious_wd:
                         param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
                     else:
@@ -167,7 +202,16 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                         else:
                             param = param - weight_decay * lr * param
                 if centered_wd != 0:
-                    cwd_target = param - cast(anchor_data, param)
+                    if weight_decay != 0 and geometric_wd:
+                        cwd_target = cwd_target_geometric
+                    else:
+                        if centered_wd_mode == 'int8':
+                            cwd_target = param - cast(decode(), param)
+                        else:
+                            if centered_wd_mode == 'int4':
+                                cwd_target = param - cast(decode(), param)
+                            else:
+                                cwd_target = param - cast(anchor_data, param)
                     if cautious_wd:
                         param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
                     else:
@@ -271,6 +315,32 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                     wd_target = wd_target * (norm(param) / sqrt(numel))
             else:
                 wd_target = param
+            if centered_wd != 0 and (weight_decay != 0 and geometric_wd):
+                if centered_wd_mode == 'int8':
+                    cwd_target_delta = param - cast(decode(), param)
+                else:
+                    if centered_wd_mode == 'int4':
+                        cwd_target_delta = param - cast(decode(), param)
+                    else:
+                        cwd_target_delta = param - cast(anchor_data, param)
+                cwd_target_geometric = copy(cwd_target_delta)
+                if stochastic_sign and ndim >= 2:
+                    if ndim == 2:
+                        cwd_target_geometric = cwd_target_geometric / maximum(rowmaxabs(cwd_target_geometric), 1e-12)
+                        cwd_target_geometric = cwd_target_geometric / maximum(colmaxabs(cwd_target_geometric), 1e-12)
+                    else:
+                        cwd_target_geometric = cwd_target_geometric / maximum(maxabs_dim(cwd_target_geometric, 1), 1e-12)
+                        cwd_target_geometric = cwd_target_geometric / maximum(maxabs_dim(cwd_target_geometric, 0), 1e-12)
+                    cwd_sso_noise = stream_rand(cwd_target_geometric, step) * 2
+                    cwd_sso_noise = cwd_sso_noise - 1
+                    cwd_target_geometric = sign(cwd_target_geometric + cwd_sso_noise)
+                else:
+                    cwd_target_geometric = sign(cwd_target_geometric)
+                if snr_cond and normed_momentum and momentum > 0:
+                    cwd_target_geometric = atan2(cwd_target_geometric, snr_denom)
+                    cwd_target_geometric = cwd_target_geometric * (norm(cwd_target_delta) / maximum(norm(cwd_target_geometric), 1 / sqrt(numel)))
+                else:
+                    cwd_target_geometric = cwd_target_geometric * (norm(cwd_target_delta) / sqrt(numel))
             if stochastic_rounding and bf16 != 0:
                 param_fp32 = float32(param)
                 update_fp32 = float32(update)
@@ -286,7 +356,16 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                         else:
                             param_fp32 = param_fp32 - weight_decay * lr * param_fp32
                 if centered_wd != 0:
-                    cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                    if weight_decay != 0 and geometric_wd:
+                        cwd_target = cwd_target_geometric
+                    else:
+                        if centered_wd_mode == 'int8':
+                            cwd_target = param_fp32 - cast(decode(), param_fp32)
+                        else:
+                            if centered_wd_mode == 'int4':
+                                cwd_target = param_fp32 - cast(decode(), param_fp32)
+                            else:
+                                cwd_target = param_fp32 - cast(anchor_data, param_fp32)
                     if cautious_wd:
                         param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
                     else:
@@ -306,7 +385,16 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                         else:
                             param = param - weight_decay * lr * param
                 if centered_wd != 0:
-                    cwd_target = param - cast(anchor_data, param)
+                    if weight_decay != 0 and geometric_wd:
+                        cwd_target = cwd_target_geometric
+                    else:
+                        if centered_wd_mode == 'int8':
+                            cwd_target = param - cast(decode(), param)
+                        else:
+                            if centered_wd_mode == 'int4':
+                                cwd_target = param - cast(decode(), param)
+                            else:
+                                cwd_target = param - cast(anchor_data, param)
                     if cautious_wd:
                         param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
                     else:
@@ -416,6 +504,32 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                     wd_target = wd_target * (norm(param) / sqrt(numel))
             else:
                 wd_target = param
+            if centered_wd != 0 and (weight_decay != 0 and geometric_wd):
+                if centered_wd_mode == 'int8':
+                    cwd_target_delta = param - cast(decode(), param)
+                else:
+                    if centered_wd_mode == 'int4':
+                        cwd_target_delta = param - cast(decode(), param)
+                    else:
+                        cwd_target_delta = param - cast(anchor_data, param)
+                cwd_target_geometric = copy(cwd_target_delta)
+                if stochastic_sign and ndim >= 2:
+                    if ndim == 2:
+                        cwd_target_geometric = cwd_target_geometric / maximum(rowmaxabs(cwd_target_geometric), 1e-12)
+                        cwd_target_geometric = cwd_target_geometric / maximum(colmaxabs(cwd_target_geometric), 1e-12)
+                    else:
+                        cwd_target_geometric = cwd_target_geometric / maximum(maxabs_dim(cwd_target_geometric, 1), 1e-12)
+                        cwd_target_geometric = cwd_target_geometric / maximum(maxabs_dim(cwd_target_geometric, 0), 1e-12)
+                    cwd_sso_noise = stream_rand(cwd_target_geometric, step) * 2
+                    cwd_sso_noise = cwd_sso_noise - 1
+                    cwd_target_geometric = sign(cwd_target_geometric + cwd_sso_noise)
+                else:
+                    cwd_target_geometric = sign(cwd_target_geometric)
+                if snr_cond and normed_momentum and momentum > 0:
+                    cwd_target_geometric = atan2(cwd_target_geometric, snr_denom)
+                    cwd_target_geometric = cwd_target_geometric * (norm(cwd_target_delta) / maximum(norm(cwd_target_geometric), 1 / sqrt(numel)))
+                else:
+                    cwd_target_geometric = cwd_target_geometric * (norm(cwd_target_delta) / sqrt(numel))
             if stochastic_rounding and bf16 != 0:
                 param_fp32 = float32(param)
                 update_fp32 = float32(update)
@@ -431,7 +545,16 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                         else:
                             param_fp32 = param_fp32 - weight_decay * lr * param_fp32
                 if centered_wd != 0:
-                    cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                    if weight_decay != 0 and geometric_wd:
+                        cwd_target = cwd_target_geometric
+                    else:
+                        if centered_wd_mode == 'int8':
+                            cwd_target = param_fp32 - cast(decode(), param_fp32)
+                        else:
+                            if centered_wd_mode == 'int4':
+                                cwd_target = param_fp32 - cast(decode(), param_fp32)
+                            else:
+                                cwd_target = param_fp32 - cast(anchor_data, param_fp32)
                     if cautious_wd:
                         param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
                     else:
@@ -451,7 +574,16 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                         else:
                             param = param - weight_decay * lr * param
                 if centered_wd != 0:
-                    cwd_target = param - cast(anchor_data, param)
+                    if weight_decay != 0 and geometric_wd:
+                        cwd_target = cwd_target_geometric
+                    else:
+                        if centered_wd_mode == 'int8':
+                            cwd_target = param - cast(decode(), param)
+                        else:
+                            if centered_wd_mode == 'int4':
+                                cwd_target = param - cast(decode(), param)
+                            else:
+                                cwd_target = param - cast(anchor_data, param)
                     if cautious_wd:
                         param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
                     else:
@@ -561,6 +693,32 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                         wd_target = wd_target * (norm(param) / sqrt(numel))
                 else:
                     wd_target = param
+                if centered_wd != 0 and (weight_decay != 0 and geometric_wd):
+                    if centered_wd_mode == 'int8':
+                        cwd_target_delta = param - cast(decode(), param)
+                    else:
+                        if centered_wd_mode == 'int4':
+                            cwd_target_delta = param - cast(decode(), param)
+                        else:
+                            cwd_target_delta = param - cast(anchor_data, param)
+                    cwd_target_geometric = copy(cwd_target_delta)
+                    if stochastic_sign and ndim >= 2:
+                        if ndim == 2:
+                            cwd_target_geometric = cwd_target_geometric / maximum(rowmaxabs(cwd_target_geometric), 1e-12)
+                            cwd_target_geometric = cwd_target_geometric / maximum(colmaxabs(cwd_target_geometric), 1e-12)
+                        else:
+                            cwd_target_geometric = cwd_target_geometric / maximum(maxabs_dim(cwd_target_geometric, 1), 1e-12)
+                            cwd_target_geometric = cwd_target_geometric / maximum(maxabs_dim(cwd_target_geometric, 0), 1e-12)
+                        cwd_sso_noise = stream_rand(cwd_target_geometric, step) * 2
+                        cwd_sso_noise = cwd_sso_noise - 1
+                        cwd_target_geometric = sign(cwd_target_geometric + cwd_sso_noise)
+                    else:
+                        cwd_target_geometric = sign(cwd_target_geometric)
+                    if snr_cond and normed_momentum and momentum > 0:
+                        cwd_target_geometric = atan2(cwd_target_geometric, snr_denom)
+                        cwd_target_geometric = cwd_target_geometric * (norm(cwd_target_delta) / maximum(norm(cwd_target_geometric), 1 / sqrt(numel)))
+                    else:
+                        cwd_target_geometric = cwd_target_geometric * (norm(cwd_target_delta) / sqrt(numel))
                 if stochastic_rounding and bf16 != 0:
                     param_fp32 = float32(param)
                     update_fp32 = float32(update)
@@ -576,7 +734,16 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                             else:
                                 param_fp32 = param_fp32 - weight_decay * lr * param_fp32
                     if centered_wd != 0:
-                        cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                        if weight_decay != 0 and geometric_wd:
+                            cwd_target = cwd_target_geometric
+                        else:
+                            if centered_wd_mode == 'int8':
+                                cwd_target = param_fp32 - cast(decode(), param_fp32)
+                            else:
+                                if centered_wd_mode == 'int4':
+                                    cwd_target = param_fp32 - cast(decode(), param_fp32)
+                                else:
+                                    cwd_target = param_fp32 - cast(anchor_data, param_fp32)
                         if cautious_wd:
                             param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
                         else:
@@ -596,7 +763,16 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                             else:
                                 param = param - weight_decay * lr * param
                     if centered_wd != 0:
-                        cwd_target = param - cast(anchor_data, param)
+                        if weight_decay != 0 and geometric_wd:
+                            cwd_target = cwd_target_geometric
+                        else:
+                            if centered_wd_mode == 'int8':
+                                cwd_target = param - cast(decode(), param)
+                            else:
+                                if centered_wd_mode == 'int4':
+                                    cwd_target = param - cast(decode(), param)
+                                else:
+                                    cwd_target = param - cast(anchor_data, param)
                         if cautious_wd:
                             param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
                         else:
@@ -700,6 +876,32 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                         wd_target = wd_target * (norm(param) / sqrt(numel))
                 else:
                     wd_target = param
+                if centered_wd != 0 and (weight_decay != 0 and geometric_wd):
+                    if centered_wd_mode == 'int8':
+                        cwd_target_delta = param - cast(decode(), param)
+                    else:
+                        if centered_wd_mode == 'int4':
+                            cwd_target_delta = param - cast(decode(), param)
+                        else:
+                            cwd_target_delta = param - cast(anchor_data, param)
+                    cwd_target_geometric = copy(cwd_target_delta)
+                    if stochastic_sign and ndim >= 2:
+                        if ndim == 2:
+                            cwd_target_geometric = cwd_target_geometric / maximum(rowmaxabs(cwd_target_geometric), 1e-12)
+                            cwd_target_geometric = cwd_target_geometric / maximum(colmaxabs(cwd_target_geometric), 1e-12)
+                        else:
+                            cwd_target_geometric = cwd_target_geometric / maximum(maxabs_dim(cwd_target_geometric, 1), 1e-12)
+                            cwd_target_geometric = cwd_target_geometric / maximum(maxabs_dim(cwd_target_geometric, 0), 1e-12)
+                        cwd_sso_noise = stream_rand(cwd_target_geometric, step) * 2
+                        cwd_sso_noise = cwd_sso_noise - 1
+                        cwd_target_geometric = sign(cwd_target_geometric + cwd_sso_noise)
+                    else:
+                        cwd_target_geometric = sign(cwd_target_geometric)
+                    if snr_cond and normed_momentum and momentum > 0:
+                        cwd_target_geometric = atan2(cwd_target_geometric, snr_denom)
+                        cwd_target_geometric = cwd_target_geometric * (norm(cwd_target_delta) / maximum(norm(cwd_target_geometric), 1 / sqrt(numel)))
+                    else:
+                        cwd_target_geometric = cwd_target_geometric * (norm(cwd_target_delta) / sqrt(numel))
                 if stochastic_rounding and bf16 != 0:
                     param_fp32 = float32(param)
                     update_fp32 = float32(update)
@@ -715,7 +917,16 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                             else:
                                 param_fp32 = param_fp32 - weight_decay * lr * param_fp32
                     if centered_wd != 0:
-                        cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                        if weight_decay != 0 and geometric_wd:
+                            cwd_target = cwd_target_geometric
+                        else:
+                            if centered_wd_mode == 'int8':
+                                cwd_target = param_fp32 - cast(decode(), param_fp32)
+                            else:
+                                if centered_wd_mode == 'int4':
+                                    cwd_target = param_fp32 - cast(decode(), param_fp32)
+                                else:
+                                    cwd_target = param_fp32 - cast(anchor_data, param_fp32)
                         if cautious_wd:
                             param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
                         else:
@@ -735,7 +946,16 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                             else:
                                 param = param - weight_decay * lr * param
                     if centered_wd != 0:
-                        cwd_target = param - cast(anchor_data, param)
+                        if weight_decay != 0 and geometric_wd:
+                            cwd_target = cwd_target_geometric
+                        else:
+                            if centered_wd_mode == 'int8':
+                                cwd_target = param - cast(decode(), param)
+                            else:
+                                if centered_wd_mode == 'int4':
+                                    cwd_target = param - cast(decode(), param)
+                                else:
+                                    cwd_target = param - cast(anchor_data, param)
                         if cautious_wd:
                             param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
                         else:
@@ -768,6 +988,8 @@ def _device_step(h, param, grad, S):
     mv_m_nmf = S["mv_m_nmf"]
     sign = S["sign"]
     anchor_data = S["anchor_data"]
+    anchor_scale = S["anchor_scale"]
+    anchor_min = S["anchor_min"]
     spectral_v = S["spectral_v"]
     spectral_u = S["spectral_u"]
     exp_avg_scale = S["exp_avg_scale"]
@@ -1081,104 +1303,215 @@ def _device_step(h, param, grad, S):
             else:
                 # wd_target = param
                 wd_target = F.copy(param)
-            # if stochastic_rounding and bf16 != 0:
+            # if centered_wd != 0 and (weight_decay != 0 and geometric_wd):
             if h["_c17"]:
+                # if centered_wd_mode == 'int8':
+                if h["_c18"]:
+                    # cwd_target_delta = param - cast(anchor_data, param)
+                    cwd_target_delta_1 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                    cwd_target_delta_2 = F.cast(cwd_target_delta_1, param)
+                    cwd_target_delta = F.sub(param, cwd_target_delta_2)
+                else:
+                    # if centered_wd_mode == 'int4':
+                    if h["_c19"]:
+                        # cwd_target_delta = param - cast(anchor_data, param)
+                        cwd_target_delta_3 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                        cwd_target_delta_4 = F.cast(cwd_target_delta_3, param)
+                        cwd_target_delta = F.sub(param, cwd_target_delta_4)
+                    else:
+                        # cwd_target_delta = param - cast(anchor_data, param)
+                        cwd_target_delta_5 = F.cast(anchor_data, param)
+                        cwd_target_delta = F.sub(param, cwd_target_delta_5)
+                # cwd_target_geometric = copy(cwd_target_delta)
+                cwd_target_geometric = F.copy(cwd_target_delta)
+                # if stochastic_sign and ndim >= 2:
+                if h["_c6"]:
+                    # if ndim == 2:
+                    if h["_c7"]:
+                        # cwd_target_geometric = cwd_target_geometric / maximum(rowmaxabs(cwd_target_geometric), 1e-12)
+                        cwd_target_geometric_1 = F.rowmaxabs(cwd_target_geometric)
+                        F.maximum_(cwd_target_geometric_1, 1e-12)
+                        cwd_target_geometric_2 = F.div(cwd_target_geometric, F.align(cwd_target_geometric_1, "row", "element"))
+                        cwd_target_geometric = cwd_target_geometric_2
+                        # cwd_target_geometric = cwd_target_geometric / maximum(colmaxabs(cwd_target_geometric), 1e-12)
+                        cwd_target_geometric_3 = F.colmaxabs(cwd_target_geometric)
+                        F.maximum_(cwd_target_geometric_3, 1e-12)
+                        cwd_target_geometric_4 = F.div(cwd_target_geometric, F.align(cwd_target_geometric_3, "col", "element"))
+                        cwd_target_geometric = cwd_target_geometric_4
+                    else:
+                        # cwd_target_geometric = cwd_target_geometric / maximum(maxabs_dim(cwd_target_geometric, 1), 1e-12)
+                        cwd_target_geometric_5 = F.maxabs_dim(cwd_target_geometric, 1)
+                        F.maximum_(cwd_target_geometric_5, 1e-12)
+                        cwd_target_geometric_6 = F.div(cwd_target_geometric, cwd_target_geometric_5)
+                        cwd_target_geometric = cwd_target_geometric_6
+                        # cwd_target_geometric = cwd_target_geometric / maximum(maxabs_dim(cwd_target_geometric, 0), 1e-12)
+                        cwd_target_geometric_7 = F.maxabs_dim(cwd_target_geometric, 0)
+                        F.maximum_(cwd_target_geometric_7, 1e-12)
+                        cwd_target_geometric_8 = F.div(cwd_target_geometric, cwd_target_geometric_7)
+                        cwd_target_geometric = cwd_target_geometric_8
+                    # cwd_sso_noise = stream_rand(cwd_target_geometric, step) * 2
+                    cwd_sso_noise = F.stream_rand(cwd_target_geometric, h["_k10"])
+                    F.mul_(cwd_sso_noise, 2)
+                    # cwd_sso_noise = cwd_sso_noise - 1
+                    F.sub_(cwd_sso_noise, 1)
+                    # cwd_target_geometric = sign(cwd_target_geometric + cwd_sso_noise)
+                    F.add_(cwd_target_geometric, cwd_sso_noise)
+                    F.sign_(cwd_target_geometric)
+                else:
+                    # cwd_target_geometric = sign(cwd_target_geometric)
+                    F.sign_(cwd_target_geometric)
+                # if snr_cond and normed_momentum and momentum > 0:
+                if h["_c16"]:
+                    # cwd_target_geometric = atan2(cwd_target_geometric, snr_denom)
+                    cwd_target_geometric = F.atan2(cwd_target_geometric, snr_denom)
+                    # cwd_target_geometric = cwd_target_geometric * (norm(cwd_target_delta) / maximum(norm(cwd_target_geometric), 1 / sqrt(numel)))
+                    cwd_target_geometric_9 = F.norm(cwd_target_delta)
+                    cwd_target_geometric_10 = F.norm(cwd_target_geometric)
+                    F.maximum_(cwd_target_geometric_10, h["_k11"])
+                    F.div_(cwd_target_geometric_9, cwd_target_geometric_10)
+                    cwd_target_geometric_11 = F.mul(cwd_target_geometric, cwd_target_geometric_9)
+                    cwd_target_geometric = cwd_target_geometric_11
+                else:
+                    # cwd_target_geometric = cwd_target_geometric * (norm(cwd_target_delta) / sqrt(numel))
+                    cwd_target_geometric_12 = F.norm(cwd_target_delta)
+                    F.div_(cwd_target_geometric_12, h["_k12"])
+                    F.mul_(cwd_target_geometric, cwd_target_geometric_12)
+            # if stochastic_rounding and bf16 != 0:
+            if h["_c20"]:
                 # param_fp32 = float32(param)
                 param_fp32 = F.float32(param)
                 # update_fp32 = float32(update)
                 update_fp32 = F.float32(update)
                 # if weight_decay != 0:
-                if h["_c18"]:
+                if h["_c21"]:
                     # if geometric_wd:
-                    if h["_c19"]:
+                    if h["_c22"]:
                         # if cautious_wd:
-                        if h["_c20"]:
+                        if h["_c23"]:
                             # param_fp32 = param_fp32 - weight_decay * lr * wd_target * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
                             param_fp32_1 = F.mul(update_fp32, param_fp32)
                             param_fp32_2 = F.ge(param_fp32_1, 0)
                             param_fp32_3 = F.where(param_fp32_2, 1.0, 0.0, like=param)
-                            param_fp32_4 = F.addcmul(param_fp32, wd_target, param_fp32_3, h["_k10"])
+                            param_fp32_4 = F.addcmul(param_fp32, wd_target, param_fp32_3, h["_k13"])
                             param_fp32 = param_fp32_4
                         else:
                             # param_fp32 = param_fp32 - weight_decay * lr * wd_target
-                            param_fp32 = F.axpy(param_fp32, wd_target, h["_k11"])
+                            param_fp32 = F.axpy(param_fp32, wd_target, h["_k14"])
                     else:
                         # if cautious_wd:
-                        if h["_c20"]:
+                        if h["_c23"]:
                             # param_fp32 = param_fp32 - weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
                             param_fp32_5 = F.mul(update_fp32, param_fp32)
                             param_fp32_6 = F.ge(param_fp32_5, 0)
                             param_fp32_7 = F.where(param_fp32_6, 1.0, 0.0, like=param)
-                            param_fp32_8 = F.addcmul(param_fp32, param_fp32, param_fp32_7, h["_k12"])
+                            param_fp32_8 = F.addcmul(param_fp32, param_fp32, param_fp32_7, h["_k15"])
                             param_fp32 = param_fp32_8
                         else:
                             # param_fp32 = param_fp32 - weight_decay * lr * param_fp32
-                            param_fp32 = F.axpy(param_fp32, param_fp32, h["_k13"])
+                            param_fp32 = F.axpy(param_fp32, param_fp32, h["_k16"])
                 # if centered_wd != 0:
-                if h["_c21"]:
-                    # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                    cwd_target_1 = F.cast(anchor_data, param_fp32)
-                    cwd_target = F.sub(param_fp32, cwd_target_1)
+                if h["_c24"]:
+                    # if weight_decay != 0 and geometric_wd:
+                    if h["_c15"]:
+                        # cwd_target = cwd_target_geometric
+                        cwd_target = cwd_target_geometric
+                    else:
+                        # if centered_wd_mode == 'int8':
+                        if h["_c18"]:
+                            # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                            cwd_target_1 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                            cwd_target_2 = F.cast(cwd_target_1, param_fp32)
+                            cwd_target = F.sub(param_fp32, cwd_target_2)
+                        else:
+                            # if centered_wd_mode == 'int4':
+                            if h["_c19"]:
+                                # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                cwd_target_3 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                cwd_target_4 = F.cast(cwd_target_3, param_fp32)
+                                cwd_target = F.sub(param_fp32, cwd_target_4)
+                            else:
+                                # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                cwd_target_5 = F.cast(anchor_data, param_fp32)
+                                cwd_target = F.sub(param_fp32, cwd_target_5)
                     # if cautious_wd:
-                    if h["_c20"]:
+                    if h["_c23"]:
                         # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
                         param_fp32_9 = F.mul(update_fp32, cwd_target)
                         param_fp32_10 = F.ge(param_fp32_9, 0)
                         param_fp32_11 = F.where(param_fp32_10, 1.0, 0.0, like=param)
-                        param_fp32_12 = F.addcmul(param_fp32, cwd_target, param_fp32_11, h["_k14"])
+                        param_fp32_12 = F.addcmul(param_fp32, cwd_target, param_fp32_11, h["_k17"])
                         param_fp32 = param_fp32_12
                     else:
                         # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
-                        param_fp32 = F.axpy(param_fp32, cwd_target, h["_k15"])
+                        param_fp32 = F.axpy(param_fp32, cwd_target, h["_k18"])
                 # param_fp32 = param_fp32 + -update_fp32
                 param_fp32 = F.sub(param_fp32, update_fp32)
                 # param = stochastic_round(param_fp32, step)
-                param_1 = F.stochastic_round(param_fp32, h["_k16"])
+                param_1 = F.stochastic_round(param_fp32, h["_k19"])
                 F.assign_(param, param_1)
             else:
                 # if weight_decay != 0:
-                if h["_c18"]:
+                if h["_c21"]:
                     # if geometric_wd:
-                    if h["_c19"]:
+                    if h["_c22"]:
                         # if cautious_wd:
-                        if h["_c20"]:
+                        if h["_c23"]:
                             # param = param - weight_decay * lr * wd_target * where(update * param >= 0, 1.0, 0.0)
                             param_2 = F.mul(update, param)
                             param_3 = F.ge(param_2, 0)
                             param_4 = F.where(param_3, 1.0, 0.0, like=param)
-                            param_5 = F.addcmul(param, wd_target, param_4, h["_k17"])
+                            param_5 = F.addcmul(param, wd_target, param_4, h["_k20"])
                             F.assign_(param, param_5)
                         else:
                             # param = param - weight_decay * lr * wd_target
-                            F.axpy_(param, wd_target, h["_k18"])
+                            F.axpy_(param, wd_target, h["_k21"])
                     else:
                         # if cautious_wd:
-                        if h["_c20"]:
+                        if h["_c23"]:
                             # param = param - weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
                             param_6 = F.mul(update, param)
                             param_7 = F.ge(param_6, 0)
                             param_8 = F.where(param_7, 1.0, 0.0, like=param)
-                            param_9 = F.addcmul(param, param, param_8, h["_k19"])
+                            param_9 = F.addcmul(param, param, param_8, h["_k22"])
                             F.assign_(param, param_9)
                         else:
                             # param = param - weight_decay * lr * param
-                            param_10 = F.axpy(param, param, h["_k20"])
+                            param_10 = F.axpy(param, param, h["_k23"])
                             F.assign_(param, param_10)
                 # if centered_wd != 0:
-                if h["_c21"]:
-                    # cwd_target = param - cast(anchor_data, param)
-                    cwd_target_2 = F.cast(anchor_data, param)
-                    cwd_target = F.sub(param, cwd_target_2)
+                if h["_c24"]:
+                    # if weight_decay != 0 and geometric_wd:
+                    if h["_c15"]:
+                        # cwd_target = cwd_target_geometric
+                        cwd_target = cwd_target_geometric
+                    else:
+                        # if centered_wd_mode == 'int8':
+                        if h["_c18"]:
+                            # cwd_target = param - cast(anchor_data, param)
+                            cwd_target_6 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                            cwd_target_7 = F.cast(cwd_target_6, param)
+                            cwd_target = F.sub(param, cwd_target_7)
+                        else:
+                            # if centered_wd_mode == 'int4':
+                            if h["_c19"]:
+                                # cwd_target = param - cast(anchor_data, param)
+                                cwd_target_8 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                cwd_target_9 = F.cast(cwd_target_8, param)
+                                cwd_target = F.sub(param, cwd_target_9)
+                            else:
+                                # cwd_target = param - cast(anchor_data, param)
+                                cwd_target_10 = F.cast(anchor_data, param)
+                                cwd_target = F.sub(param, cwd_target_10)
                     # if cautious_wd:
-                    if h["_c20"]:
+                    if h["_c23"]:
                         # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
                         param_11 = F.mul(update, cwd_target)
                         param_12 = F.ge(param_11, 0)
                         param_13 = F.where(param_12, 1.0, 0.0, like=param)
-                        F.addcmul_(param, cwd_target, param_13, h["_k21"])
+                        F.addcmul_(param, cwd_target, param_13, h["_k24"])
                     else:
                         # param = param - centered_wd * lr * cwd_target
-                        F.axpy_(param, cwd_target, h["_k22"])
+                        F.axpy_(param, cwd_target, h["_k25"])
                 # param = param + -update
                 F.sub_(param, update)
         else:
@@ -1246,7 +1579,7 @@ def _device_step(h, param, grad, S):
                         g_16 = F.div(g, g_15)
                         g = g_16
                     # sso_noise = stream_rand(g, step) * 2
-                    sso_noise = F.stream_rand(g, h["_k23"])
+                    sso_noise = F.stream_rand(g, h["_k26"])
                     F.mul_(sso_noise, 2)
                     # sso_noise = sso_noise - 1
                     F.sub_(sso_noise, 1)
@@ -1277,12 +1610,12 @@ def _device_step(h, param, grad, S):
                     normed_grad = F.abs(exp_avg)
                     F.mul_(normed_grad, g)
                     # exp_avg = lerp(exp_avg, g, 1 - momentum)
-                    F.lerp_(exp_avg, g, h["_k24"])
+                    F.lerp_(exp_avg, g, h["_k27"])
                     # update = lerp(normed_grad, exp_avg, coef)
                     update = F.lerp(normed_grad, exp_avg, h["coef"])
                 else:
                     # exp_avg = lerp(exp_avg, g, 1 - momentum)
-                    F.lerp_(exp_avg, g, h["_k25"])
+                    F.lerp_(exp_avg, g, h["_k28"])
                     # if nesterov:
                     if h["_c11"]:
                         # update = lerp(g, exp_avg, coef)
@@ -1327,7 +1660,7 @@ def _device_step(h, param, grad, S):
                         update_19 = F.div(update, update_18)
                         update = update_19
                     # sso_noise = stream_rand(update, step) * 2
-                    sso_noise = F.stream_rand(update, h["_k26"])
+                    sso_noise = F.stream_rand(update, h["_k29"])
                     F.mul_(sso_noise, 2)
                     # sso_noise = sso_noise - 1
                     F.sub_(sso_noise, 1)
@@ -1366,8 +1699,8 @@ def _device_step(h, param, grad, S):
                     # spectral_sigma = vdot(spectral_u, spectral_ur)
                     spectral_sigma = F.vdot(spectral_u, spectral_ur, kind="row")
                     # update = spectral_x * (sqrt(rows / cols) / maximum(spectral_sigma, 1 / (sqrt(rows) + sqrt(cols))) * spectral_lr)
-                    update_20 = F.maximum(spectral_sigma, h["_k27"])
-                    F.rdiv_(update_20, h["_k28"])
+                    update_20 = F.maximum(spectral_sigma, h["_k30"])
+                    F.rdiv_(update_20, h["_k31"])
                     F.mul_(update_20, h["spectral_lr"])
                     update = F.mul(spectral_x, update_20)
                 else:
@@ -1379,7 +1712,7 @@ def _device_step(h, param, grad, S):
                     update = update_22
             else:
                 # update = update * (lr * where(snr_cond and normed_momentum and momentum > 0 and not spectral_normalization, 1.2732395447351628, 1.0))
-                F.mul_(update, h["_k29"])
+                F.mul_(update, h["_k32"])
             # if weight_decay != 0 and geometric_wd:
             if h["_c15"]:
                 # wd_target = copy(param)
@@ -1410,7 +1743,7 @@ def _device_step(h, param, grad, S):
                         wd_target_20 = F.div(wd_target, wd_target_19)
                         wd_target = wd_target_20
                     # sso_noise = stream_rand(wd_target, step) * 2
-                    sso_noise = F.stream_rand(wd_target, h["_k30"])
+                    sso_noise = F.stream_rand(wd_target, h["_k33"])
                     F.mul_(sso_noise, 2)
                     # sso_noise = sso_noise - 1
                     F.sub_(sso_noise, 1)
@@ -1427,123 +1760,234 @@ def _device_step(h, param, grad, S):
                     # wd_target = wd_target * (norm(param) / maximum(norm(wd_target), 1 / sqrt(numel)))
                     wd_target_21 = F.norm(param)
                     wd_target_22 = F.norm(wd_target)
-                    F.maximum_(wd_target_22, h["_k31"])
+                    F.maximum_(wd_target_22, h["_k34"])
                     F.div_(wd_target_21, wd_target_22)
                     wd_target_23 = F.mul(wd_target, wd_target_21)
                     wd_target = wd_target_23
                 else:
                     # wd_target = wd_target * (norm(param) / sqrt(numel))
                     wd_target_24 = F.norm(param)
-                    F.div_(wd_target_24, h["_k32"])
+                    F.div_(wd_target_24, h["_k35"])
                     F.mul_(wd_target, wd_target_24)
             else:
                 # wd_target = param
                 wd_target = F.copy(param)
-            # if stochastic_rounding and bf16 != 0:
+            # if centered_wd != 0 and (weight_decay != 0 and geometric_wd):
             if h["_c17"]:
+                # if centered_wd_mode == 'int8':
+                if h["_c18"]:
+                    # cwd_target_delta = param - cast(anchor_data, param)
+                    cwd_target_delta_6 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                    cwd_target_delta_7 = F.cast(cwd_target_delta_6, param)
+                    cwd_target_delta = F.sub(param, cwd_target_delta_7)
+                else:
+                    # if centered_wd_mode == 'int4':
+                    if h["_c19"]:
+                        # cwd_target_delta = param - cast(anchor_data, param)
+                        cwd_target_delta_8 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                        cwd_target_delta_9 = F.cast(cwd_target_delta_8, param)
+                        cwd_target_delta = F.sub(param, cwd_target_delta_9)
+                    else:
+                        # cwd_target_delta = param - cast(anchor_data, param)
+                        cwd_target_delta_10 = F.cast(anchor_data, param)
+                        cwd_target_delta = F.sub(param, cwd_target_delta_10)
+                # cwd_target_geometric = copy(cwd_target_delta)
+                cwd_target_geometric = F.copy(cwd_target_delta)
+                # if stochastic_sign and ndim >= 2:
+                if h["_c6"]:
+                    # if ndim == 2:
+                    if h["_c7"]:
+                        # cwd_target_geometric = cwd_target_geometric / maximum(rowmaxabs(cwd_target_geometric), 1e-12)
+                        cwd_target_geometric_13 = F.rowmaxabs(cwd_target_geometric)
+                        F.maximum_(cwd_target_geometric_13, 1e-12)
+                        cwd_target_geometric_14 = F.div(cwd_target_geometric, F.align(cwd_target_geometric_13, "row", "element"))
+                        cwd_target_geometric = cwd_target_geometric_14
+                        # cwd_target_geometric = cwd_target_geometric / maximum(colmaxabs(cwd_target_geometric), 1e-12)
+                        cwd_target_geometric_15 = F.colmaxabs(cwd_target_geometric)
+                        F.maximum_(cwd_target_geometric_15, 1e-12)
+                        cwd_target_geometric_16 = F.div(cwd_target_geometric, F.align(cwd_target_geometric_15, "col", "element"))
+                        cwd_target_geometric = cwd_target_geometric_16
+                    else:
+                        # cwd_target_geometric = cwd_target_geometric / maximum(maxabs_dim(cwd_target_geometric, 1), 1e-12)
+                        cwd_target_geometric_17 = F.maxabs_dim(cwd_target_geometric, 1)
+                        F.maximum_(cwd_target_geometric_17, 1e-12)
+                        cwd_target_geometric_18 = F.div(cwd_target_geometric, cwd_target_geometric_17)
+                        cwd_target_geometric = cwd_target_geometric_18
+                        # cwd_target_geometric = cwd_target_geometric / maximum(maxabs_dim(cwd_target_geometric, 0), 1e-12)
+                        cwd_target_geometric_19 = F.maxabs_dim(cwd_target_geometric, 0)
+                        F.maximum_(cwd_target_geometric_19, 1e-12)
+                        cwd_target_geometric_20 = F.div(cwd_target_geometric, cwd_target_geometric_19)
+                        cwd_target_geometric = cwd_target_geometric_20
+                    # cwd_sso_noise = stream_rand(cwd_target_geometric, step) * 2
+                    cwd_sso_noise = F.stream_rand(cwd_target_geometric, h["_k36"])
+                    F.mul_(cwd_sso_noise, 2)
+                    # cwd_sso_noise = cwd_sso_noise - 1
+                    F.sub_(cwd_sso_noise, 1)
+                    # cwd_target_geometric = sign(cwd_target_geometric + cwd_sso_noise)
+                    F.add_(cwd_target_geometric, cwd_sso_noise)
+                    F.sign_(cwd_target_geometric)
+                else:
+                    # cwd_target_geometric = sign(cwd_target_geometric)
+                    F.sign_(cwd_target_geometric)
+                # if snr_cond and normed_momentum and momentum > 0:
+                if h["_c16"]:
+                    # cwd_target_geometric = atan2(cwd_target_geometric, snr_denom)
+                    cwd_target_geometric = F.atan2(cwd_target_geometric, snr_denom)
+                    # cwd_target_geometric = cwd_target_geometric * (norm(cwd_target_delta) / maximum(norm(cwd_target_geometric), 1 / sqrt(numel)))
+                    cwd_target_geometric_21 = F.norm(cwd_target_delta)
+                    cwd_target_geometric_22 = F.norm(cwd_target_geometric)
+                    F.maximum_(cwd_target_geometric_22, h["_k37"])
+                    F.div_(cwd_target_geometric_21, cwd_target_geometric_22)
+                    cwd_target_geometric_23 = F.mul(cwd_target_geometric, cwd_target_geometric_21)
+                    cwd_target_geometric = cwd_target_geometric_23
+                else:
+                    # cwd_target_geometric = cwd_target_geometric * (norm(cwd_target_delta) / sqrt(numel))
+                    cwd_target_geometric_24 = F.norm(cwd_target_delta)
+                    F.div_(cwd_target_geometric_24, h["_k38"])
+                    F.mul_(cwd_target_geometric, cwd_target_geometric_24)
+            # if stochastic_rounding and bf16 != 0:
+            if h["_c20"]:
                 # param_fp32 = float32(param)
                 param_fp32 = F.float32(param)
                 # update_fp32 = float32(update)
                 update_fp32 = F.float32(update)
                 # if weight_decay != 0:
-                if h["_c18"]:
+                if h["_c21"]:
                     # if geometric_wd:
-                    if h["_c19"]:
+                    if h["_c22"]:
                         # if cautious_wd:
-                        if h["_c20"]:
+                        if h["_c23"]:
                             # param_fp32 = param_fp32 - weight_decay * lr * wd_target * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
                             param_fp32_13 = F.mul(update_fp32, param_fp32)
                             param_fp32_14 = F.ge(param_fp32_13, 0)
                             param_fp32_15 = F.where(param_fp32_14, 1.0, 0.0, like=param)
-                            param_fp32_16 = F.addcmul(param_fp32, wd_target, param_fp32_15, h["_k33"])
+                            param_fp32_16 = F.addcmul(param_fp32, wd_target, param_fp32_15, h["_k39"])
                             param_fp32 = param_fp32_16
                         else:
                             # param_fp32 = param_fp32 - weight_decay * lr * wd_target
-                            param_fp32 = F.axpy(param_fp32, wd_target, h["_k34"])
+                            param_fp32 = F.axpy(param_fp32, wd_target, h["_k40"])
                     else:
                         # if cautious_wd:
-                        if h["_c20"]:
+                        if h["_c23"]:
                             # param_fp32 = param_fp32 - weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
                             param_fp32_17 = F.mul(update_fp32, param_fp32)
                             param_fp32_18 = F.ge(param_fp32_17, 0)
                             param_fp32_19 = F.where(param_fp32_18, 1.0, 0.0, like=param)
-                            param_fp32_20 = F.addcmul(param_fp32, param_fp32, param_fp32_19, h["_k35"])
+                            param_fp32_20 = F.addcmul(param_fp32, param_fp32, param_fp32_19, h["_k41"])
                             param_fp32 = param_fp32_20
                         else:
                             # param_fp32 = param_fp32 - weight_decay * lr * param_fp32
-                            param_fp32 = F.axpy(param_fp32, param_fp32, h["_k36"])
+                            param_fp32 = F.axpy(param_fp32, param_fp32, h["_k42"])
                 # if centered_wd != 0:
-                if h["_c21"]:
-                    # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                    cwd_target_3 = F.cast(anchor_data, param_fp32)
-                    cwd_target = F.sub(param_fp32, cwd_target_3)
+                if h["_c24"]:
+                    # if weight_decay != 0 and geometric_wd:
+                    if h["_c15"]:
+                        # cwd_target = cwd_target_geometric
+                        cwd_target = cwd_target_geometric
+                    else:
+                        # if centered_wd_mode == 'int8':
+                        if h["_c18"]:
+                            # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                            cwd_target_11 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                            cwd_target_12 = F.cast(cwd_target_11, param_fp32)
+                            cwd_target = F.sub(param_fp32, cwd_target_12)
+                        else:
+                            # if centered_wd_mode == 'int4':
+                            if h["_c19"]:
+                                # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                cwd_target_13 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                cwd_target_14 = F.cast(cwd_target_13, param_fp32)
+                                cwd_target = F.sub(param_fp32, cwd_target_14)
+                            else:
+                                # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                cwd_target_15 = F.cast(anchor_data, param_fp32)
+                                cwd_target = F.sub(param_fp32, cwd_target_15)
                     # if cautious_wd:
-                    if h["_c20"]:
+                    if h["_c23"]:
                         # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
                         param_fp32_21 = F.mul(update_fp32, cwd_target)
                         param_fp32_22 = F.ge(param_fp32_21, 0)
                         param_fp32_23 = F.where(param_fp32_22, 1.0, 0.0, like=param)
-                        param_fp32_24 = F.addcmul(param_fp32, cwd_target, param_fp32_23, h["_k37"])
+                        param_fp32_24 = F.addcmul(param_fp32, cwd_target, param_fp32_23, h["_k43"])
                         param_fp32 = param_fp32_24
                     else:
                         # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
-                        param_fp32 = F.axpy(param_fp32, cwd_target, h["_k38"])
+                        param_fp32 = F.axpy(param_fp32, cwd_target, h["_k44"])
                 # param_fp32 = param_fp32 + -update_fp32
                 param_fp32 = F.sub(param_fp32, update_fp32)
                 # param = stochastic_round(param_fp32, step)
-                param_14 = F.stochastic_round(param_fp32, h["_k39"])
+                param_14 = F.stochastic_round(param_fp32, h["_k45"])
                 F.assign_(param, param_14)
             else:
                 # if weight_decay != 0:
-                if h["_c18"]:
+                if h["_c21"]:
                     # if geometric_wd:
-                    if h["_c19"]:
+                    if h["_c22"]:
                         # if cautious_wd:
-                        if h["_c20"]:
+                        if h["_c23"]:
                             # param = param - weight_decay * lr * wd_target * where(update * param >= 0, 1.0, 0.0)
                             param_15 = F.mul(update, param)
                             param_16 = F.ge(param_15, 0)
                             param_17 = F.where(param_16, 1.0, 0.0, like=param)
-                            param_18 = F.addcmul(param, wd_target, param_17, h["_k40"])
+                            param_18 = F.addcmul(param, wd_target, param_17, h["_k46"])
                             F.assign_(param, param_18)
                         else:
                             # param = param - weight_decay * lr * wd_target
-                            F.axpy_(param, wd_target, h["_k41"])
+                            F.axpy_(param, wd_target, h["_k47"])
                     else:
                         # if cautious_wd:
-                        if h["_c20"]:
+                        if h["_c23"]:
                             # param = param - weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
                             param_19 = F.mul(update, param)
                             param_20 = F.ge(param_19, 0)
                             param_21 = F.where(param_20, 1.0, 0.0, like=param)
-                            param_22 = F.addcmul(param, param, param_21, h["_k42"])
+                            param_22 = F.addcmul(param, param, param_21, h["_k48"])
                             F.assign_(param, param_22)
                         else:
                             # param = param - weight_decay * lr * param
-                            param_23 = F.axpy(param, param, h["_k43"])
+                            param_23 = F.axpy(param, param, h["_k49"])
                             F.assign_(param, param_23)
                 # if centered_wd != 0:
-                if h["_c21"]:
-                    # cwd_target = param - cast(anchor_data, param)
-                    cwd_target_4 = F.cast(anchor_data, param)
-                    cwd_target = F.sub(param, cwd_target_4)
+                if h["_c24"]:
+                    # if weight_decay != 0 and geometric_wd:
+                    if h["_c15"]:
+                        # cwd_target = cwd_target_geometric
+                        cwd_target = cwd_target_geometric
+                    else:
+                        # if centered_wd_mode == 'int8':
+                        if h["_c18"]:
+                            # cwd_target = param - cast(anchor_data, param)
+                            cwd_target_16 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                            cwd_target_17 = F.cast(cwd_target_16, param)
+                            cwd_target = F.sub(param, cwd_target_17)
+                        else:
+                            # if centered_wd_mode == 'int4':
+                            if h["_c19"]:
+                                # cwd_target = param - cast(anchor_data, param)
+                                cwd_target_18 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                cwd_target_19 = F.cast(cwd_target_18, param)
+                                cwd_target = F.sub(param, cwd_target_19)
+                            else:
+                                # cwd_target = param - cast(anchor_data, param)
+                                cwd_target_20 = F.cast(anchor_data, param)
+                                cwd_target = F.sub(param, cwd_target_20)
                     # if cautious_wd:
-                    if h["_c20"]:
+                    if h["_c23"]:
                         # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
                         param_24 = F.mul(update, cwd_target)
                         param_25 = F.ge(param_24, 0)
                         param_26 = F.where(param_25, 1.0, 0.0, like=param)
-                        F.addcmul_(param, cwd_target, param_26, h["_k44"])
+                        F.addcmul_(param, cwd_target, param_26, h["_k50"])
                     else:
                         # param = param - centered_wd * lr * cwd_target
-                        F.axpy_(param, cwd_target, h["_k45"])
+                        F.axpy_(param, cwd_target, h["_k51"])
                 # param = param + -update
                 F.sub_(param, update)
     else:
         # if state_precision == 'bf16_sr' and not nnmf_factor:
-        if h["_c22"]:
+        if h["_c25"]:
             # if momentum > 0 and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape)):
-            if h["_c23"]:
+            if h["_c26"]:
                 # grad = float32(grad)
                 grad = F.float32(grad)
             # if orthogonal_gradient == 'flattened' or orthogonal_gradient == 'iterative' and (ndim < 2 or param_attr('_is_dora_scale', False) or param_attr('is_vector', False)):
@@ -1606,7 +2050,7 @@ def _device_step(h, param, grad, S):
                         g_24 = F.div(g, g_23)
                         g = g_24
                     # sso_noise = stream_rand(g, step) * 2
-                    sso_noise = F.stream_rand(g, h["_k46"])
+                    sso_noise = F.stream_rand(g, h["_k52"])
                     F.mul_(sso_noise, 2)
                     # sso_noise = sso_noise - 1
                     F.sub_(sso_noise, 1)
@@ -1641,7 +2085,7 @@ def _device_step(h, param, grad, S):
                     normed_grad = F.abs(exp_avg_work)
                     F.mul_(normed_grad, g)
                     # exp_avg_work = lerp(exp_avg_work, g, 1 - momentum)
-                    F.lerp_(exp_avg_work, g, h["_k47"])
+                    F.lerp_(exp_avg_work, g, h["_k53"])
                     # exp_avg = exp_avg_work
                     F.encode_("bf16_sr", False, {"": exp_avg}, exp_avg_work)
                     # update = lerp(normed_grad, exp_avg_work, coef)
@@ -1650,7 +2094,7 @@ def _device_step(h, param, grad, S):
                     # exp_avg_work = exp_avg
                     exp_avg_work = F.decode("bf16_sr", False, {"": exp_avg})
                     # exp_avg_work = lerp(exp_avg_work, g, 1 - momentum)
-                    F.lerp_(exp_avg_work, g, h["_k49"])
+                    F.lerp_(exp_avg_work, g, h["_k55"])
                     # exp_avg = exp_avg_work
                     F.encode_("bf16_sr", False, {"": exp_avg}, exp_avg_work)
                     # if nesterov:
@@ -1697,7 +2141,7 @@ def _device_step(h, param, grad, S):
                         update_30 = F.div(update, update_29)
                         update = update_30
                     # sso_noise = stream_rand(update, step) * 2
-                    sso_noise = F.stream_rand(update, h["_k51"])
+                    sso_noise = F.stream_rand(update, h["_k57"])
                     F.mul_(sso_noise, 2)
                     # sso_noise = sso_noise - 1
                     F.sub_(sso_noise, 1)
@@ -1736,8 +2180,8 @@ def _device_step(h, param, grad, S):
                     # spectral_sigma = vdot(spectral_u, spectral_ur)
                     spectral_sigma = F.vdot(spectral_u, spectral_ur, kind="row")
                     # update = spectral_x * (sqrt(rows / cols) / maximum(spectral_sigma, 1 / (sqrt(rows) + sqrt(cols))) * spectral_lr)
-                    update_31 = F.maximum(spectral_sigma, h["_k52"])
-                    F.rdiv_(update_31, h["_k53"])
+                    update_31 = F.maximum(spectral_sigma, h["_k58"])
+                    F.rdiv_(update_31, h["_k59"])
                     F.mul_(update_31, h["spectral_lr"])
                     update = F.mul(spectral_x, update_31)
                 else:
@@ -1749,7 +2193,7 @@ def _device_step(h, param, grad, S):
                     update = update_33
             else:
                 # update = update * (lr * where(snr_cond and normed_momentum and momentum > 0 and not spectral_normalization, 1.2732395447351628, 1.0))
-                F.mul_(update, h["_k54"])
+                F.mul_(update, h["_k60"])
             # if weight_decay != 0 and geometric_wd:
             if h["_c15"]:
                 # wd_target = copy(param)
@@ -1780,7 +2224,7 @@ def _device_step(h, param, grad, S):
                         wd_target_32 = F.div(wd_target, wd_target_31)
                         wd_target = wd_target_32
                     # sso_noise = stream_rand(wd_target, step) * 2
-                    sso_noise = F.stream_rand(wd_target, h["_k55"])
+                    sso_noise = F.stream_rand(wd_target, h["_k61"])
                     F.mul_(sso_noise, 2)
                     # sso_noise = sso_noise - 1
                     F.sub_(sso_noise, 1)
@@ -1797,123 +2241,234 @@ def _device_step(h, param, grad, S):
                     # wd_target = wd_target * (norm(param) / maximum(norm(wd_target), 1 / sqrt(numel)))
                     wd_target_33 = F.norm(param)
                     wd_target_34 = F.norm(wd_target)
-                    F.maximum_(wd_target_34, h["_k56"])
+                    F.maximum_(wd_target_34, h["_k62"])
                     F.div_(wd_target_33, wd_target_34)
                     wd_target_35 = F.mul(wd_target, wd_target_33)
                     wd_target = wd_target_35
                 else:
                     # wd_target = wd_target * (norm(param) / sqrt(numel))
                     wd_target_36 = F.norm(param)
-                    F.div_(wd_target_36, h["_k57"])
+                    F.div_(wd_target_36, h["_k63"])
                     F.mul_(wd_target, wd_target_36)
             else:
                 # wd_target = param
                 wd_target = F.copy(param)
-            # if stochastic_rounding and bf16 != 0:
+            # if centered_wd != 0 and (weight_decay != 0 and geometric_wd):
             if h["_c17"]:
+                # if centered_wd_mode == 'int8':
+                if h["_c18"]:
+                    # cwd_target_delta = param - cast(anchor_data, param)
+                    cwd_target_delta_11 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                    cwd_target_delta_12 = F.cast(cwd_target_delta_11, param)
+                    cwd_target_delta = F.sub(param, cwd_target_delta_12)
+                else:
+                    # if centered_wd_mode == 'int4':
+                    if h["_c19"]:
+                        # cwd_target_delta = param - cast(anchor_data, param)
+                        cwd_target_delta_13 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                        cwd_target_delta_14 = F.cast(cwd_target_delta_13, param)
+                        cwd_target_delta = F.sub(param, cwd_target_delta_14)
+                    else:
+                        # cwd_target_delta = param - cast(anchor_data, param)
+                        cwd_target_delta_15 = F.cast(anchor_data, param)
+                        cwd_target_delta = F.sub(param, cwd_target_delta_15)
+                # cwd_target_geometric = copy(cwd_target_delta)
+                cwd_target_geometric = F.copy(cwd_target_delta)
+                # if stochastic_sign and ndim >= 2:
+                if h["_c6"]:
+                    # if ndim == 2:
+                    if h["_c7"]:
+                        # cwd_target_geometric = cwd_target_geometric / maximum(rowmaxabs(cwd_target_geometric), 1e-12)
+                        cwd_target_geometric_25 = F.rowmaxabs(cwd_target_geometric)
+                        F.maximum_(cwd_target_geometric_25, 1e-12)
+                        cwd_target_geometric_26 = F.div(cwd_target_geometric, F.align(cwd_target_geometric_25, "row", "element"))
+                        cwd_target_geometric = cwd_target_geometric_26
+                        # cwd_target_geometric = cwd_target_geometric / maximum(colmaxabs(cwd_target_geometric), 1e-12)
+                        cwd_target_geometric_27 = F.colmaxabs(cwd_target_geometric)
+                        F.maximum_(cwd_target_geometric_27, 1e-12)
+                        cwd_target_geometric_28 = F.div(cwd_target_geometric, F.align(cwd_target_geometric_27, "col", "element"))
+                        cwd_target_geometric = cwd_target_geometric_28
+                    else:
+                        # cwd_target_geometric = cwd_target_geometric / maximum(maxabs_dim(cwd_target_geometric, 1), 1e-12)
+                        cwd_target_geometric_29 = F.maxabs_dim(cwd_target_geometric, 1)
+                        F.maximum_(cwd_target_geometric_29, 1e-12)
+                        cwd_target_geometric_30 = F.div(cwd_target_geometric, cwd_target_geometric_29)
+                        cwd_target_geometric = cwd_target_geometric_30
+                        # cwd_target_geometric = cwd_target_geometric / maximum(maxabs_dim(cwd_target_geometric, 0), 1e-12)
+                        cwd_target_geometric_31 = F.maxabs_dim(cwd_target_geometric, 0)
+                        F.maximum_(cwd_target_geometric_31, 1e-12)
+                        cwd_target_geometric_32 = F.div(cwd_target_geometric, cwd_target_geometric_31)
+                        cwd_target_geometric = cwd_target_geometric_32
+                    # cwd_sso_noise = stream_rand(cwd_target_geometric, step) * 2
+                    cwd_sso_noise = F.stream_rand(cwd_target_geometric, h["_k64"])
+                    F.mul_(cwd_sso_noise, 2)
+                    # cwd_sso_noise = cwd_sso_noise - 1
+                    F.sub_(cwd_sso_noise, 1)
+                    # cwd_target_geometric = sign(cwd_target_geometric + cwd_sso_noise)
+                    F.add_(cwd_target_geometric, cwd_sso_noise)
+                    F.sign_(cwd_target_geometric)
+                else:
+                    # cwd_target_geometric = sign(cwd_target_geometric)
+                    F.sign_(cwd_target_geometric)
+                # if snr_cond and normed_momentum and momentum > 0:
+                if h["_c16"]:
+                    # cwd_target_geometric = atan2(cwd_target_geometric, snr_denom)
+                    cwd_target_geometric = F.atan2(cwd_target_geometric, snr_denom)
+                    # cwd_target_geometric = cwd_target_geometric * (norm(cwd_target_delta) / maximum(norm(cwd_target_geometric), 1 / sqrt(numel)))
+                    cwd_target_geometric_33 = F.norm(cwd_target_delta)
+                    cwd_target_geometric_34 = F.norm(cwd_target_geometric)
+                    F.maximum_(cwd_target_geometric_34, h["_k65"])
+                    F.div_(cwd_target_geometric_33, cwd_target_geometric_34)
+                    cwd_target_geometric_35 = F.mul(cwd_target_geometric, cwd_target_geometric_33)
+                    cwd_target_geometric = cwd_target_geometric_35
+                else:
+                    # cwd_target_geometric = cwd_target_geometric * (norm(cwd_target_delta) / sqrt(numel))
+                    cwd_target_geometric_36 = F.norm(cwd_target_delta)
+                    F.div_(cwd_target_geometric_36, h["_k66"])
+                    F.mul_(cwd_target_geometric, cwd_target_geometric_36)
+            # if stochastic_rounding and bf16 != 0:
+            if h["_c20"]:
                 # param_fp32 = float32(param)
                 param_fp32 = F.float32(param)
                 # update_fp32 = float32(update)
                 update_fp32 = F.float32(update)
                 # if weight_decay != 0:
-                if h["_c18"]:
+                if h["_c21"]:
                     # if geometric_wd:
-                    if h["_c19"]:
+                    if h["_c22"]:
                         # if cautious_wd:
-                        if h["_c20"]:
+                        if h["_c23"]:
                             # param_fp32 = param_fp32 - weight_decay * lr * wd_target * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
                             param_fp32_25 = F.mul(update_fp32, param_fp32)
                             param_fp32_26 = F.ge(param_fp32_25, 0)
                             param_fp32_27 = F.where(param_fp32_26, 1.0, 0.0, like=param)
-                            param_fp32_28 = F.addcmul(param_fp32, wd_target, param_fp32_27, h["_k58"])
+                            param_fp32_28 = F.addcmul(param_fp32, wd_target, param_fp32_27, h["_k67"])
                             param_fp32 = param_fp32_28
                         else:
                             # param_fp32 = param_fp32 - weight_decay * lr * wd_target
-                            param_fp32 = F.axpy(param_fp32, wd_target, h["_k59"])
+                            param_fp32 = F.axpy(param_fp32, wd_target, h["_k68"])
                     else:
                         # if cautious_wd:
-                        if h["_c20"]:
+                        if h["_c23"]:
                             # param_fp32 = param_fp32 - weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
                             param_fp32_29 = F.mul(update_fp32, param_fp32)
                             param_fp32_30 = F.ge(param_fp32_29, 0)
                             param_fp32_31 = F.where(param_fp32_30, 1.0, 0.0, like=param)
-                            param_fp32_32 = F.addcmul(param_fp32, param_fp32, param_fp32_31, h["_k60"])
+                            param_fp32_32 = F.addcmul(param_fp32, param_fp32, param_fp32_31, h["_k69"])
                             param_fp32 = param_fp32_32
                         else:
                             # param_fp32 = param_fp32 - weight_decay * lr * param_fp32
-                            param_fp32 = F.axpy(param_fp32, param_fp32, h["_k61"])
+                            param_fp32 = F.axpy(param_fp32, param_fp32, h["_k70"])
                 # if centered_wd != 0:
-                if h["_c21"]:
-                    # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                    cwd_target_5 = F.cast(anchor_data, param_fp32)
-                    cwd_target = F.sub(param_fp32, cwd_target_5)
+                if h["_c24"]:
+                    # if weight_decay != 0 and geometric_wd:
+                    if h["_c15"]:
+                        # cwd_target = cwd_target_geometric
+                        cwd_target = cwd_target_geometric
+                    else:
+                        # if centered_wd_mode == 'int8':
+                        if h["_c18"]:
+                            # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                            cwd_target_21 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                            cwd_target_22 = F.cast(cwd_target_21, param_fp32)
+                            cwd_target = F.sub(param_fp32, cwd_target_22)
+                        else:
+                            # if centered_wd_mode == 'int4':
+                            if h["_c19"]:
+                                # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                cwd_target_23 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                cwd_target_24 = F.cast(cwd_target_23, param_fp32)
+                                cwd_target = F.sub(param_fp32, cwd_target_24)
+                            else:
+                                # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                cwd_target_25 = F.cast(anchor_data, param_fp32)
+                                cwd_target = F.sub(param_fp32, cwd_target_25)
                     # if cautious_wd:
-                    if h["_c20"]:
+                    if h["_c23"]:
                         # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
                         param_fp32_33 = F.mul(update_fp32, cwd_target)
                         param_fp32_34 = F.ge(param_fp32_33, 0)
                         param_fp32_35 = F.where(param_fp32_34, 1.0, 0.0, like=param)
-                        param_fp32_36 = F.addcmul(param_fp32, cwd_target, param_fp32_35, h["_k62"])
+                        param_fp32_36 = F.addcmul(param_fp32, cwd_target, param_fp32_35, h["_k71"])
                         param_fp32 = param_fp32_36
                     else:
                         # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
-                        param_fp32 = F.axpy(param_fp32, cwd_target, h["_k63"])
+                        param_fp32 = F.axpy(param_fp32, cwd_target, h["_k72"])
                 # param_fp32 = param_fp32 + -update_fp32
                 param_fp32 = F.sub(param_fp32, update_fp32)
                 # param = stochastic_round(param_fp32, step)
-                param_27 = F.stochastic_round(param_fp32, h["_k64"])
+                param_27 = F.stochastic_round(param_fp32, h["_k73"])
                 F.assign_(param, param_27)
             else:
                 # if weight_decay != 0:
-                if h["_c18"]:
+                if h["_c21"]:
                     # if geometric_wd:
-                    if h["_c19"]:
+                    if h["_c22"]:
                         # if cautious_wd:
-                        if h["_c20"]:
+                        if h["_c23"]:
                             # param = param - weight_decay * lr * wd_target * where(update * param >= 0, 1.0, 0.0)
                             param_28 = F.mul(update, param)
                             param_29 = F.ge(param_28, 0)
                             param_30 = F.where(param_29, 1.0, 0.0, like=param)
-                            param_31 = F.addcmul(param, wd_target, param_30, h["_k65"])
+                            param_31 = F.addcmul(param, wd_target, param_30, h["_k74"])
                             F.assign_(param, param_31)
                         else:
                             # param = param - weight_decay * lr * wd_target
-                            F.axpy_(param, wd_target, h["_k66"])
+                            F.axpy_(param, wd_target, h["_k75"])
                     else:
                         # if cautious_wd:
-                        if h["_c20"]:
+                        if h["_c23"]:
                             # param = param - weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
                             param_32 = F.mul(update, param)
                             param_33 = F.ge(param_32, 0)
                             param_34 = F.where(param_33, 1.0, 0.0, like=param)
-                            param_35 = F.addcmul(param, param, param_34, h["_k67"])
+                            param_35 = F.addcmul(param, param, param_34, h["_k76"])
                             F.assign_(param, param_35)
                         else:
                             # param = param - weight_decay * lr * param
-                            param_36 = F.axpy(param, param, h["_k68"])
+                            param_36 = F.axpy(param, param, h["_k77"])
                             F.assign_(param, param_36)
                 # if centered_wd != 0:
-                if h["_c21"]:
-                    # cwd_target = param - cast(anchor_data, param)
-                    cwd_target_6 = F.cast(anchor_data, param)
-                    cwd_target = F.sub(param, cwd_target_6)
+                if h["_c24"]:
+                    # if weight_decay != 0 and geometric_wd:
+                    if h["_c15"]:
+                        # cwd_target = cwd_target_geometric
+                        cwd_target = cwd_target_geometric
+                    else:
+                        # if centered_wd_mode == 'int8':
+                        if h["_c18"]:
+                            # cwd_target = param - cast(anchor_data, param)
+                            cwd_target_26 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                            cwd_target_27 = F.cast(cwd_target_26, param)
+                            cwd_target = F.sub(param, cwd_target_27)
+                        else:
+                            # if centered_wd_mode == 'int4':
+                            if h["_c19"]:
+                                # cwd_target = param - cast(anchor_data, param)
+                                cwd_target_28 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                cwd_target_29 = F.cast(cwd_target_28, param)
+                                cwd_target = F.sub(param, cwd_target_29)
+                            else:
+                                # cwd_target = param - cast(anchor_data, param)
+                                cwd_target_30 = F.cast(anchor_data, param)
+                                cwd_target = F.sub(param, cwd_target_30)
                     # if cautious_wd:
-                    if h["_c20"]:
+                    if h["_c23"]:
                         # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
                         param_37 = F.mul(update, cwd_target)
                         param_38 = F.ge(param_37, 0)
                         param_39 = F.where(param_38, 1.0, 0.0, like=param)
-                        F.addcmul_(param, cwd_target, param_39, h["_k69"])
+                        F.addcmul_(param, cwd_target, param_39, h["_k78"])
                     else:
                         # param = param - centered_wd * lr * cwd_target
-                        F.axpy_(param, cwd_target, h["_k70"])
+                        F.axpy_(param, cwd_target, h["_k79"])
                 # param = param + -update
                 F.sub_(param, update)
         else:
             # if state_precision == 'int8_sr' and not nnmf_factor:
-            if h["_c24"]:
+            if h["_c27"]:
                 # if momentum > 0 and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape)):
-                if h["_c23"]:
+                if h["_c26"]:
                     # grad = float32(grad)
                     grad = F.float32(grad)
                 # if orthogonal_gradient == 'flattened' or orthogonal_gradient == 'iterative' and (ndim < 2 or param_attr('_is_dora_scale', False) or param_attr('is_vector', False)):
@@ -1976,7 +2531,7 @@ def _device_step(h, param, grad, S):
                             g_32 = F.div(g, g_31)
                             g = g_32
                         # sso_noise = stream_rand(g, step) * 2
-                        sso_noise = F.stream_rand(g, h["_k71"])
+                        sso_noise = F.stream_rand(g, h["_k80"])
                         F.mul_(sso_noise, 2)
                         # sso_noise = sso_noise - 1
                         F.sub_(sso_noise, 1)
@@ -2011,7 +2566,7 @@ def _device_step(h, param, grad, S):
                         normed_grad = F.abs(exp_avg_work)
                         F.mul_(normed_grad, g)
                         # exp_avg_work = lerp(exp_avg_work, g, 1 - momentum)
-                        F.lerp_(exp_avg_work, g, h["_k72"])
+                        F.lerp_(exp_avg_work, g, h["_k81"])
                         # exp_avg = exp_avg_work
                         F.encode_("int8_sr", False, {"": exp_avg, "_scale": exp_avg_scale}, exp_avg_work)
                         # update = lerp(normed_grad, exp_avg_work, coef)
@@ -2020,7 +2575,7 @@ def _device_step(h, param, grad, S):
                         # exp_avg_work = exp_avg
                         exp_avg_work = F.decode("int8_sr", False, {"": exp_avg, "_scale": exp_avg_scale})
                         # exp_avg_work = lerp(exp_avg_work, g, 1 - momentum)
-                        F.lerp_(exp_avg_work, g, h["_k74"])
+                        F.lerp_(exp_avg_work, g, h["_k83"])
                         # exp_avg = exp_avg_work
                         F.encode_("int8_sr", False, {"": exp_avg, "_scale": exp_avg_scale}, exp_avg_work)
                         # if nesterov:
@@ -2067,7 +2622,7 @@ def _device_step(h, param, grad, S):
                             update_41 = F.div(update, update_40)
                             update = update_41
                         # sso_noise = stream_rand(update, step) * 2
-                        sso_noise = F.stream_rand(update, h["_k76"])
+                        sso_noise = F.stream_rand(update, h["_k85"])
                         F.mul_(sso_noise, 2)
                         # sso_noise = sso_noise - 1
                         F.sub_(sso_noise, 1)
@@ -2106,8 +2661,8 @@ def _device_step(h, param, grad, S):
                         # spectral_sigma = vdot(spectral_u, spectral_ur)
                         spectral_sigma = F.vdot(spectral_u, spectral_ur, kind="row")
                         # update = spectral_x * (sqrt(rows / cols) / maximum(spectral_sigma, 1 / (sqrt(rows) + sqrt(cols))) * spectral_lr)
-                        update_42 = F.maximum(spectral_sigma, h["_k77"])
-                        F.rdiv_(update_42, h["_k78"])
+                        update_42 = F.maximum(spectral_sigma, h["_k86"])
+                        F.rdiv_(update_42, h["_k87"])
                         F.mul_(update_42, h["spectral_lr"])
                         update = F.mul(spectral_x, update_42)
                     else:
@@ -2119,7 +2674,7 @@ def _device_step(h, param, grad, S):
                         update = update_44
                 else:
                     # update = update * (lr * where(snr_cond and normed_momentum and momentum > 0 and not spectral_normalization, 1.2732395447351628, 1.0))
-                    F.mul_(update, h["_k79"])
+                    F.mul_(update, h["_k88"])
                 # if weight_decay != 0 and geometric_wd:
                 if h["_c15"]:
                     # wd_target = copy(param)
@@ -2150,7 +2705,7 @@ def _device_step(h, param, grad, S):
                             wd_target_44 = F.div(wd_target, wd_target_43)
                             wd_target = wd_target_44
                         # sso_noise = stream_rand(wd_target, step) * 2
-                        sso_noise = F.stream_rand(wd_target, h["_k80"])
+                        sso_noise = F.stream_rand(wd_target, h["_k89"])
                         F.mul_(sso_noise, 2)
                         # sso_noise = sso_noise - 1
                         F.sub_(sso_noise, 1)
@@ -2167,121 +2722,232 @@ def _device_step(h, param, grad, S):
                         # wd_target = wd_target * (norm(param) / maximum(norm(wd_target), 1 / sqrt(numel)))
                         wd_target_45 = F.norm(param)
                         wd_target_46 = F.norm(wd_target)
-                        F.maximum_(wd_target_46, h["_k81"])
+                        F.maximum_(wd_target_46, h["_k90"])
                         F.div_(wd_target_45, wd_target_46)
                         wd_target_47 = F.mul(wd_target, wd_target_45)
                         wd_target = wd_target_47
                     else:
                         # wd_target = wd_target * (norm(param) / sqrt(numel))
                         wd_target_48 = F.norm(param)
-                        F.div_(wd_target_48, h["_k82"])
+                        F.div_(wd_target_48, h["_k91"])
                         F.mul_(wd_target, wd_target_48)
                 else:
                     # wd_target = param
                     wd_target = F.copy(param)
-                # if stochastic_rounding and bf16 != 0:
+                # if centered_wd != 0 and (weight_decay != 0 and geometric_wd):
                 if h["_c17"]:
+                    # if centered_wd_mode == 'int8':
+                    if h["_c18"]:
+                        # cwd_target_delta = param - cast(anchor_data, param)
+                        cwd_target_delta_16 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                        cwd_target_delta_17 = F.cast(cwd_target_delta_16, param)
+                        cwd_target_delta = F.sub(param, cwd_target_delta_17)
+                    else:
+                        # if centered_wd_mode == 'int4':
+                        if h["_c19"]:
+                            # cwd_target_delta = param - cast(anchor_data, param)
+                            cwd_target_delta_18 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                            cwd_target_delta_19 = F.cast(cwd_target_delta_18, param)
+                            cwd_target_delta = F.sub(param, cwd_target_delta_19)
+                        else:
+                            # cwd_target_delta = param - cast(anchor_data, param)
+                            cwd_target_delta_20 = F.cast(anchor_data, param)
+                            cwd_target_delta = F.sub(param, cwd_target_delta_20)
+                    # cwd_target_geometric = copy(cwd_target_delta)
+                    cwd_target_geometric = F.copy(cwd_target_delta)
+                    # if stochastic_sign and ndim >= 2:
+                    if h["_c6"]:
+                        # if ndim == 2:
+                        if h["_c7"]:
+                            # cwd_target_geometric = cwd_target_geometric / maximum(rowmaxabs(cwd_target_geometric), 1e-12)
+                            cwd_target_geometric_37 = F.rowmaxabs(cwd_target_geometric)
+                            F.maximum_(cwd_target_geometric_37, 1e-12)
+                            cwd_target_geometric_38 = F.div(cwd_target_geometric, F.align(cwd_target_geometric_37, "row", "element"))
+                            cwd_target_geometric = cwd_target_geometric_38
+                            # cwd_target_geometric = cwd_target_geometric / maximum(colmaxabs(cwd_target_geometric), 1e-12)
+                            cwd_target_geometric_39 = F.colmaxabs(cwd_target_geometric)
+                            F.maximum_(cwd_target_geometric_39, 1e-12)
+                            cwd_target_geometric_40 = F.div(cwd_target_geometric, F.align(cwd_target_geometric_39, "col", "element"))
+                            cwd_target_geometric = cwd_target_geometric_40
+                        else:
+                            # cwd_target_geometric = cwd_target_geometric / maximum(maxabs_dim(cwd_target_geometric, 1), 1e-12)
+                            cwd_target_geometric_41 = F.maxabs_dim(cwd_target_geometric, 1)
+                            F.maximum_(cwd_target_geometric_41, 1e-12)
+                            cwd_target_geometric_42 = F.div(cwd_target_geometric, cwd_target_geometric_41)
+                            cwd_target_geometric = cwd_target_geometric_42
+                            # cwd_target_geometric = cwd_target_geometric / maximum(maxabs_dim(cwd_target_geometric, 0), 1e-12)
+                            cwd_target_geometric_43 = F.maxabs_dim(cwd_target_geometric, 0)
+                            F.maximum_(cwd_target_geometric_43, 1e-12)
+                            cwd_target_geometric_44 = F.div(cwd_target_geometric, cwd_target_geometric_43)
+                            cwd_target_geometric = cwd_target_geometric_44
+                        # cwd_sso_noise = stream_rand(cwd_target_geometric, step) * 2
+                        cwd_sso_noise = F.stream_rand(cwd_target_geometric, h["_k92"])
+                        F.mul_(cwd_sso_noise, 2)
+                        # cwd_sso_noise = cwd_sso_noise - 1
+                        F.sub_(cwd_sso_noise, 1)
+                        # cwd_target_geometric = sign(cwd_target_geometric + cwd_sso_noise)
+                        F.add_(cwd_target_geometric, cwd_sso_noise)
+                        F.sign_(cwd_target_geometric)
+                    else:
+                        # cwd_target_geometric = sign(cwd_target_geometric)
+                        F.sign_(cwd_target_geometric)
+                    # if snr_cond and normed_momentum and momentum > 0:
+                    if h["_c16"]:
+                        # cwd_target_geometric = atan2(cwd_target_geometric, snr_denom)
+                        cwd_target_geometric = F.atan2(cwd_target_geometric, snr_denom)
+                        # cwd_target_geometric = cwd_target_geometric * (norm(cwd_target_delta) / maximum(norm(cwd_target_geometric), 1 / sqrt(numel)))
+                        cwd_target_geometric_45 = F.norm(cwd_target_delta)
+                        cwd_target_geometric_46 = F.norm(cwd_target_geometric)
+                        F.maximum_(cwd_target_geometric_46, h["_k93"])
+                        F.div_(cwd_target_geometric_45, cwd_target_geometric_46)
+                        cwd_target_geometric_47 = F.mul(cwd_target_geometric, cwd_target_geometric_45)
+                        cwd_target_geometric = cwd_target_geometric_47
+                    else:
+                        # cwd_target_geometric = cwd_target_geometric * (norm(cwd_target_delta) / sqrt(numel))
+                        cwd_target_geometric_48 = F.norm(cwd_target_delta)
+                        F.div_(cwd_target_geometric_48, h["_k94"])
+                        F.mul_(cwd_target_geometric, cwd_target_geometric_48)
+                # if stochastic_rounding and bf16 != 0:
+                if h["_c20"]:
                     # param_fp32 = float32(param)
                     param_fp32 = F.float32(param)
                     # update_fp32 = float32(update)
                     update_fp32 = F.float32(update)
                     # if weight_decay != 0:
-                    if h["_c18"]:
+                    if h["_c21"]:
                         # if geometric_wd:
-                        if h["_c19"]:
+                        if h["_c22"]:
                             # if cautious_wd:
-                            if h["_c20"]:
+                            if h["_c23"]:
                                 # param_fp32 = param_fp32 - weight_decay * lr * wd_target * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
                                 param_fp32_37 = F.mul(update_fp32, param_fp32)
                                 param_fp32_38 = F.ge(param_fp32_37, 0)
                                 param_fp32_39 = F.where(param_fp32_38, 1.0, 0.0, like=param)
-                                param_fp32_40 = F.addcmul(param_fp32, wd_target, param_fp32_39, h["_k83"])
+                                param_fp32_40 = F.addcmul(param_fp32, wd_target, param_fp32_39, h["_k95"])
                                 param_fp32 = param_fp32_40
                             else:
                                 # param_fp32 = param_fp32 - weight_decay * lr * wd_target
-                                param_fp32 = F.axpy(param_fp32, wd_target, h["_k84"])
+                                param_fp32 = F.axpy(param_fp32, wd_target, h["_k96"])
                         else:
                             # if cautious_wd:
-                            if h["_c20"]:
+                            if h["_c23"]:
                                 # param_fp32 = param_fp32 - weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
                                 param_fp32_41 = F.mul(update_fp32, param_fp32)
                                 param_fp32_42 = F.ge(param_fp32_41, 0)
                                 param_fp32_43 = F.where(param_fp32_42, 1.0, 0.0, like=param)
-                                param_fp32_44 = F.addcmul(param_fp32, param_fp32, param_fp32_43, h["_k85"])
+                                param_fp32_44 = F.addcmul(param_fp32, param_fp32, param_fp32_43, h["_k97"])
                                 param_fp32 = param_fp32_44
                             else:
                                 # param_fp32 = param_fp32 - weight_decay * lr * param_fp32
-                                param_fp32 = F.axpy(param_fp32, param_fp32, h["_k86"])
+                                param_fp32 = F.axpy(param_fp32, param_fp32, h["_k98"])
                     # if centered_wd != 0:
-                    if h["_c21"]:
-                        # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                        cwd_target_7 = F.cast(anchor_data, param_fp32)
-                        cwd_target = F.sub(param_fp32, cwd_target_7)
+                    if h["_c24"]:
+                        # if weight_decay != 0 and geometric_wd:
+                        if h["_c15"]:
+                            # cwd_target = cwd_target_geometric
+                            cwd_target = cwd_target_geometric
+                        else:
+                            # if centered_wd_mode == 'int8':
+                            if h["_c18"]:
+                                # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                cwd_target_31 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                cwd_target_32 = F.cast(cwd_target_31, param_fp32)
+                                cwd_target = F.sub(param_fp32, cwd_target_32)
+                            else:
+                                # if centered_wd_mode == 'int4':
+                                if h["_c19"]:
+                                    # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                    cwd_target_33 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                    cwd_target_34 = F.cast(cwd_target_33, param_fp32)
+                                    cwd_target = F.sub(param_fp32, cwd_target_34)
+                                else:
+                                    # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                    cwd_target_35 = F.cast(anchor_data, param_fp32)
+                                    cwd_target = F.sub(param_fp32, cwd_target_35)
                         # if cautious_wd:
-                        if h["_c20"]:
+                        if h["_c23"]:
                             # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
                             param_fp32_45 = F.mul(update_fp32, cwd_target)
                             param_fp32_46 = F.ge(param_fp32_45, 0)
                             param_fp32_47 = F.where(param_fp32_46, 1.0, 0.0, like=param)
-                            param_fp32_48 = F.addcmul(param_fp32, cwd_target, param_fp32_47, h["_k87"])
+                            param_fp32_48 = F.addcmul(param_fp32, cwd_target, param_fp32_47, h["_k99"])
                             param_fp32 = param_fp32_48
                         else:
                             # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
-                            param_fp32 = F.axpy(param_fp32, cwd_target, h["_k88"])
+                            param_fp32 = F.axpy(param_fp32, cwd_target, h["_k100"])
                     # param_fp32 = param_fp32 + -update_fp32
                     param_fp32 = F.sub(param_fp32, update_fp32)
                     # param = stochastic_round(param_fp32, step)
-                    param_40 = F.stochastic_round(param_fp32, h["_k89"])
+                    param_40 = F.stochastic_round(param_fp32, h["_k101"])
                     F.assign_(param, param_40)
                 else:
                     # if weight_decay != 0:
-                    if h["_c18"]:
+                    if h["_c21"]:
                         # if geometric_wd:
-                        if h["_c19"]:
+                        if h["_c22"]:
                             # if cautious_wd:
-                            if h["_c20"]:
+                            if h["_c23"]:
                                 # param = param - weight_decay * lr * wd_target * where(update * param >= 0, 1.0, 0.0)
                                 param_41 = F.mul(update, param)
                                 param_42 = F.ge(param_41, 0)
                                 param_43 = F.where(param_42, 1.0, 0.0, like=param)
-                                param_44 = F.addcmul(param, wd_target, param_43, h["_k90"])
+                                param_44 = F.addcmul(param, wd_target, param_43, h["_k102"])
                                 F.assign_(param, param_44)
                             else:
                                 # param = param - weight_decay * lr * wd_target
-                                F.axpy_(param, wd_target, h["_k91"])
+                                F.axpy_(param, wd_target, h["_k103"])
                         else:
                             # if cautious_wd:
-                            if h["_c20"]:
+                            if h["_c23"]:
                                 # param = param - weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
                                 param_45 = F.mul(update, param)
                                 param_46 = F.ge(param_45, 0)
                                 param_47 = F.where(param_46, 1.0, 0.0, like=param)
-                                param_48 = F.addcmul(param, param, param_47, h["_k92"])
+                                param_48 = F.addcmul(param, param, param_47, h["_k104"])
                                 F.assign_(param, param_48)
                             else:
                                 # param = param - weight_decay * lr * param
-                                param_49 = F.axpy(param, param, h["_k93"])
+                                param_49 = F.axpy(param, param, h["_k105"])
                                 F.assign_(param, param_49)
                     # if centered_wd != 0:
-                    if h["_c21"]:
-                        # cwd_target = param - cast(anchor_data, param)
-                        cwd_target_8 = F.cast(anchor_data, param)
-                        cwd_target = F.sub(param, cwd_target_8)
+                    if h["_c24"]:
+                        # if weight_decay != 0 and geometric_wd:
+                        if h["_c15"]:
+                            # cwd_target = cwd_target_geometric
+                            cwd_target = cwd_target_geometric
+                        else:
+                            # if centered_wd_mode == 'int8':
+                            if h["_c18"]:
+                                # cwd_target = param - cast(anchor_data, param)
+                                cwd_target_36 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                cwd_target_37 = F.cast(cwd_target_36, param)
+                                cwd_target = F.sub(param, cwd_target_37)
+                            else:
+                                # if centered_wd_mode == 'int4':
+                                if h["_c19"]:
+                                    # cwd_target = param - cast(anchor_data, param)
+                                    cwd_target_38 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                    cwd_target_39 = F.cast(cwd_target_38, param)
+                                    cwd_target = F.sub(param, cwd_target_39)
+                                else:
+                                    # cwd_target = param - cast(anchor_data, param)
+                                    cwd_target_40 = F.cast(anchor_data, param)
+                                    cwd_target = F.sub(param, cwd_target_40)
                         # if cautious_wd:
-                        if h["_c20"]:
+                        if h["_c23"]:
                             # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
                             param_50 = F.mul(update, cwd_target)
                             param_51 = F.ge(param_50, 0)
                             param_52 = F.where(param_51, 1.0, 0.0, like=param)
-                            F.addcmul_(param, cwd_target, param_52, h["_k94"])
+                            F.addcmul_(param, cwd_target, param_52, h["_k106"])
                         else:
                             # param = param - centered_wd * lr * cwd_target
-                            F.axpy_(param, cwd_target, h["_k95"])
+                            F.axpy_(param, cwd_target, h["_k107"])
                     # param = param + -update
                     F.sub_(param, update)
             else:
                 # if (state_precision == 'fp32' and not nnmf_factor) and (momentum > 0 and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape))):
-                if h["_c25"]:
+                if h["_c28"]:
                     # grad = float32(grad)
                     grad = F.float32(grad)
                 # if orthogonal_gradient == 'flattened' or orthogonal_gradient == 'iterative' and (ndim < 2 or param_attr('_is_dora_scale', False) or param_attr('is_vector', False)):
@@ -2344,7 +3010,7 @@ def _device_step(h, param, grad, S):
                             g_40 = F.div(g, g_39)
                             g = g_40
                         # sso_noise = stream_rand(g, step) * 2
-                        sso_noise = F.stream_rand(g, h["_k96"])
+                        sso_noise = F.stream_rand(g, h["_k108"])
                         F.mul_(sso_noise, 2)
                         # sso_noise = sso_noise - 1
                         F.sub_(sso_noise, 1)
@@ -2375,12 +3041,12 @@ def _device_step(h, param, grad, S):
                         normed_grad = F.abs(exp_avg)
                         F.mul_(normed_grad, g)
                         # exp_avg = lerp(exp_avg, g, 1 - momentum)
-                        F.lerp_(exp_avg, g, h["_k97"])
+                        F.lerp_(exp_avg, g, h["_k109"])
                         # update = lerp(normed_grad, exp_avg, coef)
                         update = F.lerp(normed_grad, exp_avg, h["coef"])
                     else:
                         # exp_avg = lerp(exp_avg, g, 1 - momentum)
-                        F.lerp_(exp_avg, g, h["_k98"])
+                        F.lerp_(exp_avg, g, h["_k110"])
                         # if nesterov:
                         if h["_c11"]:
                             # update = lerp(g, exp_avg, coef)
@@ -2425,7 +3091,7 @@ def _device_step(h, param, grad, S):
                             update_52 = F.div(update, update_51)
                             update = update_52
                         # sso_noise = stream_rand(update, step) * 2
-                        sso_noise = F.stream_rand(update, h["_k99"])
+                        sso_noise = F.stream_rand(update, h["_k111"])
                         F.mul_(sso_noise, 2)
                         # sso_noise = sso_noise - 1
                         F.sub_(sso_noise, 1)
@@ -2464,8 +3130,8 @@ def _device_step(h, param, grad, S):
                         # spectral_sigma = vdot(spectral_u, spectral_ur)
                         spectral_sigma = F.vdot(spectral_u, spectral_ur, kind="row")
                         # update = spectral_x * (sqrt(rows / cols) / maximum(spectral_sigma, 1 / (sqrt(rows) + sqrt(cols))) * spectral_lr)
-                        update_53 = F.maximum(spectral_sigma, h["_k100"])
-                        F.rdiv_(update_53, h["_k101"])
+                        update_53 = F.maximum(spectral_sigma, h["_k112"])
+                        F.rdiv_(update_53, h["_k113"])
                         F.mul_(update_53, h["spectral_lr"])
                         update = F.mul(spectral_x, update_53)
                     else:
@@ -2477,7 +3143,7 @@ def _device_step(h, param, grad, S):
                         update = update_55
                 else:
                     # update = update * (lr * where(snr_cond and normed_momentum and momentum > 0 and not spectral_normalization, 1.2732395447351628, 1.0))
-                    F.mul_(update, h["_k102"])
+                    F.mul_(update, h["_k114"])
                 # if weight_decay != 0 and geometric_wd:
                 if h["_c15"]:
                     # wd_target = copy(param)
@@ -2508,7 +3174,7 @@ def _device_step(h, param, grad, S):
                             wd_target_56 = F.div(wd_target, wd_target_55)
                             wd_target = wd_target_56
                         # sso_noise = stream_rand(wd_target, step) * 2
-                        sso_noise = F.stream_rand(wd_target, h["_k103"])
+                        sso_noise = F.stream_rand(wd_target, h["_k115"])
                         F.mul_(sso_noise, 2)
                         # sso_noise = sso_noise - 1
                         F.sub_(sso_noise, 1)
@@ -2525,116 +3191,227 @@ def _device_step(h, param, grad, S):
                         # wd_target = wd_target * (norm(param) / maximum(norm(wd_target), 1 / sqrt(numel)))
                         wd_target_57 = F.norm(param)
                         wd_target_58 = F.norm(wd_target)
-                        F.maximum_(wd_target_58, h["_k104"])
+                        F.maximum_(wd_target_58, h["_k116"])
                         F.div_(wd_target_57, wd_target_58)
                         wd_target_59 = F.mul(wd_target, wd_target_57)
                         wd_target = wd_target_59
                     else:
                         # wd_target = wd_target * (norm(param) / sqrt(numel))
                         wd_target_60 = F.norm(param)
-                        F.div_(wd_target_60, h["_k105"])
+                        F.div_(wd_target_60, h["_k117"])
                         F.mul_(wd_target, wd_target_60)
                 else:
                     # wd_target = param
                     wd_target = F.copy(param)
-                # if stochastic_rounding and bf16 != 0:
+                # if centered_wd != 0 and (weight_decay != 0 and geometric_wd):
                 if h["_c17"]:
+                    # if centered_wd_mode == 'int8':
+                    if h["_c18"]:
+                        # cwd_target_delta = param - cast(anchor_data, param)
+                        cwd_target_delta_21 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                        cwd_target_delta_22 = F.cast(cwd_target_delta_21, param)
+                        cwd_target_delta = F.sub(param, cwd_target_delta_22)
+                    else:
+                        # if centered_wd_mode == 'int4':
+                        if h["_c19"]:
+                            # cwd_target_delta = param - cast(anchor_data, param)
+                            cwd_target_delta_23 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                            cwd_target_delta_24 = F.cast(cwd_target_delta_23, param)
+                            cwd_target_delta = F.sub(param, cwd_target_delta_24)
+                        else:
+                            # cwd_target_delta = param - cast(anchor_data, param)
+                            cwd_target_delta_25 = F.cast(anchor_data, param)
+                            cwd_target_delta = F.sub(param, cwd_target_delta_25)
+                    # cwd_target_geometric = copy(cwd_target_delta)
+                    cwd_target_geometric = F.copy(cwd_target_delta)
+                    # if stochastic_sign and ndim >= 2:
+                    if h["_c6"]:
+                        # if ndim == 2:
+                        if h["_c7"]:
+                            # cwd_target_geometric = cwd_target_geometric / maximum(rowmaxabs(cwd_target_geometric), 1e-12)
+                            cwd_target_geometric_49 = F.rowmaxabs(cwd_target_geometric)
+                            F.maximum_(cwd_target_geometric_49, 1e-12)
+                            cwd_target_geometric_50 = F.div(cwd_target_geometric, F.align(cwd_target_geometric_49, "row", "element"))
+                            cwd_target_geometric = cwd_target_geometric_50
+                            # cwd_target_geometric = cwd_target_geometric / maximum(colmaxabs(cwd_target_geometric), 1e-12)
+                            cwd_target_geometric_51 = F.colmaxabs(cwd_target_geometric)
+                            F.maximum_(cwd_target_geometric_51, 1e-12)
+                            cwd_target_geometric_52 = F.div(cwd_target_geometric, F.align(cwd_target_geometric_51, "col", "element"))
+                            cwd_target_geometric = cwd_target_geometric_52
+                        else:
+                            # cwd_target_geometric = cwd_target_geometric / maximum(maxabs_dim(cwd_target_geometric, 1), 1e-12)
+                            cwd_target_geometric_53 = F.maxabs_dim(cwd_target_geometric, 1)
+                            F.maximum_(cwd_target_geometric_53, 1e-12)
+                            cwd_target_geometric_54 = F.div(cwd_target_geometric, cwd_target_geometric_53)
+                            cwd_target_geometric = cwd_target_geometric_54
+                            # cwd_target_geometric = cwd_target_geometric / maximum(maxabs_dim(cwd_target_geometric, 0), 1e-12)
+                            cwd_target_geometric_55 = F.maxabs_dim(cwd_target_geometric, 0)
+                            F.maximum_(cwd_target_geometric_55, 1e-12)
+                            cwd_target_geometric_56 = F.div(cwd_target_geometric, cwd_target_geometric_55)
+                            cwd_target_geometric = cwd_target_geometric_56
+                        # cwd_sso_noise = stream_rand(cwd_target_geometric, step) * 2
+                        cwd_sso_noise = F.stream_rand(cwd_target_geometric, h["_k118"])
+                        F.mul_(cwd_sso_noise, 2)
+                        # cwd_sso_noise = cwd_sso_noise - 1
+                        F.sub_(cwd_sso_noise, 1)
+                        # cwd_target_geometric = sign(cwd_target_geometric + cwd_sso_noise)
+                        F.add_(cwd_target_geometric, cwd_sso_noise)
+                        F.sign_(cwd_target_geometric)
+                    else:
+                        # cwd_target_geometric = sign(cwd_target_geometric)
+                        F.sign_(cwd_target_geometric)
+                    # if snr_cond and normed_momentum and momentum > 0:
+                    if h["_c16"]:
+                        # cwd_target_geometric = atan2(cwd_target_geometric, snr_denom)
+                        cwd_target_geometric = F.atan2(cwd_target_geometric, snr_denom)
+                        # cwd_target_geometric = cwd_target_geometric * (norm(cwd_target_delta) / maximum(norm(cwd_target_geometric), 1 / sqrt(numel)))
+                        cwd_target_geometric_57 = F.norm(cwd_target_delta)
+                        cwd_target_geometric_58 = F.norm(cwd_target_geometric)
+                        F.maximum_(cwd_target_geometric_58, h["_k119"])
+                        F.div_(cwd_target_geometric_57, cwd_target_geometric_58)
+                        cwd_target_geometric_59 = F.mul(cwd_target_geometric, cwd_target_geometric_57)
+                        cwd_target_geometric = cwd_target_geometric_59
+                    else:
+                        # cwd_target_geometric = cwd_target_geometric * (norm(cwd_target_delta) / sqrt(numel))
+                        cwd_target_geometric_60 = F.norm(cwd_target_delta)
+                        F.div_(cwd_target_geometric_60, h["_k120"])
+                        F.mul_(cwd_target_geometric, cwd_target_geometric_60)
+                # if stochastic_rounding and bf16 != 0:
+                if h["_c20"]:
                     # param_fp32 = float32(param)
                     param_fp32 = F.float32(param)
                     # update_fp32 = float32(update)
                     update_fp32 = F.float32(update)
                     # if weight_decay != 0:
-                    if h["_c18"]:
+                    if h["_c21"]:
                         # if geometric_wd:
-                        if h["_c19"]:
+                        if h["_c22"]:
                             # if cautious_wd:
-                            if h["_c20"]:
+                            if h["_c23"]:
                                 # param_fp32 = param_fp32 - weight_decay * lr * wd_target * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
                                 param_fp32_49 = F.mul(update_fp32, param_fp32)
                                 param_fp32_50 = F.ge(param_fp32_49, 0)
                                 param_fp32_51 = F.where(param_fp32_50, 1.0, 0.0, like=param)
-                                param_fp32_52 = F.addcmul(param_fp32, wd_target, param_fp32_51, h["_k106"])
+                                param_fp32_52 = F.addcmul(param_fp32, wd_target, param_fp32_51, h["_k121"])
                                 param_fp32 = param_fp32_52
                             else:
                                 # param_fp32 = param_fp32 - weight_decay * lr * wd_target
-                                param_fp32 = F.axpy(param_fp32, wd_target, h["_k107"])
+                                param_fp32 = F.axpy(param_fp32, wd_target, h["_k122"])
                         else:
                             # if cautious_wd:
-                            if h["_c20"]:
+                            if h["_c23"]:
                                 # param_fp32 = param_fp32 - weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
                                 param_fp32_53 = F.mul(update_fp32, param_fp32)
                                 param_fp32_54 = F.ge(param_fp32_53, 0)
                                 param_fp32_55 = F.where(param_fp32_54, 1.0, 0.0, like=param)
-                                param_fp32_56 = F.addcmul(param_fp32, param_fp32, param_fp32_55, h["_k108"])
+                                param_fp32_56 = F.addcmul(param_fp32, param_fp32, param_fp32_55, h["_k123"])
                                 param_fp32 = param_fp32_56
                             else:
                                 # param_fp32 = param_fp32 - weight_decay * lr * param_fp32
-                                param_fp32 = F.axpy(param_fp32, param_fp32, h["_k109"])
+                                param_fp32 = F.axpy(param_fp32, param_fp32, h["_k124"])
                     # if centered_wd != 0:
-                    if h["_c21"]:
-                        # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                        cwd_target_9 = F.cast(anchor_data, param_fp32)
-                        cwd_target = F.sub(param_fp32, cwd_target_9)
+                    if h["_c24"]:
+                        # if weight_decay != 0 and geometric_wd:
+                        if h["_c15"]:
+                            # cwd_target = cwd_target_geometric
+                            cwd_target = cwd_target_geometric
+                        else:
+                            # if centered_wd_mode == 'int8':
+                            if h["_c18"]:
+                                # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                cwd_target_41 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                cwd_target_42 = F.cast(cwd_target_41, param_fp32)
+                                cwd_target = F.sub(param_fp32, cwd_target_42)
+                            else:
+                                # if centered_wd_mode == 'int4':
+                                if h["_c19"]:
+                                    # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                    cwd_target_43 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                    cwd_target_44 = F.cast(cwd_target_43, param_fp32)
+                                    cwd_target = F.sub(param_fp32, cwd_target_44)
+                                else:
+                                    # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                    cwd_target_45 = F.cast(anchor_data, param_fp32)
+                                    cwd_target = F.sub(param_fp32, cwd_target_45)
                         # if cautious_wd:
-                        if h["_c20"]:
+                        if h["_c23"]:
                             # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
                             param_fp32_57 = F.mul(update_fp32, cwd_target)
                             param_fp32_58 = F.ge(param_fp32_57, 0)
                             param_fp32_59 = F.where(param_fp32_58, 1.0, 0.0, like=param)
-                            param_fp32_60 = F.addcmul(param_fp32, cwd_target, param_fp32_59, h["_k110"])
+                            param_fp32_60 = F.addcmul(param_fp32, cwd_target, param_fp32_59, h["_k125"])
                             param_fp32 = param_fp32_60
                         else:
                             # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
-                            param_fp32 = F.axpy(param_fp32, cwd_target, h["_k111"])
+                            param_fp32 = F.axpy(param_fp32, cwd_target, h["_k126"])
                     # param_fp32 = param_fp32 + -update_fp32
                     param_fp32 = F.sub(param_fp32, update_fp32)
                     # param = stochastic_round(param_fp32, step)
-                    param_53 = F.stochastic_round(param_fp32, h["_k112"])
+                    param_53 = F.stochastic_round(param_fp32, h["_k127"])
                     F.assign_(param, param_53)
                 else:
                     # if weight_decay != 0:
-                    if h["_c18"]:
+                    if h["_c21"]:
                         # if geometric_wd:
-                        if h["_c19"]:
+                        if h["_c22"]:
                             # if cautious_wd:
-                            if h["_c20"]:
+                            if h["_c23"]:
                                 # param = param - weight_decay * lr * wd_target * where(update * param >= 0, 1.0, 0.0)
                                 param_54 = F.mul(update, param)
                                 param_55 = F.ge(param_54, 0)
                                 param_56 = F.where(param_55, 1.0, 0.0, like=param)
-                                param_57 = F.addcmul(param, wd_target, param_56, h["_k113"])
+                                param_57 = F.addcmul(param, wd_target, param_56, h["_k128"])
                                 F.assign_(param, param_57)
                             else:
                                 # param = param - weight_decay * lr * wd_target
-                                F.axpy_(param, wd_target, h["_k114"])
+                                F.axpy_(param, wd_target, h["_k129"])
                         else:
                             # if cautious_wd:
-                            if h["_c20"]:
+                            if h["_c23"]:
                                 # param = param - weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
                                 param_58 = F.mul(update, param)
                                 param_59 = F.ge(param_58, 0)
                                 param_60 = F.where(param_59, 1.0, 0.0, like=param)
-                                param_61 = F.addcmul(param, param, param_60, h["_k115"])
+                                param_61 = F.addcmul(param, param, param_60, h["_k130"])
                                 F.assign_(param, param_61)
                             else:
                                 # param = param - weight_decay * lr * param
-                                param_62 = F.axpy(param, param, h["_k116"])
+                                param_62 = F.axpy(param, param, h["_k131"])
                                 F.assign_(param, param_62)
                     # if centered_wd != 0:
-                    if h["_c21"]:
-                        # cwd_target = param - cast(anchor_data, param)
-                        cwd_target_10 = F.cast(anchor_data, param)
-                        cwd_target = F.sub(param, cwd_target_10)
+                    if h["_c24"]:
+                        # if weight_decay != 0 and geometric_wd:
+                        if h["_c15"]:
+                            # cwd_target = cwd_target_geometric
+                            cwd_target = cwd_target_geometric
+                        else:
+                            # if centered_wd_mode == 'int8':
+                            if h["_c18"]:
+                                # cwd_target = param - cast(anchor_data, param)
+                                cwd_target_46 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                cwd_target_47 = F.cast(cwd_target_46, param)
+                                cwd_target = F.sub(param, cwd_target_47)
+                            else:
+                                # if centered_wd_mode == 'int4':
+                                if h["_c19"]:
+                                    # cwd_target = param - cast(anchor_data, param)
+                                    cwd_target_48 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                    cwd_target_49 = F.cast(cwd_target_48, param)
+                                    cwd_target = F.sub(param, cwd_target_49)
+                                else:
+                                    # cwd_target = param - cast(anchor_data, param)
+                                    cwd_target_50 = F.cast(anchor_data, param)
+                                    cwd_target = F.sub(param, cwd_target_50)
                         # if cautious_wd:
-                        if h["_c20"]:
+                        if h["_c23"]:
                             # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
                             param_63 = F.mul(update, cwd_target)
                             param_64 = F.ge(param_63, 0)
                             param_65 = F.where(param_64, 1.0, 0.0, like=param)
-                            F.addcmul_(param, cwd_target, param_65, h["_k117"])
+                            F.addcmul_(param, cwd_target, param_65, h["_k132"])
                         else:
                             # param = param - centered_wd * lr * cwd_target
-                            F.axpy_(param, cwd_target, h["_k118"])
+                            F.axpy_(param, cwd_target, h["_k133"])
                     # param = param + -update
                     F.sub_(param, update)
 
@@ -2657,7 +3434,7 @@ class SignSGD_adv(GeneratedOptimizer):
         normed_momentum: take the sign before the momentum (default: ``False``)
         snr_cond: signal-to-noise conditioning (needs normed_momentum and momentum > 0) (default: ``False``)
         centered_wd: centered decay coefficient (a pull toward the initial parameter, scaled like weight_decay); 0: off (default: ``0.0``)
-        centered_wd_mode: the anchor's storage: 'float8' (float8_e4m3fn, unscaled) or 'full' (the parameter's dtype); 'int8', 'int4' are not implemented yet (default: ``'float8'``)
+        centered_wd_mode: the anchor's storage: 'float8' (float8_e4m3fn, unscaled), 'full' (the parameter's dtype), 'int8' / 'int4' (asymmetric blocks of 128 / 32) (default: ``'float8'``)
         state_precision: 'factored': rank-1 factored states with a 1-bit sign (float32); 'fp32', 'fp16': the states in that dtype; 'bf16_sr': bfloat16, stochastically rounded; 'int8_sr': blockwise int8 codes with per-2048 scales (feature state_precision) (default: ``'auto'``)
         spectral_normalization: scale the update by its spectral norm (one power-iteration step) instead of the step size alone (default: ``False``)
         nnmf_factor: legacy alias of state_precision='factored' (default: ``False``)

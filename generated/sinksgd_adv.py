@@ -126,6 +126,20 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                     wd_target = wd_target * (norm(param) / sqrt(numel))
             else:
                 wd_target = param
+            if centered_wd != 0 and (geometric_wd and weight_decay > 0 and not matrix):
+                if centered_wd_mode == 'int8':
+                    cwd_target_delta = param - cast(decode(), param)
+                else:
+                    if centered_wd_mode == 'int4':
+                        cwd_target_delta = param - cast(decode(), param)
+                    else:
+                        cwd_target_delta = param - cast(anchor_data, param)
+                cwd_target_geometric = sign(cwd_target_delta)
+                if snr_cond:
+                    cwd_target_geometric = atan2(cwd_target_geometric, snr_denom)
+                    cwd_target_geometric = cwd_target_geometric * (norm(cwd_target_delta) / maximum(norm(cwd_target_geometric), 1 / sqrt(numel)))
+                else:
+                    cwd_target_geometric = cwd_target_geometric * (norm(cwd_target_delta) / sqrt(numel))
             update = update * (lr * where(snr_cond, 1.2732395447351628, 1.0))
             if stochastic_rounding and bf16 != 0:
                 param_fp32 = float32(param)
@@ -146,7 +160,16 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                     else:
                         param_fp32 = param_fp32 - weight_decay * lr * param_fp32
                 if centered_wd != 0:
-                    cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                    if geometric_wd and weight_decay > 0 and not matrix:
+                        cwd_target = cwd_target_geometric
+                    else:
+                        if centered_wd_mode == 'int8':
+                            cwd_target = param_fp32 - cast(decode(), param_fp32)
+                        else:
+                            if centered_wd_mode == 'int4':
+                                cwd_target = param_fp32 - cast(decode(), param_fp32)
+                            else:
+                                cwd_target = param_fp32 - cast(anchor_data, param_fp32)
                     if cautious_wd:
                         param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
                     else:
@@ -170,7 +193,16 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                     else:
                         param = param - weight_decay * lr * param
                 if centered_wd != 0:
-                    cwd_target = param - cast(anchor_data, param)
+                    if geometric_wd and weight_decay > 0 and not matrix:
+                        cwd_target = cwd_target_geometric
+                    else:
+                        if centered_wd_mode == 'int8':
+                            cwd_target = param - cast(decode(), param)
+                        else:
+                            if centered_wd_mode == 'int4':
+                                cwd_target = param - cast(decode(), param)
+                            else:
+                                cwd_target = param - cast(anchor_data, param)
                     if cautious_wd:
                         param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
                     else:
@@ -261,6 +293,20 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                     wd_target = wd_target * (norm(param) / sqrt(numel))
             else:
                 wd_target = param
+            if centered_wd != 0 and (geometric_wd and weight_decay > 0 and not matrix):
+                if centered_wd_mode == 'int8':
+                    cwd_target_delta = param - cast(decode(), param)
+                else:
+                    if centered_wd_mode == 'int4':
+                        cwd_target_delta = param - cast(decode(), param)
+                    else:
+                        cwd_target_delta = param - cast(anchor_data, param)
+                cwd_target_geometric = sign(cwd_target_delta)
+                if snr_cond:
+                    cwd_target_geometric = atan2(cwd_target_geometric, snr_denom)
+                    cwd_target_geometric = cwd_target_geometric * (norm(cwd_target_delta) / maximum(norm(cwd_target_geometric), 1 / sqrt(numel)))
+                else:
+                    cwd_target_geometric = cwd_target_geometric * (norm(cwd_target_delta) / sqrt(numel))
             update = update * (lr * where(snr_cond, 1.2732395447351628, 1.0))
             if stochastic_rounding and bf16 != 0:
                 param_fp32 = float32(param)
@@ -281,7 +327,16 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                     else:
                         param_fp32 = param_fp32 - weight_decay * lr * param_fp32
                 if centered_wd != 0:
-                    cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                    if geometric_wd and weight_decay > 0 and not matrix:
+                        cwd_target = cwd_target_geometric
+                    else:
+                        if centered_wd_mode == 'int8':
+                            cwd_target = param_fp32 - cast(decode(), param_fp32)
+                        else:
+                            if centered_wd_mode == 'int4':
+                                cwd_target = param_fp32 - cast(decode(), param_fp32)
+                            else:
+                                cwd_target = param_fp32 - cast(anchor_data, param_fp32)
                     if cautious_wd:
                         param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
                     else:
@@ -305,7 +360,16 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                     else:
                         param = param - weight_decay * lr * param
                 if centered_wd != 0:
-                    cwd_target = param - cast(anchor_data, param)
+                    if geometric_wd and weight_decay > 0 and not matrix:
+                        cwd_target = cwd_target_geometric
+                    else:
+                        if centered_wd_mode == 'int8':
+                            cwd_target = param - cast(decode(), param)
+                        else:
+                            if centered_wd_mode == 'int4':
+                                cwd_target = param - cast(decode(), param)
+                            else:
+                                cwd_target = param - cast(anchor_data, param)
                     if cautious_wd:
                         param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
                     else:
@@ -403,6 +467,20 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                     wd_target = wd_target * (norm(param) / sqrt(numel))
             else:
                 wd_target = param
+            if centered_wd != 0 and (geometric_wd and weight_decay > 0 and not matrix):
+                if centered_wd_mode == 'int8':
+                    cwd_target_delta = param - cast(decode(), param)
+                else:
+                    if centered_wd_mode == 'int4':
+                        cwd_target_delta = param - cast(decode(), param)
+                    else:
+                        cwd_target_delta = param - cast(anchor_data, param)
+                cwd_target_geometric = sign(cwd_target_delta)
+                if snr_cond:
+                    cwd_target_geometric = atan2(cwd_target_geometric, snr_denom)
+                    cwd_target_geometric = cwd_target_geometric * (norm(cwd_target_delta) / maximum(norm(cwd_target_geometric), 1 / sqrt(numel)))
+                else:
+                    cwd_target_geometric = cwd_target_geometric * (norm(cwd_target_delta) / sqrt(numel))
             update = update * (lr * where(snr_cond, 1.2732395447351628, 1.0))
             if stochastic_rounding and bf16 != 0:
                 param_fp32 = float32(param)
@@ -423,7 +501,16 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                     else:
                         param_fp32 = param_fp32 - weight_decay * lr * param_fp32
                 if centered_wd != 0:
-                    cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                    if geometric_wd and weight_decay > 0 and not matrix:
+                        cwd_target = cwd_target_geometric
+                    else:
+                        if centered_wd_mode == 'int8':
+                            cwd_target = param_fp32 - cast(decode(), param_fp32)
+                        else:
+                            if centered_wd_mode == 'int4':
+                                cwd_target = param_fp32 - cast(decode(), param_fp32)
+                            else:
+                                cwd_target = param_fp32 - cast(anchor_data, param_fp32)
                     if cautious_wd:
                         param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
                     else:
@@ -447,7 +534,16 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                     else:
                         param = param - weight_decay * lr * param
                 if centered_wd != 0:
-                    cwd_target = param - cast(anchor_data, param)
+                    if geometric_wd and weight_decay > 0 and not matrix:
+                        cwd_target = cwd_target_geometric
+                    else:
+                        if centered_wd_mode == 'int8':
+                            cwd_target = param - cast(decode(), param)
+                        else:
+                            if centered_wd_mode == 'int4':
+                                cwd_target = param - cast(decode(), param)
+                            else:
+                                cwd_target = param - cast(anchor_data, param)
                     if cautious_wd:
                         param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
                     else:
@@ -545,6 +641,20 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                         wd_target = wd_target * (norm(param) / sqrt(numel))
                 else:
                     wd_target = param
+                if centered_wd != 0 and (geometric_wd and weight_decay > 0 and not matrix):
+                    if centered_wd_mode == 'int8':
+                        cwd_target_delta = param - cast(decode(), param)
+                    else:
+                        if centered_wd_mode == 'int4':
+                            cwd_target_delta = param - cast(decode(), param)
+                        else:
+                            cwd_target_delta = param - cast(anchor_data, param)
+                    cwd_target_geometric = sign(cwd_target_delta)
+                    if snr_cond:
+                        cwd_target_geometric = atan2(cwd_target_geometric, snr_denom)
+                        cwd_target_geometric = cwd_target_geometric * (norm(cwd_target_delta) / maximum(norm(cwd_target_geometric), 1 / sqrt(numel)))
+                    else:
+                        cwd_target_geometric = cwd_target_geometric * (norm(cwd_target_delta) / sqrt(numel))
                 update = update * (lr * where(snr_cond, 1.2732395447351628, 1.0))
                 if stochastic_rounding and bf16 != 0:
                     param_fp32 = float32(param)
@@ -565,7 +675,16 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                         else:
                             param_fp32 = param_fp32 - weight_decay * lr * param_fp32
                     if centered_wd != 0:
-                        cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                        if geometric_wd and weight_decay > 0 and not matrix:
+                            cwd_target = cwd_target_geometric
+                        else:
+                            if centered_wd_mode == 'int8':
+                                cwd_target = param_fp32 - cast(decode(), param_fp32)
+                            else:
+                                if centered_wd_mode == 'int4':
+                                    cwd_target = param_fp32 - cast(decode(), param_fp32)
+                                else:
+                                    cwd_target = param_fp32 - cast(anchor_data, param_fp32)
                         if cautious_wd:
                             param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
                         else:
@@ -589,7 +708,16 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                         else:
                             param = param - weight_decay * lr * param
                     if centered_wd != 0:
-                        cwd_target = param - cast(anchor_data, param)
+                        if geometric_wd and weight_decay > 0 and not matrix:
+                            cwd_target = cwd_target_geometric
+                        else:
+                            if centered_wd_mode == 'int8':
+                                cwd_target = param - cast(decode(), param)
+                            else:
+                                if centered_wd_mode == 'int4':
+                                    cwd_target = param - cast(decode(), param)
+                                else:
+                                    cwd_target = param - cast(anchor_data, param)
                         if cautious_wd:
                             param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
                         else:
@@ -680,6 +808,20 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                         wd_target = wd_target * (norm(param) / sqrt(numel))
                 else:
                     wd_target = param
+                if centered_wd != 0 and (geometric_wd and weight_decay > 0 and not matrix):
+                    if centered_wd_mode == 'int8':
+                        cwd_target_delta = param - cast(decode(), param)
+                    else:
+                        if centered_wd_mode == 'int4':
+                            cwd_target_delta = param - cast(decode(), param)
+                        else:
+                            cwd_target_delta = param - cast(anchor_data, param)
+                    cwd_target_geometric = sign(cwd_target_delta)
+                    if snr_cond:
+                        cwd_target_geometric = atan2(cwd_target_geometric, snr_denom)
+                        cwd_target_geometric = cwd_target_geometric * (norm(cwd_target_delta) / maximum(norm(cwd_target_geometric), 1 / sqrt(numel)))
+                    else:
+                        cwd_target_geometric = cwd_target_geometric * (norm(cwd_target_delta) / sqrt(numel))
                 update = update * (lr * where(snr_cond, 1.2732395447351628, 1.0))
                 if stochastic_rounding and bf16 != 0:
                     param_fp32 = float32(param)
@@ -700,7 +842,16 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                         else:
                             param_fp32 = param_fp32 - weight_decay * lr * param_fp32
                     if centered_wd != 0:
-                        cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                        if geometric_wd and weight_decay > 0 and not matrix:
+                            cwd_target = cwd_target_geometric
+                        else:
+                            if centered_wd_mode == 'int8':
+                                cwd_target = param_fp32 - cast(decode(), param_fp32)
+                            else:
+                                if centered_wd_mode == 'int4':
+                                    cwd_target = param_fp32 - cast(decode(), param_fp32)
+                                else:
+                                    cwd_target = param_fp32 - cast(anchor_data, param_fp32)
                         if cautious_wd:
                             param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
                         else:
@@ -724,7 +875,16 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                         else:
                             param = param - weight_decay * lr * param
                     if centered_wd != 0:
-                        cwd_target = param - cast(anchor_data, param)
+                        if geometric_wd and weight_decay > 0 and not matrix:
+                            cwd_target = cwd_target_geometric
+                        else:
+                            if centered_wd_mode == 'int8':
+                                cwd_target = param - cast(decode(), param)
+                            else:
+                                if centered_wd_mode == 'int4':
+                                    cwd_target = param - cast(decode(), param)
+                                else:
+                                    cwd_target = param - cast(anchor_data, param)
                         if cautious_wd:
                             param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
                         else:
@@ -757,6 +917,8 @@ def _device_step(h, param, grad, S):
     mv_b_nmf = S["mv_b_nmf"]
     sign = S["sign"]
     anchor_data = S["anchor_data"]
+    anchor_scale = S["anchor_scale"]
+    anchor_min = S["anchor_min"]
     momentum_buffer_scale = S["momentum_buffer_scale"]
     # if state_precision == 'factored' or nnmf_factor:
     if h["_c0"]:
@@ -1020,18 +1182,55 @@ def _device_step(h, param, grad, S):
             else:
                 # wd_target = param
                 wd_target = F.copy(param)
-            # update = update * (lr * where(snr_cond, 1.2732395447351628, 1.0))
-            F.mul_(update, h["_k11"])
-            # if stochastic_rounding and bf16 != 0:
+            # if centered_wd != 0 and (geometric_wd and weight_decay > 0 and not matrix):
             if h["_c19"]:
+                # if centered_wd_mode == 'int8':
+                if h["_c20"]:
+                    # cwd_target_delta = param - cast(anchor_data, param)
+                    cwd_target_delta_1 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                    cwd_target_delta_2 = F.cast(cwd_target_delta_1, param)
+                    cwd_target_delta = F.sub(param, cwd_target_delta_2)
+                else:
+                    # if centered_wd_mode == 'int4':
+                    if h["_c21"]:
+                        # cwd_target_delta = param - cast(anchor_data, param)
+                        cwd_target_delta_3 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                        cwd_target_delta_4 = F.cast(cwd_target_delta_3, param)
+                        cwd_target_delta = F.sub(param, cwd_target_delta_4)
+                    else:
+                        # cwd_target_delta = param - cast(anchor_data, param)
+                        cwd_target_delta_5 = F.cast(anchor_data, param)
+                        cwd_target_delta = F.sub(param, cwd_target_delta_5)
+                # cwd_target_geometric = sign(cwd_target_delta)
+                cwd_target_geometric = F.sign(cwd_target_delta)
+                # if snr_cond:
+                if h["_c9"]:
+                    # cwd_target_geometric = atan2(cwd_target_geometric, snr_denom)
+                    cwd_target_geometric = F.atan2(cwd_target_geometric, snr_denom)
+                    # cwd_target_geometric = cwd_target_geometric * (norm(cwd_target_delta) / maximum(norm(cwd_target_geometric), 1 / sqrt(numel)))
+                    cwd_target_geometric_1 = F.norm(cwd_target_delta)
+                    cwd_target_geometric_2 = F.norm(cwd_target_geometric)
+                    F.maximum_(cwd_target_geometric_2, h["_k11"])
+                    F.div_(cwd_target_geometric_1, cwd_target_geometric_2)
+                    cwd_target_geometric_3 = F.mul(cwd_target_geometric, cwd_target_geometric_1)
+                    cwd_target_geometric = cwd_target_geometric_3
+                else:
+                    # cwd_target_geometric = cwd_target_geometric * (norm(cwd_target_delta) / sqrt(numel))
+                    cwd_target_geometric_4 = F.norm(cwd_target_delta)
+                    F.div_(cwd_target_geometric_4, h["_k12"])
+                    F.mul_(cwd_target_geometric, cwd_target_geometric_4)
+            # update = update * (lr * where(snr_cond, 1.2732395447351628, 1.0))
+            F.mul_(update, h["_k13"])
+            # if stochastic_rounding and bf16 != 0:
+            if h["_c22"]:
                 # param_fp32 = float32(param)
                 param_fp32 = F.float32(param)
                 # update_fp32 = float32(update)
                 update_fp32 = F.float32(update)
                 # if weight_decay != 0 and geometric_wd and matrix:
-                if h["_c20"]:
+                if h["_c23"]:
                     # if cautious_wd:
-                    if h["_c21"]:
+                    if h["_c24"]:
                         # param_fp32 = param_fp32 - param_fp32 * (where(update_fp32 * param_fp32 >= 0, 1.0, 0.0) * wd_scaler)
                         param_fp32_1 = F.mul(update_fp32, param_fp32)
                         param_fp32_2 = F.ge(param_fp32_1, 0)
@@ -1043,57 +1242,76 @@ def _device_step(h, param, grad, S):
                         # param_fp32 = param_fp32 - param_fp32 * wd_scaler
                         param_fp32 = F.addcmul(param_fp32, param_fp32, wd_scaler, -1)
                 # if weight_decay != 0 and geometric_wd and not matrix:
-                if h["_c22"]:
+                if h["_c25"]:
                     # if cautious_wd:
-                    if h["_c21"]:
+                    if h["_c24"]:
                         # param_fp32 = param_fp32 - weight_decay * lr * wd_target * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
                         param_fp32_5 = F.mul(update_fp32, param_fp32)
                         param_fp32_6 = F.ge(param_fp32_5, 0)
                         param_fp32_7 = F.where(param_fp32_6, 1.0, 0.0, like=param)
-                        param_fp32_8 = F.addcmul(param_fp32, wd_target, param_fp32_7, h["_k12"])
+                        param_fp32_8 = F.addcmul(param_fp32, wd_target, param_fp32_7, h["_k14"])
                         param_fp32 = param_fp32_8
                     else:
                         # param_fp32 = param_fp32 - weight_decay * lr * wd_target
-                        param_fp32 = F.axpy(param_fp32, wd_target, h["_k13"])
+                        param_fp32 = F.axpy(param_fp32, wd_target, h["_k15"])
                 # if weight_decay != 0 and not geometric_wd:
-                if h["_c23"]:
+                if h["_c26"]:
                     # if cautious_wd:
-                    if h["_c21"]:
+                    if h["_c24"]:
                         # param_fp32 = param_fp32 - weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
                         param_fp32_9 = F.mul(update_fp32, param_fp32)
                         param_fp32_10 = F.ge(param_fp32_9, 0)
                         param_fp32_11 = F.where(param_fp32_10, 1.0, 0.0, like=param)
-                        param_fp32_12 = F.addcmul(param_fp32, param_fp32, param_fp32_11, h["_k14"])
+                        param_fp32_12 = F.addcmul(param_fp32, param_fp32, param_fp32_11, h["_k16"])
                         param_fp32 = param_fp32_12
                     else:
                         # param_fp32 = param_fp32 - weight_decay * lr * param_fp32
-                        param_fp32 = F.axpy(param_fp32, param_fp32, h["_k15"])
+                        param_fp32 = F.axpy(param_fp32, param_fp32, h["_k17"])
                 # if centered_wd != 0:
-                if h["_c24"]:
-                    # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                    cwd_target_1 = F.cast(anchor_data, param_fp32)
-                    cwd_target = F.sub(param_fp32, cwd_target_1)
+                if h["_c27"]:
+                    # if geometric_wd and weight_decay > 0 and not matrix:
+                    if h["_c28"]:
+                        # cwd_target = cwd_target_geometric
+                        cwd_target = cwd_target_geometric
+                    else:
+                        # if centered_wd_mode == 'int8':
+                        if h["_c20"]:
+                            # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                            cwd_target_1 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                            cwd_target_2 = F.cast(cwd_target_1, param_fp32)
+                            cwd_target = F.sub(param_fp32, cwd_target_2)
+                        else:
+                            # if centered_wd_mode == 'int4':
+                            if h["_c21"]:
+                                # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                cwd_target_3 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                cwd_target_4 = F.cast(cwd_target_3, param_fp32)
+                                cwd_target = F.sub(param_fp32, cwd_target_4)
+                            else:
+                                # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                cwd_target_5 = F.cast(anchor_data, param_fp32)
+                                cwd_target = F.sub(param_fp32, cwd_target_5)
                     # if cautious_wd:
-                    if h["_c21"]:
+                    if h["_c24"]:
                         # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
                         param_fp32_13 = F.mul(update_fp32, cwd_target)
                         param_fp32_14 = F.ge(param_fp32_13, 0)
                         param_fp32_15 = F.where(param_fp32_14, 1.0, 0.0, like=param)
-                        param_fp32_16 = F.addcmul(param_fp32, cwd_target, param_fp32_15, h["_k16"])
+                        param_fp32_16 = F.addcmul(param_fp32, cwd_target, param_fp32_15, h["_k18"])
                         param_fp32 = param_fp32_16
                     else:
                         # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
-                        param_fp32 = F.axpy(param_fp32, cwd_target, h["_k17"])
+                        param_fp32 = F.axpy(param_fp32, cwd_target, h["_k19"])
                 # param_fp32 = param_fp32 + -update_fp32
                 param_fp32 = F.sub(param_fp32, update_fp32)
                 # param = stochastic_round(param_fp32, step)
-                param_1 = F.stochastic_round(param_fp32, h["_k18"])
+                param_1 = F.stochastic_round(param_fp32, h["_k20"])
                 F.assign_(param, param_1)
             else:
                 # if weight_decay != 0 and geometric_wd and matrix:
-                if h["_c25"]:
+                if h["_c29"]:
                     # if cautious_wd:
-                    if h["_c21"]:
+                    if h["_c24"]:
                         # param = param - param * (where(update * param >= 0, 1.0, 0.0) * wd_scaler)
                         param_2 = F.mul(update, param)
                         param_3 = F.ge(param_2, 0)
@@ -1106,47 +1324,66 @@ def _device_step(h, param, grad, S):
                         param_6 = F.addcmul(param, param, wd_scaler, -1)
                         F.assign_(param, param_6)
                 # if weight_decay != 0 and geometric_wd and not matrix:
-                if h["_c26"]:
+                if h["_c30"]:
                     # if cautious_wd:
-                    if h["_c21"]:
+                    if h["_c24"]:
                         # param = param - weight_decay * lr * wd_target * where(update * param >= 0, 1.0, 0.0)
                         param_7 = F.mul(update, param)
                         param_8 = F.ge(param_7, 0)
                         param_9 = F.where(param_8, 1.0, 0.0, like=param)
-                        param_10 = F.addcmul(param, wd_target, param_9, h["_k19"])
+                        param_10 = F.addcmul(param, wd_target, param_9, h["_k21"])
                         F.assign_(param, param_10)
                     else:
                         # param = param - weight_decay * lr * wd_target
-                        F.axpy_(param, wd_target, h["_k20"])
+                        F.axpy_(param, wd_target, h["_k22"])
                 # if weight_decay != 0 and not geometric_wd:
-                if h["_c23"]:
+                if h["_c26"]:
                     # if cautious_wd:
-                    if h["_c21"]:
+                    if h["_c24"]:
                         # param = param - weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
                         param_11 = F.mul(update, param)
                         param_12 = F.ge(param_11, 0)
                         param_13 = F.where(param_12, 1.0, 0.0, like=param)
-                        param_14 = F.addcmul(param, param, param_13, h["_k21"])
+                        param_14 = F.addcmul(param, param, param_13, h["_k23"])
                         F.assign_(param, param_14)
                     else:
                         # param = param - weight_decay * lr * param
-                        param_15 = F.axpy(param, param, h["_k22"])
+                        param_15 = F.axpy(param, param, h["_k24"])
                         F.assign_(param, param_15)
                 # if centered_wd != 0:
-                if h["_c24"]:
-                    # cwd_target = param - cast(anchor_data, param)
-                    cwd_target_2 = F.cast(anchor_data, param)
-                    cwd_target = F.sub(param, cwd_target_2)
+                if h["_c27"]:
+                    # if geometric_wd and weight_decay > 0 and not matrix:
+                    if h["_c31"]:
+                        # cwd_target = cwd_target_geometric
+                        cwd_target = cwd_target_geometric
+                    else:
+                        # if centered_wd_mode == 'int8':
+                        if h["_c20"]:
+                            # cwd_target = param - cast(anchor_data, param)
+                            cwd_target_6 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                            cwd_target_7 = F.cast(cwd_target_6, param)
+                            cwd_target = F.sub(param, cwd_target_7)
+                        else:
+                            # if centered_wd_mode == 'int4':
+                            if h["_c21"]:
+                                # cwd_target = param - cast(anchor_data, param)
+                                cwd_target_8 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                cwd_target_9 = F.cast(cwd_target_8, param)
+                                cwd_target = F.sub(param, cwd_target_9)
+                            else:
+                                # cwd_target = param - cast(anchor_data, param)
+                                cwd_target_10 = F.cast(anchor_data, param)
+                                cwd_target = F.sub(param, cwd_target_10)
                     # if cautious_wd:
-                    if h["_c21"]:
+                    if h["_c24"]:
                         # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
                         param_16 = F.mul(update, cwd_target)
                         param_17 = F.ge(param_16, 0)
                         param_18 = F.where(param_17, 1.0, 0.0, like=param)
-                        F.addcmul_(param, cwd_target, param_18, h["_k23"])
+                        F.addcmul_(param, cwd_target, param_18, h["_k25"])
                     else:
                         # param = param - centered_wd * lr * cwd_target
-                        F.axpy_(param, cwd_target, h["_k24"])
+                        F.axpy_(param, cwd_target, h["_k26"])
                 # param = param + -update
                 F.sub_(param, update)
         else:
@@ -1190,17 +1427,17 @@ def _device_step(h, param, grad, S):
             if h["_c5"]:
                 pass
             # if normed_momentum and matrix:
-            if h["_c27"]:
+            if h["_c32"]:
                 # g = sinkhorn(g, param, sinkhorn_iterations, orthogonal_sinkhorn)
-                g = F.sinkhorn(g, param, h["_k25"], h["_k26"])
+                g = F.sinkhorn(g, param, h["_k27"], h["_k28"])
             # if normed_momentum and not matrix:
-            if h["_c28"]:
+            if h["_c33"]:
                 # g = sign(g)
                 g = F.sign(g)
             # if momentum != 0:
             if h["_c2"]:
                 # if snr_cond and matrix:
-                if h["_c29"]:
+                if h["_c34"]:
                     # buf_sq = momentum_buffer * momentum_buffer
                     buf_sq = F.mul(momentum_buffer, momentum_buffer)
                     # vt_row = maximum(1 - viewmean(buf_sq, 1), 1e-30)
@@ -1234,12 +1471,12 @@ def _device_step(h, param, grad, S):
                     normed_grad = F.abs(momentum_buffer)
                     F.mul_(normed_grad, g)
                     # momentum_buffer = lerp(momentum_buffer, g, 1 - momentum)
-                    F.lerp_(momentum_buffer, g, h["_k27"])
+                    F.lerp_(momentum_buffer, g, h["_k29"])
                     # update = lerp(normed_grad, momentum_buffer, coef)
                     update = F.lerp(normed_grad, momentum_buffer, h["coef"])
                 else:
                     # momentum_buffer = lerp(momentum_buffer, g, 1 - momentum)
-                    F.lerp_(momentum_buffer, g, h["_k28"])
+                    F.lerp_(momentum_buffer, g, h["_k30"])
                     # if nesterov:
                     if h["_c11"]:
                         # update = lerp(g, momentum_buffer, coef)
@@ -1249,7 +1486,7 @@ def _device_step(h, param, grad, S):
                         update = F.copy(momentum_buffer)
             else:
                 # if snr_cond and matrix:
-                if h["_c30"]:
+                if h["_c35"]:
                     # buf_sq = g * g
                     buf_sq = F.mul(g, g)
                     # vt_row = maximum(1 - viewmean(buf_sq, 1), 1e-30)
@@ -1280,7 +1517,7 @@ def _device_step(h, param, grad, S):
                 # update = copy(g)
                 update = F.copy(g)
             # if snr_cond and matrix:
-            if h["_c31"]:
+            if h["_c36"]:
                 # update = atan(update * rsqrt(vt_row) * rsqrt(vt_col))
                 update_3 = F.rsqrt(vt_row)
                 F.mul_(update, update_3)
@@ -1288,26 +1525,26 @@ def _device_step(h, param, grad, S):
                 F.mul_(update, update_4)
                 F.atan_(update)
             # if snr_cond and not matrix:
-            if h["_c32"]:
+            if h["_c37"]:
                 # update = atan2(update, snr_denom)
                 update = F.atan2(update, snr_denom)
             # if not normed_momentum and matrix:
-            if h["_c33"]:
+            if h["_c38"]:
                 # update = sinkhorn(update, param, sinkhorn_iterations, orthogonal_sinkhorn)
-                update = F.sinkhorn(update, param, h["_k29"], h["_k30"])
+                update = F.sinkhorn(update, param, h["_k31"], h["_k32"])
             # if not normed_momentum and not matrix:
-            if h["_c34"]:
+            if h["_c39"]:
                 # update = sign(update)
                 F.sign_(update)
             # if geometric_wd and weight_decay > 0 and matrix:
-            if h["_c35"]:
+            if h["_c40"]:
                 # wd_row = sqrt(maximum(viewnorm(param, 1), 1 / sqrt(numel / dim0)))
                 wd_row = F.viewnorm(param, 1)
-                F.maximum_(wd_row, h["_k31"])
+                F.maximum_(wd_row, h["_k33"])
                 F.sqrt_(wd_row)
                 # wd_col = sqrt(maximum(viewnorm(param, 0), 1 / sqrt(dim0)))
                 wd_col = F.viewnorm(param, 0)
-                F.maximum_(wd_col, h["_k32"])
+                F.maximum_(wd_col, h["_k34"])
                 F.sqrt_(wd_col)
                 # if snr_cond:
                 if h["_c9"]:
@@ -1327,12 +1564,12 @@ def _device_step(h, param, grad, S):
                 wd_scaler_4 = F.div(wd_scaler, wd_scaler_3)
                 wd_scaler = wd_scaler_4
                 # wd_scaler = wd_scaler * (weight_decay * lr)
-                F.mul_(wd_scaler, h["_k33"])
+                F.mul_(wd_scaler, h["_k35"])
             else:
                 # wd_scaler = param
                 wd_scaler = F.copy(param)
             # if geometric_wd and weight_decay > 0 and not matrix:
-            if h["_c36"]:
+            if h["_c41"]:
                 # wd_target = sign(param)
                 wd_target = F.sign(param)
                 # if snr_cond:
@@ -1342,30 +1579,67 @@ def _device_step(h, param, grad, S):
                     # wd_target = wd_target * (norm(param) / maximum(norm(wd_target), 1 / sqrt(numel)))
                     wd_target_5 = F.norm(param)
                     wd_target_6 = F.norm(wd_target)
-                    F.maximum_(wd_target_6, h["_k34"])
+                    F.maximum_(wd_target_6, h["_k36"])
                     F.div_(wd_target_5, wd_target_6)
                     wd_target_7 = F.mul(wd_target, wd_target_5)
                     wd_target = wd_target_7
                 else:
                     # wd_target = wd_target * (norm(param) / sqrt(numel))
                     wd_target_8 = F.norm(param)
-                    F.div_(wd_target_8, h["_k35"])
+                    F.div_(wd_target_8, h["_k37"])
                     F.mul_(wd_target, wd_target_8)
             else:
                 # wd_target = param
                 wd_target = F.copy(param)
+            # if centered_wd != 0 and (geometric_wd and weight_decay > 0 and not matrix):
+            if h["_c42"]:
+                # if centered_wd_mode == 'int8':
+                if h["_c20"]:
+                    # cwd_target_delta = param - cast(anchor_data, param)
+                    cwd_target_delta_6 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                    cwd_target_delta_7 = F.cast(cwd_target_delta_6, param)
+                    cwd_target_delta = F.sub(param, cwd_target_delta_7)
+                else:
+                    # if centered_wd_mode == 'int4':
+                    if h["_c21"]:
+                        # cwd_target_delta = param - cast(anchor_data, param)
+                        cwd_target_delta_8 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                        cwd_target_delta_9 = F.cast(cwd_target_delta_8, param)
+                        cwd_target_delta = F.sub(param, cwd_target_delta_9)
+                    else:
+                        # cwd_target_delta = param - cast(anchor_data, param)
+                        cwd_target_delta_10 = F.cast(anchor_data, param)
+                        cwd_target_delta = F.sub(param, cwd_target_delta_10)
+                # cwd_target_geometric = sign(cwd_target_delta)
+                cwd_target_geometric = F.sign(cwd_target_delta)
+                # if snr_cond:
+                if h["_c9"]:
+                    # cwd_target_geometric = atan2(cwd_target_geometric, snr_denom)
+                    cwd_target_geometric = F.atan2(cwd_target_geometric, snr_denom)
+                    # cwd_target_geometric = cwd_target_geometric * (norm(cwd_target_delta) / maximum(norm(cwd_target_geometric), 1 / sqrt(numel)))
+                    cwd_target_geometric_5 = F.norm(cwd_target_delta)
+                    cwd_target_geometric_6 = F.norm(cwd_target_geometric)
+                    F.maximum_(cwd_target_geometric_6, h["_k38"])
+                    F.div_(cwd_target_geometric_5, cwd_target_geometric_6)
+                    cwd_target_geometric_7 = F.mul(cwd_target_geometric, cwd_target_geometric_5)
+                    cwd_target_geometric = cwd_target_geometric_7
+                else:
+                    # cwd_target_geometric = cwd_target_geometric * (norm(cwd_target_delta) / sqrt(numel))
+                    cwd_target_geometric_8 = F.norm(cwd_target_delta)
+                    F.div_(cwd_target_geometric_8, h["_k39"])
+                    F.mul_(cwd_target_geometric, cwd_target_geometric_8)
             # update = update * (lr * where(snr_cond, 1.2732395447351628, 1.0))
-            F.mul_(update, h["_k36"])
+            F.mul_(update, h["_k40"])
             # if stochastic_rounding and bf16 != 0:
-            if h["_c19"]:
+            if h["_c22"]:
                 # param_fp32 = float32(param)
                 param_fp32 = F.float32(param)
                 # update_fp32 = float32(update)
                 update_fp32 = F.float32(update)
                 # if weight_decay != 0 and geometric_wd and matrix:
-                if h["_c37"]:
+                if h["_c43"]:
                     # if cautious_wd:
-                    if h["_c21"]:
+                    if h["_c24"]:
                         # param_fp32 = param_fp32 - param_fp32 * (where(update_fp32 * param_fp32 >= 0, 1.0, 0.0) * wd_scaler)
                         param_fp32_17 = F.mul(update_fp32, param_fp32)
                         param_fp32_18 = F.ge(param_fp32_17, 0)
@@ -1377,57 +1651,76 @@ def _device_step(h, param, grad, S):
                         # param_fp32 = param_fp32 - param_fp32 * wd_scaler
                         param_fp32 = F.addcmul(param_fp32, param_fp32, wd_scaler, -1)
                 # if weight_decay != 0 and geometric_wd and not matrix:
-                if h["_c38"]:
+                if h["_c44"]:
                     # if cautious_wd:
-                    if h["_c21"]:
+                    if h["_c24"]:
                         # param_fp32 = param_fp32 - weight_decay * lr * wd_target * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
                         param_fp32_21 = F.mul(update_fp32, param_fp32)
                         param_fp32_22 = F.ge(param_fp32_21, 0)
                         param_fp32_23 = F.where(param_fp32_22, 1.0, 0.0, like=param)
-                        param_fp32_24 = F.addcmul(param_fp32, wd_target, param_fp32_23, h["_k37"])
+                        param_fp32_24 = F.addcmul(param_fp32, wd_target, param_fp32_23, h["_k41"])
                         param_fp32 = param_fp32_24
                     else:
                         # param_fp32 = param_fp32 - weight_decay * lr * wd_target
-                        param_fp32 = F.axpy(param_fp32, wd_target, h["_k38"])
+                        param_fp32 = F.axpy(param_fp32, wd_target, h["_k42"])
                 # if weight_decay != 0 and not geometric_wd:
-                if h["_c23"]:
+                if h["_c26"]:
                     # if cautious_wd:
-                    if h["_c21"]:
+                    if h["_c24"]:
                         # param_fp32 = param_fp32 - weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
                         param_fp32_25 = F.mul(update_fp32, param_fp32)
                         param_fp32_26 = F.ge(param_fp32_25, 0)
                         param_fp32_27 = F.where(param_fp32_26, 1.0, 0.0, like=param)
-                        param_fp32_28 = F.addcmul(param_fp32, param_fp32, param_fp32_27, h["_k39"])
+                        param_fp32_28 = F.addcmul(param_fp32, param_fp32, param_fp32_27, h["_k43"])
                         param_fp32 = param_fp32_28
                     else:
                         # param_fp32 = param_fp32 - weight_decay * lr * param_fp32
-                        param_fp32 = F.axpy(param_fp32, param_fp32, h["_k40"])
+                        param_fp32 = F.axpy(param_fp32, param_fp32, h["_k44"])
                 # if centered_wd != 0:
-                if h["_c24"]:
-                    # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                    cwd_target_3 = F.cast(anchor_data, param_fp32)
-                    cwd_target = F.sub(param_fp32, cwd_target_3)
+                if h["_c27"]:
+                    # if geometric_wd and weight_decay > 0 and not matrix:
+                    if h["_c45"]:
+                        # cwd_target = cwd_target_geometric
+                        cwd_target = cwd_target_geometric
+                    else:
+                        # if centered_wd_mode == 'int8':
+                        if h["_c20"]:
+                            # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                            cwd_target_11 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                            cwd_target_12 = F.cast(cwd_target_11, param_fp32)
+                            cwd_target = F.sub(param_fp32, cwd_target_12)
+                        else:
+                            # if centered_wd_mode == 'int4':
+                            if h["_c21"]:
+                                # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                cwd_target_13 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                cwd_target_14 = F.cast(cwd_target_13, param_fp32)
+                                cwd_target = F.sub(param_fp32, cwd_target_14)
+                            else:
+                                # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                cwd_target_15 = F.cast(anchor_data, param_fp32)
+                                cwd_target = F.sub(param_fp32, cwd_target_15)
                     # if cautious_wd:
-                    if h["_c21"]:
+                    if h["_c24"]:
                         # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
                         param_fp32_29 = F.mul(update_fp32, cwd_target)
                         param_fp32_30 = F.ge(param_fp32_29, 0)
                         param_fp32_31 = F.where(param_fp32_30, 1.0, 0.0, like=param)
-                        param_fp32_32 = F.addcmul(param_fp32, cwd_target, param_fp32_31, h["_k41"])
+                        param_fp32_32 = F.addcmul(param_fp32, cwd_target, param_fp32_31, h["_k45"])
                         param_fp32 = param_fp32_32
                     else:
                         # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
-                        param_fp32 = F.axpy(param_fp32, cwd_target, h["_k42"])
+                        param_fp32 = F.axpy(param_fp32, cwd_target, h["_k46"])
                 # param_fp32 = param_fp32 + -update_fp32
                 param_fp32 = F.sub(param_fp32, update_fp32)
                 # param = stochastic_round(param_fp32, step)
-                param_19 = F.stochastic_round(param_fp32, h["_k43"])
+                param_19 = F.stochastic_round(param_fp32, h["_k47"])
                 F.assign_(param, param_19)
             else:
                 # if weight_decay != 0 and geometric_wd and matrix:
-                if h["_c39"]:
+                if h["_c46"]:
                     # if cautious_wd:
-                    if h["_c21"]:
+                    if h["_c24"]:
                         # param = param - param * (where(update * param >= 0, 1.0, 0.0) * wd_scaler)
                         param_20 = F.mul(update, param)
                         param_21 = F.ge(param_20, 0)
@@ -1440,54 +1733,73 @@ def _device_step(h, param, grad, S):
                         param_24 = F.addcmul(param, param, wd_scaler, -1)
                         F.assign_(param, param_24)
                 # if weight_decay != 0 and geometric_wd and not matrix:
-                if h["_c40"]:
+                if h["_c47"]:
                     # if cautious_wd:
-                    if h["_c21"]:
+                    if h["_c24"]:
                         # param = param - weight_decay * lr * wd_target * where(update * param >= 0, 1.0, 0.0)
                         param_25 = F.mul(update, param)
                         param_26 = F.ge(param_25, 0)
                         param_27 = F.where(param_26, 1.0, 0.0, like=param)
-                        param_28 = F.addcmul(param, wd_target, param_27, h["_k44"])
+                        param_28 = F.addcmul(param, wd_target, param_27, h["_k48"])
                         F.assign_(param, param_28)
                     else:
                         # param = param - weight_decay * lr * wd_target
-                        F.axpy_(param, wd_target, h["_k45"])
+                        F.axpy_(param, wd_target, h["_k49"])
                 # if weight_decay != 0 and not geometric_wd:
-                if h["_c23"]:
+                if h["_c26"]:
                     # if cautious_wd:
-                    if h["_c21"]:
+                    if h["_c24"]:
                         # param = param - weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
                         param_29 = F.mul(update, param)
                         param_30 = F.ge(param_29, 0)
                         param_31 = F.where(param_30, 1.0, 0.0, like=param)
-                        param_32 = F.addcmul(param, param, param_31, h["_k46"])
+                        param_32 = F.addcmul(param, param, param_31, h["_k50"])
                         F.assign_(param, param_32)
                     else:
                         # param = param - weight_decay * lr * param
-                        param_33 = F.axpy(param, param, h["_k47"])
+                        param_33 = F.axpy(param, param, h["_k51"])
                         F.assign_(param, param_33)
                 # if centered_wd != 0:
-                if h["_c24"]:
-                    # cwd_target = param - cast(anchor_data, param)
-                    cwd_target_4 = F.cast(anchor_data, param)
-                    cwd_target = F.sub(param, cwd_target_4)
+                if h["_c27"]:
+                    # if geometric_wd and weight_decay > 0 and not matrix:
+                    if h["_c48"]:
+                        # cwd_target = cwd_target_geometric
+                        cwd_target = cwd_target_geometric
+                    else:
+                        # if centered_wd_mode == 'int8':
+                        if h["_c20"]:
+                            # cwd_target = param - cast(anchor_data, param)
+                            cwd_target_16 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                            cwd_target_17 = F.cast(cwd_target_16, param)
+                            cwd_target = F.sub(param, cwd_target_17)
+                        else:
+                            # if centered_wd_mode == 'int4':
+                            if h["_c21"]:
+                                # cwd_target = param - cast(anchor_data, param)
+                                cwd_target_18 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                cwd_target_19 = F.cast(cwd_target_18, param)
+                                cwd_target = F.sub(param, cwd_target_19)
+                            else:
+                                # cwd_target = param - cast(anchor_data, param)
+                                cwd_target_20 = F.cast(anchor_data, param)
+                                cwd_target = F.sub(param, cwd_target_20)
                     # if cautious_wd:
-                    if h["_c21"]:
+                    if h["_c24"]:
                         # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
                         param_34 = F.mul(update, cwd_target)
                         param_35 = F.ge(param_34, 0)
                         param_36 = F.where(param_35, 1.0, 0.0, like=param)
-                        F.addcmul_(param, cwd_target, param_36, h["_k48"])
+                        F.addcmul_(param, cwd_target, param_36, h["_k52"])
                     else:
                         # param = param - centered_wd * lr * cwd_target
-                        F.axpy_(param, cwd_target, h["_k49"])
+                        F.axpy_(param, cwd_target, h["_k53"])
                 # param = param + -update
                 F.sub_(param, update)
     else:
         # if state_precision == 'bf16_sr' and not nnmf_factor:
-        if h["_c41"]:
+        if h["_c49"]:
             # if momentum != 0 and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape)):
-            if h["_c42"]:
+            if h["_c50"]:
                 # grad = float32(grad)
                 grad = F.float32(grad)
             # if orthogonal_gradient == 'flattened' or orthogonal_gradient == 'iterative' and (ndim < 2 or param_attr('_is_dora_scale', False) or param_attr('is_vector', False)):
@@ -1526,17 +1838,17 @@ def _device_step(h, param, grad, S):
             if h["_c5"]:
                 pass
             # if normed_momentum and matrix:
-            if h["_c43"]:
+            if h["_c51"]:
                 # g = sinkhorn(g, param, sinkhorn_iterations, orthogonal_sinkhorn)
-                g = F.sinkhorn(g, param, h["_k50"], h["_k51"])
+                g = F.sinkhorn(g, param, h["_k54"], h["_k55"])
             # if normed_momentum and not matrix:
-            if h["_c44"]:
+            if h["_c52"]:
                 # g = sign(g)
                 g = F.sign(g)
             # if momentum != 0:
             if h["_c2"]:
                 # if snr_cond and matrix:
-                if h["_c45"]:
+                if h["_c53"]:
                     # momentum_buffer_work = momentum_buffer
                     momentum_buffer_work = F.decode("bf16_sr", False, {"": momentum_buffer})
                     # buf_sq = momentum_buffer_work * momentum_buffer_work
@@ -1576,7 +1888,7 @@ def _device_step(h, param, grad, S):
                     normed_grad = F.abs(momentum_buffer_work)
                     F.mul_(normed_grad, g)
                     # momentum_buffer_work = lerp(momentum_buffer_work, g, 1 - momentum)
-                    F.lerp_(momentum_buffer_work, g, h["_k52"])
+                    F.lerp_(momentum_buffer_work, g, h["_k56"])
                     # momentum_buffer = momentum_buffer_work
                     F.encode_("bf16_sr", False, {"": momentum_buffer}, momentum_buffer_work)
                     # update = lerp(normed_grad, momentum_buffer_work, coef)
@@ -1585,7 +1897,7 @@ def _device_step(h, param, grad, S):
                     # momentum_buffer_work = momentum_buffer
                     momentum_buffer_work = F.decode("bf16_sr", False, {"": momentum_buffer})
                     # momentum_buffer_work = lerp(momentum_buffer_work, g, 1 - momentum)
-                    F.lerp_(momentum_buffer_work, g, h["_k54"])
+                    F.lerp_(momentum_buffer_work, g, h["_k58"])
                     # momentum_buffer = momentum_buffer_work
                     F.encode_("bf16_sr", False, {"": momentum_buffer}, momentum_buffer_work)
                     # if nesterov:
@@ -1597,7 +1909,7 @@ def _device_step(h, param, grad, S):
                         update = F.copy(momentum_buffer_work)
             else:
                 # if snr_cond and matrix:
-                if h["_c46"]:
+                if h["_c54"]:
                     # buf_sq = g * g
                     buf_sq = F.mul(g, g)
                     # vt_row = maximum(1 - viewmean(buf_sq, 1), 1e-30)
@@ -1628,7 +1940,7 @@ def _device_step(h, param, grad, S):
                 # update = copy(g)
                 update = F.copy(g)
             # if snr_cond and matrix:
-            if h["_c47"]:
+            if h["_c55"]:
                 # update = atan(update * rsqrt(vt_row) * rsqrt(vt_col))
                 update_5 = F.rsqrt(vt_row)
                 F.mul_(update, update_5)
@@ -1636,26 +1948,26 @@ def _device_step(h, param, grad, S):
                 F.mul_(update, update_6)
                 F.atan_(update)
             # if snr_cond and not matrix:
-            if h["_c48"]:
+            if h["_c56"]:
                 # update = atan2(update, snr_denom)
                 update = F.atan2(update, snr_denom)
             # if not normed_momentum and matrix:
-            if h["_c49"]:
+            if h["_c57"]:
                 # update = sinkhorn(update, param, sinkhorn_iterations, orthogonal_sinkhorn)
-                update = F.sinkhorn(update, param, h["_k56"], h["_k57"])
+                update = F.sinkhorn(update, param, h["_k60"], h["_k61"])
             # if not normed_momentum and not matrix:
-            if h["_c50"]:
+            if h["_c58"]:
                 # update = sign(update)
                 F.sign_(update)
             # if geometric_wd and weight_decay > 0 and matrix:
-            if h["_c51"]:
+            if h["_c59"]:
                 # wd_row = sqrt(maximum(viewnorm(param, 1), 1 / sqrt(numel / dim0)))
                 wd_row = F.viewnorm(param, 1)
-                F.maximum_(wd_row, h["_k58"])
+                F.maximum_(wd_row, h["_k62"])
                 F.sqrt_(wd_row)
                 # wd_col = sqrt(maximum(viewnorm(param, 0), 1 / sqrt(dim0)))
                 wd_col = F.viewnorm(param, 0)
-                F.maximum_(wd_col, h["_k59"])
+                F.maximum_(wd_col, h["_k63"])
                 F.sqrt_(wd_col)
                 # if snr_cond:
                 if h["_c9"]:
@@ -1675,12 +1987,12 @@ def _device_step(h, param, grad, S):
                 wd_scaler_6 = F.div(wd_scaler, wd_scaler_5)
                 wd_scaler = wd_scaler_6
                 # wd_scaler = wd_scaler * (weight_decay * lr)
-                F.mul_(wd_scaler, h["_k60"])
+                F.mul_(wd_scaler, h["_k64"])
             else:
                 # wd_scaler = param
                 wd_scaler = F.copy(param)
             # if geometric_wd and weight_decay > 0 and not matrix:
-            if h["_c52"]:
+            if h["_c60"]:
                 # wd_target = sign(param)
                 wd_target = F.sign(param)
                 # if snr_cond:
@@ -1690,30 +2002,67 @@ def _device_step(h, param, grad, S):
                     # wd_target = wd_target * (norm(param) / maximum(norm(wd_target), 1 / sqrt(numel)))
                     wd_target_9 = F.norm(param)
                     wd_target_10 = F.norm(wd_target)
-                    F.maximum_(wd_target_10, h["_k61"])
+                    F.maximum_(wd_target_10, h["_k65"])
                     F.div_(wd_target_9, wd_target_10)
                     wd_target_11 = F.mul(wd_target, wd_target_9)
                     wd_target = wd_target_11
                 else:
                     # wd_target = wd_target * (norm(param) / sqrt(numel))
                     wd_target_12 = F.norm(param)
-                    F.div_(wd_target_12, h["_k62"])
+                    F.div_(wd_target_12, h["_k66"])
                     F.mul_(wd_target, wd_target_12)
             else:
                 # wd_target = param
                 wd_target = F.copy(param)
+            # if centered_wd != 0 and (geometric_wd and weight_decay > 0 and not matrix):
+            if h["_c61"]:
+                # if centered_wd_mode == 'int8':
+                if h["_c20"]:
+                    # cwd_target_delta = param - cast(anchor_data, param)
+                    cwd_target_delta_11 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                    cwd_target_delta_12 = F.cast(cwd_target_delta_11, param)
+                    cwd_target_delta = F.sub(param, cwd_target_delta_12)
+                else:
+                    # if centered_wd_mode == 'int4':
+                    if h["_c21"]:
+                        # cwd_target_delta = param - cast(anchor_data, param)
+                        cwd_target_delta_13 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                        cwd_target_delta_14 = F.cast(cwd_target_delta_13, param)
+                        cwd_target_delta = F.sub(param, cwd_target_delta_14)
+                    else:
+                        # cwd_target_delta = param - cast(anchor_data, param)
+                        cwd_target_delta_15 = F.cast(anchor_data, param)
+                        cwd_target_delta = F.sub(param, cwd_target_delta_15)
+                # cwd_target_geometric = sign(cwd_target_delta)
+                cwd_target_geometric = F.sign(cwd_target_delta)
+                # if snr_cond:
+                if h["_c9"]:
+                    # cwd_target_geometric = atan2(cwd_target_geometric, snr_denom)
+                    cwd_target_geometric = F.atan2(cwd_target_geometric, snr_denom)
+                    # cwd_target_geometric = cwd_target_geometric * (norm(cwd_target_delta) / maximum(norm(cwd_target_geometric), 1 / sqrt(numel)))
+                    cwd_target_geometric_9 = F.norm(cwd_target_delta)
+                    cwd_target_geometric_10 = F.norm(cwd_target_geometric)
+                    F.maximum_(cwd_target_geometric_10, h["_k67"])
+                    F.div_(cwd_target_geometric_9, cwd_target_geometric_10)
+                    cwd_target_geometric_11 = F.mul(cwd_target_geometric, cwd_target_geometric_9)
+                    cwd_target_geometric = cwd_target_geometric_11
+                else:
+                    # cwd_target_geometric = cwd_target_geometric * (norm(cwd_target_delta) / sqrt(numel))
+                    cwd_target_geometric_12 = F.norm(cwd_target_delta)
+                    F.div_(cwd_target_geometric_12, h["_k68"])
+                    F.mul_(cwd_target_geometric, cwd_target_geometric_12)
             # update = update * (lr * where(snr_cond, 1.2732395447351628, 1.0))
-            F.mul_(update, h["_k63"])
+            F.mul_(update, h["_k69"])
             # if stochastic_rounding and bf16 != 0:
-            if h["_c19"]:
+            if h["_c22"]:
                 # param_fp32 = float32(param)
                 param_fp32 = F.float32(param)
                 # update_fp32 = float32(update)
                 update_fp32 = F.float32(update)
                 # if weight_decay != 0 and geometric_wd and matrix:
-                if h["_c53"]:
+                if h["_c62"]:
                     # if cautious_wd:
-                    if h["_c21"]:
+                    if h["_c24"]:
                         # param_fp32 = param_fp32 - param_fp32 * (where(update_fp32 * param_fp32 >= 0, 1.0, 0.0) * wd_scaler)
                         param_fp32_33 = F.mul(update_fp32, param_fp32)
                         param_fp32_34 = F.ge(param_fp32_33, 0)
@@ -1725,57 +2074,76 @@ def _device_step(h, param, grad, S):
                         # param_fp32 = param_fp32 - param_fp32 * wd_scaler
                         param_fp32 = F.addcmul(param_fp32, param_fp32, wd_scaler, -1)
                 # if weight_decay != 0 and geometric_wd and not matrix:
-                if h["_c54"]:
+                if h["_c63"]:
                     # if cautious_wd:
-                    if h["_c21"]:
+                    if h["_c24"]:
                         # param_fp32 = param_fp32 - weight_decay * lr * wd_target * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
                         param_fp32_37 = F.mul(update_fp32, param_fp32)
                         param_fp32_38 = F.ge(param_fp32_37, 0)
                         param_fp32_39 = F.where(param_fp32_38, 1.0, 0.0, like=param)
-                        param_fp32_40 = F.addcmul(param_fp32, wd_target, param_fp32_39, h["_k64"])
+                        param_fp32_40 = F.addcmul(param_fp32, wd_target, param_fp32_39, h["_k70"])
                         param_fp32 = param_fp32_40
                     else:
                         # param_fp32 = param_fp32 - weight_decay * lr * wd_target
-                        param_fp32 = F.axpy(param_fp32, wd_target, h["_k65"])
+                        param_fp32 = F.axpy(param_fp32, wd_target, h["_k71"])
                 # if weight_decay != 0 and not geometric_wd:
-                if h["_c23"]:
+                if h["_c26"]:
                     # if cautious_wd:
-                    if h["_c21"]:
+                    if h["_c24"]:
                         # param_fp32 = param_fp32 - weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
                         param_fp32_41 = F.mul(update_fp32, param_fp32)
                         param_fp32_42 = F.ge(param_fp32_41, 0)
                         param_fp32_43 = F.where(param_fp32_42, 1.0, 0.0, like=param)
-                        param_fp32_44 = F.addcmul(param_fp32, param_fp32, param_fp32_43, h["_k66"])
+                        param_fp32_44 = F.addcmul(param_fp32, param_fp32, param_fp32_43, h["_k72"])
                         param_fp32 = param_fp32_44
                     else:
                         # param_fp32 = param_fp32 - weight_decay * lr * param_fp32
-                        param_fp32 = F.axpy(param_fp32, param_fp32, h["_k67"])
+                        param_fp32 = F.axpy(param_fp32, param_fp32, h["_k73"])
                 # if centered_wd != 0:
-                if h["_c24"]:
-                    # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                    cwd_target_5 = F.cast(anchor_data, param_fp32)
-                    cwd_target = F.sub(param_fp32, cwd_target_5)
+                if h["_c27"]:
+                    # if geometric_wd and weight_decay > 0 and not matrix:
+                    if h["_c64"]:
+                        # cwd_target = cwd_target_geometric
+                        cwd_target = cwd_target_geometric
+                    else:
+                        # if centered_wd_mode == 'int8':
+                        if h["_c20"]:
+                            # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                            cwd_target_21 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                            cwd_target_22 = F.cast(cwd_target_21, param_fp32)
+                            cwd_target = F.sub(param_fp32, cwd_target_22)
+                        else:
+                            # if centered_wd_mode == 'int4':
+                            if h["_c21"]:
+                                # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                cwd_target_23 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                cwd_target_24 = F.cast(cwd_target_23, param_fp32)
+                                cwd_target = F.sub(param_fp32, cwd_target_24)
+                            else:
+                                # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                cwd_target_25 = F.cast(anchor_data, param_fp32)
+                                cwd_target = F.sub(param_fp32, cwd_target_25)
                     # if cautious_wd:
-                    if h["_c21"]:
+                    if h["_c24"]:
                         # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
                         param_fp32_45 = F.mul(update_fp32, cwd_target)
                         param_fp32_46 = F.ge(param_fp32_45, 0)
                         param_fp32_47 = F.where(param_fp32_46, 1.0, 0.0, like=param)
-                        param_fp32_48 = F.addcmul(param_fp32, cwd_target, param_fp32_47, h["_k68"])
+                        param_fp32_48 = F.addcmul(param_fp32, cwd_target, param_fp32_47, h["_k74"])
                         param_fp32 = param_fp32_48
                     else:
                         # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
-                        param_fp32 = F.axpy(param_fp32, cwd_target, h["_k69"])
+                        param_fp32 = F.axpy(param_fp32, cwd_target, h["_k75"])
                 # param_fp32 = param_fp32 + -update_fp32
                 param_fp32 = F.sub(param_fp32, update_fp32)
                 # param = stochastic_round(param_fp32, step)
-                param_37 = F.stochastic_round(param_fp32, h["_k70"])
+                param_37 = F.stochastic_round(param_fp32, h["_k76"])
                 F.assign_(param, param_37)
             else:
                 # if weight_decay != 0 and geometric_wd and matrix:
-                if h["_c55"]:
+                if h["_c65"]:
                     # if cautious_wd:
-                    if h["_c21"]:
+                    if h["_c24"]:
                         # param = param - param * (where(update * param >= 0, 1.0, 0.0) * wd_scaler)
                         param_38 = F.mul(update, param)
                         param_39 = F.ge(param_38, 0)
@@ -1788,54 +2156,73 @@ def _device_step(h, param, grad, S):
                         param_42 = F.addcmul(param, param, wd_scaler, -1)
                         F.assign_(param, param_42)
                 # if weight_decay != 0 and geometric_wd and not matrix:
-                if h["_c56"]:
+                if h["_c66"]:
                     # if cautious_wd:
-                    if h["_c21"]:
+                    if h["_c24"]:
                         # param = param - weight_decay * lr * wd_target * where(update * param >= 0, 1.0, 0.0)
                         param_43 = F.mul(update, param)
                         param_44 = F.ge(param_43, 0)
                         param_45 = F.where(param_44, 1.0, 0.0, like=param)
-                        param_46 = F.addcmul(param, wd_target, param_45, h["_k71"])
+                        param_46 = F.addcmul(param, wd_target, param_45, h["_k77"])
                         F.assign_(param, param_46)
                     else:
                         # param = param - weight_decay * lr * wd_target
-                        F.axpy_(param, wd_target, h["_k72"])
+                        F.axpy_(param, wd_target, h["_k78"])
                 # if weight_decay != 0 and not geometric_wd:
-                if h["_c23"]:
+                if h["_c26"]:
                     # if cautious_wd:
-                    if h["_c21"]:
+                    if h["_c24"]:
                         # param = param - weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
                         param_47 = F.mul(update, param)
                         param_48 = F.ge(param_47, 0)
                         param_49 = F.where(param_48, 1.0, 0.0, like=param)
-                        param_50 = F.addcmul(param, param, param_49, h["_k73"])
+                        param_50 = F.addcmul(param, param, param_49, h["_k79"])
                         F.assign_(param, param_50)
                     else:
                         # param = param - weight_decay * lr * param
-                        param_51 = F.axpy(param, param, h["_k74"])
+                        param_51 = F.axpy(param, param, h["_k80"])
                         F.assign_(param, param_51)
                 # if centered_wd != 0:
-                if h["_c24"]:
-                    # cwd_target = param - cast(anchor_data, param)
-                    cwd_target_6 = F.cast(anchor_data, param)
-                    cwd_target = F.sub(param, cwd_target_6)
+                if h["_c27"]:
+                    # if geometric_wd and weight_decay > 0 and not matrix:
+                    if h["_c67"]:
+                        # cwd_target = cwd_target_geometric
+                        cwd_target = cwd_target_geometric
+                    else:
+                        # if centered_wd_mode == 'int8':
+                        if h["_c20"]:
+                            # cwd_target = param - cast(anchor_data, param)
+                            cwd_target_26 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                            cwd_target_27 = F.cast(cwd_target_26, param)
+                            cwd_target = F.sub(param, cwd_target_27)
+                        else:
+                            # if centered_wd_mode == 'int4':
+                            if h["_c21"]:
+                                # cwd_target = param - cast(anchor_data, param)
+                                cwd_target_28 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                cwd_target_29 = F.cast(cwd_target_28, param)
+                                cwd_target = F.sub(param, cwd_target_29)
+                            else:
+                                # cwd_target = param - cast(anchor_data, param)
+                                cwd_target_30 = F.cast(anchor_data, param)
+                                cwd_target = F.sub(param, cwd_target_30)
                     # if cautious_wd:
-                    if h["_c21"]:
+                    if h["_c24"]:
                         # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
                         param_52 = F.mul(update, cwd_target)
                         param_53 = F.ge(param_52, 0)
                         param_54 = F.where(param_53, 1.0, 0.0, like=param)
-                        F.addcmul_(param, cwd_target, param_54, h["_k75"])
+                        F.addcmul_(param, cwd_target, param_54, h["_k81"])
                     else:
                         # param = param - centered_wd * lr * cwd_target
-                        F.axpy_(param, cwd_target, h["_k76"])
+                        F.axpy_(param, cwd_target, h["_k82"])
                 # param = param + -update
                 F.sub_(param, update)
         else:
             # if state_precision == 'int8_sr' and not nnmf_factor:
-            if h["_c57"]:
+            if h["_c68"]:
                 # if momentum != 0 and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape)):
-                if h["_c42"]:
+                if h["_c50"]:
                     # grad = float32(grad)
                     grad = F.float32(grad)
                 # if orthogonal_gradient == 'flattened' or orthogonal_gradient == 'iterative' and (ndim < 2 or param_attr('_is_dora_scale', False) or param_attr('is_vector', False)):
@@ -1874,17 +2261,17 @@ def _device_step(h, param, grad, S):
                 if h["_c5"]:
                     pass
                 # if normed_momentum and matrix:
-                if h["_c58"]:
+                if h["_c69"]:
                     # g = sinkhorn(g, param, sinkhorn_iterations, orthogonal_sinkhorn)
-                    g = F.sinkhorn(g, param, h["_k77"], h["_k78"])
+                    g = F.sinkhorn(g, param, h["_k83"], h["_k84"])
                 # if normed_momentum and not matrix:
-                if h["_c59"]:
+                if h["_c70"]:
                     # g = sign(g)
                     g = F.sign(g)
                 # if momentum != 0:
                 if h["_c2"]:
                     # if snr_cond and matrix:
-                    if h["_c60"]:
+                    if h["_c71"]:
                         # momentum_buffer_work = momentum_buffer
                         momentum_buffer_work = F.decode("int8_sr", False, {"": momentum_buffer, "_scale": momentum_buffer_scale})
                         # buf_sq = momentum_buffer_work * momentum_buffer_work
@@ -1924,7 +2311,7 @@ def _device_step(h, param, grad, S):
                         normed_grad = F.abs(momentum_buffer_work)
                         F.mul_(normed_grad, g)
                         # momentum_buffer_work = lerp(momentum_buffer_work, g, 1 - momentum)
-                        F.lerp_(momentum_buffer_work, g, h["_k79"])
+                        F.lerp_(momentum_buffer_work, g, h["_k85"])
                         # momentum_buffer = momentum_buffer_work
                         F.encode_("int8_sr", False, {"": momentum_buffer, "_scale": momentum_buffer_scale}, momentum_buffer_work)
                         # update = lerp(normed_grad, momentum_buffer_work, coef)
@@ -1933,7 +2320,7 @@ def _device_step(h, param, grad, S):
                         # momentum_buffer_work = momentum_buffer
                         momentum_buffer_work = F.decode("int8_sr", False, {"": momentum_buffer, "_scale": momentum_buffer_scale})
                         # momentum_buffer_work = lerp(momentum_buffer_work, g, 1 - momentum)
-                        F.lerp_(momentum_buffer_work, g, h["_k81"])
+                        F.lerp_(momentum_buffer_work, g, h["_k87"])
                         # momentum_buffer = momentum_buffer_work
                         F.encode_("int8_sr", False, {"": momentum_buffer, "_scale": momentum_buffer_scale}, momentum_buffer_work)
                         # if nesterov:
@@ -1945,7 +2332,7 @@ def _device_step(h, param, grad, S):
                             update = F.copy(momentum_buffer_work)
                 else:
                     # if snr_cond and matrix:
-                    if h["_c61"]:
+                    if h["_c72"]:
                         # buf_sq = g * g
                         buf_sq = F.mul(g, g)
                         # vt_row = maximum(1 - viewmean(buf_sq, 1), 1e-30)
@@ -1976,7 +2363,7 @@ def _device_step(h, param, grad, S):
                     # update = copy(g)
                     update = F.copy(g)
                 # if snr_cond and matrix:
-                if h["_c62"]:
+                if h["_c73"]:
                     # update = atan(update * rsqrt(vt_row) * rsqrt(vt_col))
                     update_7 = F.rsqrt(vt_row)
                     F.mul_(update, update_7)
@@ -1984,26 +2371,26 @@ def _device_step(h, param, grad, S):
                     F.mul_(update, update_8)
                     F.atan_(update)
                 # if snr_cond and not matrix:
-                if h["_c63"]:
+                if h["_c74"]:
                     # update = atan2(update, snr_denom)
                     update = F.atan2(update, snr_denom)
                 # if not normed_momentum and matrix:
-                if h["_c64"]:
+                if h["_c75"]:
                     # update = sinkhorn(update, param, sinkhorn_iterations, orthogonal_sinkhorn)
-                    update = F.sinkhorn(update, param, h["_k83"], h["_k84"])
+                    update = F.sinkhorn(update, param, h["_k89"], h["_k90"])
                 # if not normed_momentum and not matrix:
-                if h["_c65"]:
+                if h["_c76"]:
                     # update = sign(update)
                     F.sign_(update)
                 # if geometric_wd and weight_decay > 0 and matrix:
-                if h["_c66"]:
+                if h["_c77"]:
                     # wd_row = sqrt(maximum(viewnorm(param, 1), 1 / sqrt(numel / dim0)))
                     wd_row = F.viewnorm(param, 1)
-                    F.maximum_(wd_row, h["_k85"])
+                    F.maximum_(wd_row, h["_k91"])
                     F.sqrt_(wd_row)
                     # wd_col = sqrt(maximum(viewnorm(param, 0), 1 / sqrt(dim0)))
                     wd_col = F.viewnorm(param, 0)
-                    F.maximum_(wd_col, h["_k86"])
+                    F.maximum_(wd_col, h["_k92"])
                     F.sqrt_(wd_col)
                     # if snr_cond:
                     if h["_c9"]:
@@ -2023,12 +2410,12 @@ def _device_step(h, param, grad, S):
                     wd_scaler_8 = F.div(wd_scaler, wd_scaler_7)
                     wd_scaler = wd_scaler_8
                     # wd_scaler = wd_scaler * (weight_decay * lr)
-                    F.mul_(wd_scaler, h["_k87"])
+                    F.mul_(wd_scaler, h["_k93"])
                 else:
                     # wd_scaler = param
                     wd_scaler = F.copy(param)
                 # if geometric_wd and weight_decay > 0 and not matrix:
-                if h["_c67"]:
+                if h["_c78"]:
                     # wd_target = sign(param)
                     wd_target = F.sign(param)
                     # if snr_cond:
@@ -2038,30 +2425,67 @@ def _device_step(h, param, grad, S):
                         # wd_target = wd_target * (norm(param) / maximum(norm(wd_target), 1 / sqrt(numel)))
                         wd_target_13 = F.norm(param)
                         wd_target_14 = F.norm(wd_target)
-                        F.maximum_(wd_target_14, h["_k88"])
+                        F.maximum_(wd_target_14, h["_k94"])
                         F.div_(wd_target_13, wd_target_14)
                         wd_target_15 = F.mul(wd_target, wd_target_13)
                         wd_target = wd_target_15
                     else:
                         # wd_target = wd_target * (norm(param) / sqrt(numel))
                         wd_target_16 = F.norm(param)
-                        F.div_(wd_target_16, h["_k89"])
+                        F.div_(wd_target_16, h["_k95"])
                         F.mul_(wd_target, wd_target_16)
                 else:
                     # wd_target = param
                     wd_target = F.copy(param)
+                # if centered_wd != 0 and (geometric_wd and weight_decay > 0 and not matrix):
+                if h["_c79"]:
+                    # if centered_wd_mode == 'int8':
+                    if h["_c20"]:
+                        # cwd_target_delta = param - cast(anchor_data, param)
+                        cwd_target_delta_16 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                        cwd_target_delta_17 = F.cast(cwd_target_delta_16, param)
+                        cwd_target_delta = F.sub(param, cwd_target_delta_17)
+                    else:
+                        # if centered_wd_mode == 'int4':
+                        if h["_c21"]:
+                            # cwd_target_delta = param - cast(anchor_data, param)
+                            cwd_target_delta_18 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                            cwd_target_delta_19 = F.cast(cwd_target_delta_18, param)
+                            cwd_target_delta = F.sub(param, cwd_target_delta_19)
+                        else:
+                            # cwd_target_delta = param - cast(anchor_data, param)
+                            cwd_target_delta_20 = F.cast(anchor_data, param)
+                            cwd_target_delta = F.sub(param, cwd_target_delta_20)
+                    # cwd_target_geometric = sign(cwd_target_delta)
+                    cwd_target_geometric = F.sign(cwd_target_delta)
+                    # if snr_cond:
+                    if h["_c9"]:
+                        # cwd_target_geometric = atan2(cwd_target_geometric, snr_denom)
+                        cwd_target_geometric = F.atan2(cwd_target_geometric, snr_denom)
+                        # cwd_target_geometric = cwd_target_geometric * (norm(cwd_target_delta) / maximum(norm(cwd_target_geometric), 1 / sqrt(numel)))
+                        cwd_target_geometric_13 = F.norm(cwd_target_delta)
+                        cwd_target_geometric_14 = F.norm(cwd_target_geometric)
+                        F.maximum_(cwd_target_geometric_14, h["_k96"])
+                        F.div_(cwd_target_geometric_13, cwd_target_geometric_14)
+                        cwd_target_geometric_15 = F.mul(cwd_target_geometric, cwd_target_geometric_13)
+                        cwd_target_geometric = cwd_target_geometric_15
+                    else:
+                        # cwd_target_geometric = cwd_target_geometric * (norm(cwd_target_delta) / sqrt(numel))
+                        cwd_target_geometric_16 = F.norm(cwd_target_delta)
+                        F.div_(cwd_target_geometric_16, h["_k97"])
+                        F.mul_(cwd_target_geometric, cwd_target_geometric_16)
                 # update = update * (lr * where(snr_cond, 1.2732395447351628, 1.0))
-                F.mul_(update, h["_k90"])
+                F.mul_(update, h["_k98"])
                 # if stochastic_rounding and bf16 != 0:
-                if h["_c19"]:
+                if h["_c22"]:
                     # param_fp32 = float32(param)
                     param_fp32 = F.float32(param)
                     # update_fp32 = float32(update)
                     update_fp32 = F.float32(update)
                     # if weight_decay != 0 and geometric_wd and matrix:
-                    if h["_c68"]:
+                    if h["_c80"]:
                         # if cautious_wd:
-                        if h["_c21"]:
+                        if h["_c24"]:
                             # param_fp32 = param_fp32 - param_fp32 * (where(update_fp32 * param_fp32 >= 0, 1.0, 0.0) * wd_scaler)
                             param_fp32_49 = F.mul(update_fp32, param_fp32)
                             param_fp32_50 = F.ge(param_fp32_49, 0)
@@ -2073,57 +2497,76 @@ def _device_step(h, param, grad, S):
                             # param_fp32 = param_fp32 - param_fp32 * wd_scaler
                             param_fp32 = F.addcmul(param_fp32, param_fp32, wd_scaler, -1)
                     # if weight_decay != 0 and geometric_wd and not matrix:
-                    if h["_c69"]:
+                    if h["_c81"]:
                         # if cautious_wd:
-                        if h["_c21"]:
+                        if h["_c24"]:
                             # param_fp32 = param_fp32 - weight_decay * lr * wd_target * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
                             param_fp32_53 = F.mul(update_fp32, param_fp32)
                             param_fp32_54 = F.ge(param_fp32_53, 0)
                             param_fp32_55 = F.where(param_fp32_54, 1.0, 0.0, like=param)
-                            param_fp32_56 = F.addcmul(param_fp32, wd_target, param_fp32_55, h["_k91"])
+                            param_fp32_56 = F.addcmul(param_fp32, wd_target, param_fp32_55, h["_k99"])
                             param_fp32 = param_fp32_56
                         else:
                             # param_fp32 = param_fp32 - weight_decay * lr * wd_target
-                            param_fp32 = F.axpy(param_fp32, wd_target, h["_k92"])
+                            param_fp32 = F.axpy(param_fp32, wd_target, h["_k100"])
                     # if weight_decay != 0 and not geometric_wd:
-                    if h["_c23"]:
+                    if h["_c26"]:
                         # if cautious_wd:
-                        if h["_c21"]:
+                        if h["_c24"]:
                             # param_fp32 = param_fp32 - weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
                             param_fp32_57 = F.mul(update_fp32, param_fp32)
                             param_fp32_58 = F.ge(param_fp32_57, 0)
                             param_fp32_59 = F.where(param_fp32_58, 1.0, 0.0, like=param)
-                            param_fp32_60 = F.addcmul(param_fp32, param_fp32, param_fp32_59, h["_k93"])
+                            param_fp32_60 = F.addcmul(param_fp32, param_fp32, param_fp32_59, h["_k101"])
                             param_fp32 = param_fp32_60
                         else:
                             # param_fp32 = param_fp32 - weight_decay * lr * param_fp32
-                            param_fp32 = F.axpy(param_fp32, param_fp32, h["_k94"])
+                            param_fp32 = F.axpy(param_fp32, param_fp32, h["_k102"])
                     # if centered_wd != 0:
-                    if h["_c24"]:
-                        # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                        cwd_target_7 = F.cast(anchor_data, param_fp32)
-                        cwd_target = F.sub(param_fp32, cwd_target_7)
+                    if h["_c27"]:
+                        # if geometric_wd and weight_decay > 0 and not matrix:
+                        if h["_c82"]:
+                            # cwd_target = cwd_target_geometric
+                            cwd_target = cwd_target_geometric
+                        else:
+                            # if centered_wd_mode == 'int8':
+                            if h["_c20"]:
+                                # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                cwd_target_31 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                cwd_target_32 = F.cast(cwd_target_31, param_fp32)
+                                cwd_target = F.sub(param_fp32, cwd_target_32)
+                            else:
+                                # if centered_wd_mode == 'int4':
+                                if h["_c21"]:
+                                    # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                    cwd_target_33 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                    cwd_target_34 = F.cast(cwd_target_33, param_fp32)
+                                    cwd_target = F.sub(param_fp32, cwd_target_34)
+                                else:
+                                    # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                    cwd_target_35 = F.cast(anchor_data, param_fp32)
+                                    cwd_target = F.sub(param_fp32, cwd_target_35)
                         # if cautious_wd:
-                        if h["_c21"]:
+                        if h["_c24"]:
                             # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
                             param_fp32_61 = F.mul(update_fp32, cwd_target)
                             param_fp32_62 = F.ge(param_fp32_61, 0)
                             param_fp32_63 = F.where(param_fp32_62, 1.0, 0.0, like=param)
-                            param_fp32_64 = F.addcmul(param_fp32, cwd_target, param_fp32_63, h["_k95"])
+                            param_fp32_64 = F.addcmul(param_fp32, cwd_target, param_fp32_63, h["_k103"])
                             param_fp32 = param_fp32_64
                         else:
                             # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
-                            param_fp32 = F.axpy(param_fp32, cwd_target, h["_k96"])
+                            param_fp32 = F.axpy(param_fp32, cwd_target, h["_k104"])
                     # param_fp32 = param_fp32 + -update_fp32
                     param_fp32 = F.sub(param_fp32, update_fp32)
                     # param = stochastic_round(param_fp32, step)
-                    param_55 = F.stochastic_round(param_fp32, h["_k97"])
+                    param_55 = F.stochastic_round(param_fp32, h["_k105"])
                     F.assign_(param, param_55)
                 else:
                     # if weight_decay != 0 and geometric_wd and matrix:
-                    if h["_c70"]:
+                    if h["_c83"]:
                         # if cautious_wd:
-                        if h["_c21"]:
+                        if h["_c24"]:
                             # param = param - param * (where(update * param >= 0, 1.0, 0.0) * wd_scaler)
                             param_56 = F.mul(update, param)
                             param_57 = F.ge(param_56, 0)
@@ -2136,52 +2579,71 @@ def _device_step(h, param, grad, S):
                             param_60 = F.addcmul(param, param, wd_scaler, -1)
                             F.assign_(param, param_60)
                     # if weight_decay != 0 and geometric_wd and not matrix:
-                    if h["_c71"]:
+                    if h["_c84"]:
                         # if cautious_wd:
-                        if h["_c21"]:
+                        if h["_c24"]:
                             # param = param - weight_decay * lr * wd_target * where(update * param >= 0, 1.0, 0.0)
                             param_61 = F.mul(update, param)
                             param_62 = F.ge(param_61, 0)
                             param_63 = F.where(param_62, 1.0, 0.0, like=param)
-                            param_64 = F.addcmul(param, wd_target, param_63, h["_k98"])
+                            param_64 = F.addcmul(param, wd_target, param_63, h["_k106"])
                             F.assign_(param, param_64)
                         else:
                             # param = param - weight_decay * lr * wd_target
-                            F.axpy_(param, wd_target, h["_k99"])
+                            F.axpy_(param, wd_target, h["_k107"])
                     # if weight_decay != 0 and not geometric_wd:
-                    if h["_c23"]:
+                    if h["_c26"]:
                         # if cautious_wd:
-                        if h["_c21"]:
+                        if h["_c24"]:
                             # param = param - weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
                             param_65 = F.mul(update, param)
                             param_66 = F.ge(param_65, 0)
                             param_67 = F.where(param_66, 1.0, 0.0, like=param)
-                            param_68 = F.addcmul(param, param, param_67, h["_k100"])
+                            param_68 = F.addcmul(param, param, param_67, h["_k108"])
                             F.assign_(param, param_68)
                         else:
                             # param = param - weight_decay * lr * param
-                            param_69 = F.axpy(param, param, h["_k101"])
+                            param_69 = F.axpy(param, param, h["_k109"])
                             F.assign_(param, param_69)
                     # if centered_wd != 0:
-                    if h["_c24"]:
-                        # cwd_target = param - cast(anchor_data, param)
-                        cwd_target_8 = F.cast(anchor_data, param)
-                        cwd_target = F.sub(param, cwd_target_8)
+                    if h["_c27"]:
+                        # if geometric_wd and weight_decay > 0 and not matrix:
+                        if h["_c85"]:
+                            # cwd_target = cwd_target_geometric
+                            cwd_target = cwd_target_geometric
+                        else:
+                            # if centered_wd_mode == 'int8':
+                            if h["_c20"]:
+                                # cwd_target = param - cast(anchor_data, param)
+                                cwd_target_36 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                cwd_target_37 = F.cast(cwd_target_36, param)
+                                cwd_target = F.sub(param, cwd_target_37)
+                            else:
+                                # if centered_wd_mode == 'int4':
+                                if h["_c21"]:
+                                    # cwd_target = param - cast(anchor_data, param)
+                                    cwd_target_38 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                    cwd_target_39 = F.cast(cwd_target_38, param)
+                                    cwd_target = F.sub(param, cwd_target_39)
+                                else:
+                                    # cwd_target = param - cast(anchor_data, param)
+                                    cwd_target_40 = F.cast(anchor_data, param)
+                                    cwd_target = F.sub(param, cwd_target_40)
                         # if cautious_wd:
-                        if h["_c21"]:
+                        if h["_c24"]:
                             # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
                             param_70 = F.mul(update, cwd_target)
                             param_71 = F.ge(param_70, 0)
                             param_72 = F.where(param_71, 1.0, 0.0, like=param)
-                            F.addcmul_(param, cwd_target, param_72, h["_k102"])
+                            F.addcmul_(param, cwd_target, param_72, h["_k110"])
                         else:
                             # param = param - centered_wd * lr * cwd_target
-                            F.axpy_(param, cwd_target, h["_k103"])
+                            F.axpy_(param, cwd_target, h["_k111"])
                     # param = param + -update
                     F.sub_(param, update)
             else:
                 # if (state_precision == 'fp32' and not nnmf_factor) and (momentum != 0 and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape))):
-                if h["_c72"]:
+                if h["_c86"]:
                     # grad = float32(grad)
                     grad = F.float32(grad)
                 # if orthogonal_gradient == 'flattened' or orthogonal_gradient == 'iterative' and (ndim < 2 or param_attr('_is_dora_scale', False) or param_attr('is_vector', False)):
@@ -2220,17 +2682,17 @@ def _device_step(h, param, grad, S):
                 if h["_c5"]:
                     pass
                 # if normed_momentum and matrix:
-                if h["_c73"]:
+                if h["_c87"]:
                     # g = sinkhorn(g, param, sinkhorn_iterations, orthogonal_sinkhorn)
-                    g = F.sinkhorn(g, param, h["_k104"], h["_k105"])
+                    g = F.sinkhorn(g, param, h["_k112"], h["_k113"])
                 # if normed_momentum and not matrix:
-                if h["_c74"]:
+                if h["_c88"]:
                     # g = sign(g)
                     g = F.sign(g)
                 # if momentum != 0:
                 if h["_c2"]:
                     # if snr_cond and matrix:
-                    if h["_c75"]:
+                    if h["_c89"]:
                         # buf_sq = momentum_buffer * momentum_buffer
                         buf_sq = F.mul(momentum_buffer, momentum_buffer)
                         # vt_row = maximum(1 - viewmean(buf_sq, 1), 1e-30)
@@ -2264,12 +2726,12 @@ def _device_step(h, param, grad, S):
                         normed_grad = F.abs(momentum_buffer)
                         F.mul_(normed_grad, g)
                         # momentum_buffer = lerp(momentum_buffer, g, 1 - momentum)
-                        F.lerp_(momentum_buffer, g, h["_k106"])
+                        F.lerp_(momentum_buffer, g, h["_k114"])
                         # update = lerp(normed_grad, momentum_buffer, coef)
                         update = F.lerp(normed_grad, momentum_buffer, h["coef"])
                     else:
                         # momentum_buffer = lerp(momentum_buffer, g, 1 - momentum)
-                        F.lerp_(momentum_buffer, g, h["_k107"])
+                        F.lerp_(momentum_buffer, g, h["_k115"])
                         # if nesterov:
                         if h["_c11"]:
                             # update = lerp(g, momentum_buffer, coef)
@@ -2279,7 +2741,7 @@ def _device_step(h, param, grad, S):
                             update = F.copy(momentum_buffer)
                 else:
                     # if snr_cond and matrix:
-                    if h["_c76"]:
+                    if h["_c90"]:
                         # buf_sq = g * g
                         buf_sq = F.mul(g, g)
                         # vt_row = maximum(1 - viewmean(buf_sq, 1), 1e-30)
@@ -2310,7 +2772,7 @@ def _device_step(h, param, grad, S):
                     # update = copy(g)
                     update = F.copy(g)
                 # if snr_cond and matrix:
-                if h["_c77"]:
+                if h["_c91"]:
                     # update = atan(update * rsqrt(vt_row) * rsqrt(vt_col))
                     update_9 = F.rsqrt(vt_row)
                     F.mul_(update, update_9)
@@ -2318,26 +2780,26 @@ def _device_step(h, param, grad, S):
                     F.mul_(update, update_10)
                     F.atan_(update)
                 # if snr_cond and not matrix:
-                if h["_c78"]:
+                if h["_c92"]:
                     # update = atan2(update, snr_denom)
                     update = F.atan2(update, snr_denom)
                 # if not normed_momentum and matrix:
-                if h["_c79"]:
+                if h["_c93"]:
                     # update = sinkhorn(update, param, sinkhorn_iterations, orthogonal_sinkhorn)
-                    update = F.sinkhorn(update, param, h["_k108"], h["_k109"])
+                    update = F.sinkhorn(update, param, h["_k116"], h["_k117"])
                 # if not normed_momentum and not matrix:
-                if h["_c80"]:
+                if h["_c94"]:
                     # update = sign(update)
                     F.sign_(update)
                 # if geometric_wd and weight_decay > 0 and matrix:
-                if h["_c81"]:
+                if h["_c95"]:
                     # wd_row = sqrt(maximum(viewnorm(param, 1), 1 / sqrt(numel / dim0)))
                     wd_row = F.viewnorm(param, 1)
-                    F.maximum_(wd_row, h["_k110"])
+                    F.maximum_(wd_row, h["_k118"])
                     F.sqrt_(wd_row)
                     # wd_col = sqrt(maximum(viewnorm(param, 0), 1 / sqrt(dim0)))
                     wd_col = F.viewnorm(param, 0)
-                    F.maximum_(wd_col, h["_k111"])
+                    F.maximum_(wd_col, h["_k119"])
                     F.sqrt_(wd_col)
                     # if snr_cond:
                     if h["_c9"]:
@@ -2357,12 +2819,12 @@ def _device_step(h, param, grad, S):
                     wd_scaler_10 = F.div(wd_scaler, wd_scaler_9)
                     wd_scaler = wd_scaler_10
                     # wd_scaler = wd_scaler * (weight_decay * lr)
-                    F.mul_(wd_scaler, h["_k112"])
+                    F.mul_(wd_scaler, h["_k120"])
                 else:
                     # wd_scaler = param
                     wd_scaler = F.copy(param)
                 # if geometric_wd and weight_decay > 0 and not matrix:
-                if h["_c82"]:
+                if h["_c96"]:
                     # wd_target = sign(param)
                     wd_target = F.sign(param)
                     # if snr_cond:
@@ -2372,30 +2834,67 @@ def _device_step(h, param, grad, S):
                         # wd_target = wd_target * (norm(param) / maximum(norm(wd_target), 1 / sqrt(numel)))
                         wd_target_17 = F.norm(param)
                         wd_target_18 = F.norm(wd_target)
-                        F.maximum_(wd_target_18, h["_k113"])
+                        F.maximum_(wd_target_18, h["_k121"])
                         F.div_(wd_target_17, wd_target_18)
                         wd_target_19 = F.mul(wd_target, wd_target_17)
                         wd_target = wd_target_19
                     else:
                         # wd_target = wd_target * (norm(param) / sqrt(numel))
                         wd_target_20 = F.norm(param)
-                        F.div_(wd_target_20, h["_k114"])
+                        F.div_(wd_target_20, h["_k122"])
                         F.mul_(wd_target, wd_target_20)
                 else:
                     # wd_target = param
                     wd_target = F.copy(param)
+                # if centered_wd != 0 and (geometric_wd and weight_decay > 0 and not matrix):
+                if h["_c97"]:
+                    # if centered_wd_mode == 'int8':
+                    if h["_c20"]:
+                        # cwd_target_delta = param - cast(anchor_data, param)
+                        cwd_target_delta_21 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                        cwd_target_delta_22 = F.cast(cwd_target_delta_21, param)
+                        cwd_target_delta = F.sub(param, cwd_target_delta_22)
+                    else:
+                        # if centered_wd_mode == 'int4':
+                        if h["_c21"]:
+                            # cwd_target_delta = param - cast(anchor_data, param)
+                            cwd_target_delta_23 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                            cwd_target_delta_24 = F.cast(cwd_target_delta_23, param)
+                            cwd_target_delta = F.sub(param, cwd_target_delta_24)
+                        else:
+                            # cwd_target_delta = param - cast(anchor_data, param)
+                            cwd_target_delta_25 = F.cast(anchor_data, param)
+                            cwd_target_delta = F.sub(param, cwd_target_delta_25)
+                    # cwd_target_geometric = sign(cwd_target_delta)
+                    cwd_target_geometric = F.sign(cwd_target_delta)
+                    # if snr_cond:
+                    if h["_c9"]:
+                        # cwd_target_geometric = atan2(cwd_target_geometric, snr_denom)
+                        cwd_target_geometric = F.atan2(cwd_target_geometric, snr_denom)
+                        # cwd_target_geometric = cwd_target_geometric * (norm(cwd_target_delta) / maximum(norm(cwd_target_geometric), 1 / sqrt(numel)))
+                        cwd_target_geometric_17 = F.norm(cwd_target_delta)
+                        cwd_target_geometric_18 = F.norm(cwd_target_geometric)
+                        F.maximum_(cwd_target_geometric_18, h["_k123"])
+                        F.div_(cwd_target_geometric_17, cwd_target_geometric_18)
+                        cwd_target_geometric_19 = F.mul(cwd_target_geometric, cwd_target_geometric_17)
+                        cwd_target_geometric = cwd_target_geometric_19
+                    else:
+                        # cwd_target_geometric = cwd_target_geometric * (norm(cwd_target_delta) / sqrt(numel))
+                        cwd_target_geometric_20 = F.norm(cwd_target_delta)
+                        F.div_(cwd_target_geometric_20, h["_k124"])
+                        F.mul_(cwd_target_geometric, cwd_target_geometric_20)
                 # update = update * (lr * where(snr_cond, 1.2732395447351628, 1.0))
-                F.mul_(update, h["_k115"])
+                F.mul_(update, h["_k125"])
                 # if stochastic_rounding and bf16 != 0:
-                if h["_c19"]:
+                if h["_c22"]:
                     # param_fp32 = float32(param)
                     param_fp32 = F.float32(param)
                     # update_fp32 = float32(update)
                     update_fp32 = F.float32(update)
                     # if weight_decay != 0 and geometric_wd and matrix:
-                    if h["_c83"]:
+                    if h["_c98"]:
                         # if cautious_wd:
-                        if h["_c21"]:
+                        if h["_c24"]:
                             # param_fp32 = param_fp32 - param_fp32 * (where(update_fp32 * param_fp32 >= 0, 1.0, 0.0) * wd_scaler)
                             param_fp32_65 = F.mul(update_fp32, param_fp32)
                             param_fp32_66 = F.ge(param_fp32_65, 0)
@@ -2407,57 +2906,76 @@ def _device_step(h, param, grad, S):
                             # param_fp32 = param_fp32 - param_fp32 * wd_scaler
                             param_fp32 = F.addcmul(param_fp32, param_fp32, wd_scaler, -1)
                     # if weight_decay != 0 and geometric_wd and not matrix:
-                    if h["_c84"]:
+                    if h["_c99"]:
                         # if cautious_wd:
-                        if h["_c21"]:
+                        if h["_c24"]:
                             # param_fp32 = param_fp32 - weight_decay * lr * wd_target * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
                             param_fp32_69 = F.mul(update_fp32, param_fp32)
                             param_fp32_70 = F.ge(param_fp32_69, 0)
                             param_fp32_71 = F.where(param_fp32_70, 1.0, 0.0, like=param)
-                            param_fp32_72 = F.addcmul(param_fp32, wd_target, param_fp32_71, h["_k116"])
+                            param_fp32_72 = F.addcmul(param_fp32, wd_target, param_fp32_71, h["_k126"])
                             param_fp32 = param_fp32_72
                         else:
                             # param_fp32 = param_fp32 - weight_decay * lr * wd_target
-                            param_fp32 = F.axpy(param_fp32, wd_target, h["_k117"])
+                            param_fp32 = F.axpy(param_fp32, wd_target, h["_k127"])
                     # if weight_decay != 0 and not geometric_wd:
-                    if h["_c23"]:
+                    if h["_c26"]:
                         # if cautious_wd:
-                        if h["_c21"]:
+                        if h["_c24"]:
                             # param_fp32 = param_fp32 - weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
                             param_fp32_73 = F.mul(update_fp32, param_fp32)
                             param_fp32_74 = F.ge(param_fp32_73, 0)
                             param_fp32_75 = F.where(param_fp32_74, 1.0, 0.0, like=param)
-                            param_fp32_76 = F.addcmul(param_fp32, param_fp32, param_fp32_75, h["_k118"])
+                            param_fp32_76 = F.addcmul(param_fp32, param_fp32, param_fp32_75, h["_k128"])
                             param_fp32 = param_fp32_76
                         else:
                             # param_fp32 = param_fp32 - weight_decay * lr * param_fp32
-                            param_fp32 = F.axpy(param_fp32, param_fp32, h["_k119"])
+                            param_fp32 = F.axpy(param_fp32, param_fp32, h["_k129"])
                     # if centered_wd != 0:
-                    if h["_c24"]:
-                        # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                        cwd_target_9 = F.cast(anchor_data, param_fp32)
-                        cwd_target = F.sub(param_fp32, cwd_target_9)
+                    if h["_c27"]:
+                        # if geometric_wd and weight_decay > 0 and not matrix:
+                        if h["_c100"]:
+                            # cwd_target = cwd_target_geometric
+                            cwd_target = cwd_target_geometric
+                        else:
+                            # if centered_wd_mode == 'int8':
+                            if h["_c20"]:
+                                # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                cwd_target_41 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                cwd_target_42 = F.cast(cwd_target_41, param_fp32)
+                                cwd_target = F.sub(param_fp32, cwd_target_42)
+                            else:
+                                # if centered_wd_mode == 'int4':
+                                if h["_c21"]:
+                                    # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                    cwd_target_43 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                    cwd_target_44 = F.cast(cwd_target_43, param_fp32)
+                                    cwd_target = F.sub(param_fp32, cwd_target_44)
+                                else:
+                                    # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                    cwd_target_45 = F.cast(anchor_data, param_fp32)
+                                    cwd_target = F.sub(param_fp32, cwd_target_45)
                         # if cautious_wd:
-                        if h["_c21"]:
+                        if h["_c24"]:
                             # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
                             param_fp32_77 = F.mul(update_fp32, cwd_target)
                             param_fp32_78 = F.ge(param_fp32_77, 0)
                             param_fp32_79 = F.where(param_fp32_78, 1.0, 0.0, like=param)
-                            param_fp32_80 = F.addcmul(param_fp32, cwd_target, param_fp32_79, h["_k120"])
+                            param_fp32_80 = F.addcmul(param_fp32, cwd_target, param_fp32_79, h["_k130"])
                             param_fp32 = param_fp32_80
                         else:
                             # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
-                            param_fp32 = F.axpy(param_fp32, cwd_target, h["_k121"])
+                            param_fp32 = F.axpy(param_fp32, cwd_target, h["_k131"])
                     # param_fp32 = param_fp32 + -update_fp32
                     param_fp32 = F.sub(param_fp32, update_fp32)
                     # param = stochastic_round(param_fp32, step)
-                    param_73 = F.stochastic_round(param_fp32, h["_k122"])
+                    param_73 = F.stochastic_round(param_fp32, h["_k132"])
                     F.assign_(param, param_73)
                 else:
                     # if weight_decay != 0 and geometric_wd and matrix:
-                    if h["_c85"]:
+                    if h["_c101"]:
                         # if cautious_wd:
-                        if h["_c21"]:
+                        if h["_c24"]:
                             # param = param - param * (where(update * param >= 0, 1.0, 0.0) * wd_scaler)
                             param_74 = F.mul(update, param)
                             param_75 = F.ge(param_74, 0)
@@ -2470,47 +2988,66 @@ def _device_step(h, param, grad, S):
                             param_78 = F.addcmul(param, param, wd_scaler, -1)
                             F.assign_(param, param_78)
                     # if weight_decay != 0 and geometric_wd and not matrix:
-                    if h["_c86"]:
+                    if h["_c102"]:
                         # if cautious_wd:
-                        if h["_c21"]:
+                        if h["_c24"]:
                             # param = param - weight_decay * lr * wd_target * where(update * param >= 0, 1.0, 0.0)
                             param_79 = F.mul(update, param)
                             param_80 = F.ge(param_79, 0)
                             param_81 = F.where(param_80, 1.0, 0.0, like=param)
-                            param_82 = F.addcmul(param, wd_target, param_81, h["_k123"])
+                            param_82 = F.addcmul(param, wd_target, param_81, h["_k133"])
                             F.assign_(param, param_82)
                         else:
                             # param = param - weight_decay * lr * wd_target
-                            F.axpy_(param, wd_target, h["_k124"])
+                            F.axpy_(param, wd_target, h["_k134"])
                     # if weight_decay != 0 and not geometric_wd:
-                    if h["_c23"]:
+                    if h["_c26"]:
                         # if cautious_wd:
-                        if h["_c21"]:
+                        if h["_c24"]:
                             # param = param - weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
                             param_83 = F.mul(update, param)
                             param_84 = F.ge(param_83, 0)
                             param_85 = F.where(param_84, 1.0, 0.0, like=param)
-                            param_86 = F.addcmul(param, param, param_85, h["_k125"])
+                            param_86 = F.addcmul(param, param, param_85, h["_k135"])
                             F.assign_(param, param_86)
                         else:
                             # param = param - weight_decay * lr * param
-                            param_87 = F.axpy(param, param, h["_k126"])
+                            param_87 = F.axpy(param, param, h["_k136"])
                             F.assign_(param, param_87)
                     # if centered_wd != 0:
-                    if h["_c24"]:
-                        # cwd_target = param - cast(anchor_data, param)
-                        cwd_target_10 = F.cast(anchor_data, param)
-                        cwd_target = F.sub(param, cwd_target_10)
+                    if h["_c27"]:
+                        # if geometric_wd and weight_decay > 0 and not matrix:
+                        if h["_c103"]:
+                            # cwd_target = cwd_target_geometric
+                            cwd_target = cwd_target_geometric
+                        else:
+                            # if centered_wd_mode == 'int8':
+                            if h["_c20"]:
+                                # cwd_target = param - cast(anchor_data, param)
+                                cwd_target_46 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                cwd_target_47 = F.cast(cwd_target_46, param)
+                                cwd_target = F.sub(param, cwd_target_47)
+                            else:
+                                # if centered_wd_mode == 'int4':
+                                if h["_c21"]:
+                                    # cwd_target = param - cast(anchor_data, param)
+                                    cwd_target_48 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                    cwd_target_49 = F.cast(cwd_target_48, param)
+                                    cwd_target = F.sub(param, cwd_target_49)
+                                else:
+                                    # cwd_target = param - cast(anchor_data, param)
+                                    cwd_target_50 = F.cast(anchor_data, param)
+                                    cwd_target = F.sub(param, cwd_target_50)
                         # if cautious_wd:
-                        if h["_c21"]:
+                        if h["_c24"]:
                             # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
                             param_88 = F.mul(update, cwd_target)
                             param_89 = F.ge(param_88, 0)
                             param_90 = F.where(param_89, 1.0, 0.0, like=param)
-                            F.addcmul_(param, cwd_target, param_90, h["_k127"])
+                            F.addcmul_(param, cwd_target, param_90, h["_k137"])
                         else:
                             # param = param - centered_wd * lr * cwd_target
-                            F.axpy_(param, cwd_target, h["_k128"])
+                            F.axpy_(param, cwd_target, h["_k138"])
                     # param = param + -update
                     F.sub_(param, update)
 
@@ -2535,7 +3072,7 @@ class SinkSGD_adv(GeneratedOptimizer):
         orthogonal_gradient: OrthoGrad: 'disabled', 'flattened' or 'iterative' (rank-2, in the gradient's dtype; vectors flattened) (default: ``'disabled'``)
         spectral_normalization: not implemented yet (default: ``False``)
         centered_wd: centered decay coefficient (a pull toward the initial parameter, scaled like weight_decay); 0: off (default: ``0.0``)
-        centered_wd_mode: the anchor's storage: 'float8' (float8_e4m3fn, unscaled) or 'full' (the parameter's dtype); 'int8', 'int4' are not implemented yet (default: ``'float8'``)
+        centered_wd_mode: the anchor's storage: 'float8' (float8_e4m3fn, unscaled), 'full' (the parameter's dtype), 'int8' / 'int4' (asymmetric blocks of 128 / 32) (default: ``'float8'``)
         state_precision: 'fp32', 'fp16': the state in that dtype; 'bf16_sr': bfloat16, stochastically rounded; 'int8_sr': blockwise int8 codes with per-2048 scales (feature state_precision); 'factored' is not implemented (default: ``'auto'``)
         nnmf_factor: legacy alias of state_precision='factored' (default: ``False``)
         vector_reshape: factor 1-D parameters too (as a closest-to-square matrix) (default: ``False``)

@@ -131,8 +131,8 @@ def _encode(name: str, n: Node, f: _Frame) -> None:
 def _decode(n: Node, f: _Frame) -> Any:
     codec, name, non_neg = codec_for(n.attr[0]), n.attr[1], n.attr[2]
     stored = {suffix: f.state[key] for suffix, key in stored_names(name, codec, non_neg).items()}
-    # packed codes (two per byte) do not have the parameter's shape
-    shape = f.param.shape if codec.per_byte > 1 else f.state[name].shape
+    # packed or padded codes do not have the parameter's shape
+    shape = f.state[name].shape if codec.codes_shaped() else f.param.shape
     return codec.decode(stored, tuple(shape), non_neg)
 
 

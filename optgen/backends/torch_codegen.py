@@ -112,8 +112,8 @@ class TorchEmitter:
         if n.op == Op.DECODE:
             codec, state, non_neg = n.attr
             name = self.fresh()
-            # packed codes do not have the parameter's shape: the decode takes the parameters'
-            like = ", param" if codec_for(codec).per_byte > 1 else ""
+            # packed or padded codes do not have the parameter's shape: the decode takes the parameters'
+            like = "" if codec_for(codec).codes_shaped() else ", param"
             self.emit(f'{name} = F.decode("{codec}", {non_neg}, {self.stored(state, codec, non_neg)}{like})')
             return name, True
         if n.op == Op.REDUCED:  # an optimizer-wide reduction: the runtime puts one per tensor in S

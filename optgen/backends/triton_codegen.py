@@ -496,8 +496,8 @@ class KernelEmitter:
     def coded_blocks(self, codec: Codec, n: Node, ctx: _DeviceCtx) -> str:
         """A codec's own triton decode/encode (docs/state_precision.md) in a flat pass, whose tile
         holds whole scale blocks (BLOCK a multiple of the codec's block)."""
-        unsupported = TritonUnsupported(f"state precision '{codec.name}' in triton kernels (not implemented yet: "
-                                        "use backend='torch' or 'reference')")
+        unsupported = TritonUnsupported(f"{codec.label or f'state precision {codec.name!r}'} in triton kernels "
+                                        "(not implemented yet: use backend='torch' or 'reference')")
         if ctx.mode != "flat":
             raise unsupported
         if n.op == "decode":

@@ -48,6 +48,12 @@ def _scale(f_name: str, denom: str, with_atan2: bool) -> list:
     return [If(flag("use_atan2"), [Assign(f_name, angle, None, "temp")], clipped)]
 
 
+def fisher_scale(program: Program, name: str) -> list:
+    """The statements that compute the (unscaled) Fisher decay scale of ``program`` into ``name``
+    (feature centered_wd's, which scales its decay by it too)."""
+    return _scale(name, role_target(program, "denominator", "denom"), "use_atan2" in dict(program.hypers))
+
+
 def is_scale(s: Assign, denom: str) -> bool:
     """Whether ``s`` is this feature's scale read from the denominator ``denom`` (``1 / denom`` or
     ``4/pi * atan2(wd_scaler, denom)``; feature ``factored`` keeps it in float32, as adv_optm does)."""

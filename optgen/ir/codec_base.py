@@ -18,6 +18,8 @@ class Stored:
     dtype: str  # a storage dtype name (optgen.numerics.dtypes.storage_dtype)
     shape: str  # "element" (the parameter's shape) | "blocks" ((ceil(numel / block),))
     #             | "packed" ((ceil(numel / per_byte),) uint8: codes packed per byte, flat)
+    #             | "padded" (the codes of whole blocks, the last one padded: the codec's
+    #               :meth:`Codec.padded_shape`)
     init: float = 0.0
 
 
@@ -33,6 +35,20 @@ class Codec:
     stochastic: bool = False
     #: the triton helpers the kernels include (jit functions), "" where the codec needs none
     triton_source: str = ""
+    #: the end of the state's name that the keys of its other stored tensors replace ("": they
+    #: extend it; adv_optm's anchor ``anchor_data`` keeps ``anchor_scale``, ``anchor_min``)
+    stem: str = ""
+    #: what a backend that cannot run the codec names in its refusal ("": the state precision)
+    label: str = ""
+
+    def codes_shaped(self) -> bool:
+        """Whether the codes have the parameter's shape (else a decode takes the parameter's)."""
+        own = next(s for s in self.stored(False) if s.suffix == "")
+        return self.per_byte == 1 and own.shape == "element"
+
+    def padded_shape(self, numel: int) -> tuple[int, ...]:
+        """The shape of "padded" codes for a tensor of ``numel`` elements."""
+        raise NotImplementedError(f"codec '{self.name}' stores no padded codes")
 
     def stored(self, non_neg: bool) -> list[Stored]:
         raise NotImplementedError

@@ -152,6 +152,76 @@ class Int8SR(Codec):
         ]
 
 
+class MinMaxBlocks(Codec):
+    """adv_optm 2.5.16's blockwise anchor of centered weight decay (``util/centered_decay.py``,
+    math/adv-optm.md §2.10): asymmetric quantisation of the flat tensor in blocks (8 bits: 128
+    elements, 4 bits: 32; the last block padded by repeating the last value), per block
+    ``scale = (max - min) / (2**bits - 1)`` (1 where it is 0) and the minimum, both stored in the
+    parameter's dtype; codes ``clamp(round((x - min) / scale) - 2**(bits-1))`` as int8, of shape
+    (blocks, 128) for 8 bits, and for 4 bits packed two per int8 (the even-indexed code in the
+    high nibble), flat. Decoded as ``(code + 2**(bits-1)) * scale + min`` in float32, truncated to
+    the tensor. Deterministic; a read-only state's codec (encoded once, from its ``init``)."""
+
+    stem = "_data"
+
+    def __init__(self, bits: int) -> None:
+        self.bits = bits
+        self.name = f"anchor_int{bits}"
+        self.label = f"centered_wd_mode='int{bits}' (codec '{self.name}', the blockwise anchor)"
+        self.block = 128 if bits == 8 else 32
+        self.per_byte = 1 if bits == 8 else 2
+        self.q_min, self.q_max = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+
+    def stored(self, non_neg: bool) -> list[Stored]:
+        return [Stored("", "int8", "padded"), Stored("_scale", "param", "blocks", 1.0),
+                Stored("_min", "param", "blocks")]
+
+    def padded_shape(self, numel: int) -> tuple[int, ...]:
+        blocks = -(-numel // self.block)
+        return (blocks, self.block) if self.per_byte == 1 else (blocks * self.block // 2,)
+
+    def encode(self, x: torch.Tensor, non_neg: bool, bits: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        flat = x.flatten()
+        pad = -flat.numel() % self.block
+        if pad:
+            flat = TF.pad(flat.unsqueeze(0), (0, pad), mode="replicate").squeeze(0)
+        blocks = flat.reshape(-1, self.block).float().clone()  # quantised in place below: not x's storage
+        lo, hi = torch.aminmax(blocks, dim=1, keepdim=True)
+        scale = (hi - lo).div_(float(self.q_max - self.q_min))
+        scale.masked_fill_(scale == 0, 1.0)
+        codes = blocks.sub_(lo).div_(scale).add_(self.q_min).round_().clamp_(self.q_min, self.q_max).to(torch.int8)
+        if self.per_byte == 2:  # high nibble | low nibble (masked: no sign extension)
+            flat_codes = codes.view(-1)
+            codes = ((flat_codes[0::2] & 0x0F) << 4) | (flat_codes[1::2] & 0x0F)
+        return {"": codes, "_scale": scale.squeeze(1), "_min": lo.squeeze(1)}
+
+    def decode(self, stored: dict[str, torch.Tensor], shape: tuple[int, ...], non_neg: bool) -> torch.Tensor:
+        codes = stored[""]
+        if self.per_byte == 2:  # arithmetic shifts sign-extend each nibble
+            unpacked = torch.empty(codes.numel() * 2, dtype=torch.int8, device=codes.device)
+            unpacked[0::2] = codes >> 4
+            unpacked[1::2] = (codes << 4) >> 4
+            codes = unpacked.view(-1, self.block)
+        values = (codes.float() - self.q_min) * stored["_scale"].float().unsqueeze(1) + \
+            stored["_min"].float().unsqueeze(1)
+        n = 1
+        for d in shape:
+            n *= d
+        return values.view(-1)[:n].view(shape)
+
+    def triton_decode(self, ptr: dict[str, str], offs: str, mask: str, non_neg: bool) -> str:
+        # element i is code i of the padded row-major blocks (for 4 bits: a nibble of byte i // 2,
+        # the high one for even i), its block i // block
+        if self.per_byte == 1:
+            q = f"tl.load({ptr['']} + {offs}, mask={mask}).to(tl.float32)"
+        else:
+            b = f"tl.load({ptr['']} + {offs} // 2, mask={mask}).to(tl.int32)"
+            q = f"tl.where({offs} % 2 == 0, {b} >> 4, (({b} & 15) ^ 8) - 8).to(tl.float32)"
+        blk = f"{offs} // {self.block}"
+        return (f"(({q} - {float(self.q_min)}) * tl.load({ptr['_scale']} + {blk}, mask={mask}).to(tl.float32) + "
+                f"tl.load({ptr['_min']} + {blk}, mask={mask}).to(tl.float32))")
+
+
 _CODECS: dict[str, Codec] = {}
 
 
@@ -182,10 +252,11 @@ def codecs_of(program: Program) -> frozenset[str]:
 
 def stored_names(state: str, codec: Codec, non_neg: bool) -> dict[str, str]:
     """suffix -> state-dict key of each tensor ``codec`` stores for ``state``."""
-    return {s.suffix: state + s.suffix for s in codec.stored(non_neg)}
+    stem = state.removesuffix(codec.stem) if codec.stem else state
+    return {s.suffix: state if not s.suffix else stem + s.suffix for s in codec.stored(non_neg)}
 
 
 # the built-in codecs, then bitsandbytes' and torchao's (optgen.quant.registry)
 for _c in (FloatCodec("bf16", "bfloat16", "tl.bfloat16"), Bf16SR(), FloatCodec("fp16", "float16", "tl.float16"),
-           Int8SR(), *QUANT_CODECS):
+           Int8SR(), MinMaxBlocks(8), MinMaxBlocks(4), *QUANT_CODECS):
     register(_c)

@@ -100,6 +100,7 @@ class StateDecl:
     name: str
     kind: Kind
     init: Any  # "zeros" | "ones" | "absent" | "param" (a copy of it) | float | ("hyper", name)
+    #          | "coded" (a tensor a coded state's codec stores, written with it: ``codec_rules``)
     dtype: str  # param | float32 | float64 | default | bits (a boolean, packed 8 per uint8 along the last dim)
     cond: Node | None = None
     doc: str = ""
@@ -121,6 +122,11 @@ class StateDecl:
     #: feature ``factored``'s ``factored_2nd`` path keeps this state's factors on the square view
     #: also for parameters stepped as another matrix view (``factored: {..., any_view: true}``)
     factored_any_view: bool = False
+    #: (condition, codec name) rules, the first that holds wins: a read-only coded state, its
+    #: ``init`` encoded by the codec at allocation into every tensor the codec stores (keys
+    #: ``optgen.ir.codecs.stored_names``, each declared with init "coded"), decoded where the step
+    #: reads it (feature centered_wd's blockwise anchors)
+    codec_rules: list[tuple[Node, str]] = field(default_factory=list)
 
 
 @dataclass

@@ -82,6 +82,7 @@ def program_to_data(p: Program) -> dict[str, Any]:
                 **({"dtype_rules": [[node_to_data(c), t] for c, t in s.dtype_rules]} if s.dtype_rules else {}),
                 **({"block": s.block} if s.block else {}),
                 **({"view": s.view} if s.view else {}),
+                **({"codec_rules": [[node_to_data(c), t] for c, t in s.codec_rules]} if s.codec_rules else {}),
             }
             for s in p.state
         ],
@@ -204,6 +205,7 @@ def program_from_data(d: dict[str, Any]) -> Program:
                 dtype_rules=[(node_from_data(c), t) for c, t in s.get("dtype_rules", [])],
                 block=s.get("block"),
                 view=s.get("view"),
+                codec_rules=[(node_from_data(c), t) for c, t in s.get("codec_rules", [])],
             )
             for s in d["state"]
         ],

@@ -85,16 +85,18 @@ def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
     return bits if bits.shape[-1] == n else bits[..., :n].contiguous()
 
 
-_DECLS: dict[int, tuple[Program, tuple[str, ...], frozenset[str]]] = {}
+_DECLS: dict[int, tuple[Program, tuple[str, ...], frozenset[str], frozenset[str]]] = {}
 
 
 def _decls(program: Program) -> tuple[tuple[str, ...], frozenset[str]]:
-    """A program's 1-bit states and its other per-element states (computed once per program)."""
+    """A program's 1-bit states and its other per-element states (computed once per program; the
+    cache also keeps its read-only coded states, ``StateDecl.codec_rules``)."""
     hit = _DECLS.get(id(program))
     if hit is None or hit[0] is not program:
         hit = _DECLS[id(program)] = (program, tuple(d.name for d in program.state if d.dtype == "bits"),
                                      frozenset(d.name for d in program.state if d.kind == Kind.ELEMENT
-                                               and d.dtype != "bits"))
+                                               and d.dtype != "bits"),
+                                     frozenset(d.name for d in program.state if d.codec_rules))
     return hit[1], hit[2]
 
 
@@ -110,9 +112,13 @@ class ViewedState:
             self.view = state
             return
         self.view = dict(state)
+        self.elements_coded = _DECLS[id(program)][3]
         for name in self.elements:
-            if isinstance(self.view.get(name), torch.Tensor):
-                self.view[name] = as_view(self.view[name], shape, f"state '{name}'")
+            value = self.view.get(name)
+            # a read-only coded state's integer codes (padded blocks, packed) are no view of the
+            # parameter: its decode takes the parameter's shape
+            if isinstance(value, torch.Tensor) and (name not in self.elements_coded or value.is_floating_point()):
+                self.view[name] = as_view(value, shape, f"state '{name}'")
         width = shape[-1] if shape is not None else (p.shape[-1] if p.dim() else 1)
         for name in self.bits:
             self.view[name] = unpack_bits(state[name], width)

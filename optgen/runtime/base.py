@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from optgen.ir.codecs import PACKED_UINT4, codec_for, codecs_of
+from optgen.ir.codecs import PACKED_UINT4, codec_for, codecs_of, stored_names
 from optgen.ir.nodes import If, Kind, Program, StateDecl, walk_nodes
 from optgen.ir.ops import Op
 from optgen.numerics import stochastic
@@ -26,7 +26,7 @@ from optgen.numerics.matrix_view import decl_view, packed_shape, view_shape
 from optgen.runtime import clipping, published_layout, reductions, sharding, zero1
 from optgen.runtime.executors import executor_for
 from optgen.runtime.kourkoutas import R_EMA
-from optgen.runtime.state_alloc import new_state, state_shape
+from optgen.runtime.state_alloc import coded_shapes, new_coded_state, new_state, state_codec, state_shape
 from optgen.spec.values import validate_hyperparameter as _validate_hyper
 
 BACKENDS = ("auto", "triton", "torch", "compiled", "reference")
@@ -345,13 +345,17 @@ class GeneratedOptimizer(torch.optim.Optimizer):
         Its blocks run over the whole flattened tensor (and whether it is coded at all follows the
         whole tensor's size), so a sharded parameter steps gathered: local rows would put other
         elements in a block and another scale on each (exact at the cost of the state's 1/N saving)."""
+        ctx = HostContext(group, p, {}, tensor_math=False)
+        # a read-only coded state (centered decay's blockwise anchor) is encoded over the whole tensor
+        if any(state_codec(d, ctx) is not None for d in self._program.state if d.codec_rules):
+            return True
         chosen = group.get("state_precision")
         for name in codecs_of(self._program):
             codec = codec_for(name)
             if codec.block is None or (chosen is not None and name != chosen):
                 continue
             applies = codec.applies()
-            if applies is None or evaluate(applies, HostContext(group, p, {}, tensor_math=False)):
+            if applies is None or evaluate(applies, ctx):
                 return True
         return False
 
@@ -373,11 +377,15 @@ class GeneratedOptimizer(torch.optim.Optimizer):
             self._zero.check(self._position(p), p)
             elements = state[sharding.MASTER] = self._zero.init_master(p, p.dtype)
         for decl in prog.state:
-            if decl.init == "absent":
+            if decl.init in ("absent", "coded"):  # "coded": written with the state whose codec stores it
                 continue
             if decl.cond is not None and not evaluate(decl.cond, ctx):
                 continue
             on = elements if decl.kind in (Kind.ELEMENT, Kind.BLOCK) else sliced if decl.kind == Kind.SLICE else target
+            coded = new_coded_state(decl, on, ctx) if decl.codec_rules else None
+            if coded is not None:
+                state.update(coded)
+                continue
             state[decl.name] = new_state(decl, on, group, view, ctx, decl.block or stride)
         if state:
             self.state[p] = state
@@ -549,7 +557,8 @@ class GeneratedOptimizer(torch.optim.Optimizer):
                 continue
             where = f"loaded state dict: state '{key}' of parameter {index} (shape {tuple(p.shape)})"
             try:
-                expected = _saved_shapes(d, target, view, d.block or stride)
+                layout = _coded_layout(decls, d, key, target, HostContext(group, p, saved, tensor_math=False))
+                expected = [layout] if layout is not None else _saved_shapes(d, target, view, d.block or stride)
                 if d.kind == Kind.SLICE and lay.mode == "sharded":  # its part of the whole slice
                     expected = _saved_shapes(d, sharding.slice_source(lay, target, stride), view, stride)
                 if self._zero is not None and d.kind == Kind.ELEMENT:  # this rank's flat shard
@@ -803,6 +812,20 @@ def _default_value(h: Any) -> Any:
     """A hyperparameter's spec default as a group holds it (a fresh copy; ``as`` lists as tuples)."""
     value = copy.deepcopy(h.default)
     return tuple(value) if h.as_ is not None and isinstance(value, list) else value
+
+
+def _coded_layout(decls: dict[str, StateDecl], d: StateDecl, key: str, p: torch.Tensor,
+                  ctx: HostContext) -> tuple[int, ...] | None:
+    """The shape of ``key`` where a read-only coded state's codec stores it for ``p`` (``d`` the
+    state or one of the tensors its codec stores), else None (a plain state)."""
+    owners = [o for o in decls.values() if o.codec_rules] if d.init == "coded" else [d] if d.codec_rules else []
+    for owner in owners:
+        codec = state_codec(owner, ctx)
+        if codec is not None and key in stored_names(owner.name, codec, False).values():
+            return coded_shapes(owner, codec, key, p)
+    if d.init == "coded":
+        raise RuntimeError(f"no codec of {' or '.join(o.name for o in owners)} stores it with these hyperparameters")
+    return None
 
 
 def _saved_shapes(d: StateDecl, p: torch.Tensor, view: tuple[int, int] | None, stride: int | None) -> list[tuple[int, ...]]:

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from optgen.ir.codecs import PACKED_UINT4
+from optgen.ir.codecs import PACKED_UINT4, Codec, codec_for, stored_names
 from optgen.ir.nodes import Kind, StateDecl
 from optgen.numerics import stochastic
 from optgen.numerics.dtypes import storage_dtype
@@ -78,6 +78,42 @@ def new_state(decl: StateDecl, p: torch.Tensor, group: dict[str, Any], view: tup
     shape = state_shape(decl.kind, p, decl.name, None if decl.kind == Kind.ELEMENT else decl_view(decl.view, p, view),
                         stride)
     return torch.full(shape, value, dtype=dtype, device=device)
+
+
+def state_codec(decl: StateDecl, ctx: HostContext) -> Codec | None:
+    """The codec that stores read-only coded state ``decl`` for the parameter of ``ctx`` (its
+    ``codec_rules``, the first that holds), or None: the state is a plain tensor there."""
+    return next((codec_for(c) for cond, c in decl.codec_rules if evaluate(cond, ctx)), None)
+
+
+def new_coded_state(decl: StateDecl, p: torch.Tensor, ctx: HostContext) -> dict[str, torch.Tensor] | None:
+    """Every tensor the codec of read-only coded state ``decl`` stores, by state-dict key: its
+    ``init`` (the parameter) encoded, each tensor in its storage dtype; None where no codec
+    stores it (:func:`new_state` allocates it)."""
+    codec = state_codec(decl, ctx)
+    if codec is None:
+        return None
+    if decl.init != "param":
+        raise RuntimeError(f"state '{decl.name}': a read-only coded state is encoded from init 'param', "
+                           f"not {decl.init!r}")
+    names = stored_names(decl.name, codec, False)
+    dtypes = {s.suffix: storage_dtype(s.dtype, p.dtype) for s in codec.stored(False)}
+    coded = codec.encode(p.detach(), False, None)
+    return {names[k]: v.to(dtype=dtypes[k]).contiguous() for k, v in coded.items()}
+
+
+def coded_shapes(decl: StateDecl, codec: Codec, key: str, p: torch.Tensor) -> tuple[int, ...]:
+    """The shape of ``key``, a tensor ``codec`` stores for read-only coded state ``decl`` of ``p``."""
+    suffix = next(k for k, v in stored_names(decl.name, codec, False).items() if v == key)
+    kind = next(s.shape for s in codec.stored(False) if s.suffix == suffix)
+    n = p.numel()
+    if kind == "padded":
+        return codec.padded_shape(n)
+    if kind == "blocks":
+        return (-(-n // codec.block),)
+    if kind == "packed":
+        return (-(-n // codec.per_byte),)
+    return tuple(p.shape)
 
 
 def random_subset(p: torch.Tensor, fraction: float, device: torch.device) -> torch.Tensor:
