@@ -347,12 +347,14 @@ class GeneratedOptimizer(torch.optim.Optimizer):
         elements in a block and another scale on each (exact at the cost of the state's 1/N saving)."""
         ctx = HostContext(group, p, {}, tensor_math=False)
         # a read-only coded state (centered decay's blockwise anchor) is encoded over the whole tensor
-        if any(state_codec(d, ctx) is not None for d in self._program.state if d.codec_rules):
+        read_only = {name for d in self._program.state for _, name in d.codec_rules}
+        if any(state_codec(d, ctx) is not None for d in self._program.state
+               if d.codec_rules and (d.cond is None or evaluate(d.cond, ctx))):
             return True
         chosen = group.get("state_precision")
         for name in codecs_of(self._program):
             codec = codec_for(name)
-            if codec.block is None or (chosen is not None and name != chosen):
+            if name in read_only or codec.block is None or (chosen is not None and name != chosen):
                 continue
             applies = codec.applies()
             if applies is None or evaluate(applies, ctx):
