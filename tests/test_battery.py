@@ -181,8 +181,8 @@ def test_unknown_backend_and_argument() -> None:
     with pytest.raises(ValueError, match=r"Invalid beta parameter at index 1: 1.0"):
         generated.Adams(p, betas=(0.9, 1.0))
     # published arguments whose other values are not implemented: accepted at their default only
-    with pytest.raises(ValueError, match=r"adam_spectral_normalization=True is not supported; supported: False"):
-        generated.Muon_adv(p, adam_spectral_normalization=True)
+    with pytest.raises(ValueError, match=r"adam_kourkoutas_beta=True is not supported; supported: False"):
+        generated.Muon_adv(p, adam_kourkoutas_beta=True)
     with pytest.raises(ValueError, match=r"orthogonal_gradient='rank2' is not supported; supported: 'disabled', 'flattened', 'iterative'"):
         generated.AdamW_adv(p, orthogonal_gradient="rank2")
     with pytest.raises(ValueError, match=r"For Kourkoutas-β, betas\[1\] \(as beta2_max\) must be > beta2_min"):
