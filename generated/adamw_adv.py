@@ -101,6 +101,8 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                     update = update * (step_size * 1.2732395447351628)
                 else:
                     update = update * step_size
+            if fisher_wd:
+                fisher_param = param
             if centered_wd != 0 and fisher_wd:
                 if use_atan2:
                     cwd_fisher = atan2(wd_scaler, denom) * 1.2732395447351628
@@ -116,7 +118,7 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                             fisher = atan2(wd_scaler, denom) * 1.2732395447351628
                         else:
                             fisher = 1 / denom
-                            fisher = fisher / maximum(sqrt(mean((param_fp32 * fisher) ** 2)) / 1.0, 1.0)
+                            fisher = fisher / maximum(sqrt(mean((fisher_param * fisher) ** 2)) / 1.0, 1.0)
                         fisher = fisher * (weight_decay * lr)
                         if cautious_wd:
                             param_fp32 = param_fp32 - param_fp32 * (where(update_fp32 * param_fp32 >= 0, 1.0, 0.0) * fisher)
@@ -155,7 +157,7 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                             fisher = atan2(wd_scaler, denom) * 1.2732395447351628
                         else:
                             fisher = 1 / denom
-                            fisher = fisher / maximum(sqrt(mean((param * fisher) ** 2)) / 1.0, 1.0)
+                            fisher = fisher / maximum(sqrt(mean((fisher_param * fisher) ** 2)) / 1.0, 1.0)
                         fisher = fisher * (weight_decay * lr)
                         if cautious_wd:
                             param = param - param * (where(update * param >= 0, 1.0, 0.0) * fisher)
@@ -257,6 +259,8 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                     update = update * (step_size * 1.2732395447351628)
                 else:
                     update = update * step_size
+            if fisher_wd:
+                fisher_param = param
             if centered_wd != 0 and fisher_wd:
                 if use_atan2:
                     cwd_fisher = atan2(wd_scaler, denom) * 1.2732395447351628
@@ -272,7 +276,7 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                             fisher = atan2(wd_scaler, denom) * 1.2732395447351628
                         else:
                             fisher = 1 / denom
-                            fisher = fisher / maximum(sqrt(mean((param_fp32 * fisher) ** 2)) / 1.0, 1.0)
+                            fisher = fisher / maximum(sqrt(mean((fisher_param * fisher) ** 2)) / 1.0, 1.0)
                         fisher = fisher * (weight_decay * lr)
                         if cautious_wd:
                             param_fp32 = param_fp32 - param_fp32 * (where(update_fp32 * param_fp32 >= 0, 1.0, 0.0) * fisher)
@@ -311,7 +315,7 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                             fisher = atan2(wd_scaler, denom) * 1.2732395447351628
                         else:
                             fisher = 1 / denom
-                            fisher = fisher / maximum(sqrt(mean((param * fisher) ** 2)) / 1.0, 1.0)
+                            fisher = fisher / maximum(sqrt(mean((fisher_param * fisher) ** 2)) / 1.0, 1.0)
                         fisher = fisher * (weight_decay * lr)
                         if cautious_wd:
                             param = param - param * (where(update * param >= 0, 1.0, 0.0) * fisher)
@@ -429,6 +433,8 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                             update = update * (step_size * 1.2732395447351628)
                         else:
                             update = update * step_size
+                    if fisher_wd:
+                        fisher_param = param
                     if centered_wd != 0 and fisher_wd:
                         if use_atan2:
                             cwd_fisher = atan2(wd_scaler, denom) * 1.2732395447351628
@@ -444,7 +450,7 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                                     fisher = atan2(wd_scaler, denom) * 1.2732395447351628
                                 else:
                                     fisher = 1 / denom
-                                    fisher = fisher / maximum(sqrt(mean((param_fp32 * fisher) ** 2)) / 1.0, 1.0)
+                                    fisher = fisher / maximum(sqrt(mean((fisher_param * fisher) ** 2)) / 1.0, 1.0)
                                 fisher = fisher * (weight_decay * lr)
                                 if cautious_wd:
                                     param_fp32 = param_fp32 - param_fp32 * (where(update_fp32 * param_fp32 >= 0, 1.0, 0.0) * fisher)
@@ -483,7 +489,7 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                                     fisher = atan2(wd_scaler, denom) * 1.2732395447351628
                                 else:
                                     fisher = 1 / denom
-                                    fisher = fisher / maximum(sqrt(mean((param * fisher) ** 2)) / 1.0, 1.0)
+                                    fisher = fisher / maximum(sqrt(mean((fisher_param * fisher) ** 2)) / 1.0, 1.0)
                                 fisher = fisher * (weight_decay * lr)
                                 if cautious_wd:
                                     param = param - param * (where(update * param >= 0, 1.0, 0.0) * fisher)
@@ -599,6 +605,8 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                                 update = update * (step_size * 1.2732395447351628)
                             else:
                                 update = update * step_size
+                        if fisher_wd:
+                            fisher_param = param
                         if centered_wd != 0 and fisher_wd:
                             if use_atan2:
                                 cwd_fisher = atan2(wd_scaler, denom) * 1.2732395447351628
@@ -614,7 +622,7 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                                         fisher = atan2(wd_scaler, denom) * 1.2732395447351628
                                     else:
                                         fisher = 1 / denom
-                                        fisher = fisher / maximum(sqrt(mean((param_fp32 * fisher) ** 2)) / 1.0, 1.0)
+                                        fisher = fisher / maximum(sqrt(mean((fisher_param * fisher) ** 2)) / 1.0, 1.0)
                                     fisher = fisher * (weight_decay * lr)
                                     if cautious_wd:
                                         param_fp32 = param_fp32 - param_fp32 * (where(update_fp32 * param_fp32 >= 0, 1.0, 0.0) * fisher)
@@ -653,7 +661,7 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                                         fisher = atan2(wd_scaler, denom) * 1.2732395447351628
                                     else:
                                         fisher = 1 / denom
-                                        fisher = fisher / maximum(sqrt(mean((param * fisher) ** 2)) / 1.0, 1.0)
+                                        fisher = fisher / maximum(sqrt(mean((fisher_param * fisher) ** 2)) / 1.0, 1.0)
                                     fisher = fisher * (weight_decay * lr)
                                     if cautious_wd:
                                         param = param - param * (where(update * param >= 0, 1.0, 0.0) * fisher)
@@ -766,6 +774,8 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                                 update = update * (step_size * 1.2732395447351628)
                             else:
                                 update = update * step_size
+                        if fisher_wd:
+                            fisher_param = param
                         if centered_wd != 0 and fisher_wd:
                             if use_atan2:
                                 cwd_fisher = atan2(wd_scaler, denom) * 1.2732395447351628
@@ -781,7 +791,7 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                                         fisher = atan2(wd_scaler, denom) * 1.2732395447351628
                                     else:
                                         fisher = 1 / denom
-                                        fisher = fisher / maximum(sqrt(mean((param_fp32 * fisher) ** 2)) / 1.0, 1.0)
+                                        fisher = fisher / maximum(sqrt(mean((fisher_param * fisher) ** 2)) / 1.0, 1.0)
                                     fisher = fisher * (weight_decay * lr)
                                     if cautious_wd:
                                         param_fp32 = param_fp32 - param_fp32 * (where(update_fp32 * param_fp32 >= 0, 1.0, 0.0) * fisher)
@@ -820,7 +830,7 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                                         fisher = atan2(wd_scaler, denom) * 1.2732395447351628
                                     else:
                                         fisher = 1 / denom
-                                        fisher = fisher / maximum(sqrt(mean((param * fisher) ** 2)) / 1.0, 1.0)
+                                        fisher = fisher / maximum(sqrt(mean((fisher_param * fisher) ** 2)) / 1.0, 1.0)
                                     fisher = fisher * (weight_decay * lr)
                                     if cautious_wd:
                                         param = param - param * (where(update * param >= 0, 1.0, 0.0) * fisher)
@@ -930,6 +940,8 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                             update = update * (step_size * 1.2732395447351628)
                         else:
                             update = update * step_size
+                    if fisher_wd:
+                        fisher_param = param
                     if centered_wd != 0 and fisher_wd:
                         if use_atan2:
                             cwd_fisher = atan2(wd_scaler, denom) * 1.2732395447351628
@@ -945,7 +957,7 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                                     fisher = atan2(wd_scaler, denom) * 1.2732395447351628
                                 else:
                                     fisher = 1 / denom
-                                    fisher = fisher / maximum(sqrt(mean((param_fp32 * fisher) ** 2)) / 1.0, 1.0)
+                                    fisher = fisher / maximum(sqrt(mean((fisher_param * fisher) ** 2)) / 1.0, 1.0)
                                 fisher = fisher * (weight_decay * lr)
                                 if cautious_wd:
                                     param_fp32 = param_fp32 - param_fp32 * (where(update_fp32 * param_fp32 >= 0, 1.0, 0.0) * fisher)
@@ -984,7 +996,7 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                                     fisher = atan2(wd_scaler, denom) * 1.2732395447351628
                                 else:
                                     fisher = 1 / denom
-                                    fisher = fisher / maximum(sqrt(mean((param * fisher) ** 2)) / 1.0, 1.0)
+                                    fisher = fisher / maximum(sqrt(mean((fisher_param * fisher) ** 2)) / 1.0, 1.0)
                                 fisher = fisher * (weight_decay * lr)
                                 if cautious_wd:
                                     param = param - param * (where(update * param >= 0, 1.0, 0.0) * fisher)
@@ -1094,6 +1106,8 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                                 update = update * (step_size * 1.2732395447351628)
                             else:
                                 update = update * step_size
+                        if fisher_wd:
+                            fisher_param = param
                         if centered_wd != 0 and fisher_wd:
                             if use_atan2:
                                 cwd_fisher = atan2(wd_scaler, denom) * 1.2732395447351628
@@ -1109,7 +1123,7 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                                         fisher = atan2(wd_scaler, denom) * 1.2732395447351628
                                     else:
                                         fisher = 1 / denom
-                                        fisher = fisher / maximum(sqrt(mean((param_fp32 * fisher) ** 2)) / 1.0, 1.0)
+                                        fisher = fisher / maximum(sqrt(mean((fisher_param * fisher) ** 2)) / 1.0, 1.0)
                                     fisher = fisher * (weight_decay * lr)
                                     if cautious_wd:
                                         param_fp32 = param_fp32 - param_fp32 * (where(update_fp32 * param_fp32 >= 0, 1.0, 0.0) * fisher)
@@ -1148,7 +1162,7 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                                         fisher = atan2(wd_scaler, denom) * 1.2732395447351628
                                     else:
                                         fisher = 1 / denom
-                                        fisher = fisher / maximum(sqrt(mean((param * fisher) ** 2)) / 1.0, 1.0)
+                                        fisher = fisher / maximum(sqrt(mean((fisher_param * fisher) ** 2)) / 1.0, 1.0)
                                     fisher = fisher * (weight_decay * lr)
                                     if cautious_wd:
                                         param = param - param * (where(update * param >= 0, 1.0, 0.0) * fisher)
@@ -1251,6 +1265,8 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                                 update = update * (step_size * 1.2732395447351628)
                             else:
                                 update = update * step_size
+                        if fisher_wd:
+                            fisher_param = param
                         if centered_wd != 0 and fisher_wd:
                             if use_atan2:
                                 cwd_fisher = atan2(wd_scaler, denom) * 1.2732395447351628
@@ -1266,7 +1282,7 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                                         fisher = atan2(wd_scaler, denom) * 1.2732395447351628
                                     else:
                                         fisher = 1 / denom
-                                        fisher = fisher / maximum(sqrt(mean((param_fp32 * fisher) ** 2)) / 1.0, 1.0)
+                                        fisher = fisher / maximum(sqrt(mean((fisher_param * fisher) ** 2)) / 1.0, 1.0)
                                     fisher = fisher * (weight_decay * lr)
                                     if cautious_wd:
                                         param_fp32 = param_fp32 - param_fp32 * (where(update_fp32 * param_fp32 >= 0, 1.0, 0.0) * fisher)
@@ -1305,7 +1321,7 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                                         fisher = atan2(wd_scaler, denom) * 1.2732395447351628
                                     else:
                                         fisher = 1 / denom
-                                        fisher = fisher / maximum(sqrt(mean((param * fisher) ** 2)) / 1.0, 1.0)
+                                        fisher = fisher / maximum(sqrt(mean((fisher_param * fisher) ** 2)) / 1.0, 1.0)
                                     fisher = fisher * (weight_decay * lr)
                                     if cautious_wd:
                                         param = param - param * (where(update * param >= 0, 1.0, 0.0) * fisher)
@@ -1415,6 +1431,8 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                         update = update * (step_size * 1.2732395447351628)
                     else:
                         update = update * step_size
+                if fisher_wd:
+                    fisher_param = param
                 if centered_wd != 0 and fisher_wd:
                     if use_atan2:
                         cwd_fisher = atan2(wd_scaler, denom) * 1.2732395447351628
@@ -1430,7 +1448,7 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                                 fisher = atan2(wd_scaler, denom) * 1.2732395447351628
                             else:
                                 fisher = 1 / denom
-                                fisher = fisher / maximum(sqrt(mean((param_fp32 * fisher) ** 2)) / 1.0, 1.0)
+                                fisher = fisher / maximum(sqrt(mean((fisher_param * fisher) ** 2)) / 1.0, 1.0)
                             fisher = fisher * (weight_decay * lr)
                             if cautious_wd:
                                 param_fp32 = param_fp32 - param_fp32 * (where(update_fp32 * param_fp32 >= 0, 1.0, 0.0) * fisher)
@@ -1469,7 +1487,7 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                                 fisher = atan2(wd_scaler, denom) * 1.2732395447351628
                             else:
                                 fisher = 1 / denom
-                                fisher = fisher / maximum(sqrt(mean((param * fisher) ** 2)) / 1.0, 1.0)
+                                fisher = fisher / maximum(sqrt(mean((fisher_param * fisher) ** 2)) / 1.0, 1.0)
                             fisher = fisher * (weight_decay * lr)
                             if cautious_wd:
                                 param = param - param * (where(update * param >= 0, 1.0, 0.0) * fisher)
@@ -1579,6 +1597,8 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                             update = update * (step_size * 1.2732395447351628)
                         else:
                             update = update * step_size
+                    if fisher_wd:
+                        fisher_param = param
                     if centered_wd != 0 and fisher_wd:
                         if use_atan2:
                             cwd_fisher = atan2(wd_scaler, denom) * 1.2732395447351628
@@ -1594,7 +1614,7 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                                     fisher = atan2(wd_scaler, denom) * 1.2732395447351628
                                 else:
                                     fisher = 1 / denom
-                                    fisher = fisher / maximum(sqrt(mean((param_fp32 * fisher) ** 2)) / 1.0, 1.0)
+                                    fisher = fisher / maximum(sqrt(mean((fisher_param * fisher) ** 2)) / 1.0, 1.0)
                                 fisher = fisher * (weight_decay * lr)
                                 if cautious_wd:
                                     param_fp32 = param_fp32 - param_fp32 * (where(update_fp32 * param_fp32 >= 0, 1.0, 0.0) * fisher)
@@ -1633,7 +1653,7 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                                     fisher = atan2(wd_scaler, denom) * 1.2732395447351628
                                 else:
                                     fisher = 1 / denom
-                                    fisher = fisher / maximum(sqrt(mean((param * fisher) ** 2)) / 1.0, 1.0)
+                                    fisher = fisher / maximum(sqrt(mean((fisher_param * fisher) ** 2)) / 1.0, 1.0)
                                 fisher = fisher * (weight_decay * lr)
                                 if cautious_wd:
                                     param = param - param * (where(update * param >= 0, 1.0, 0.0) * fisher)
@@ -1736,6 +1756,8 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                             update = update * (step_size * 1.2732395447351628)
                         else:
                             update = update * step_size
+                    if fisher_wd:
+                        fisher_param = param
                     if centered_wd != 0 and fisher_wd:
                         if use_atan2:
                             cwd_fisher = atan2(wd_scaler, denom) * 1.2732395447351628
@@ -1751,7 +1773,7 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                                     fisher = atan2(wd_scaler, denom) * 1.2732395447351628
                                 else:
                                     fisher = 1 / denom
-                                    fisher = fisher / maximum(sqrt(mean((param_fp32 * fisher) ** 2)) / 1.0, 1.0)
+                                    fisher = fisher / maximum(sqrt(mean((fisher_param * fisher) ** 2)) / 1.0, 1.0)
                                 fisher = fisher * (weight_decay * lr)
                                 if cautious_wd:
                                     param_fp32 = param_fp32 - param_fp32 * (where(update_fp32 * param_fp32 >= 0, 1.0, 0.0) * fisher)
@@ -1790,7 +1812,7 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                                     fisher = atan2(wd_scaler, denom) * 1.2732395447351628
                                 else:
                                     fisher = 1 / denom
-                                    fisher = fisher / maximum(sqrt(mean((param * fisher) ** 2)) / 1.0, 1.0)
+                                    fisher = fisher / maximum(sqrt(mean((fisher_param * fisher) ** 2)) / 1.0, 1.0)
                                 fisher = fisher * (weight_decay * lr)
                                 if cautious_wd:
                                     param = param - param * (where(update * param >= 0, 1.0, 0.0) * fisher)
@@ -2063,8 +2085,12 @@ def _device_step(h, param, grad, S):
                 else:
                     # update = update * step_size
                     F.mul_(update, h["step_size"])
-            # if centered_wd != 0 and fisher_wd:
+            # if fisher_wd:
             if h["_c14"]:
+                # fisher_param = param
+                fisher_param = F.copy(param)
+            # if centered_wd != 0 and fisher_wd:
+            if h["_c15"]:
                 # if use_atan2:
                 if h["_c7"]:
                     # cwd_fisher = atan2(wd_scaler, denom) * 1.2732395447351628
@@ -2083,15 +2109,15 @@ def _device_step(h, param, grad, S):
                     cwd_fisher_3 = F.div(cwd_fisher, cwd_fisher_2)
                     cwd_fisher = cwd_fisher_3
             # if stochastic_rounding and bf16 != 0:
-            if h["_c15"]:
+            if h["_c16"]:
                 # param_fp32 = float32(param)
                 param_fp32 = F.float32(param)
                 # update_fp32 = float32(update)
                 update_fp32 = F.float32(update)
                 # if weight_decay != 0:
-                if h["_c16"]:
+                if h["_c17"]:
                     # if fisher_wd:
-                    if h["_c17"]:
+                    if h["_c14"]:
                         # if use_atan2:
                         if h["_c7"]:
                             # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
@@ -2100,8 +2126,8 @@ def _device_step(h, param, grad, S):
                         else:
                             # fisher = 1 / denom
                             fisher = F.rdiv(denom, 1)
-                            # fisher = fisher / maximum(sqrt(mean((param_fp32 * fisher) ** 2)) / 1.0, 1.0)
-                            fisher_1 = F.mul(param_fp32, fisher)
+                            # fisher = fisher / maximum(sqrt(mean((fisher_param * fisher) ** 2)) / 1.0, 1.0)
+                            fisher_1 = F.mul(fisher_param, fisher)
                             F.pow_(fisher_1, 2)
                             fisher_2 = F.mean(fisher_1)
                             F.sqrt_(fisher_2)
@@ -2117,9 +2143,9 @@ def _device_step(h, param, grad, S):
                             param_fp32_1 = F.mul(update_fp32, param_fp32)
                             param_fp32_2 = F.ge(param_fp32_1, 0)
                             param_fp32_3 = F.where(param_fp32_2, 1.0, 0.0, like=param)
-                            F.mul_(param_fp32_3, fisher)
-                            param_fp32_4 = F.addcmul(param_fp32, param_fp32, param_fp32_3, -1.0)
-                            param_fp32 = param_fp32_4
+                            param_fp32_4 = F.mul(param_fp32_3, fisher)
+                            param_fp32_5 = F.addcmul(param_fp32, param_fp32, param_fp32_4, -1.0)
+                            param_fp32 = param_fp32_5
                         else:
                             # param_fp32 = param_fp32 - param_fp32 * fisher
                             param_fp32 = F.addcmul(param_fp32, param_fp32, fisher, -1.0)
@@ -2127,11 +2153,11 @@ def _device_step(h, param, grad, S):
                         # if cautious_wd:
                         if h["_c18"]:
                             # param_fp32 = param_fp32 - weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
-                            param_fp32_5 = F.mul(update_fp32, param_fp32)
-                            param_fp32_6 = F.ge(param_fp32_5, 0)
-                            param_fp32_7 = F.where(param_fp32_6, 1.0, 0.0, like=param)
-                            param_fp32_8 = F.addcmul(param_fp32, param_fp32, param_fp32_7, h["_k11"])
-                            param_fp32 = param_fp32_8
+                            param_fp32_6 = F.mul(update_fp32, param_fp32)
+                            param_fp32_7 = F.ge(param_fp32_6, 0)
+                            param_fp32_8 = F.where(param_fp32_7, 1.0, 0.0, like=param)
+                            param_fp32_9 = F.addcmul(param_fp32, param_fp32, param_fp32_8, h["_k11"])
+                            param_fp32 = param_fp32_9
                         else:
                             # param_fp32 = param_fp32 - weight_decay * lr * param_fp32
                             param_fp32 = F.axpy(param_fp32, param_fp32, h["_k12"])
@@ -2155,18 +2181,18 @@ def _device_step(h, param, grad, S):
                             cwd_target_5 = F.cast(anchor_data, param_fp32)
                             cwd_target = F.sub(param_fp32, cwd_target_5)
                     # if fisher_wd:
-                    if h["_c17"]:
+                    if h["_c14"]:
                         # cwd_fisher_scaled = cwd_fisher * (centered_wd * lr)
                         cwd_fisher_scaled = F.mul(cwd_fisher, h["_k13"])
                         # if cautious_wd:
                         if h["_c18"]:
                             # param_fp32 = param_fp32 - cwd_target * (where(update_fp32 * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
-                            param_fp32_9 = F.mul(update_fp32, cwd_target)
-                            param_fp32_10 = F.ge(param_fp32_9, 0)
-                            param_fp32_11 = F.where(param_fp32_10, 1.0, 0.0, like=param)
-                            F.mul_(param_fp32_11, cwd_fisher_scaled)
-                            param_fp32_12 = F.addcmul(param_fp32, cwd_target, param_fp32_11, -1.0)
-                            param_fp32 = param_fp32_12
+                            param_fp32_10 = F.mul(update_fp32, cwd_target)
+                            param_fp32_11 = F.ge(param_fp32_10, 0)
+                            param_fp32_12 = F.where(param_fp32_11, 1.0, 0.0, like=param)
+                            param_fp32_13 = F.mul(param_fp32_12, cwd_fisher_scaled)
+                            param_fp32_14 = F.addcmul(param_fp32, cwd_target, param_fp32_13, -1.0)
+                            param_fp32 = param_fp32_14
                         else:
                             # param_fp32 = param_fp32 - cwd_target * cwd_fisher_scaled
                             param_fp32 = F.addcmul(param_fp32, cwd_target, cwd_fisher_scaled, -1.0)
@@ -2174,11 +2200,11 @@ def _device_step(h, param, grad, S):
                         # if cautious_wd:
                         if h["_c18"]:
                             # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
-                            param_fp32_13 = F.mul(update_fp32, cwd_target)
-                            param_fp32_14 = F.ge(param_fp32_13, 0)
-                            param_fp32_15 = F.where(param_fp32_14, 1.0, 0.0, like=param)
-                            param_fp32_16 = F.addcmul(param_fp32, cwd_target, param_fp32_15, h["_k14"])
-                            param_fp32 = param_fp32_16
+                            param_fp32_15 = F.mul(update_fp32, cwd_target)
+                            param_fp32_16 = F.ge(param_fp32_15, 0)
+                            param_fp32_17 = F.where(param_fp32_16, 1.0, 0.0, like=param)
+                            param_fp32_18 = F.addcmul(param_fp32, cwd_target, param_fp32_17, h["_k14"])
+                            param_fp32 = param_fp32_18
                         else:
                             # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
                             param_fp32 = F.axpy(param_fp32, cwd_target, h["_k15"])
@@ -2189,9 +2215,9 @@ def _device_step(h, param, grad, S):
                 F.assign_(param, param_1)
             else:
                 # if weight_decay != 0:
-                if h["_c16"]:
+                if h["_c17"]:
                     # if fisher_wd:
-                    if h["_c17"]:
+                    if h["_c14"]:
                         # if use_atan2:
                         if h["_c7"]:
                             # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
@@ -2200,8 +2226,8 @@ def _device_step(h, param, grad, S):
                         else:
                             # fisher = 1 / denom
                             fisher = F.rdiv(denom, 1)
-                            # fisher = fisher / maximum(sqrt(mean((param * fisher) ** 2)) / 1.0, 1.0)
-                            fisher_4 = F.mul(param, fisher)
+                            # fisher = fisher / maximum(sqrt(mean((fisher_param * fisher) ** 2)) / 1.0, 1.0)
+                            fisher_4 = F.mul(fisher_param, fisher)
                             F.pow_(fisher_4, 2)
                             fisher_5 = F.mean(fisher_4)
                             F.sqrt_(fisher_5)
@@ -2217,26 +2243,26 @@ def _device_step(h, param, grad, S):
                             param_2 = F.mul(update, param)
                             param_3 = F.ge(param_2, 0)
                             param_4 = F.where(param_3, 1.0, 0.0, like=param)
-                            F.mul_(param_4, fisher)
-                            param_5 = F.addcmul(param, param, param_4, -1.0)
-                            F.assign_(param, param_5)
+                            param_5 = F.mul(param_4, fisher)
+                            param_6 = F.addcmul(param, param, param_5, -1.0)
+                            F.assign_(param, param_6)
                         else:
                             # param = param - param * fisher
-                            param_6 = F.addcmul(param, param, fisher, -1.0)
-                            F.assign_(param, param_6)
+                            param_7 = F.addcmul(param, param, fisher, -1.0)
+                            F.assign_(param, param_7)
                     else:
                         # if cautious_wd:
                         if h["_c18"]:
                             # param = param - weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
-                            param_7 = F.mul(update, param)
-                            param_8 = F.ge(param_7, 0)
-                            param_9 = F.where(param_8, 1.0, 0.0, like=param)
-                            param_10 = F.addcmul(param, param, param_9, h["_k18"])
-                            F.assign_(param, param_10)
+                            param_8 = F.mul(update, param)
+                            param_9 = F.ge(param_8, 0)
+                            param_10 = F.where(param_9, 1.0, 0.0, like=param)
+                            param_11 = F.addcmul(param, param, param_10, h["_k18"])
+                            F.assign_(param, param_11)
                         else:
                             # param = param - weight_decay * lr * param
-                            param_11 = F.axpy(param, param, h["_k19"])
-                            F.assign_(param, param_11)
+                            param_12 = F.axpy(param, param, h["_k19"])
+                            F.assign_(param, param_12)
                 # if centered_wd != 0:
                 if h["_c19"]:
                     # if centered_wd_mode == 'int8':
@@ -2257,17 +2283,17 @@ def _device_step(h, param, grad, S):
                             cwd_target_10 = F.cast(anchor_data, param)
                             cwd_target = F.sub(param, cwd_target_10)
                     # if fisher_wd:
-                    if h["_c17"]:
+                    if h["_c14"]:
                         # cwd_fisher_scaled = cwd_fisher * (centered_wd * lr)
                         cwd_fisher_scaled = F.mul(cwd_fisher, h["_k20"])
                         # if cautious_wd:
                         if h["_c18"]:
                             # param = param - cwd_target * (where(update * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
-                            param_12 = F.mul(update, cwd_target)
-                            param_13 = F.ge(param_12, 0)
-                            param_14 = F.where(param_13, 1.0, 0.0, like=param)
-                            F.mul_(param_14, cwd_fisher_scaled)
-                            F.addcmul_(param, cwd_target, param_14, -1.0)
+                            param_13 = F.mul(update, cwd_target)
+                            param_14 = F.ge(param_13, 0)
+                            param_15 = F.where(param_14, 1.0, 0.0, like=param)
+                            param_16 = F.mul(param_15, cwd_fisher_scaled)
+                            F.addcmul_(param, cwd_target, param_16, -1.0)
                         else:
                             # param = param - cwd_target * cwd_fisher_scaled
                             F.addcmul_(param, cwd_target, cwd_fisher_scaled, -1.0)
@@ -2275,10 +2301,10 @@ def _device_step(h, param, grad, S):
                         # if cautious_wd:
                         if h["_c18"]:
                             # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
-                            param_15 = F.mul(update, cwd_target)
-                            param_16 = F.ge(param_15, 0)
-                            param_17 = F.where(param_16, 1.0, 0.0, like=param)
-                            F.addcmul_(param, cwd_target, param_17, h["_k21"])
+                            param_17 = F.mul(update, cwd_target)
+                            param_18 = F.ge(param_17, 0)
+                            param_19 = F.where(param_18, 1.0, 0.0, like=param)
+                            F.addcmul_(param, cwd_target, param_19, h["_k21"])
                         else:
                             # param = param - centered_wd * lr * cwd_target
                             F.axpy_(param, cwd_target, h["_k22"])
@@ -2433,8 +2459,12 @@ def _device_step(h, param, grad, S):
                 else:
                     # update = update * step_size
                     F.mul_(update, h["step_size"])
-            # if centered_wd != 0 and fisher_wd:
+            # if fisher_wd:
             if h["_c14"]:
+                # fisher_param = param
+                fisher_param = F.copy(param)
+            # if centered_wd != 0 and fisher_wd:
+            if h["_c15"]:
                 # if use_atan2:
                 if h["_c7"]:
                     # cwd_fisher = atan2(wd_scaler, denom) * 1.2732395447351628
@@ -2453,15 +2483,15 @@ def _device_step(h, param, grad, S):
                     cwd_fisher_6 = F.div(cwd_fisher, cwd_fisher_5)
                     cwd_fisher = cwd_fisher_6
             # if stochastic_rounding and bf16 != 0:
-            if h["_c15"]:
+            if h["_c16"]:
                 # param_fp32 = float32(param)
                 param_fp32 = F.float32(param)
                 # update_fp32 = float32(update)
                 update_fp32 = F.float32(update)
                 # if weight_decay != 0:
-                if h["_c16"]:
+                if h["_c17"]:
                     # if fisher_wd:
-                    if h["_c17"]:
+                    if h["_c14"]:
                         # if use_atan2:
                         if h["_c7"]:
                             # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
@@ -2470,8 +2500,8 @@ def _device_step(h, param, grad, S):
                         else:
                             # fisher = 1 / denom
                             fisher = F.rdiv(denom, 1)
-                            # fisher = fisher / maximum(sqrt(mean((param_fp32 * fisher) ** 2)) / 1.0, 1.0)
-                            fisher_7 = F.mul(param_fp32, fisher)
+                            # fisher = fisher / maximum(sqrt(mean((fisher_param * fisher) ** 2)) / 1.0, 1.0)
+                            fisher_7 = F.mul(fisher_param, fisher)
                             F.pow_(fisher_7, 2)
                             fisher_8 = F.mean(fisher_7)
                             F.sqrt_(fisher_8)
@@ -2484,12 +2514,12 @@ def _device_step(h, param, grad, S):
                         # if cautious_wd:
                         if h["_c18"]:
                             # param_fp32 = param_fp32 - param_fp32 * (where(update_fp32 * param_fp32 >= 0, 1.0, 0.0) * fisher)
-                            param_fp32_17 = F.mul(update_fp32, param_fp32)
-                            param_fp32_18 = F.ge(param_fp32_17, 0)
-                            param_fp32_19 = F.where(param_fp32_18, 1.0, 0.0, like=param)
-                            F.mul_(param_fp32_19, fisher)
-                            param_fp32_20 = F.addcmul(param_fp32, param_fp32, param_fp32_19, -1.0)
-                            param_fp32 = param_fp32_20
+                            param_fp32_19 = F.mul(update_fp32, param_fp32)
+                            param_fp32_20 = F.ge(param_fp32_19, 0)
+                            param_fp32_21 = F.where(param_fp32_20, 1.0, 0.0, like=param)
+                            param_fp32_22 = F.mul(param_fp32_21, fisher)
+                            param_fp32_23 = F.addcmul(param_fp32, param_fp32, param_fp32_22, -1.0)
+                            param_fp32 = param_fp32_23
                         else:
                             # param_fp32 = param_fp32 - param_fp32 * fisher
                             param_fp32 = F.addcmul(param_fp32, param_fp32, fisher, -1.0)
@@ -2497,11 +2527,11 @@ def _device_step(h, param, grad, S):
                         # if cautious_wd:
                         if h["_c18"]:
                             # param_fp32 = param_fp32 - weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
-                            param_fp32_21 = F.mul(update_fp32, param_fp32)
-                            param_fp32_22 = F.ge(param_fp32_21, 0)
-                            param_fp32_23 = F.where(param_fp32_22, 1.0, 0.0, like=param)
-                            param_fp32_24 = F.addcmul(param_fp32, param_fp32, param_fp32_23, h["_k34"])
-                            param_fp32 = param_fp32_24
+                            param_fp32_24 = F.mul(update_fp32, param_fp32)
+                            param_fp32_25 = F.ge(param_fp32_24, 0)
+                            param_fp32_26 = F.where(param_fp32_25, 1.0, 0.0, like=param)
+                            param_fp32_27 = F.addcmul(param_fp32, param_fp32, param_fp32_26, h["_k34"])
+                            param_fp32 = param_fp32_27
                         else:
                             # param_fp32 = param_fp32 - weight_decay * lr * param_fp32
                             param_fp32 = F.axpy(param_fp32, param_fp32, h["_k35"])
@@ -2525,18 +2555,18 @@ def _device_step(h, param, grad, S):
                             cwd_target_15 = F.cast(anchor_data, param_fp32)
                             cwd_target = F.sub(param_fp32, cwd_target_15)
                     # if fisher_wd:
-                    if h["_c17"]:
+                    if h["_c14"]:
                         # cwd_fisher_scaled = cwd_fisher * (centered_wd * lr)
                         cwd_fisher_scaled = F.mul(cwd_fisher, h["_k36"])
                         # if cautious_wd:
                         if h["_c18"]:
                             # param_fp32 = param_fp32 - cwd_target * (where(update_fp32 * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
-                            param_fp32_25 = F.mul(update_fp32, cwd_target)
-                            param_fp32_26 = F.ge(param_fp32_25, 0)
-                            param_fp32_27 = F.where(param_fp32_26, 1.0, 0.0, like=param)
-                            F.mul_(param_fp32_27, cwd_fisher_scaled)
-                            param_fp32_28 = F.addcmul(param_fp32, cwd_target, param_fp32_27, -1.0)
-                            param_fp32 = param_fp32_28
+                            param_fp32_28 = F.mul(update_fp32, cwd_target)
+                            param_fp32_29 = F.ge(param_fp32_28, 0)
+                            param_fp32_30 = F.where(param_fp32_29, 1.0, 0.0, like=param)
+                            param_fp32_31 = F.mul(param_fp32_30, cwd_fisher_scaled)
+                            param_fp32_32 = F.addcmul(param_fp32, cwd_target, param_fp32_31, -1.0)
+                            param_fp32 = param_fp32_32
                         else:
                             # param_fp32 = param_fp32 - cwd_target * cwd_fisher_scaled
                             param_fp32 = F.addcmul(param_fp32, cwd_target, cwd_fisher_scaled, -1.0)
@@ -2544,24 +2574,24 @@ def _device_step(h, param, grad, S):
                         # if cautious_wd:
                         if h["_c18"]:
                             # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
-                            param_fp32_29 = F.mul(update_fp32, cwd_target)
-                            param_fp32_30 = F.ge(param_fp32_29, 0)
-                            param_fp32_31 = F.where(param_fp32_30, 1.0, 0.0, like=param)
-                            param_fp32_32 = F.addcmul(param_fp32, cwd_target, param_fp32_31, h["_k37"])
-                            param_fp32 = param_fp32_32
+                            param_fp32_33 = F.mul(update_fp32, cwd_target)
+                            param_fp32_34 = F.ge(param_fp32_33, 0)
+                            param_fp32_35 = F.where(param_fp32_34, 1.0, 0.0, like=param)
+                            param_fp32_36 = F.addcmul(param_fp32, cwd_target, param_fp32_35, h["_k37"])
+                            param_fp32 = param_fp32_36
                         else:
                             # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
                             param_fp32 = F.axpy(param_fp32, cwd_target, h["_k38"])
                 # param_fp32 = param_fp32 + -update_fp32
                 param_fp32 = F.sub(param_fp32, update_fp32)
                 # param = stochastic_round(param_fp32, step)
-                param_18 = F.stochastic_round(param_fp32, h["_k39"])
-                F.assign_(param, param_18)
+                param_20 = F.stochastic_round(param_fp32, h["_k39"])
+                F.assign_(param, param_20)
             else:
                 # if weight_decay != 0:
-                if h["_c16"]:
+                if h["_c17"]:
                     # if fisher_wd:
-                    if h["_c17"]:
+                    if h["_c14"]:
                         # if use_atan2:
                         if h["_c7"]:
                             # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
@@ -2570,8 +2600,8 @@ def _device_step(h, param, grad, S):
                         else:
                             # fisher = 1 / denom
                             fisher = F.rdiv(denom, 1)
-                            # fisher = fisher / maximum(sqrt(mean((param * fisher) ** 2)) / 1.0, 1.0)
-                            fisher_10 = F.mul(param, fisher)
+                            # fisher = fisher / maximum(sqrt(mean((fisher_param * fisher) ** 2)) / 1.0, 1.0)
+                            fisher_10 = F.mul(fisher_param, fisher)
                             F.pow_(fisher_10, 2)
                             fisher_11 = F.mean(fisher_10)
                             F.sqrt_(fisher_11)
@@ -2584,29 +2614,29 @@ def _device_step(h, param, grad, S):
                         # if cautious_wd:
                         if h["_c18"]:
                             # param = param - param * (where(update * param >= 0, 1.0, 0.0) * fisher)
-                            param_19 = F.mul(update, param)
-                            param_20 = F.ge(param_19, 0)
-                            param_21 = F.where(param_20, 1.0, 0.0, like=param)
-                            F.mul_(param_21, fisher)
-                            param_22 = F.addcmul(param, param, param_21, -1.0)
-                            F.assign_(param, param_22)
+                            param_21 = F.mul(update, param)
+                            param_22 = F.ge(param_21, 0)
+                            param_23 = F.where(param_22, 1.0, 0.0, like=param)
+                            param_24 = F.mul(param_23, fisher)
+                            param_25 = F.addcmul(param, param, param_24, -1.0)
+                            F.assign_(param, param_25)
                         else:
                             # param = param - param * fisher
-                            param_23 = F.addcmul(param, param, fisher, -1.0)
-                            F.assign_(param, param_23)
+                            param_26 = F.addcmul(param, param, fisher, -1.0)
+                            F.assign_(param, param_26)
                     else:
                         # if cautious_wd:
                         if h["_c18"]:
                             # param = param - weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
-                            param_24 = F.mul(update, param)
-                            param_25 = F.ge(param_24, 0)
-                            param_26 = F.where(param_25, 1.0, 0.0, like=param)
-                            param_27 = F.addcmul(param, param, param_26, h["_k41"])
-                            F.assign_(param, param_27)
+                            param_27 = F.mul(update, param)
+                            param_28 = F.ge(param_27, 0)
+                            param_29 = F.where(param_28, 1.0, 0.0, like=param)
+                            param_30 = F.addcmul(param, param, param_29, h["_k41"])
+                            F.assign_(param, param_30)
                         else:
                             # param = param - weight_decay * lr * param
-                            param_28 = F.axpy(param, param, h["_k42"])
-                            F.assign_(param, param_28)
+                            param_31 = F.axpy(param, param, h["_k42"])
+                            F.assign_(param, param_31)
                 # if centered_wd != 0:
                 if h["_c19"]:
                     # if centered_wd_mode == 'int8':
@@ -2627,17 +2657,17 @@ def _device_step(h, param, grad, S):
                             cwd_target_20 = F.cast(anchor_data, param)
                             cwd_target = F.sub(param, cwd_target_20)
                     # if fisher_wd:
-                    if h["_c17"]:
+                    if h["_c14"]:
                         # cwd_fisher_scaled = cwd_fisher * (centered_wd * lr)
                         cwd_fisher_scaled = F.mul(cwd_fisher, h["_k43"])
                         # if cautious_wd:
                         if h["_c18"]:
                             # param = param - cwd_target * (where(update * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
-                            param_29 = F.mul(update, cwd_target)
-                            param_30 = F.ge(param_29, 0)
-                            param_31 = F.where(param_30, 1.0, 0.0, like=param)
-                            F.mul_(param_31, cwd_fisher_scaled)
-                            F.addcmul_(param, cwd_target, param_31, -1.0)
+                            param_32 = F.mul(update, cwd_target)
+                            param_33 = F.ge(param_32, 0)
+                            param_34 = F.where(param_33, 1.0, 0.0, like=param)
+                            param_35 = F.mul(param_34, cwd_fisher_scaled)
+                            F.addcmul_(param, cwd_target, param_35, -1.0)
                         else:
                             # param = param - cwd_target * cwd_fisher_scaled
                             F.addcmul_(param, cwd_target, cwd_fisher_scaled, -1.0)
@@ -2645,10 +2675,10 @@ def _device_step(h, param, grad, S):
                         # if cautious_wd:
                         if h["_c18"]:
                             # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
-                            param_32 = F.mul(update, cwd_target)
-                            param_33 = F.ge(param_32, 0)
-                            param_34 = F.where(param_33, 1.0, 0.0, like=param)
-                            F.addcmul_(param, cwd_target, param_34, h["_k44"])
+                            param_36 = F.mul(update, cwd_target)
+                            param_37 = F.ge(param_36, 0)
+                            param_38 = F.where(param_37, 1.0, 0.0, like=param)
+                            F.addcmul_(param, cwd_target, param_38, h["_k44"])
                         else:
                             # param = param - centered_wd * lr * cwd_target
                             F.axpy_(param, cwd_target, h["_k45"])
@@ -2860,8 +2890,12 @@ def _device_step(h, param, grad, S):
                         else:
                             # update = update * step_size
                             F.mul_(update, h["step_size"])
-                    # if centered_wd != 0 and fisher_wd:
+                    # if fisher_wd:
                     if h["_c14"]:
+                        # fisher_param = param
+                        fisher_param = F.copy(param)
+                    # if centered_wd != 0 and fisher_wd:
+                    if h["_c15"]:
                         # if use_atan2:
                         if h["_c7"]:
                             # cwd_fisher = atan2(wd_scaler, denom) * 1.2732395447351628
@@ -2880,15 +2914,15 @@ def _device_step(h, param, grad, S):
                             cwd_fisher_9 = F.div(cwd_fisher, cwd_fisher_8)
                             cwd_fisher = cwd_fisher_9
                     # if stochastic_rounding and bf16 != 0:
-                    if h["_c15"]:
+                    if h["_c16"]:
                         # param_fp32 = float32(param)
                         param_fp32 = F.float32(param)
                         # update_fp32 = float32(update)
                         update_fp32 = F.float32(update)
                         # if weight_decay != 0:
-                        if h["_c16"]:
+                        if h["_c17"]:
                             # if fisher_wd:
-                            if h["_c17"]:
+                            if h["_c14"]:
                                 # if use_atan2:
                                 if h["_c7"]:
                                     # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
@@ -2897,8 +2931,8 @@ def _device_step(h, param, grad, S):
                                 else:
                                     # fisher = 1 / denom
                                     fisher = F.rdiv(denom, 1)
-                                    # fisher = fisher / maximum(sqrt(mean((param_fp32 * fisher) ** 2)) / 1.0, 1.0)
-                                    fisher_13 = F.mul(param_fp32, fisher)
+                                    # fisher = fisher / maximum(sqrt(mean((fisher_param * fisher) ** 2)) / 1.0, 1.0)
+                                    fisher_13 = F.mul(fisher_param, fisher)
                                     F.pow_(fisher_13, 2)
                                     fisher_14 = F.mean(fisher_13)
                                     F.sqrt_(fisher_14)
@@ -2911,12 +2945,12 @@ def _device_step(h, param, grad, S):
                                 # if cautious_wd:
                                 if h["_c18"]:
                                     # param_fp32 = param_fp32 - param_fp32 * (where(update_fp32 * param_fp32 >= 0, 1.0, 0.0) * fisher)
-                                    param_fp32_33 = F.mul(update_fp32, param_fp32)
-                                    param_fp32_34 = F.ge(param_fp32_33, 0)
-                                    param_fp32_35 = F.where(param_fp32_34, 1.0, 0.0, like=param)
-                                    F.mul_(param_fp32_35, fisher)
-                                    param_fp32_36 = F.addcmul(param_fp32, param_fp32, param_fp32_35, -1.0)
-                                    param_fp32 = param_fp32_36
+                                    param_fp32_37 = F.mul(update_fp32, param_fp32)
+                                    param_fp32_38 = F.ge(param_fp32_37, 0)
+                                    param_fp32_39 = F.where(param_fp32_38, 1.0, 0.0, like=param)
+                                    param_fp32_40 = F.mul(param_fp32_39, fisher)
+                                    param_fp32_41 = F.addcmul(param_fp32, param_fp32, param_fp32_40, -1.0)
+                                    param_fp32 = param_fp32_41
                                 else:
                                     # param_fp32 = param_fp32 - param_fp32 * fisher
                                     param_fp32 = F.addcmul(param_fp32, param_fp32, fisher, -1.0)
@@ -2924,11 +2958,11 @@ def _device_step(h, param, grad, S):
                                 # if cautious_wd:
                                 if h["_c18"]:
                                     # param_fp32 = param_fp32 - weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
-                                    param_fp32_37 = F.mul(update_fp32, param_fp32)
-                                    param_fp32_38 = F.ge(param_fp32_37, 0)
-                                    param_fp32_39 = F.where(param_fp32_38, 1.0, 0.0, like=param)
-                                    param_fp32_40 = F.addcmul(param_fp32, param_fp32, param_fp32_39, h["_k58"])
-                                    param_fp32 = param_fp32_40
+                                    param_fp32_42 = F.mul(update_fp32, param_fp32)
+                                    param_fp32_43 = F.ge(param_fp32_42, 0)
+                                    param_fp32_44 = F.where(param_fp32_43, 1.0, 0.0, like=param)
+                                    param_fp32_45 = F.addcmul(param_fp32, param_fp32, param_fp32_44, h["_k58"])
+                                    param_fp32 = param_fp32_45
                                 else:
                                     # param_fp32 = param_fp32 - weight_decay * lr * param_fp32
                                     param_fp32 = F.axpy(param_fp32, param_fp32, h["_k59"])
@@ -2952,18 +2986,18 @@ def _device_step(h, param, grad, S):
                                     cwd_target_25 = F.cast(anchor_data, param_fp32)
                                     cwd_target = F.sub(param_fp32, cwd_target_25)
                             # if fisher_wd:
-                            if h["_c17"]:
+                            if h["_c14"]:
                                 # cwd_fisher_scaled = cwd_fisher * (centered_wd * lr)
                                 cwd_fisher_scaled = F.mul(cwd_fisher, h["_k60"])
                                 # if cautious_wd:
                                 if h["_c18"]:
                                     # param_fp32 = param_fp32 - cwd_target * (where(update_fp32 * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
-                                    param_fp32_41 = F.mul(update_fp32, cwd_target)
-                                    param_fp32_42 = F.ge(param_fp32_41, 0)
-                                    param_fp32_43 = F.where(param_fp32_42, 1.0, 0.0, like=param)
-                                    F.mul_(param_fp32_43, cwd_fisher_scaled)
-                                    param_fp32_44 = F.addcmul(param_fp32, cwd_target, param_fp32_43, -1.0)
-                                    param_fp32 = param_fp32_44
+                                    param_fp32_46 = F.mul(update_fp32, cwd_target)
+                                    param_fp32_47 = F.ge(param_fp32_46, 0)
+                                    param_fp32_48 = F.where(param_fp32_47, 1.0, 0.0, like=param)
+                                    param_fp32_49 = F.mul(param_fp32_48, cwd_fisher_scaled)
+                                    param_fp32_50 = F.addcmul(param_fp32, cwd_target, param_fp32_49, -1.0)
+                                    param_fp32 = param_fp32_50
                                 else:
                                     # param_fp32 = param_fp32 - cwd_target * cwd_fisher_scaled
                                     param_fp32 = F.addcmul(param_fp32, cwd_target, cwd_fisher_scaled, -1.0)
@@ -2971,24 +3005,24 @@ def _device_step(h, param, grad, S):
                                 # if cautious_wd:
                                 if h["_c18"]:
                                     # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
-                                    param_fp32_45 = F.mul(update_fp32, cwd_target)
-                                    param_fp32_46 = F.ge(param_fp32_45, 0)
-                                    param_fp32_47 = F.where(param_fp32_46, 1.0, 0.0, like=param)
-                                    param_fp32_48 = F.addcmul(param_fp32, cwd_target, param_fp32_47, h["_k61"])
-                                    param_fp32 = param_fp32_48
+                                    param_fp32_51 = F.mul(update_fp32, cwd_target)
+                                    param_fp32_52 = F.ge(param_fp32_51, 0)
+                                    param_fp32_53 = F.where(param_fp32_52, 1.0, 0.0, like=param)
+                                    param_fp32_54 = F.addcmul(param_fp32, cwd_target, param_fp32_53, h["_k61"])
+                                    param_fp32 = param_fp32_54
                                 else:
                                     # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
                                     param_fp32 = F.axpy(param_fp32, cwd_target, h["_k62"])
                         # param_fp32 = param_fp32 + -update_fp32
                         param_fp32 = F.sub(param_fp32, update_fp32)
                         # param = stochastic_round(param_fp32, step)
-                        param_35 = F.stochastic_round(param_fp32, h["_k63"])
-                        F.assign_(param, param_35)
+                        param_39 = F.stochastic_round(param_fp32, h["_k63"])
+                        F.assign_(param, param_39)
                     else:
                         # if weight_decay != 0:
-                        if h["_c16"]:
+                        if h["_c17"]:
                             # if fisher_wd:
-                            if h["_c17"]:
+                            if h["_c14"]:
                                 # if use_atan2:
                                 if h["_c7"]:
                                     # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
@@ -2997,8 +3031,8 @@ def _device_step(h, param, grad, S):
                                 else:
                                     # fisher = 1 / denom
                                     fisher = F.rdiv(denom, 1)
-                                    # fisher = fisher / maximum(sqrt(mean((param * fisher) ** 2)) / 1.0, 1.0)
-                                    fisher_16 = F.mul(param, fisher)
+                                    # fisher = fisher / maximum(sqrt(mean((fisher_param * fisher) ** 2)) / 1.0, 1.0)
+                                    fisher_16 = F.mul(fisher_param, fisher)
                                     F.pow_(fisher_16, 2)
                                     fisher_17 = F.mean(fisher_16)
                                     F.sqrt_(fisher_17)
@@ -3011,29 +3045,29 @@ def _device_step(h, param, grad, S):
                                 # if cautious_wd:
                                 if h["_c18"]:
                                     # param = param - param * (where(update * param >= 0, 1.0, 0.0) * fisher)
-                                    param_36 = F.mul(update, param)
-                                    param_37 = F.ge(param_36, 0)
-                                    param_38 = F.where(param_37, 1.0, 0.0, like=param)
-                                    F.mul_(param_38, fisher)
-                                    param_39 = F.addcmul(param, param, param_38, -1.0)
-                                    F.assign_(param, param_39)
+                                    param_40 = F.mul(update, param)
+                                    param_41 = F.ge(param_40, 0)
+                                    param_42 = F.where(param_41, 1.0, 0.0, like=param)
+                                    param_43 = F.mul(param_42, fisher)
+                                    param_44 = F.addcmul(param, param, param_43, -1.0)
+                                    F.assign_(param, param_44)
                                 else:
                                     # param = param - param * fisher
-                                    param_40 = F.addcmul(param, param, fisher, -1.0)
-                                    F.assign_(param, param_40)
+                                    param_45 = F.addcmul(param, param, fisher, -1.0)
+                                    F.assign_(param, param_45)
                             else:
                                 # if cautious_wd:
                                 if h["_c18"]:
                                     # param = param - weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
-                                    param_41 = F.mul(update, param)
-                                    param_42 = F.ge(param_41, 0)
-                                    param_43 = F.where(param_42, 1.0, 0.0, like=param)
-                                    param_44 = F.addcmul(param, param, param_43, h["_k65"])
-                                    F.assign_(param, param_44)
+                                    param_46 = F.mul(update, param)
+                                    param_47 = F.ge(param_46, 0)
+                                    param_48 = F.where(param_47, 1.0, 0.0, like=param)
+                                    param_49 = F.addcmul(param, param, param_48, h["_k65"])
+                                    F.assign_(param, param_49)
                                 else:
                                     # param = param - weight_decay * lr * param
-                                    param_45 = F.axpy(param, param, h["_k66"])
-                                    F.assign_(param, param_45)
+                                    param_50 = F.axpy(param, param, h["_k66"])
+                                    F.assign_(param, param_50)
                         # if centered_wd != 0:
                         if h["_c19"]:
                             # if centered_wd_mode == 'int8':
@@ -3054,17 +3088,17 @@ def _device_step(h, param, grad, S):
                                     cwd_target_30 = F.cast(anchor_data, param)
                                     cwd_target = F.sub(param, cwd_target_30)
                             # if fisher_wd:
-                            if h["_c17"]:
+                            if h["_c14"]:
                                 # cwd_fisher_scaled = cwd_fisher * (centered_wd * lr)
                                 cwd_fisher_scaled = F.mul(cwd_fisher, h["_k67"])
                                 # if cautious_wd:
                                 if h["_c18"]:
                                     # param = param - cwd_target * (where(update * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
-                                    param_46 = F.mul(update, cwd_target)
-                                    param_47 = F.ge(param_46, 0)
-                                    param_48 = F.where(param_47, 1.0, 0.0, like=param)
-                                    F.mul_(param_48, cwd_fisher_scaled)
-                                    F.addcmul_(param, cwd_target, param_48, -1.0)
+                                    param_51 = F.mul(update, cwd_target)
+                                    param_52 = F.ge(param_51, 0)
+                                    param_53 = F.where(param_52, 1.0, 0.0, like=param)
+                                    param_54 = F.mul(param_53, cwd_fisher_scaled)
+                                    F.addcmul_(param, cwd_target, param_54, -1.0)
                                 else:
                                     # param = param - cwd_target * cwd_fisher_scaled
                                     F.addcmul_(param, cwd_target, cwd_fisher_scaled, -1.0)
@@ -3072,10 +3106,10 @@ def _device_step(h, param, grad, S):
                                 # if cautious_wd:
                                 if h["_c18"]:
                                     # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
-                                    param_49 = F.mul(update, cwd_target)
-                                    param_50 = F.ge(param_49, 0)
-                                    param_51 = F.where(param_50, 1.0, 0.0, like=param)
-                                    F.addcmul_(param, cwd_target, param_51, h["_k68"])
+                                    param_55 = F.mul(update, cwd_target)
+                                    param_56 = F.ge(param_55, 0)
+                                    param_57 = F.where(param_56, 1.0, 0.0, like=param)
+                                    F.addcmul_(param, cwd_target, param_57, h["_k68"])
                                 else:
                                     # param = param - centered_wd * lr * cwd_target
                                     F.axpy_(param, cwd_target, h["_k69"])
@@ -3283,8 +3317,12 @@ def _device_step(h, param, grad, S):
                             else:
                                 # update = update * step_size
                                 F.mul_(update, h["step_size"])
-                        # if centered_wd != 0 and fisher_wd:
+                        # if fisher_wd:
                         if h["_c14"]:
+                            # fisher_param = param
+                            fisher_param = F.copy(param)
+                        # if centered_wd != 0 and fisher_wd:
+                        if h["_c15"]:
                             # if use_atan2:
                             if h["_c7"]:
                                 # cwd_fisher = atan2(wd_scaler, denom) * 1.2732395447351628
@@ -3303,15 +3341,15 @@ def _device_step(h, param, grad, S):
                                 cwd_fisher_12 = F.div(cwd_fisher, cwd_fisher_11)
                                 cwd_fisher = cwd_fisher_12
                         # if stochastic_rounding and bf16 != 0:
-                        if h["_c15"]:
+                        if h["_c16"]:
                             # param_fp32 = float32(param)
                             param_fp32 = F.float32(param)
                             # update_fp32 = float32(update)
                             update_fp32 = F.float32(update)
                             # if weight_decay != 0:
-                            if h["_c16"]:
+                            if h["_c17"]:
                                 # if fisher_wd:
-                                if h["_c17"]:
+                                if h["_c14"]:
                                     # if use_atan2:
                                     if h["_c7"]:
                                         # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
@@ -3320,8 +3358,8 @@ def _device_step(h, param, grad, S):
                                     else:
                                         # fisher = 1 / denom
                                         fisher = F.rdiv(denom, 1)
-                                        # fisher = fisher / maximum(sqrt(mean((param_fp32 * fisher) ** 2)) / 1.0, 1.0)
-                                        fisher_19 = F.mul(param_fp32, fisher)
+                                        # fisher = fisher / maximum(sqrt(mean((fisher_param * fisher) ** 2)) / 1.0, 1.0)
+                                        fisher_19 = F.mul(fisher_param, fisher)
                                         F.pow_(fisher_19, 2)
                                         fisher_20 = F.mean(fisher_19)
                                         F.sqrt_(fisher_20)
@@ -3334,12 +3372,12 @@ def _device_step(h, param, grad, S):
                                     # if cautious_wd:
                                     if h["_c18"]:
                                         # param_fp32 = param_fp32 - param_fp32 * (where(update_fp32 * param_fp32 >= 0, 1.0, 0.0) * fisher)
-                                        param_fp32_49 = F.mul(update_fp32, param_fp32)
-                                        param_fp32_50 = F.ge(param_fp32_49, 0)
-                                        param_fp32_51 = F.where(param_fp32_50, 1.0, 0.0, like=param)
-                                        F.mul_(param_fp32_51, fisher)
-                                        param_fp32_52 = F.addcmul(param_fp32, param_fp32, param_fp32_51, -1.0)
-                                        param_fp32 = param_fp32_52
+                                        param_fp32_55 = F.mul(update_fp32, param_fp32)
+                                        param_fp32_56 = F.ge(param_fp32_55, 0)
+                                        param_fp32_57 = F.where(param_fp32_56, 1.0, 0.0, like=param)
+                                        param_fp32_58 = F.mul(param_fp32_57, fisher)
+                                        param_fp32_59 = F.addcmul(param_fp32, param_fp32, param_fp32_58, -1.0)
+                                        param_fp32 = param_fp32_59
                                     else:
                                         # param_fp32 = param_fp32 - param_fp32 * fisher
                                         param_fp32 = F.addcmul(param_fp32, param_fp32, fisher, -1.0)
@@ -3347,11 +3385,11 @@ def _device_step(h, param, grad, S):
                                     # if cautious_wd:
                                     if h["_c18"]:
                                         # param_fp32 = param_fp32 - weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
-                                        param_fp32_53 = F.mul(update_fp32, param_fp32)
-                                        param_fp32_54 = F.ge(param_fp32_53, 0)
-                                        param_fp32_55 = F.where(param_fp32_54, 1.0, 0.0, like=param)
-                                        param_fp32_56 = F.addcmul(param_fp32, param_fp32, param_fp32_55, h["_k82"])
-                                        param_fp32 = param_fp32_56
+                                        param_fp32_60 = F.mul(update_fp32, param_fp32)
+                                        param_fp32_61 = F.ge(param_fp32_60, 0)
+                                        param_fp32_62 = F.where(param_fp32_61, 1.0, 0.0, like=param)
+                                        param_fp32_63 = F.addcmul(param_fp32, param_fp32, param_fp32_62, h["_k82"])
+                                        param_fp32 = param_fp32_63
                                     else:
                                         # param_fp32 = param_fp32 - weight_decay * lr * param_fp32
                                         param_fp32 = F.axpy(param_fp32, param_fp32, h["_k83"])
@@ -3375,18 +3413,18 @@ def _device_step(h, param, grad, S):
                                         cwd_target_35 = F.cast(anchor_data, param_fp32)
                                         cwd_target = F.sub(param_fp32, cwd_target_35)
                                 # if fisher_wd:
-                                if h["_c17"]:
+                                if h["_c14"]:
                                     # cwd_fisher_scaled = cwd_fisher * (centered_wd * lr)
                                     cwd_fisher_scaled = F.mul(cwd_fisher, h["_k84"])
                                     # if cautious_wd:
                                     if h["_c18"]:
                                         # param_fp32 = param_fp32 - cwd_target * (where(update_fp32 * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
-                                        param_fp32_57 = F.mul(update_fp32, cwd_target)
-                                        param_fp32_58 = F.ge(param_fp32_57, 0)
-                                        param_fp32_59 = F.where(param_fp32_58, 1.0, 0.0, like=param)
-                                        F.mul_(param_fp32_59, cwd_fisher_scaled)
-                                        param_fp32_60 = F.addcmul(param_fp32, cwd_target, param_fp32_59, -1.0)
-                                        param_fp32 = param_fp32_60
+                                        param_fp32_64 = F.mul(update_fp32, cwd_target)
+                                        param_fp32_65 = F.ge(param_fp32_64, 0)
+                                        param_fp32_66 = F.where(param_fp32_65, 1.0, 0.0, like=param)
+                                        param_fp32_67 = F.mul(param_fp32_66, cwd_fisher_scaled)
+                                        param_fp32_68 = F.addcmul(param_fp32, cwd_target, param_fp32_67, -1.0)
+                                        param_fp32 = param_fp32_68
                                     else:
                                         # param_fp32 = param_fp32 - cwd_target * cwd_fisher_scaled
                                         param_fp32 = F.addcmul(param_fp32, cwd_target, cwd_fisher_scaled, -1.0)
@@ -3394,24 +3432,24 @@ def _device_step(h, param, grad, S):
                                     # if cautious_wd:
                                     if h["_c18"]:
                                         # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
-                                        param_fp32_61 = F.mul(update_fp32, cwd_target)
-                                        param_fp32_62 = F.ge(param_fp32_61, 0)
-                                        param_fp32_63 = F.where(param_fp32_62, 1.0, 0.0, like=param)
-                                        param_fp32_64 = F.addcmul(param_fp32, cwd_target, param_fp32_63, h["_k85"])
-                                        param_fp32 = param_fp32_64
+                                        param_fp32_69 = F.mul(update_fp32, cwd_target)
+                                        param_fp32_70 = F.ge(param_fp32_69, 0)
+                                        param_fp32_71 = F.where(param_fp32_70, 1.0, 0.0, like=param)
+                                        param_fp32_72 = F.addcmul(param_fp32, cwd_target, param_fp32_71, h["_k85"])
+                                        param_fp32 = param_fp32_72
                                     else:
                                         # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
                                         param_fp32 = F.axpy(param_fp32, cwd_target, h["_k86"])
                             # param_fp32 = param_fp32 + -update_fp32
                             param_fp32 = F.sub(param_fp32, update_fp32)
                             # param = stochastic_round(param_fp32, step)
-                            param_52 = F.stochastic_round(param_fp32, h["_k87"])
-                            F.assign_(param, param_52)
+                            param_58 = F.stochastic_round(param_fp32, h["_k87"])
+                            F.assign_(param, param_58)
                         else:
                             # if weight_decay != 0:
-                            if h["_c16"]:
+                            if h["_c17"]:
                                 # if fisher_wd:
-                                if h["_c17"]:
+                                if h["_c14"]:
                                     # if use_atan2:
                                     if h["_c7"]:
                                         # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
@@ -3420,8 +3458,8 @@ def _device_step(h, param, grad, S):
                                     else:
                                         # fisher = 1 / denom
                                         fisher = F.rdiv(denom, 1)
-                                        # fisher = fisher / maximum(sqrt(mean((param * fisher) ** 2)) / 1.0, 1.0)
-                                        fisher_22 = F.mul(param, fisher)
+                                        # fisher = fisher / maximum(sqrt(mean((fisher_param * fisher) ** 2)) / 1.0, 1.0)
+                                        fisher_22 = F.mul(fisher_param, fisher)
                                         F.pow_(fisher_22, 2)
                                         fisher_23 = F.mean(fisher_22)
                                         F.sqrt_(fisher_23)
@@ -3434,29 +3472,29 @@ def _device_step(h, param, grad, S):
                                     # if cautious_wd:
                                     if h["_c18"]:
                                         # param = param - param * (where(update * param >= 0, 1.0, 0.0) * fisher)
-                                        param_53 = F.mul(update, param)
-                                        param_54 = F.ge(param_53, 0)
-                                        param_55 = F.where(param_54, 1.0, 0.0, like=param)
-                                        F.mul_(param_55, fisher)
-                                        param_56 = F.addcmul(param, param, param_55, -1.0)
-                                        F.assign_(param, param_56)
+                                        param_59 = F.mul(update, param)
+                                        param_60 = F.ge(param_59, 0)
+                                        param_61 = F.where(param_60, 1.0, 0.0, like=param)
+                                        param_62 = F.mul(param_61, fisher)
+                                        param_63 = F.addcmul(param, param, param_62, -1.0)
+                                        F.assign_(param, param_63)
                                     else:
                                         # param = param - param * fisher
-                                        param_57 = F.addcmul(param, param, fisher, -1.0)
-                                        F.assign_(param, param_57)
+                                        param_64 = F.addcmul(param, param, fisher, -1.0)
+                                        F.assign_(param, param_64)
                                 else:
                                     # if cautious_wd:
                                     if h["_c18"]:
                                         # param = param - weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
-                                        param_58 = F.mul(update, param)
-                                        param_59 = F.ge(param_58, 0)
-                                        param_60 = F.where(param_59, 1.0, 0.0, like=param)
-                                        param_61 = F.addcmul(param, param, param_60, h["_k89"])
-                                        F.assign_(param, param_61)
+                                        param_65 = F.mul(update, param)
+                                        param_66 = F.ge(param_65, 0)
+                                        param_67 = F.where(param_66, 1.0, 0.0, like=param)
+                                        param_68 = F.addcmul(param, param, param_67, h["_k89"])
+                                        F.assign_(param, param_68)
                                     else:
                                         # param = param - weight_decay * lr * param
-                                        param_62 = F.axpy(param, param, h["_k90"])
-                                        F.assign_(param, param_62)
+                                        param_69 = F.axpy(param, param, h["_k90"])
+                                        F.assign_(param, param_69)
                             # if centered_wd != 0:
                             if h["_c19"]:
                                 # if centered_wd_mode == 'int8':
@@ -3477,17 +3515,17 @@ def _device_step(h, param, grad, S):
                                         cwd_target_40 = F.cast(anchor_data, param)
                                         cwd_target = F.sub(param, cwd_target_40)
                                 # if fisher_wd:
-                                if h["_c17"]:
+                                if h["_c14"]:
                                     # cwd_fisher_scaled = cwd_fisher * (centered_wd * lr)
                                     cwd_fisher_scaled = F.mul(cwd_fisher, h["_k91"])
                                     # if cautious_wd:
                                     if h["_c18"]:
                                         # param = param - cwd_target * (where(update * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
-                                        param_63 = F.mul(update, cwd_target)
-                                        param_64 = F.ge(param_63, 0)
-                                        param_65 = F.where(param_64, 1.0, 0.0, like=param)
-                                        F.mul_(param_65, cwd_fisher_scaled)
-                                        F.addcmul_(param, cwd_target, param_65, -1.0)
+                                        param_70 = F.mul(update, cwd_target)
+                                        param_71 = F.ge(param_70, 0)
+                                        param_72 = F.where(param_71, 1.0, 0.0, like=param)
+                                        param_73 = F.mul(param_72, cwd_fisher_scaled)
+                                        F.addcmul_(param, cwd_target, param_73, -1.0)
                                     else:
                                         # param = param - cwd_target * cwd_fisher_scaled
                                         F.addcmul_(param, cwd_target, cwd_fisher_scaled, -1.0)
@@ -3495,10 +3533,10 @@ def _device_step(h, param, grad, S):
                                     # if cautious_wd:
                                     if h["_c18"]:
                                         # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
-                                        param_66 = F.mul(update, cwd_target)
-                                        param_67 = F.ge(param_66, 0)
-                                        param_68 = F.where(param_67, 1.0, 0.0, like=param)
-                                        F.addcmul_(param, cwd_target, param_68, h["_k92"])
+                                        param_74 = F.mul(update, cwd_target)
+                                        param_75 = F.ge(param_74, 0)
+                                        param_76 = F.where(param_75, 1.0, 0.0, like=param)
+                                        F.addcmul_(param, cwd_target, param_76, h["_k92"])
                                     else:
                                         # param = param - centered_wd * lr * cwd_target
                                         F.axpy_(param, cwd_target, h["_k93"])
@@ -3700,8 +3738,12 @@ def _device_step(h, param, grad, S):
                             else:
                                 # update = update * step_size
                                 F.mul_(update, h["step_size"])
-                        # if centered_wd != 0 and fisher_wd:
+                        # if fisher_wd:
                         if h["_c14"]:
+                            # fisher_param = param
+                            fisher_param = F.copy(param)
+                        # if centered_wd != 0 and fisher_wd:
+                        if h["_c15"]:
                             # if use_atan2:
                             if h["_c7"]:
                                 # cwd_fisher = atan2(wd_scaler, denom) * 1.2732395447351628
@@ -3720,15 +3762,15 @@ def _device_step(h, param, grad, S):
                                 cwd_fisher_15 = F.div(cwd_fisher, cwd_fisher_14)
                                 cwd_fisher = cwd_fisher_15
                         # if stochastic_rounding and bf16 != 0:
-                        if h["_c15"]:
+                        if h["_c16"]:
                             # param_fp32 = float32(param)
                             param_fp32 = F.float32(param)
                             # update_fp32 = float32(update)
                             update_fp32 = F.float32(update)
                             # if weight_decay != 0:
-                            if h["_c16"]:
+                            if h["_c17"]:
                                 # if fisher_wd:
-                                if h["_c17"]:
+                                if h["_c14"]:
                                     # if use_atan2:
                                     if h["_c7"]:
                                         # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
@@ -3737,8 +3779,8 @@ def _device_step(h, param, grad, S):
                                     else:
                                         # fisher = 1 / denom
                                         fisher = F.rdiv(denom, 1)
-                                        # fisher = fisher / maximum(sqrt(mean((param_fp32 * fisher) ** 2)) / 1.0, 1.0)
-                                        fisher_25 = F.mul(param_fp32, fisher)
+                                        # fisher = fisher / maximum(sqrt(mean((fisher_param * fisher) ** 2)) / 1.0, 1.0)
+                                        fisher_25 = F.mul(fisher_param, fisher)
                                         F.pow_(fisher_25, 2)
                                         fisher_26 = F.mean(fisher_25)
                                         F.sqrt_(fisher_26)
@@ -3751,12 +3793,12 @@ def _device_step(h, param, grad, S):
                                     # if cautious_wd:
                                     if h["_c18"]:
                                         # param_fp32 = param_fp32 - param_fp32 * (where(update_fp32 * param_fp32 >= 0, 1.0, 0.0) * fisher)
-                                        param_fp32_65 = F.mul(update_fp32, param_fp32)
-                                        param_fp32_66 = F.ge(param_fp32_65, 0)
-                                        param_fp32_67 = F.where(param_fp32_66, 1.0, 0.0, like=param)
-                                        F.mul_(param_fp32_67, fisher)
-                                        param_fp32_68 = F.addcmul(param_fp32, param_fp32, param_fp32_67, -1.0)
-                                        param_fp32 = param_fp32_68
+                                        param_fp32_73 = F.mul(update_fp32, param_fp32)
+                                        param_fp32_74 = F.ge(param_fp32_73, 0)
+                                        param_fp32_75 = F.where(param_fp32_74, 1.0, 0.0, like=param)
+                                        param_fp32_76 = F.mul(param_fp32_75, fisher)
+                                        param_fp32_77 = F.addcmul(param_fp32, param_fp32, param_fp32_76, -1.0)
+                                        param_fp32 = param_fp32_77
                                     else:
                                         # param_fp32 = param_fp32 - param_fp32 * fisher
                                         param_fp32 = F.addcmul(param_fp32, param_fp32, fisher, -1.0)
@@ -3764,11 +3806,11 @@ def _device_step(h, param, grad, S):
                                     # if cautious_wd:
                                     if h["_c18"]:
                                         # param_fp32 = param_fp32 - weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
-                                        param_fp32_69 = F.mul(update_fp32, param_fp32)
-                                        param_fp32_70 = F.ge(param_fp32_69, 0)
-                                        param_fp32_71 = F.where(param_fp32_70, 1.0, 0.0, like=param)
-                                        param_fp32_72 = F.addcmul(param_fp32, param_fp32, param_fp32_71, h["_k105"])
-                                        param_fp32 = param_fp32_72
+                                        param_fp32_78 = F.mul(update_fp32, param_fp32)
+                                        param_fp32_79 = F.ge(param_fp32_78, 0)
+                                        param_fp32_80 = F.where(param_fp32_79, 1.0, 0.0, like=param)
+                                        param_fp32_81 = F.addcmul(param_fp32, param_fp32, param_fp32_80, h["_k105"])
+                                        param_fp32 = param_fp32_81
                                     else:
                                         # param_fp32 = param_fp32 - weight_decay * lr * param_fp32
                                         param_fp32 = F.axpy(param_fp32, param_fp32, h["_k106"])
@@ -3792,18 +3834,18 @@ def _device_step(h, param, grad, S):
                                         cwd_target_45 = F.cast(anchor_data, param_fp32)
                                         cwd_target = F.sub(param_fp32, cwd_target_45)
                                 # if fisher_wd:
-                                if h["_c17"]:
+                                if h["_c14"]:
                                     # cwd_fisher_scaled = cwd_fisher * (centered_wd * lr)
                                     cwd_fisher_scaled = F.mul(cwd_fisher, h["_k107"])
                                     # if cautious_wd:
                                     if h["_c18"]:
                                         # param_fp32 = param_fp32 - cwd_target * (where(update_fp32 * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
-                                        param_fp32_73 = F.mul(update_fp32, cwd_target)
-                                        param_fp32_74 = F.ge(param_fp32_73, 0)
-                                        param_fp32_75 = F.where(param_fp32_74, 1.0, 0.0, like=param)
-                                        F.mul_(param_fp32_75, cwd_fisher_scaled)
-                                        param_fp32_76 = F.addcmul(param_fp32, cwd_target, param_fp32_75, -1.0)
-                                        param_fp32 = param_fp32_76
+                                        param_fp32_82 = F.mul(update_fp32, cwd_target)
+                                        param_fp32_83 = F.ge(param_fp32_82, 0)
+                                        param_fp32_84 = F.where(param_fp32_83, 1.0, 0.0, like=param)
+                                        param_fp32_85 = F.mul(param_fp32_84, cwd_fisher_scaled)
+                                        param_fp32_86 = F.addcmul(param_fp32, cwd_target, param_fp32_85, -1.0)
+                                        param_fp32 = param_fp32_86
                                     else:
                                         # param_fp32 = param_fp32 - cwd_target * cwd_fisher_scaled
                                         param_fp32 = F.addcmul(param_fp32, cwd_target, cwd_fisher_scaled, -1.0)
@@ -3811,24 +3853,24 @@ def _device_step(h, param, grad, S):
                                     # if cautious_wd:
                                     if h["_c18"]:
                                         # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
-                                        param_fp32_77 = F.mul(update_fp32, cwd_target)
-                                        param_fp32_78 = F.ge(param_fp32_77, 0)
-                                        param_fp32_79 = F.where(param_fp32_78, 1.0, 0.0, like=param)
-                                        param_fp32_80 = F.addcmul(param_fp32, cwd_target, param_fp32_79, h["_k108"])
-                                        param_fp32 = param_fp32_80
+                                        param_fp32_87 = F.mul(update_fp32, cwd_target)
+                                        param_fp32_88 = F.ge(param_fp32_87, 0)
+                                        param_fp32_89 = F.where(param_fp32_88, 1.0, 0.0, like=param)
+                                        param_fp32_90 = F.addcmul(param_fp32, cwd_target, param_fp32_89, h["_k108"])
+                                        param_fp32 = param_fp32_90
                                     else:
                                         # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
                                         param_fp32 = F.axpy(param_fp32, cwd_target, h["_k109"])
                             # param_fp32 = param_fp32 + -update_fp32
                             param_fp32 = F.sub(param_fp32, update_fp32)
                             # param = stochastic_round(param_fp32, step)
-                            param_69 = F.stochastic_round(param_fp32, h["_k110"])
-                            F.assign_(param, param_69)
+                            param_77 = F.stochastic_round(param_fp32, h["_k110"])
+                            F.assign_(param, param_77)
                         else:
                             # if weight_decay != 0:
-                            if h["_c16"]:
+                            if h["_c17"]:
                                 # if fisher_wd:
-                                if h["_c17"]:
+                                if h["_c14"]:
                                     # if use_atan2:
                                     if h["_c7"]:
                                         # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
@@ -3837,8 +3879,8 @@ def _device_step(h, param, grad, S):
                                     else:
                                         # fisher = 1 / denom
                                         fisher = F.rdiv(denom, 1)
-                                        # fisher = fisher / maximum(sqrt(mean((param * fisher) ** 2)) / 1.0, 1.0)
-                                        fisher_28 = F.mul(param, fisher)
+                                        # fisher = fisher / maximum(sqrt(mean((fisher_param * fisher) ** 2)) / 1.0, 1.0)
+                                        fisher_28 = F.mul(fisher_param, fisher)
                                         F.pow_(fisher_28, 2)
                                         fisher_29 = F.mean(fisher_28)
                                         F.sqrt_(fisher_29)
@@ -3851,29 +3893,29 @@ def _device_step(h, param, grad, S):
                                     # if cautious_wd:
                                     if h["_c18"]:
                                         # param = param - param * (where(update * param >= 0, 1.0, 0.0) * fisher)
-                                        param_70 = F.mul(update, param)
-                                        param_71 = F.ge(param_70, 0)
-                                        param_72 = F.where(param_71, 1.0, 0.0, like=param)
-                                        F.mul_(param_72, fisher)
-                                        param_73 = F.addcmul(param, param, param_72, -1.0)
-                                        F.assign_(param, param_73)
+                                        param_78 = F.mul(update, param)
+                                        param_79 = F.ge(param_78, 0)
+                                        param_80 = F.where(param_79, 1.0, 0.0, like=param)
+                                        param_81 = F.mul(param_80, fisher)
+                                        param_82 = F.addcmul(param, param, param_81, -1.0)
+                                        F.assign_(param, param_82)
                                     else:
                                         # param = param - param * fisher
-                                        param_74 = F.addcmul(param, param, fisher, -1.0)
-                                        F.assign_(param, param_74)
+                                        param_83 = F.addcmul(param, param, fisher, -1.0)
+                                        F.assign_(param, param_83)
                                 else:
                                     # if cautious_wd:
                                     if h["_c18"]:
                                         # param = param - weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
-                                        param_75 = F.mul(update, param)
-                                        param_76 = F.ge(param_75, 0)
-                                        param_77 = F.where(param_76, 1.0, 0.0, like=param)
-                                        param_78 = F.addcmul(param, param, param_77, h["_k112"])
-                                        F.assign_(param, param_78)
+                                        param_84 = F.mul(update, param)
+                                        param_85 = F.ge(param_84, 0)
+                                        param_86 = F.where(param_85, 1.0, 0.0, like=param)
+                                        param_87 = F.addcmul(param, param, param_86, h["_k112"])
+                                        F.assign_(param, param_87)
                                     else:
                                         # param = param - weight_decay * lr * param
-                                        param_79 = F.axpy(param, param, h["_k113"])
-                                        F.assign_(param, param_79)
+                                        param_88 = F.axpy(param, param, h["_k113"])
+                                        F.assign_(param, param_88)
                             # if centered_wd != 0:
                             if h["_c19"]:
                                 # if centered_wd_mode == 'int8':
@@ -3894,17 +3936,17 @@ def _device_step(h, param, grad, S):
                                         cwd_target_50 = F.cast(anchor_data, param)
                                         cwd_target = F.sub(param, cwd_target_50)
                                 # if fisher_wd:
-                                if h["_c17"]:
+                                if h["_c14"]:
                                     # cwd_fisher_scaled = cwd_fisher * (centered_wd * lr)
                                     cwd_fisher_scaled = F.mul(cwd_fisher, h["_k114"])
                                     # if cautious_wd:
                                     if h["_c18"]:
                                         # param = param - cwd_target * (where(update * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
-                                        param_80 = F.mul(update, cwd_target)
-                                        param_81 = F.ge(param_80, 0)
-                                        param_82 = F.where(param_81, 1.0, 0.0, like=param)
-                                        F.mul_(param_82, cwd_fisher_scaled)
-                                        F.addcmul_(param, cwd_target, param_82, -1.0)
+                                        param_89 = F.mul(update, cwd_target)
+                                        param_90 = F.ge(param_89, 0)
+                                        param_91 = F.where(param_90, 1.0, 0.0, like=param)
+                                        param_92 = F.mul(param_91, cwd_fisher_scaled)
+                                        F.addcmul_(param, cwd_target, param_92, -1.0)
                                     else:
                                         # param = param - cwd_target * cwd_fisher_scaled
                                         F.addcmul_(param, cwd_target, cwd_fisher_scaled, -1.0)
@@ -3912,10 +3954,10 @@ def _device_step(h, param, grad, S):
                                     # if cautious_wd:
                                     if h["_c18"]:
                                         # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
-                                        param_83 = F.mul(update, cwd_target)
-                                        param_84 = F.ge(param_83, 0)
-                                        param_85 = F.where(param_84, 1.0, 0.0, like=param)
-                                        F.addcmul_(param, cwd_target, param_85, h["_k115"])
+                                        param_93 = F.mul(update, cwd_target)
+                                        param_94 = F.ge(param_93, 0)
+                                        param_95 = F.where(param_94, 1.0, 0.0, like=param)
+                                        F.addcmul_(param, cwd_target, param_95, h["_k115"])
                                     else:
                                         # param = param - centered_wd * lr * cwd_target
                                         F.axpy_(param, cwd_target, h["_k116"])
@@ -4086,8 +4128,12 @@ def _device_step(h, param, grad, S):
                         else:
                             # update = update * step_size
                             F.mul_(update, h["step_size"])
-                    # if centered_wd != 0 and fisher_wd:
+                    # if fisher_wd:
                     if h["_c14"]:
+                        # fisher_param = param
+                        fisher_param = F.copy(param)
+                    # if centered_wd != 0 and fisher_wd:
+                    if h["_c15"]:
                         # if use_atan2:
                         if h["_c7"]:
                             # cwd_fisher = atan2(wd_scaler, denom) * 1.2732395447351628
@@ -4106,15 +4152,15 @@ def _device_step(h, param, grad, S):
                             cwd_fisher_18 = F.div(cwd_fisher, cwd_fisher_17)
                             cwd_fisher = cwd_fisher_18
                     # if stochastic_rounding and bf16 != 0:
-                    if h["_c15"]:
+                    if h["_c16"]:
                         # param_fp32 = float32(param)
                         param_fp32 = F.float32(param)
                         # update_fp32 = float32(update)
                         update_fp32 = F.float32(update)
                         # if weight_decay != 0:
-                        if h["_c16"]:
+                        if h["_c17"]:
                             # if fisher_wd:
-                            if h["_c17"]:
+                            if h["_c14"]:
                                 # if use_atan2:
                                 if h["_c7"]:
                                     # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
@@ -4123,8 +4169,8 @@ def _device_step(h, param, grad, S):
                                 else:
                                     # fisher = 1 / denom
                                     fisher = F.rdiv(denom, 1)
-                                    # fisher = fisher / maximum(sqrt(mean((param_fp32 * fisher) ** 2)) / 1.0, 1.0)
-                                    fisher_31 = F.mul(param_fp32, fisher)
+                                    # fisher = fisher / maximum(sqrt(mean((fisher_param * fisher) ** 2)) / 1.0, 1.0)
+                                    fisher_31 = F.mul(fisher_param, fisher)
                                     F.pow_(fisher_31, 2)
                                     fisher_32 = F.mean(fisher_31)
                                     F.sqrt_(fisher_32)
@@ -4137,12 +4183,12 @@ def _device_step(h, param, grad, S):
                                 # if cautious_wd:
                                 if h["_c18"]:
                                     # param_fp32 = param_fp32 - param_fp32 * (where(update_fp32 * param_fp32 >= 0, 1.0, 0.0) * fisher)
-                                    param_fp32_81 = F.mul(update_fp32, param_fp32)
-                                    param_fp32_82 = F.ge(param_fp32_81, 0)
-                                    param_fp32_83 = F.where(param_fp32_82, 1.0, 0.0, like=param)
-                                    F.mul_(param_fp32_83, fisher)
-                                    param_fp32_84 = F.addcmul(param_fp32, param_fp32, param_fp32_83, -1.0)
-                                    param_fp32 = param_fp32_84
+                                    param_fp32_91 = F.mul(update_fp32, param_fp32)
+                                    param_fp32_92 = F.ge(param_fp32_91, 0)
+                                    param_fp32_93 = F.where(param_fp32_92, 1.0, 0.0, like=param)
+                                    param_fp32_94 = F.mul(param_fp32_93, fisher)
+                                    param_fp32_95 = F.addcmul(param_fp32, param_fp32, param_fp32_94, -1.0)
+                                    param_fp32 = param_fp32_95
                                 else:
                                     # param_fp32 = param_fp32 - param_fp32 * fisher
                                     param_fp32 = F.addcmul(param_fp32, param_fp32, fisher, -1.0)
@@ -4150,11 +4196,11 @@ def _device_step(h, param, grad, S):
                                 # if cautious_wd:
                                 if h["_c18"]:
                                     # param_fp32 = param_fp32 - weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
-                                    param_fp32_85 = F.mul(update_fp32, param_fp32)
-                                    param_fp32_86 = F.ge(param_fp32_85, 0)
-                                    param_fp32_87 = F.where(param_fp32_86, 1.0, 0.0, like=param)
-                                    param_fp32_88 = F.addcmul(param_fp32, param_fp32, param_fp32_87, h["_k131"])
-                                    param_fp32 = param_fp32_88
+                                    param_fp32_96 = F.mul(update_fp32, param_fp32)
+                                    param_fp32_97 = F.ge(param_fp32_96, 0)
+                                    param_fp32_98 = F.where(param_fp32_97, 1.0, 0.0, like=param)
+                                    param_fp32_99 = F.addcmul(param_fp32, param_fp32, param_fp32_98, h["_k131"])
+                                    param_fp32 = param_fp32_99
                                 else:
                                     # param_fp32 = param_fp32 - weight_decay * lr * param_fp32
                                     param_fp32 = F.axpy(param_fp32, param_fp32, h["_k132"])
@@ -4178,18 +4224,18 @@ def _device_step(h, param, grad, S):
                                     cwd_target_55 = F.cast(anchor_data, param_fp32)
                                     cwd_target = F.sub(param_fp32, cwd_target_55)
                             # if fisher_wd:
-                            if h["_c17"]:
+                            if h["_c14"]:
                                 # cwd_fisher_scaled = cwd_fisher * (centered_wd * lr)
                                 cwd_fisher_scaled = F.mul(cwd_fisher, h["_k133"])
                                 # if cautious_wd:
                                 if h["_c18"]:
                                     # param_fp32 = param_fp32 - cwd_target * (where(update_fp32 * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
-                                    param_fp32_89 = F.mul(update_fp32, cwd_target)
-                                    param_fp32_90 = F.ge(param_fp32_89, 0)
-                                    param_fp32_91 = F.where(param_fp32_90, 1.0, 0.0, like=param)
-                                    F.mul_(param_fp32_91, cwd_fisher_scaled)
-                                    param_fp32_92 = F.addcmul(param_fp32, cwd_target, param_fp32_91, -1.0)
-                                    param_fp32 = param_fp32_92
+                                    param_fp32_100 = F.mul(update_fp32, cwd_target)
+                                    param_fp32_101 = F.ge(param_fp32_100, 0)
+                                    param_fp32_102 = F.where(param_fp32_101, 1.0, 0.0, like=param)
+                                    param_fp32_103 = F.mul(param_fp32_102, cwd_fisher_scaled)
+                                    param_fp32_104 = F.addcmul(param_fp32, cwd_target, param_fp32_103, -1.0)
+                                    param_fp32 = param_fp32_104
                                 else:
                                     # param_fp32 = param_fp32 - cwd_target * cwd_fisher_scaled
                                     param_fp32 = F.addcmul(param_fp32, cwd_target, cwd_fisher_scaled, -1.0)
@@ -4197,24 +4243,24 @@ def _device_step(h, param, grad, S):
                                 # if cautious_wd:
                                 if h["_c18"]:
                                     # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
-                                    param_fp32_93 = F.mul(update_fp32, cwd_target)
-                                    param_fp32_94 = F.ge(param_fp32_93, 0)
-                                    param_fp32_95 = F.where(param_fp32_94, 1.0, 0.0, like=param)
-                                    param_fp32_96 = F.addcmul(param_fp32, cwd_target, param_fp32_95, h["_k134"])
-                                    param_fp32 = param_fp32_96
+                                    param_fp32_105 = F.mul(update_fp32, cwd_target)
+                                    param_fp32_106 = F.ge(param_fp32_105, 0)
+                                    param_fp32_107 = F.where(param_fp32_106, 1.0, 0.0, like=param)
+                                    param_fp32_108 = F.addcmul(param_fp32, cwd_target, param_fp32_107, h["_k134"])
+                                    param_fp32 = param_fp32_108
                                 else:
                                     # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
                                     param_fp32 = F.axpy(param_fp32, cwd_target, h["_k135"])
                         # param_fp32 = param_fp32 + -update_fp32
                         param_fp32 = F.sub(param_fp32, update_fp32)
                         # param = stochastic_round(param_fp32, step)
-                        param_86 = F.stochastic_round(param_fp32, h["_k136"])
-                        F.assign_(param, param_86)
+                        param_96 = F.stochastic_round(param_fp32, h["_k136"])
+                        F.assign_(param, param_96)
                     else:
                         # if weight_decay != 0:
-                        if h["_c16"]:
+                        if h["_c17"]:
                             # if fisher_wd:
-                            if h["_c17"]:
+                            if h["_c14"]:
                                 # if use_atan2:
                                 if h["_c7"]:
                                     # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
@@ -4223,8 +4269,8 @@ def _device_step(h, param, grad, S):
                                 else:
                                     # fisher = 1 / denom
                                     fisher = F.rdiv(denom, 1)
-                                    # fisher = fisher / maximum(sqrt(mean((param * fisher) ** 2)) / 1.0, 1.0)
-                                    fisher_34 = F.mul(param, fisher)
+                                    # fisher = fisher / maximum(sqrt(mean((fisher_param * fisher) ** 2)) / 1.0, 1.0)
+                                    fisher_34 = F.mul(fisher_param, fisher)
                                     F.pow_(fisher_34, 2)
                                     fisher_35 = F.mean(fisher_34)
                                     F.sqrt_(fisher_35)
@@ -4237,29 +4283,29 @@ def _device_step(h, param, grad, S):
                                 # if cautious_wd:
                                 if h["_c18"]:
                                     # param = param - param * (where(update * param >= 0, 1.0, 0.0) * fisher)
-                                    param_87 = F.mul(update, param)
-                                    param_88 = F.ge(param_87, 0)
-                                    param_89 = F.where(param_88, 1.0, 0.0, like=param)
-                                    F.mul_(param_89, fisher)
-                                    param_90 = F.addcmul(param, param, param_89, -1.0)
-                                    F.assign_(param, param_90)
+                                    param_97 = F.mul(update, param)
+                                    param_98 = F.ge(param_97, 0)
+                                    param_99 = F.where(param_98, 1.0, 0.0, like=param)
+                                    param_100 = F.mul(param_99, fisher)
+                                    param_101 = F.addcmul(param, param, param_100, -1.0)
+                                    F.assign_(param, param_101)
                                 else:
                                     # param = param - param * fisher
-                                    param_91 = F.addcmul(param, param, fisher, -1.0)
-                                    F.assign_(param, param_91)
+                                    param_102 = F.addcmul(param, param, fisher, -1.0)
+                                    F.assign_(param, param_102)
                             else:
                                 # if cautious_wd:
                                 if h["_c18"]:
                                     # param = param - weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
-                                    param_92 = F.mul(update, param)
-                                    param_93 = F.ge(param_92, 0)
-                                    param_94 = F.where(param_93, 1.0, 0.0, like=param)
-                                    param_95 = F.addcmul(param, param, param_94, h["_k138"])
-                                    F.assign_(param, param_95)
+                                    param_103 = F.mul(update, param)
+                                    param_104 = F.ge(param_103, 0)
+                                    param_105 = F.where(param_104, 1.0, 0.0, like=param)
+                                    param_106 = F.addcmul(param, param, param_105, h["_k138"])
+                                    F.assign_(param, param_106)
                                 else:
                                     # param = param - weight_decay * lr * param
-                                    param_96 = F.axpy(param, param, h["_k139"])
-                                    F.assign_(param, param_96)
+                                    param_107 = F.axpy(param, param, h["_k139"])
+                                    F.assign_(param, param_107)
                         # if centered_wd != 0:
                         if h["_c19"]:
                             # if centered_wd_mode == 'int8':
@@ -4280,17 +4326,17 @@ def _device_step(h, param, grad, S):
                                     cwd_target_60 = F.cast(anchor_data, param)
                                     cwd_target = F.sub(param, cwd_target_60)
                             # if fisher_wd:
-                            if h["_c17"]:
+                            if h["_c14"]:
                                 # cwd_fisher_scaled = cwd_fisher * (centered_wd * lr)
                                 cwd_fisher_scaled = F.mul(cwd_fisher, h["_k140"])
                                 # if cautious_wd:
                                 if h["_c18"]:
                                     # param = param - cwd_target * (where(update * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
-                                    param_97 = F.mul(update, cwd_target)
-                                    param_98 = F.ge(param_97, 0)
-                                    param_99 = F.where(param_98, 1.0, 0.0, like=param)
-                                    F.mul_(param_99, cwd_fisher_scaled)
-                                    F.addcmul_(param, cwd_target, param_99, -1.0)
+                                    param_108 = F.mul(update, cwd_target)
+                                    param_109 = F.ge(param_108, 0)
+                                    param_110 = F.where(param_109, 1.0, 0.0, like=param)
+                                    param_111 = F.mul(param_110, cwd_fisher_scaled)
+                                    F.addcmul_(param, cwd_target, param_111, -1.0)
                                 else:
                                     # param = param - cwd_target * cwd_fisher_scaled
                                     F.addcmul_(param, cwd_target, cwd_fisher_scaled, -1.0)
@@ -4298,10 +4344,10 @@ def _device_step(h, param, grad, S):
                                 # if cautious_wd:
                                 if h["_c18"]:
                                     # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
-                                    param_100 = F.mul(update, cwd_target)
-                                    param_101 = F.ge(param_100, 0)
-                                    param_102 = F.where(param_101, 1.0, 0.0, like=param)
-                                    F.addcmul_(param, cwd_target, param_102, h["_k141"])
+                                    param_112 = F.mul(update, cwd_target)
+                                    param_113 = F.ge(param_112, 0)
+                                    param_114 = F.where(param_113, 1.0, 0.0, like=param)
+                                    F.addcmul_(param, cwd_target, param_114, h["_k141"])
                                 else:
                                     # param = param - centered_wd * lr * cwd_target
                                     F.axpy_(param, cwd_target, h["_k142"])
@@ -4472,8 +4518,12 @@ def _device_step(h, param, grad, S):
                             else:
                                 # update = update * step_size
                                 F.mul_(update, h["step_size"])
-                        # if centered_wd != 0 and fisher_wd:
+                        # if fisher_wd:
                         if h["_c14"]:
+                            # fisher_param = param
+                            fisher_param = F.copy(param)
+                        # if centered_wd != 0 and fisher_wd:
+                        if h["_c15"]:
                             # if use_atan2:
                             if h["_c7"]:
                                 # cwd_fisher = atan2(wd_scaler, denom) * 1.2732395447351628
@@ -4492,15 +4542,15 @@ def _device_step(h, param, grad, S):
                                 cwd_fisher_21 = F.div(cwd_fisher, cwd_fisher_20)
                                 cwd_fisher = cwd_fisher_21
                         # if stochastic_rounding and bf16 != 0:
-                        if h["_c15"]:
+                        if h["_c16"]:
                             # param_fp32 = float32(param)
                             param_fp32 = F.float32(param)
                             # update_fp32 = float32(update)
                             update_fp32 = F.float32(update)
                             # if weight_decay != 0:
-                            if h["_c16"]:
+                            if h["_c17"]:
                                 # if fisher_wd:
-                                if h["_c17"]:
+                                if h["_c14"]:
                                     # if use_atan2:
                                     if h["_c7"]:
                                         # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
@@ -4509,8 +4559,8 @@ def _device_step(h, param, grad, S):
                                     else:
                                         # fisher = 1 / denom
                                         fisher = F.rdiv(denom, 1)
-                                        # fisher = fisher / maximum(sqrt(mean((param_fp32 * fisher) ** 2)) / 1.0, 1.0)
-                                        fisher_37 = F.mul(param_fp32, fisher)
+                                        # fisher = fisher / maximum(sqrt(mean((fisher_param * fisher) ** 2)) / 1.0, 1.0)
+                                        fisher_37 = F.mul(fisher_param, fisher)
                                         F.pow_(fisher_37, 2)
                                         fisher_38 = F.mean(fisher_37)
                                         F.sqrt_(fisher_38)
@@ -4523,12 +4573,12 @@ def _device_step(h, param, grad, S):
                                     # if cautious_wd:
                                     if h["_c18"]:
                                         # param_fp32 = param_fp32 - param_fp32 * (where(update_fp32 * param_fp32 >= 0, 1.0, 0.0) * fisher)
-                                        param_fp32_97 = F.mul(update_fp32, param_fp32)
-                                        param_fp32_98 = F.ge(param_fp32_97, 0)
-                                        param_fp32_99 = F.where(param_fp32_98, 1.0, 0.0, like=param)
-                                        F.mul_(param_fp32_99, fisher)
-                                        param_fp32_100 = F.addcmul(param_fp32, param_fp32, param_fp32_99, -1.0)
-                                        param_fp32 = param_fp32_100
+                                        param_fp32_109 = F.mul(update_fp32, param_fp32)
+                                        param_fp32_110 = F.ge(param_fp32_109, 0)
+                                        param_fp32_111 = F.where(param_fp32_110, 1.0, 0.0, like=param)
+                                        param_fp32_112 = F.mul(param_fp32_111, fisher)
+                                        param_fp32_113 = F.addcmul(param_fp32, param_fp32, param_fp32_112, -1.0)
+                                        param_fp32 = param_fp32_113
                                     else:
                                         # param_fp32 = param_fp32 - param_fp32 * fisher
                                         param_fp32 = F.addcmul(param_fp32, param_fp32, fisher, -1.0)
@@ -4536,11 +4586,11 @@ def _device_step(h, param, grad, S):
                                     # if cautious_wd:
                                     if h["_c18"]:
                                         # param_fp32 = param_fp32 - weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
-                                        param_fp32_101 = F.mul(update_fp32, param_fp32)
-                                        param_fp32_102 = F.ge(param_fp32_101, 0)
-                                        param_fp32_103 = F.where(param_fp32_102, 1.0, 0.0, like=param)
-                                        param_fp32_104 = F.addcmul(param_fp32, param_fp32, param_fp32_103, h["_k157"])
-                                        param_fp32 = param_fp32_104
+                                        param_fp32_114 = F.mul(update_fp32, param_fp32)
+                                        param_fp32_115 = F.ge(param_fp32_114, 0)
+                                        param_fp32_116 = F.where(param_fp32_115, 1.0, 0.0, like=param)
+                                        param_fp32_117 = F.addcmul(param_fp32, param_fp32, param_fp32_116, h["_k157"])
+                                        param_fp32 = param_fp32_117
                                     else:
                                         # param_fp32 = param_fp32 - weight_decay * lr * param_fp32
                                         param_fp32 = F.axpy(param_fp32, param_fp32, h["_k158"])
@@ -4564,18 +4614,18 @@ def _device_step(h, param, grad, S):
                                         cwd_target_65 = F.cast(anchor_data, param_fp32)
                                         cwd_target = F.sub(param_fp32, cwd_target_65)
                                 # if fisher_wd:
-                                if h["_c17"]:
+                                if h["_c14"]:
                                     # cwd_fisher_scaled = cwd_fisher * (centered_wd * lr)
                                     cwd_fisher_scaled = F.mul(cwd_fisher, h["_k159"])
                                     # if cautious_wd:
                                     if h["_c18"]:
                                         # param_fp32 = param_fp32 - cwd_target * (where(update_fp32 * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
-                                        param_fp32_105 = F.mul(update_fp32, cwd_target)
-                                        param_fp32_106 = F.ge(param_fp32_105, 0)
-                                        param_fp32_107 = F.where(param_fp32_106, 1.0, 0.0, like=param)
-                                        F.mul_(param_fp32_107, cwd_fisher_scaled)
-                                        param_fp32_108 = F.addcmul(param_fp32, cwd_target, param_fp32_107, -1.0)
-                                        param_fp32 = param_fp32_108
+                                        param_fp32_118 = F.mul(update_fp32, cwd_target)
+                                        param_fp32_119 = F.ge(param_fp32_118, 0)
+                                        param_fp32_120 = F.where(param_fp32_119, 1.0, 0.0, like=param)
+                                        param_fp32_121 = F.mul(param_fp32_120, cwd_fisher_scaled)
+                                        param_fp32_122 = F.addcmul(param_fp32, cwd_target, param_fp32_121, -1.0)
+                                        param_fp32 = param_fp32_122
                                     else:
                                         # param_fp32 = param_fp32 - cwd_target * cwd_fisher_scaled
                                         param_fp32 = F.addcmul(param_fp32, cwd_target, cwd_fisher_scaled, -1.0)
@@ -4583,24 +4633,24 @@ def _device_step(h, param, grad, S):
                                     # if cautious_wd:
                                     if h["_c18"]:
                                         # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
-                                        param_fp32_109 = F.mul(update_fp32, cwd_target)
-                                        param_fp32_110 = F.ge(param_fp32_109, 0)
-                                        param_fp32_111 = F.where(param_fp32_110, 1.0, 0.0, like=param)
-                                        param_fp32_112 = F.addcmul(param_fp32, cwd_target, param_fp32_111, h["_k160"])
-                                        param_fp32 = param_fp32_112
+                                        param_fp32_123 = F.mul(update_fp32, cwd_target)
+                                        param_fp32_124 = F.ge(param_fp32_123, 0)
+                                        param_fp32_125 = F.where(param_fp32_124, 1.0, 0.0, like=param)
+                                        param_fp32_126 = F.addcmul(param_fp32, cwd_target, param_fp32_125, h["_k160"])
+                                        param_fp32 = param_fp32_126
                                     else:
                                         # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
                                         param_fp32 = F.axpy(param_fp32, cwd_target, h["_k161"])
                             # param_fp32 = param_fp32 + -update_fp32
                             param_fp32 = F.sub(param_fp32, update_fp32)
                             # param = stochastic_round(param_fp32, step)
-                            param_103 = F.stochastic_round(param_fp32, h["_k162"])
-                            F.assign_(param, param_103)
+                            param_115 = F.stochastic_round(param_fp32, h["_k162"])
+                            F.assign_(param, param_115)
                         else:
                             # if weight_decay != 0:
-                            if h["_c16"]:
+                            if h["_c17"]:
                                 # if fisher_wd:
-                                if h["_c17"]:
+                                if h["_c14"]:
                                     # if use_atan2:
                                     if h["_c7"]:
                                         # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
@@ -4609,8 +4659,8 @@ def _device_step(h, param, grad, S):
                                     else:
                                         # fisher = 1 / denom
                                         fisher = F.rdiv(denom, 1)
-                                        # fisher = fisher / maximum(sqrt(mean((param * fisher) ** 2)) / 1.0, 1.0)
-                                        fisher_40 = F.mul(param, fisher)
+                                        # fisher = fisher / maximum(sqrt(mean((fisher_param * fisher) ** 2)) / 1.0, 1.0)
+                                        fisher_40 = F.mul(fisher_param, fisher)
                                         F.pow_(fisher_40, 2)
                                         fisher_41 = F.mean(fisher_40)
                                         F.sqrt_(fisher_41)
@@ -4623,29 +4673,29 @@ def _device_step(h, param, grad, S):
                                     # if cautious_wd:
                                     if h["_c18"]:
                                         # param = param - param * (where(update * param >= 0, 1.0, 0.0) * fisher)
-                                        param_104 = F.mul(update, param)
-                                        param_105 = F.ge(param_104, 0)
-                                        param_106 = F.where(param_105, 1.0, 0.0, like=param)
-                                        F.mul_(param_106, fisher)
-                                        param_107 = F.addcmul(param, param, param_106, -1.0)
-                                        F.assign_(param, param_107)
+                                        param_116 = F.mul(update, param)
+                                        param_117 = F.ge(param_116, 0)
+                                        param_118 = F.where(param_117, 1.0, 0.0, like=param)
+                                        param_119 = F.mul(param_118, fisher)
+                                        param_120 = F.addcmul(param, param, param_119, -1.0)
+                                        F.assign_(param, param_120)
                                     else:
                                         # param = param - param * fisher
-                                        param_108 = F.addcmul(param, param, fisher, -1.0)
-                                        F.assign_(param, param_108)
+                                        param_121 = F.addcmul(param, param, fisher, -1.0)
+                                        F.assign_(param, param_121)
                                 else:
                                     # if cautious_wd:
                                     if h["_c18"]:
                                         # param = param - weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
-                                        param_109 = F.mul(update, param)
-                                        param_110 = F.ge(param_109, 0)
-                                        param_111 = F.where(param_110, 1.0, 0.0, like=param)
-                                        param_112 = F.addcmul(param, param, param_111, h["_k164"])
-                                        F.assign_(param, param_112)
+                                        param_122 = F.mul(update, param)
+                                        param_123 = F.ge(param_122, 0)
+                                        param_124 = F.where(param_123, 1.0, 0.0, like=param)
+                                        param_125 = F.addcmul(param, param, param_124, h["_k164"])
+                                        F.assign_(param, param_125)
                                     else:
                                         # param = param - weight_decay * lr * param
-                                        param_113 = F.axpy(param, param, h["_k165"])
-                                        F.assign_(param, param_113)
+                                        param_126 = F.axpy(param, param, h["_k165"])
+                                        F.assign_(param, param_126)
                             # if centered_wd != 0:
                             if h["_c19"]:
                                 # if centered_wd_mode == 'int8':
@@ -4666,17 +4716,17 @@ def _device_step(h, param, grad, S):
                                         cwd_target_70 = F.cast(anchor_data, param)
                                         cwd_target = F.sub(param, cwd_target_70)
                                 # if fisher_wd:
-                                if h["_c17"]:
+                                if h["_c14"]:
                                     # cwd_fisher_scaled = cwd_fisher * (centered_wd * lr)
                                     cwd_fisher_scaled = F.mul(cwd_fisher, h["_k166"])
                                     # if cautious_wd:
                                     if h["_c18"]:
                                         # param = param - cwd_target * (where(update * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
-                                        param_114 = F.mul(update, cwd_target)
-                                        param_115 = F.ge(param_114, 0)
-                                        param_116 = F.where(param_115, 1.0, 0.0, like=param)
-                                        F.mul_(param_116, cwd_fisher_scaled)
-                                        F.addcmul_(param, cwd_target, param_116, -1.0)
+                                        param_127 = F.mul(update, cwd_target)
+                                        param_128 = F.ge(param_127, 0)
+                                        param_129 = F.where(param_128, 1.0, 0.0, like=param)
+                                        param_130 = F.mul(param_129, cwd_fisher_scaled)
+                                        F.addcmul_(param, cwd_target, param_130, -1.0)
                                     else:
                                         # param = param - cwd_target * cwd_fisher_scaled
                                         F.addcmul_(param, cwd_target, cwd_fisher_scaled, -1.0)
@@ -4684,10 +4734,10 @@ def _device_step(h, param, grad, S):
                                     # if cautious_wd:
                                     if h["_c18"]:
                                         # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
-                                        param_117 = F.mul(update, cwd_target)
-                                        param_118 = F.ge(param_117, 0)
-                                        param_119 = F.where(param_118, 1.0, 0.0, like=param)
-                                        F.addcmul_(param, cwd_target, param_119, h["_k167"])
+                                        param_131 = F.mul(update, cwd_target)
+                                        param_132 = F.ge(param_131, 0)
+                                        param_133 = F.where(param_132, 1.0, 0.0, like=param)
+                                        F.addcmul_(param, cwd_target, param_133, h["_k167"])
                                     else:
                                         # param = param - centered_wd * lr * cwd_target
                                         F.axpy_(param, cwd_target, h["_k168"])
@@ -4844,8 +4894,12 @@ def _device_step(h, param, grad, S):
                             else:
                                 # update = update * step_size
                                 F.mul_(update, h["step_size"])
-                        # if centered_wd != 0 and fisher_wd:
+                        # if fisher_wd:
                         if h["_c14"]:
+                            # fisher_param = param
+                            fisher_param = F.copy(param)
+                        # if centered_wd != 0 and fisher_wd:
+                        if h["_c15"]:
                             # if use_atan2:
                             if h["_c7"]:
                                 # cwd_fisher = atan2(wd_scaler, denom) * 1.2732395447351628
@@ -4864,15 +4918,15 @@ def _device_step(h, param, grad, S):
                                 cwd_fisher_24 = F.div(cwd_fisher, cwd_fisher_23)
                                 cwd_fisher = cwd_fisher_24
                         # if stochastic_rounding and bf16 != 0:
-                        if h["_c15"]:
+                        if h["_c16"]:
                             # param_fp32 = float32(param)
                             param_fp32 = F.float32(param)
                             # update_fp32 = float32(update)
                             update_fp32 = F.float32(update)
                             # if weight_decay != 0:
-                            if h["_c16"]:
+                            if h["_c17"]:
                                 # if fisher_wd:
-                                if h["_c17"]:
+                                if h["_c14"]:
                                     # if use_atan2:
                                     if h["_c7"]:
                                         # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
@@ -4881,8 +4935,8 @@ def _device_step(h, param, grad, S):
                                     else:
                                         # fisher = 1 / denom
                                         fisher = F.rdiv(denom, 1)
-                                        # fisher = fisher / maximum(sqrt(mean((param_fp32 * fisher) ** 2)) / 1.0, 1.0)
-                                        fisher_43 = F.mul(param_fp32, fisher)
+                                        # fisher = fisher / maximum(sqrt(mean((fisher_param * fisher) ** 2)) / 1.0, 1.0)
+                                        fisher_43 = F.mul(fisher_param, fisher)
                                         F.pow_(fisher_43, 2)
                                         fisher_44 = F.mean(fisher_43)
                                         F.sqrt_(fisher_44)
@@ -4895,12 +4949,12 @@ def _device_step(h, param, grad, S):
                                     # if cautious_wd:
                                     if h["_c18"]:
                                         # param_fp32 = param_fp32 - param_fp32 * (where(update_fp32 * param_fp32 >= 0, 1.0, 0.0) * fisher)
-                                        param_fp32_113 = F.mul(update_fp32, param_fp32)
-                                        param_fp32_114 = F.ge(param_fp32_113, 0)
-                                        param_fp32_115 = F.where(param_fp32_114, 1.0, 0.0, like=param)
-                                        F.mul_(param_fp32_115, fisher)
-                                        param_fp32_116 = F.addcmul(param_fp32, param_fp32, param_fp32_115, -1.0)
-                                        param_fp32 = param_fp32_116
+                                        param_fp32_127 = F.mul(update_fp32, param_fp32)
+                                        param_fp32_128 = F.ge(param_fp32_127, 0)
+                                        param_fp32_129 = F.where(param_fp32_128, 1.0, 0.0, like=param)
+                                        param_fp32_130 = F.mul(param_fp32_129, fisher)
+                                        param_fp32_131 = F.addcmul(param_fp32, param_fp32, param_fp32_130, -1.0)
+                                        param_fp32 = param_fp32_131
                                     else:
                                         # param_fp32 = param_fp32 - param_fp32 * fisher
                                         param_fp32 = F.addcmul(param_fp32, param_fp32, fisher, -1.0)
@@ -4908,11 +4962,11 @@ def _device_step(h, param, grad, S):
                                     # if cautious_wd:
                                     if h["_c18"]:
                                         # param_fp32 = param_fp32 - weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
-                                        param_fp32_117 = F.mul(update_fp32, param_fp32)
-                                        param_fp32_118 = F.ge(param_fp32_117, 0)
-                                        param_fp32_119 = F.where(param_fp32_118, 1.0, 0.0, like=param)
-                                        param_fp32_120 = F.addcmul(param_fp32, param_fp32, param_fp32_119, h["_k180"])
-                                        param_fp32 = param_fp32_120
+                                        param_fp32_132 = F.mul(update_fp32, param_fp32)
+                                        param_fp32_133 = F.ge(param_fp32_132, 0)
+                                        param_fp32_134 = F.where(param_fp32_133, 1.0, 0.0, like=param)
+                                        param_fp32_135 = F.addcmul(param_fp32, param_fp32, param_fp32_134, h["_k180"])
+                                        param_fp32 = param_fp32_135
                                     else:
                                         # param_fp32 = param_fp32 - weight_decay * lr * param_fp32
                                         param_fp32 = F.axpy(param_fp32, param_fp32, h["_k181"])
@@ -4936,18 +4990,18 @@ def _device_step(h, param, grad, S):
                                         cwd_target_75 = F.cast(anchor_data, param_fp32)
                                         cwd_target = F.sub(param_fp32, cwd_target_75)
                                 # if fisher_wd:
-                                if h["_c17"]:
+                                if h["_c14"]:
                                     # cwd_fisher_scaled = cwd_fisher * (centered_wd * lr)
                                     cwd_fisher_scaled = F.mul(cwd_fisher, h["_k182"])
                                     # if cautious_wd:
                                     if h["_c18"]:
                                         # param_fp32 = param_fp32 - cwd_target * (where(update_fp32 * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
-                                        param_fp32_121 = F.mul(update_fp32, cwd_target)
-                                        param_fp32_122 = F.ge(param_fp32_121, 0)
-                                        param_fp32_123 = F.where(param_fp32_122, 1.0, 0.0, like=param)
-                                        F.mul_(param_fp32_123, cwd_fisher_scaled)
-                                        param_fp32_124 = F.addcmul(param_fp32, cwd_target, param_fp32_123, -1.0)
-                                        param_fp32 = param_fp32_124
+                                        param_fp32_136 = F.mul(update_fp32, cwd_target)
+                                        param_fp32_137 = F.ge(param_fp32_136, 0)
+                                        param_fp32_138 = F.where(param_fp32_137, 1.0, 0.0, like=param)
+                                        param_fp32_139 = F.mul(param_fp32_138, cwd_fisher_scaled)
+                                        param_fp32_140 = F.addcmul(param_fp32, cwd_target, param_fp32_139, -1.0)
+                                        param_fp32 = param_fp32_140
                                     else:
                                         # param_fp32 = param_fp32 - cwd_target * cwd_fisher_scaled
                                         param_fp32 = F.addcmul(param_fp32, cwd_target, cwd_fisher_scaled, -1.0)
@@ -4955,24 +5009,24 @@ def _device_step(h, param, grad, S):
                                     # if cautious_wd:
                                     if h["_c18"]:
                                         # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
-                                        param_fp32_125 = F.mul(update_fp32, cwd_target)
-                                        param_fp32_126 = F.ge(param_fp32_125, 0)
-                                        param_fp32_127 = F.where(param_fp32_126, 1.0, 0.0, like=param)
-                                        param_fp32_128 = F.addcmul(param_fp32, cwd_target, param_fp32_127, h["_k183"])
-                                        param_fp32 = param_fp32_128
+                                        param_fp32_141 = F.mul(update_fp32, cwd_target)
+                                        param_fp32_142 = F.ge(param_fp32_141, 0)
+                                        param_fp32_143 = F.where(param_fp32_142, 1.0, 0.0, like=param)
+                                        param_fp32_144 = F.addcmul(param_fp32, cwd_target, param_fp32_143, h["_k183"])
+                                        param_fp32 = param_fp32_144
                                     else:
                                         # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
                                         param_fp32 = F.axpy(param_fp32, cwd_target, h["_k184"])
                             # param_fp32 = param_fp32 + -update_fp32
                             param_fp32 = F.sub(param_fp32, update_fp32)
                             # param = stochastic_round(param_fp32, step)
-                            param_120 = F.stochastic_round(param_fp32, h["_k185"])
-                            F.assign_(param, param_120)
+                            param_134 = F.stochastic_round(param_fp32, h["_k185"])
+                            F.assign_(param, param_134)
                         else:
                             # if weight_decay != 0:
-                            if h["_c16"]:
+                            if h["_c17"]:
                                 # if fisher_wd:
-                                if h["_c17"]:
+                                if h["_c14"]:
                                     # if use_atan2:
                                     if h["_c7"]:
                                         # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
@@ -4981,8 +5035,8 @@ def _device_step(h, param, grad, S):
                                     else:
                                         # fisher = 1 / denom
                                         fisher = F.rdiv(denom, 1)
-                                        # fisher = fisher / maximum(sqrt(mean((param * fisher) ** 2)) / 1.0, 1.0)
-                                        fisher_46 = F.mul(param, fisher)
+                                        # fisher = fisher / maximum(sqrt(mean((fisher_param * fisher) ** 2)) / 1.0, 1.0)
+                                        fisher_46 = F.mul(fisher_param, fisher)
                                         F.pow_(fisher_46, 2)
                                         fisher_47 = F.mean(fisher_46)
                                         F.sqrt_(fisher_47)
@@ -4995,29 +5049,29 @@ def _device_step(h, param, grad, S):
                                     # if cautious_wd:
                                     if h["_c18"]:
                                         # param = param - param * (where(update * param >= 0, 1.0, 0.0) * fisher)
-                                        param_121 = F.mul(update, param)
-                                        param_122 = F.ge(param_121, 0)
-                                        param_123 = F.where(param_122, 1.0, 0.0, like=param)
-                                        F.mul_(param_123, fisher)
-                                        param_124 = F.addcmul(param, param, param_123, -1.0)
-                                        F.assign_(param, param_124)
+                                        param_135 = F.mul(update, param)
+                                        param_136 = F.ge(param_135, 0)
+                                        param_137 = F.where(param_136, 1.0, 0.0, like=param)
+                                        param_138 = F.mul(param_137, fisher)
+                                        param_139 = F.addcmul(param, param, param_138, -1.0)
+                                        F.assign_(param, param_139)
                                     else:
                                         # param = param - param * fisher
-                                        param_125 = F.addcmul(param, param, fisher, -1.0)
-                                        F.assign_(param, param_125)
+                                        param_140 = F.addcmul(param, param, fisher, -1.0)
+                                        F.assign_(param, param_140)
                                 else:
                                     # if cautious_wd:
                                     if h["_c18"]:
                                         # param = param - weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
-                                        param_126 = F.mul(update, param)
-                                        param_127 = F.ge(param_126, 0)
-                                        param_128 = F.where(param_127, 1.0, 0.0, like=param)
-                                        param_129 = F.addcmul(param, param, param_128, h["_k187"])
-                                        F.assign_(param, param_129)
+                                        param_141 = F.mul(update, param)
+                                        param_142 = F.ge(param_141, 0)
+                                        param_143 = F.where(param_142, 1.0, 0.0, like=param)
+                                        param_144 = F.addcmul(param, param, param_143, h["_k187"])
+                                        F.assign_(param, param_144)
                                     else:
                                         # param = param - weight_decay * lr * param
-                                        param_130 = F.axpy(param, param, h["_k188"])
-                                        F.assign_(param, param_130)
+                                        param_145 = F.axpy(param, param, h["_k188"])
+                                        F.assign_(param, param_145)
                             # if centered_wd != 0:
                             if h["_c19"]:
                                 # if centered_wd_mode == 'int8':
@@ -5038,17 +5092,17 @@ def _device_step(h, param, grad, S):
                                         cwd_target_80 = F.cast(anchor_data, param)
                                         cwd_target = F.sub(param, cwd_target_80)
                                 # if fisher_wd:
-                                if h["_c17"]:
+                                if h["_c14"]:
                                     # cwd_fisher_scaled = cwd_fisher * (centered_wd * lr)
                                     cwd_fisher_scaled = F.mul(cwd_fisher, h["_k189"])
                                     # if cautious_wd:
                                     if h["_c18"]:
                                         # param = param - cwd_target * (where(update * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
-                                        param_131 = F.mul(update, cwd_target)
-                                        param_132 = F.ge(param_131, 0)
-                                        param_133 = F.where(param_132, 1.0, 0.0, like=param)
-                                        F.mul_(param_133, cwd_fisher_scaled)
-                                        F.addcmul_(param, cwd_target, param_133, -1.0)
+                                        param_146 = F.mul(update, cwd_target)
+                                        param_147 = F.ge(param_146, 0)
+                                        param_148 = F.where(param_147, 1.0, 0.0, like=param)
+                                        param_149 = F.mul(param_148, cwd_fisher_scaled)
+                                        F.addcmul_(param, cwd_target, param_149, -1.0)
                                     else:
                                         # param = param - cwd_target * cwd_fisher_scaled
                                         F.addcmul_(param, cwd_target, cwd_fisher_scaled, -1.0)
@@ -5056,10 +5110,10 @@ def _device_step(h, param, grad, S):
                                     # if cautious_wd:
                                     if h["_c18"]:
                                         # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
-                                        param_134 = F.mul(update, cwd_target)
-                                        param_135 = F.ge(param_134, 0)
-                                        param_136 = F.where(param_135, 1.0, 0.0, like=param)
-                                        F.addcmul_(param, cwd_target, param_136, h["_k190"])
+                                        param_150 = F.mul(update, cwd_target)
+                                        param_151 = F.ge(param_150, 0)
+                                        param_152 = F.where(param_151, 1.0, 0.0, like=param)
+                                        F.addcmul_(param, cwd_target, param_152, h["_k190"])
                                     else:
                                         # param = param - centered_wd * lr * cwd_target
                                         F.axpy_(param, cwd_target, h["_k191"])
@@ -5230,8 +5284,12 @@ def _device_step(h, param, grad, S):
                     else:
                         # update = update * step_size
                         F.mul_(update, h["step_size"])
-                # if centered_wd != 0 and fisher_wd:
+                # if fisher_wd:
                 if h["_c14"]:
+                    # fisher_param = param
+                    fisher_param = F.copy(param)
+                # if centered_wd != 0 and fisher_wd:
+                if h["_c15"]:
                     # if use_atan2:
                     if h["_c7"]:
                         # cwd_fisher = atan2(wd_scaler, denom) * 1.2732395447351628
@@ -5250,15 +5308,15 @@ def _device_step(h, param, grad, S):
                         cwd_fisher_27 = F.div(cwd_fisher, cwd_fisher_26)
                         cwd_fisher = cwd_fisher_27
                 # if stochastic_rounding and bf16 != 0:
-                if h["_c15"]:
+                if h["_c16"]:
                     # param_fp32 = float32(param)
                     param_fp32 = F.float32(param)
                     # update_fp32 = float32(update)
                     update_fp32 = F.float32(update)
                     # if weight_decay != 0:
-                    if h["_c16"]:
+                    if h["_c17"]:
                         # if fisher_wd:
-                        if h["_c17"]:
+                        if h["_c14"]:
                             # if use_atan2:
                             if h["_c7"]:
                                 # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
@@ -5267,8 +5325,8 @@ def _device_step(h, param, grad, S):
                             else:
                                 # fisher = 1 / denom
                                 fisher = F.rdiv(denom, 1)
-                                # fisher = fisher / maximum(sqrt(mean((param_fp32 * fisher) ** 2)) / 1.0, 1.0)
-                                fisher_49 = F.mul(param_fp32, fisher)
+                                # fisher = fisher / maximum(sqrt(mean((fisher_param * fisher) ** 2)) / 1.0, 1.0)
+                                fisher_49 = F.mul(fisher_param, fisher)
                                 F.pow_(fisher_49, 2)
                                 fisher_50 = F.mean(fisher_49)
                                 F.sqrt_(fisher_50)
@@ -5281,12 +5339,12 @@ def _device_step(h, param, grad, S):
                             # if cautious_wd:
                             if h["_c18"]:
                                 # param_fp32 = param_fp32 - param_fp32 * (where(update_fp32 * param_fp32 >= 0, 1.0, 0.0) * fisher)
-                                param_fp32_129 = F.mul(update_fp32, param_fp32)
-                                param_fp32_130 = F.ge(param_fp32_129, 0)
-                                param_fp32_131 = F.where(param_fp32_130, 1.0, 0.0, like=param)
-                                F.mul_(param_fp32_131, fisher)
-                                param_fp32_132 = F.addcmul(param_fp32, param_fp32, param_fp32_131, -1.0)
-                                param_fp32 = param_fp32_132
+                                param_fp32_145 = F.mul(update_fp32, param_fp32)
+                                param_fp32_146 = F.ge(param_fp32_145, 0)
+                                param_fp32_147 = F.where(param_fp32_146, 1.0, 0.0, like=param)
+                                param_fp32_148 = F.mul(param_fp32_147, fisher)
+                                param_fp32_149 = F.addcmul(param_fp32, param_fp32, param_fp32_148, -1.0)
+                                param_fp32 = param_fp32_149
                             else:
                                 # param_fp32 = param_fp32 - param_fp32 * fisher
                                 param_fp32 = F.addcmul(param_fp32, param_fp32, fisher, -1.0)
@@ -5294,11 +5352,11 @@ def _device_step(h, param, grad, S):
                             # if cautious_wd:
                             if h["_c18"]:
                                 # param_fp32 = param_fp32 - weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
-                                param_fp32_133 = F.mul(update_fp32, param_fp32)
-                                param_fp32_134 = F.ge(param_fp32_133, 0)
-                                param_fp32_135 = F.where(param_fp32_134, 1.0, 0.0, like=param)
-                                param_fp32_136 = F.addcmul(param_fp32, param_fp32, param_fp32_135, h["_k206"])
-                                param_fp32 = param_fp32_136
+                                param_fp32_150 = F.mul(update_fp32, param_fp32)
+                                param_fp32_151 = F.ge(param_fp32_150, 0)
+                                param_fp32_152 = F.where(param_fp32_151, 1.0, 0.0, like=param)
+                                param_fp32_153 = F.addcmul(param_fp32, param_fp32, param_fp32_152, h["_k206"])
+                                param_fp32 = param_fp32_153
                             else:
                                 # param_fp32 = param_fp32 - weight_decay * lr * param_fp32
                                 param_fp32 = F.axpy(param_fp32, param_fp32, h["_k207"])
@@ -5322,18 +5380,18 @@ def _device_step(h, param, grad, S):
                                 cwd_target_85 = F.cast(anchor_data, param_fp32)
                                 cwd_target = F.sub(param_fp32, cwd_target_85)
                         # if fisher_wd:
-                        if h["_c17"]:
+                        if h["_c14"]:
                             # cwd_fisher_scaled = cwd_fisher * (centered_wd * lr)
                             cwd_fisher_scaled = F.mul(cwd_fisher, h["_k208"])
                             # if cautious_wd:
                             if h["_c18"]:
                                 # param_fp32 = param_fp32 - cwd_target * (where(update_fp32 * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
-                                param_fp32_137 = F.mul(update_fp32, cwd_target)
-                                param_fp32_138 = F.ge(param_fp32_137, 0)
-                                param_fp32_139 = F.where(param_fp32_138, 1.0, 0.0, like=param)
-                                F.mul_(param_fp32_139, cwd_fisher_scaled)
-                                param_fp32_140 = F.addcmul(param_fp32, cwd_target, param_fp32_139, -1.0)
-                                param_fp32 = param_fp32_140
+                                param_fp32_154 = F.mul(update_fp32, cwd_target)
+                                param_fp32_155 = F.ge(param_fp32_154, 0)
+                                param_fp32_156 = F.where(param_fp32_155, 1.0, 0.0, like=param)
+                                param_fp32_157 = F.mul(param_fp32_156, cwd_fisher_scaled)
+                                param_fp32_158 = F.addcmul(param_fp32, cwd_target, param_fp32_157, -1.0)
+                                param_fp32 = param_fp32_158
                             else:
                                 # param_fp32 = param_fp32 - cwd_target * cwd_fisher_scaled
                                 param_fp32 = F.addcmul(param_fp32, cwd_target, cwd_fisher_scaled, -1.0)
@@ -5341,24 +5399,24 @@ def _device_step(h, param, grad, S):
                             # if cautious_wd:
                             if h["_c18"]:
                                 # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
-                                param_fp32_141 = F.mul(update_fp32, cwd_target)
-                                param_fp32_142 = F.ge(param_fp32_141, 0)
-                                param_fp32_143 = F.where(param_fp32_142, 1.0, 0.0, like=param)
-                                param_fp32_144 = F.addcmul(param_fp32, cwd_target, param_fp32_143, h["_k209"])
-                                param_fp32 = param_fp32_144
+                                param_fp32_159 = F.mul(update_fp32, cwd_target)
+                                param_fp32_160 = F.ge(param_fp32_159, 0)
+                                param_fp32_161 = F.where(param_fp32_160, 1.0, 0.0, like=param)
+                                param_fp32_162 = F.addcmul(param_fp32, cwd_target, param_fp32_161, h["_k209"])
+                                param_fp32 = param_fp32_162
                             else:
                                 # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
                                 param_fp32 = F.axpy(param_fp32, cwd_target, h["_k210"])
                     # param_fp32 = param_fp32 + -update_fp32
                     param_fp32 = F.sub(param_fp32, update_fp32)
                     # param = stochastic_round(param_fp32, step)
-                    param_137 = F.stochastic_round(param_fp32, h["_k211"])
-                    F.assign_(param, param_137)
+                    param_153 = F.stochastic_round(param_fp32, h["_k211"])
+                    F.assign_(param, param_153)
                 else:
                     # if weight_decay != 0:
-                    if h["_c16"]:
+                    if h["_c17"]:
                         # if fisher_wd:
-                        if h["_c17"]:
+                        if h["_c14"]:
                             # if use_atan2:
                             if h["_c7"]:
                                 # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
@@ -5367,8 +5425,8 @@ def _device_step(h, param, grad, S):
                             else:
                                 # fisher = 1 / denom
                                 fisher = F.rdiv(denom, 1)
-                                # fisher = fisher / maximum(sqrt(mean((param * fisher) ** 2)) / 1.0, 1.0)
-                                fisher_52 = F.mul(param, fisher)
+                                # fisher = fisher / maximum(sqrt(mean((fisher_param * fisher) ** 2)) / 1.0, 1.0)
+                                fisher_52 = F.mul(fisher_param, fisher)
                                 F.pow_(fisher_52, 2)
                                 fisher_53 = F.mean(fisher_52)
                                 F.sqrt_(fisher_53)
@@ -5381,29 +5439,29 @@ def _device_step(h, param, grad, S):
                             # if cautious_wd:
                             if h["_c18"]:
                                 # param = param - param * (where(update * param >= 0, 1.0, 0.0) * fisher)
-                                param_138 = F.mul(update, param)
-                                param_139 = F.ge(param_138, 0)
-                                param_140 = F.where(param_139, 1.0, 0.0, like=param)
-                                F.mul_(param_140, fisher)
-                                param_141 = F.addcmul(param, param, param_140, -1.0)
-                                F.assign_(param, param_141)
+                                param_154 = F.mul(update, param)
+                                param_155 = F.ge(param_154, 0)
+                                param_156 = F.where(param_155, 1.0, 0.0, like=param)
+                                param_157 = F.mul(param_156, fisher)
+                                param_158 = F.addcmul(param, param, param_157, -1.0)
+                                F.assign_(param, param_158)
                             else:
                                 # param = param - param * fisher
-                                param_142 = F.addcmul(param, param, fisher, -1.0)
-                                F.assign_(param, param_142)
+                                param_159 = F.addcmul(param, param, fisher, -1.0)
+                                F.assign_(param, param_159)
                         else:
                             # if cautious_wd:
                             if h["_c18"]:
                                 # param = param - weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
-                                param_143 = F.mul(update, param)
-                                param_144 = F.ge(param_143, 0)
-                                param_145 = F.where(param_144, 1.0, 0.0, like=param)
-                                param_146 = F.addcmul(param, param, param_145, h["_k213"])
-                                F.assign_(param, param_146)
+                                param_160 = F.mul(update, param)
+                                param_161 = F.ge(param_160, 0)
+                                param_162 = F.where(param_161, 1.0, 0.0, like=param)
+                                param_163 = F.addcmul(param, param, param_162, h["_k213"])
+                                F.assign_(param, param_163)
                             else:
                                 # param = param - weight_decay * lr * param
-                                param_147 = F.axpy(param, param, h["_k214"])
-                                F.assign_(param, param_147)
+                                param_164 = F.axpy(param, param, h["_k214"])
+                                F.assign_(param, param_164)
                     # if centered_wd != 0:
                     if h["_c19"]:
                         # if centered_wd_mode == 'int8':
@@ -5424,17 +5482,17 @@ def _device_step(h, param, grad, S):
                                 cwd_target_90 = F.cast(anchor_data, param)
                                 cwd_target = F.sub(param, cwd_target_90)
                         # if fisher_wd:
-                        if h["_c17"]:
+                        if h["_c14"]:
                             # cwd_fisher_scaled = cwd_fisher * (centered_wd * lr)
                             cwd_fisher_scaled = F.mul(cwd_fisher, h["_k215"])
                             # if cautious_wd:
                             if h["_c18"]:
                                 # param = param - cwd_target * (where(update * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
-                                param_148 = F.mul(update, cwd_target)
-                                param_149 = F.ge(param_148, 0)
-                                param_150 = F.where(param_149, 1.0, 0.0, like=param)
-                                F.mul_(param_150, cwd_fisher_scaled)
-                                F.addcmul_(param, cwd_target, param_150, -1.0)
+                                param_165 = F.mul(update, cwd_target)
+                                param_166 = F.ge(param_165, 0)
+                                param_167 = F.where(param_166, 1.0, 0.0, like=param)
+                                param_168 = F.mul(param_167, cwd_fisher_scaled)
+                                F.addcmul_(param, cwd_target, param_168, -1.0)
                             else:
                                 # param = param - cwd_target * cwd_fisher_scaled
                                 F.addcmul_(param, cwd_target, cwd_fisher_scaled, -1.0)
@@ -5442,10 +5500,10 @@ def _device_step(h, param, grad, S):
                             # if cautious_wd:
                             if h["_c18"]:
                                 # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
-                                param_151 = F.mul(update, cwd_target)
-                                param_152 = F.ge(param_151, 0)
-                                param_153 = F.where(param_152, 1.0, 0.0, like=param)
-                                F.addcmul_(param, cwd_target, param_153, h["_k216"])
+                                param_169 = F.mul(update, cwd_target)
+                                param_170 = F.ge(param_169, 0)
+                                param_171 = F.where(param_170, 1.0, 0.0, like=param)
+                                F.addcmul_(param, cwd_target, param_171, h["_k216"])
                             else:
                                 # param = param - centered_wd * lr * cwd_target
                                 F.axpy_(param, cwd_target, h["_k217"])
@@ -5616,8 +5674,12 @@ def _device_step(h, param, grad, S):
                         else:
                             # update = update * step_size
                             F.mul_(update, h["step_size"])
-                    # if centered_wd != 0 and fisher_wd:
+                    # if fisher_wd:
                     if h["_c14"]:
+                        # fisher_param = param
+                        fisher_param = F.copy(param)
+                    # if centered_wd != 0 and fisher_wd:
+                    if h["_c15"]:
                         # if use_atan2:
                         if h["_c7"]:
                             # cwd_fisher = atan2(wd_scaler, denom) * 1.2732395447351628
@@ -5636,15 +5698,15 @@ def _device_step(h, param, grad, S):
                             cwd_fisher_30 = F.div(cwd_fisher, cwd_fisher_29)
                             cwd_fisher = cwd_fisher_30
                     # if stochastic_rounding and bf16 != 0:
-                    if h["_c15"]:
+                    if h["_c16"]:
                         # param_fp32 = float32(param)
                         param_fp32 = F.float32(param)
                         # update_fp32 = float32(update)
                         update_fp32 = F.float32(update)
                         # if weight_decay != 0:
-                        if h["_c16"]:
+                        if h["_c17"]:
                             # if fisher_wd:
-                            if h["_c17"]:
+                            if h["_c14"]:
                                 # if use_atan2:
                                 if h["_c7"]:
                                     # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
@@ -5653,8 +5715,8 @@ def _device_step(h, param, grad, S):
                                 else:
                                     # fisher = 1 / denom
                                     fisher = F.rdiv(denom, 1)
-                                    # fisher = fisher / maximum(sqrt(mean((param_fp32 * fisher) ** 2)) / 1.0, 1.0)
-                                    fisher_55 = F.mul(param_fp32, fisher)
+                                    # fisher = fisher / maximum(sqrt(mean((fisher_param * fisher) ** 2)) / 1.0, 1.0)
+                                    fisher_55 = F.mul(fisher_param, fisher)
                                     F.pow_(fisher_55, 2)
                                     fisher_56 = F.mean(fisher_55)
                                     F.sqrt_(fisher_56)
@@ -5667,12 +5729,12 @@ def _device_step(h, param, grad, S):
                                 # if cautious_wd:
                                 if h["_c18"]:
                                     # param_fp32 = param_fp32 - param_fp32 * (where(update_fp32 * param_fp32 >= 0, 1.0, 0.0) * fisher)
-                                    param_fp32_145 = F.mul(update_fp32, param_fp32)
-                                    param_fp32_146 = F.ge(param_fp32_145, 0)
-                                    param_fp32_147 = F.where(param_fp32_146, 1.0, 0.0, like=param)
-                                    F.mul_(param_fp32_147, fisher)
-                                    param_fp32_148 = F.addcmul(param_fp32, param_fp32, param_fp32_147, -1.0)
-                                    param_fp32 = param_fp32_148
+                                    param_fp32_163 = F.mul(update_fp32, param_fp32)
+                                    param_fp32_164 = F.ge(param_fp32_163, 0)
+                                    param_fp32_165 = F.where(param_fp32_164, 1.0, 0.0, like=param)
+                                    param_fp32_166 = F.mul(param_fp32_165, fisher)
+                                    param_fp32_167 = F.addcmul(param_fp32, param_fp32, param_fp32_166, -1.0)
+                                    param_fp32 = param_fp32_167
                                 else:
                                     # param_fp32 = param_fp32 - param_fp32 * fisher
                                     param_fp32 = F.addcmul(param_fp32, param_fp32, fisher, -1.0)
@@ -5680,11 +5742,11 @@ def _device_step(h, param, grad, S):
                                 # if cautious_wd:
                                 if h["_c18"]:
                                     # param_fp32 = param_fp32 - weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
-                                    param_fp32_149 = F.mul(update_fp32, param_fp32)
-                                    param_fp32_150 = F.ge(param_fp32_149, 0)
-                                    param_fp32_151 = F.where(param_fp32_150, 1.0, 0.0, like=param)
-                                    param_fp32_152 = F.addcmul(param_fp32, param_fp32, param_fp32_151, h["_k232"])
-                                    param_fp32 = param_fp32_152
+                                    param_fp32_168 = F.mul(update_fp32, param_fp32)
+                                    param_fp32_169 = F.ge(param_fp32_168, 0)
+                                    param_fp32_170 = F.where(param_fp32_169, 1.0, 0.0, like=param)
+                                    param_fp32_171 = F.addcmul(param_fp32, param_fp32, param_fp32_170, h["_k232"])
+                                    param_fp32 = param_fp32_171
                                 else:
                                     # param_fp32 = param_fp32 - weight_decay * lr * param_fp32
                                     param_fp32 = F.axpy(param_fp32, param_fp32, h["_k233"])
@@ -5708,18 +5770,18 @@ def _device_step(h, param, grad, S):
                                     cwd_target_95 = F.cast(anchor_data, param_fp32)
                                     cwd_target = F.sub(param_fp32, cwd_target_95)
                             # if fisher_wd:
-                            if h["_c17"]:
+                            if h["_c14"]:
                                 # cwd_fisher_scaled = cwd_fisher * (centered_wd * lr)
                                 cwd_fisher_scaled = F.mul(cwd_fisher, h["_k234"])
                                 # if cautious_wd:
                                 if h["_c18"]:
                                     # param_fp32 = param_fp32 - cwd_target * (where(update_fp32 * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
-                                    param_fp32_153 = F.mul(update_fp32, cwd_target)
-                                    param_fp32_154 = F.ge(param_fp32_153, 0)
-                                    param_fp32_155 = F.where(param_fp32_154, 1.0, 0.0, like=param)
-                                    F.mul_(param_fp32_155, cwd_fisher_scaled)
-                                    param_fp32_156 = F.addcmul(param_fp32, cwd_target, param_fp32_155, -1.0)
-                                    param_fp32 = param_fp32_156
+                                    param_fp32_172 = F.mul(update_fp32, cwd_target)
+                                    param_fp32_173 = F.ge(param_fp32_172, 0)
+                                    param_fp32_174 = F.where(param_fp32_173, 1.0, 0.0, like=param)
+                                    param_fp32_175 = F.mul(param_fp32_174, cwd_fisher_scaled)
+                                    param_fp32_176 = F.addcmul(param_fp32, cwd_target, param_fp32_175, -1.0)
+                                    param_fp32 = param_fp32_176
                                 else:
                                     # param_fp32 = param_fp32 - cwd_target * cwd_fisher_scaled
                                     param_fp32 = F.addcmul(param_fp32, cwd_target, cwd_fisher_scaled, -1.0)
@@ -5727,24 +5789,24 @@ def _device_step(h, param, grad, S):
                                 # if cautious_wd:
                                 if h["_c18"]:
                                     # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
-                                    param_fp32_157 = F.mul(update_fp32, cwd_target)
-                                    param_fp32_158 = F.ge(param_fp32_157, 0)
-                                    param_fp32_159 = F.where(param_fp32_158, 1.0, 0.0, like=param)
-                                    param_fp32_160 = F.addcmul(param_fp32, cwd_target, param_fp32_159, h["_k235"])
-                                    param_fp32 = param_fp32_160
+                                    param_fp32_177 = F.mul(update_fp32, cwd_target)
+                                    param_fp32_178 = F.ge(param_fp32_177, 0)
+                                    param_fp32_179 = F.where(param_fp32_178, 1.0, 0.0, like=param)
+                                    param_fp32_180 = F.addcmul(param_fp32, cwd_target, param_fp32_179, h["_k235"])
+                                    param_fp32 = param_fp32_180
                                 else:
                                     # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
                                     param_fp32 = F.axpy(param_fp32, cwd_target, h["_k236"])
                         # param_fp32 = param_fp32 + -update_fp32
                         param_fp32 = F.sub(param_fp32, update_fp32)
                         # param = stochastic_round(param_fp32, step)
-                        param_154 = F.stochastic_round(param_fp32, h["_k237"])
-                        F.assign_(param, param_154)
+                        param_172 = F.stochastic_round(param_fp32, h["_k237"])
+                        F.assign_(param, param_172)
                     else:
                         # if weight_decay != 0:
-                        if h["_c16"]:
+                        if h["_c17"]:
                             # if fisher_wd:
-                            if h["_c17"]:
+                            if h["_c14"]:
                                 # if use_atan2:
                                 if h["_c7"]:
                                     # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
@@ -5753,8 +5815,8 @@ def _device_step(h, param, grad, S):
                                 else:
                                     # fisher = 1 / denom
                                     fisher = F.rdiv(denom, 1)
-                                    # fisher = fisher / maximum(sqrt(mean((param * fisher) ** 2)) / 1.0, 1.0)
-                                    fisher_58 = F.mul(param, fisher)
+                                    # fisher = fisher / maximum(sqrt(mean((fisher_param * fisher) ** 2)) / 1.0, 1.0)
+                                    fisher_58 = F.mul(fisher_param, fisher)
                                     F.pow_(fisher_58, 2)
                                     fisher_59 = F.mean(fisher_58)
                                     F.sqrt_(fisher_59)
@@ -5767,29 +5829,29 @@ def _device_step(h, param, grad, S):
                                 # if cautious_wd:
                                 if h["_c18"]:
                                     # param = param - param * (where(update * param >= 0, 1.0, 0.0) * fisher)
-                                    param_155 = F.mul(update, param)
-                                    param_156 = F.ge(param_155, 0)
-                                    param_157 = F.where(param_156, 1.0, 0.0, like=param)
-                                    F.mul_(param_157, fisher)
-                                    param_158 = F.addcmul(param, param, param_157, -1.0)
-                                    F.assign_(param, param_158)
+                                    param_173 = F.mul(update, param)
+                                    param_174 = F.ge(param_173, 0)
+                                    param_175 = F.where(param_174, 1.0, 0.0, like=param)
+                                    param_176 = F.mul(param_175, fisher)
+                                    param_177 = F.addcmul(param, param, param_176, -1.0)
+                                    F.assign_(param, param_177)
                                 else:
                                     # param = param - param * fisher
-                                    param_159 = F.addcmul(param, param, fisher, -1.0)
-                                    F.assign_(param, param_159)
+                                    param_178 = F.addcmul(param, param, fisher, -1.0)
+                                    F.assign_(param, param_178)
                             else:
                                 # if cautious_wd:
                                 if h["_c18"]:
                                     # param = param - weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
-                                    param_160 = F.mul(update, param)
-                                    param_161 = F.ge(param_160, 0)
-                                    param_162 = F.where(param_161, 1.0, 0.0, like=param)
-                                    param_163 = F.addcmul(param, param, param_162, h["_k239"])
-                                    F.assign_(param, param_163)
+                                    param_179 = F.mul(update, param)
+                                    param_180 = F.ge(param_179, 0)
+                                    param_181 = F.where(param_180, 1.0, 0.0, like=param)
+                                    param_182 = F.addcmul(param, param, param_181, h["_k239"])
+                                    F.assign_(param, param_182)
                                 else:
                                     # param = param - weight_decay * lr * param
-                                    param_164 = F.axpy(param, param, h["_k240"])
-                                    F.assign_(param, param_164)
+                                    param_183 = F.axpy(param, param, h["_k240"])
+                                    F.assign_(param, param_183)
                         # if centered_wd != 0:
                         if h["_c19"]:
                             # if centered_wd_mode == 'int8':
@@ -5810,17 +5872,17 @@ def _device_step(h, param, grad, S):
                                     cwd_target_100 = F.cast(anchor_data, param)
                                     cwd_target = F.sub(param, cwd_target_100)
                             # if fisher_wd:
-                            if h["_c17"]:
+                            if h["_c14"]:
                                 # cwd_fisher_scaled = cwd_fisher * (centered_wd * lr)
                                 cwd_fisher_scaled = F.mul(cwd_fisher, h["_k241"])
                                 # if cautious_wd:
                                 if h["_c18"]:
                                     # param = param - cwd_target * (where(update * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
-                                    param_165 = F.mul(update, cwd_target)
-                                    param_166 = F.ge(param_165, 0)
-                                    param_167 = F.where(param_166, 1.0, 0.0, like=param)
-                                    F.mul_(param_167, cwd_fisher_scaled)
-                                    F.addcmul_(param, cwd_target, param_167, -1.0)
+                                    param_184 = F.mul(update, cwd_target)
+                                    param_185 = F.ge(param_184, 0)
+                                    param_186 = F.where(param_185, 1.0, 0.0, like=param)
+                                    param_187 = F.mul(param_186, cwd_fisher_scaled)
+                                    F.addcmul_(param, cwd_target, param_187, -1.0)
                                 else:
                                     # param = param - cwd_target * cwd_fisher_scaled
                                     F.addcmul_(param, cwd_target, cwd_fisher_scaled, -1.0)
@@ -5828,10 +5890,10 @@ def _device_step(h, param, grad, S):
                                 # if cautious_wd:
                                 if h["_c18"]:
                                     # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
-                                    param_168 = F.mul(update, cwd_target)
-                                    param_169 = F.ge(param_168, 0)
-                                    param_170 = F.where(param_169, 1.0, 0.0, like=param)
-                                    F.addcmul_(param, cwd_target, param_170, h["_k242"])
+                                    param_188 = F.mul(update, cwd_target)
+                                    param_189 = F.ge(param_188, 0)
+                                    param_190 = F.where(param_189, 1.0, 0.0, like=param)
+                                    F.addcmul_(param, cwd_target, param_190, h["_k242"])
                                 else:
                                     # param = param - centered_wd * lr * cwd_target
                                     F.axpy_(param, cwd_target, h["_k243"])
@@ -5988,8 +6050,12 @@ def _device_step(h, param, grad, S):
                         else:
                             # update = update * step_size
                             F.mul_(update, h["step_size"])
-                    # if centered_wd != 0 and fisher_wd:
+                    # if fisher_wd:
                     if h["_c14"]:
+                        # fisher_param = param
+                        fisher_param = F.copy(param)
+                    # if centered_wd != 0 and fisher_wd:
+                    if h["_c15"]:
                         # if use_atan2:
                         if h["_c7"]:
                             # cwd_fisher = atan2(wd_scaler, denom) * 1.2732395447351628
@@ -6008,15 +6074,15 @@ def _device_step(h, param, grad, S):
                             cwd_fisher_33 = F.div(cwd_fisher, cwd_fisher_32)
                             cwd_fisher = cwd_fisher_33
                     # if stochastic_rounding and bf16 != 0:
-                    if h["_c15"]:
+                    if h["_c16"]:
                         # param_fp32 = float32(param)
                         param_fp32 = F.float32(param)
                         # update_fp32 = float32(update)
                         update_fp32 = F.float32(update)
                         # if weight_decay != 0:
-                        if h["_c16"]:
+                        if h["_c17"]:
                             # if fisher_wd:
-                            if h["_c17"]:
+                            if h["_c14"]:
                                 # if use_atan2:
                                 if h["_c7"]:
                                     # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
@@ -6025,8 +6091,8 @@ def _device_step(h, param, grad, S):
                                 else:
                                     # fisher = 1 / denom
                                     fisher = F.rdiv(denom, 1)
-                                    # fisher = fisher / maximum(sqrt(mean((param_fp32 * fisher) ** 2)) / 1.0, 1.0)
-                                    fisher_61 = F.mul(param_fp32, fisher)
+                                    # fisher = fisher / maximum(sqrt(mean((fisher_param * fisher) ** 2)) / 1.0, 1.0)
+                                    fisher_61 = F.mul(fisher_param, fisher)
                                     F.pow_(fisher_61, 2)
                                     fisher_62 = F.mean(fisher_61)
                                     F.sqrt_(fisher_62)
@@ -6039,12 +6105,12 @@ def _device_step(h, param, grad, S):
                                 # if cautious_wd:
                                 if h["_c18"]:
                                     # param_fp32 = param_fp32 - param_fp32 * (where(update_fp32 * param_fp32 >= 0, 1.0, 0.0) * fisher)
-                                    param_fp32_161 = F.mul(update_fp32, param_fp32)
-                                    param_fp32_162 = F.ge(param_fp32_161, 0)
-                                    param_fp32_163 = F.where(param_fp32_162, 1.0, 0.0, like=param)
-                                    F.mul_(param_fp32_163, fisher)
-                                    param_fp32_164 = F.addcmul(param_fp32, param_fp32, param_fp32_163, -1.0)
-                                    param_fp32 = param_fp32_164
+                                    param_fp32_181 = F.mul(update_fp32, param_fp32)
+                                    param_fp32_182 = F.ge(param_fp32_181, 0)
+                                    param_fp32_183 = F.where(param_fp32_182, 1.0, 0.0, like=param)
+                                    param_fp32_184 = F.mul(param_fp32_183, fisher)
+                                    param_fp32_185 = F.addcmul(param_fp32, param_fp32, param_fp32_184, -1.0)
+                                    param_fp32 = param_fp32_185
                                 else:
                                     # param_fp32 = param_fp32 - param_fp32 * fisher
                                     param_fp32 = F.addcmul(param_fp32, param_fp32, fisher, -1.0)
@@ -6052,11 +6118,11 @@ def _device_step(h, param, grad, S):
                                 # if cautious_wd:
                                 if h["_c18"]:
                                     # param_fp32 = param_fp32 - weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
-                                    param_fp32_165 = F.mul(update_fp32, param_fp32)
-                                    param_fp32_166 = F.ge(param_fp32_165, 0)
-                                    param_fp32_167 = F.where(param_fp32_166, 1.0, 0.0, like=param)
-                                    param_fp32_168 = F.addcmul(param_fp32, param_fp32, param_fp32_167, h["_k255"])
-                                    param_fp32 = param_fp32_168
+                                    param_fp32_186 = F.mul(update_fp32, param_fp32)
+                                    param_fp32_187 = F.ge(param_fp32_186, 0)
+                                    param_fp32_188 = F.where(param_fp32_187, 1.0, 0.0, like=param)
+                                    param_fp32_189 = F.addcmul(param_fp32, param_fp32, param_fp32_188, h["_k255"])
+                                    param_fp32 = param_fp32_189
                                 else:
                                     # param_fp32 = param_fp32 - weight_decay * lr * param_fp32
                                     param_fp32 = F.axpy(param_fp32, param_fp32, h["_k256"])
@@ -6080,18 +6146,18 @@ def _device_step(h, param, grad, S):
                                     cwd_target_105 = F.cast(anchor_data, param_fp32)
                                     cwd_target = F.sub(param_fp32, cwd_target_105)
                             # if fisher_wd:
-                            if h["_c17"]:
+                            if h["_c14"]:
                                 # cwd_fisher_scaled = cwd_fisher * (centered_wd * lr)
                                 cwd_fisher_scaled = F.mul(cwd_fisher, h["_k257"])
                                 # if cautious_wd:
                                 if h["_c18"]:
                                     # param_fp32 = param_fp32 - cwd_target * (where(update_fp32 * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
-                                    param_fp32_169 = F.mul(update_fp32, cwd_target)
-                                    param_fp32_170 = F.ge(param_fp32_169, 0)
-                                    param_fp32_171 = F.where(param_fp32_170, 1.0, 0.0, like=param)
-                                    F.mul_(param_fp32_171, cwd_fisher_scaled)
-                                    param_fp32_172 = F.addcmul(param_fp32, cwd_target, param_fp32_171, -1.0)
-                                    param_fp32 = param_fp32_172
+                                    param_fp32_190 = F.mul(update_fp32, cwd_target)
+                                    param_fp32_191 = F.ge(param_fp32_190, 0)
+                                    param_fp32_192 = F.where(param_fp32_191, 1.0, 0.0, like=param)
+                                    param_fp32_193 = F.mul(param_fp32_192, cwd_fisher_scaled)
+                                    param_fp32_194 = F.addcmul(param_fp32, cwd_target, param_fp32_193, -1.0)
+                                    param_fp32 = param_fp32_194
                                 else:
                                     # param_fp32 = param_fp32 - cwd_target * cwd_fisher_scaled
                                     param_fp32 = F.addcmul(param_fp32, cwd_target, cwd_fisher_scaled, -1.0)
@@ -6099,24 +6165,24 @@ def _device_step(h, param, grad, S):
                                 # if cautious_wd:
                                 if h["_c18"]:
                                     # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
-                                    param_fp32_173 = F.mul(update_fp32, cwd_target)
-                                    param_fp32_174 = F.ge(param_fp32_173, 0)
-                                    param_fp32_175 = F.where(param_fp32_174, 1.0, 0.0, like=param)
-                                    param_fp32_176 = F.addcmul(param_fp32, cwd_target, param_fp32_175, h["_k258"])
-                                    param_fp32 = param_fp32_176
+                                    param_fp32_195 = F.mul(update_fp32, cwd_target)
+                                    param_fp32_196 = F.ge(param_fp32_195, 0)
+                                    param_fp32_197 = F.where(param_fp32_196, 1.0, 0.0, like=param)
+                                    param_fp32_198 = F.addcmul(param_fp32, cwd_target, param_fp32_197, h["_k258"])
+                                    param_fp32 = param_fp32_198
                                 else:
                                     # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
                                     param_fp32 = F.axpy(param_fp32, cwd_target, h["_k259"])
                         # param_fp32 = param_fp32 + -update_fp32
                         param_fp32 = F.sub(param_fp32, update_fp32)
                         # param = stochastic_round(param_fp32, step)
-                        param_171 = F.stochastic_round(param_fp32, h["_k260"])
-                        F.assign_(param, param_171)
+                        param_191 = F.stochastic_round(param_fp32, h["_k260"])
+                        F.assign_(param, param_191)
                     else:
                         # if weight_decay != 0:
-                        if h["_c16"]:
+                        if h["_c17"]:
                             # if fisher_wd:
-                            if h["_c17"]:
+                            if h["_c14"]:
                                 # if use_atan2:
                                 if h["_c7"]:
                                     # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
@@ -6125,8 +6191,8 @@ def _device_step(h, param, grad, S):
                                 else:
                                     # fisher = 1 / denom
                                     fisher = F.rdiv(denom, 1)
-                                    # fisher = fisher / maximum(sqrt(mean((param * fisher) ** 2)) / 1.0, 1.0)
-                                    fisher_64 = F.mul(param, fisher)
+                                    # fisher = fisher / maximum(sqrt(mean((fisher_param * fisher) ** 2)) / 1.0, 1.0)
+                                    fisher_64 = F.mul(fisher_param, fisher)
                                     F.pow_(fisher_64, 2)
                                     fisher_65 = F.mean(fisher_64)
                                     F.sqrt_(fisher_65)
@@ -6139,29 +6205,29 @@ def _device_step(h, param, grad, S):
                                 # if cautious_wd:
                                 if h["_c18"]:
                                     # param = param - param * (where(update * param >= 0, 1.0, 0.0) * fisher)
-                                    param_172 = F.mul(update, param)
-                                    param_173 = F.ge(param_172, 0)
-                                    param_174 = F.where(param_173, 1.0, 0.0, like=param)
-                                    F.mul_(param_174, fisher)
-                                    param_175 = F.addcmul(param, param, param_174, -1.0)
-                                    F.assign_(param, param_175)
+                                    param_192 = F.mul(update, param)
+                                    param_193 = F.ge(param_192, 0)
+                                    param_194 = F.where(param_193, 1.0, 0.0, like=param)
+                                    param_195 = F.mul(param_194, fisher)
+                                    param_196 = F.addcmul(param, param, param_195, -1.0)
+                                    F.assign_(param, param_196)
                                 else:
                                     # param = param - param * fisher
-                                    param_176 = F.addcmul(param, param, fisher, -1.0)
-                                    F.assign_(param, param_176)
+                                    param_197 = F.addcmul(param, param, fisher, -1.0)
+                                    F.assign_(param, param_197)
                             else:
                                 # if cautious_wd:
                                 if h["_c18"]:
                                     # param = param - weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
-                                    param_177 = F.mul(update, param)
-                                    param_178 = F.ge(param_177, 0)
-                                    param_179 = F.where(param_178, 1.0, 0.0, like=param)
-                                    param_180 = F.addcmul(param, param, param_179, h["_k262"])
-                                    F.assign_(param, param_180)
+                                    param_198 = F.mul(update, param)
+                                    param_199 = F.ge(param_198, 0)
+                                    param_200 = F.where(param_199, 1.0, 0.0, like=param)
+                                    param_201 = F.addcmul(param, param, param_200, h["_k262"])
+                                    F.assign_(param, param_201)
                                 else:
                                     # param = param - weight_decay * lr * param
-                                    param_181 = F.axpy(param, param, h["_k263"])
-                                    F.assign_(param, param_181)
+                                    param_202 = F.axpy(param, param, h["_k263"])
+                                    F.assign_(param, param_202)
                         # if centered_wd != 0:
                         if h["_c19"]:
                             # if centered_wd_mode == 'int8':
@@ -6182,17 +6248,17 @@ def _device_step(h, param, grad, S):
                                     cwd_target_110 = F.cast(anchor_data, param)
                                     cwd_target = F.sub(param, cwd_target_110)
                             # if fisher_wd:
-                            if h["_c17"]:
+                            if h["_c14"]:
                                 # cwd_fisher_scaled = cwd_fisher * (centered_wd * lr)
                                 cwd_fisher_scaled = F.mul(cwd_fisher, h["_k264"])
                                 # if cautious_wd:
                                 if h["_c18"]:
                                     # param = param - cwd_target * (where(update * cwd_target >= 0, 1.0, 0.0) * cwd_fisher_scaled)
-                                    param_182 = F.mul(update, cwd_target)
-                                    param_183 = F.ge(param_182, 0)
-                                    param_184 = F.where(param_183, 1.0, 0.0, like=param)
-                                    F.mul_(param_184, cwd_fisher_scaled)
-                                    F.addcmul_(param, cwd_target, param_184, -1.0)
+                                    param_203 = F.mul(update, cwd_target)
+                                    param_204 = F.ge(param_203, 0)
+                                    param_205 = F.where(param_204, 1.0, 0.0, like=param)
+                                    param_206 = F.mul(param_205, cwd_fisher_scaled)
+                                    F.addcmul_(param, cwd_target, param_206, -1.0)
                                 else:
                                     # param = param - cwd_target * cwd_fisher_scaled
                                     F.addcmul_(param, cwd_target, cwd_fisher_scaled, -1.0)
@@ -6200,10 +6266,10 @@ def _device_step(h, param, grad, S):
                                 # if cautious_wd:
                                 if h["_c18"]:
                                     # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
-                                    param_185 = F.mul(update, cwd_target)
-                                    param_186 = F.ge(param_185, 0)
-                                    param_187 = F.where(param_186, 1.0, 0.0, like=param)
-                                    F.addcmul_(param, cwd_target, param_187, h["_k265"])
+                                    param_207 = F.mul(update, cwd_target)
+                                    param_208 = F.ge(param_207, 0)
+                                    param_209 = F.where(param_208, 1.0, 0.0, like=param)
+                                    F.addcmul_(param, cwd_target, param_209, h["_k265"])
                                 else:
                                     # param = param - centered_wd * lr * cwd_target
                                     F.axpy_(param, cwd_target, h["_k266"])

@@ -1235,9 +1235,9 @@ def _device_step(h, param, grad, S):
                         param_fp32_1 = F.mul(update_fp32, param_fp32)
                         param_fp32_2 = F.ge(param_fp32_1, 0)
                         param_fp32_3 = F.where(param_fp32_2, 1.0, 0.0, like=param)
-                        F.mul_(param_fp32_3, wd_scaler)
-                        param_fp32_4 = F.addcmul(param_fp32, param_fp32, param_fp32_3, -1)
-                        param_fp32 = param_fp32_4
+                        param_fp32_4 = F.mul(param_fp32_3, wd_scaler)
+                        param_fp32_5 = F.addcmul(param_fp32, param_fp32, param_fp32_4, -1)
+                        param_fp32 = param_fp32_5
                     else:
                         # param_fp32 = param_fp32 - param_fp32 * wd_scaler
                         param_fp32 = F.addcmul(param_fp32, param_fp32, wd_scaler, -1)
@@ -1246,11 +1246,11 @@ def _device_step(h, param, grad, S):
                     # if cautious_wd:
                     if h["_c24"]:
                         # param_fp32 = param_fp32 - weight_decay * lr * wd_target * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
-                        param_fp32_5 = F.mul(update_fp32, param_fp32)
-                        param_fp32_6 = F.ge(param_fp32_5, 0)
-                        param_fp32_7 = F.where(param_fp32_6, 1.0, 0.0, like=param)
-                        param_fp32_8 = F.addcmul(param_fp32, wd_target, param_fp32_7, h["_k14"])
-                        param_fp32 = param_fp32_8
+                        param_fp32_6 = F.mul(update_fp32, param_fp32)
+                        param_fp32_7 = F.ge(param_fp32_6, 0)
+                        param_fp32_8 = F.where(param_fp32_7, 1.0, 0.0, like=param)
+                        param_fp32_9 = F.addcmul(param_fp32, wd_target, param_fp32_8, h["_k14"])
+                        param_fp32 = param_fp32_9
                     else:
                         # param_fp32 = param_fp32 - weight_decay * lr * wd_target
                         param_fp32 = F.axpy(param_fp32, wd_target, h["_k15"])
@@ -1259,11 +1259,11 @@ def _device_step(h, param, grad, S):
                     # if cautious_wd:
                     if h["_c24"]:
                         # param_fp32 = param_fp32 - weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
-                        param_fp32_9 = F.mul(update_fp32, param_fp32)
-                        param_fp32_10 = F.ge(param_fp32_9, 0)
-                        param_fp32_11 = F.where(param_fp32_10, 1.0, 0.0, like=param)
-                        param_fp32_12 = F.addcmul(param_fp32, param_fp32, param_fp32_11, h["_k16"])
-                        param_fp32 = param_fp32_12
+                        param_fp32_10 = F.mul(update_fp32, param_fp32)
+                        param_fp32_11 = F.ge(param_fp32_10, 0)
+                        param_fp32_12 = F.where(param_fp32_11, 1.0, 0.0, like=param)
+                        param_fp32_13 = F.addcmul(param_fp32, param_fp32, param_fp32_12, h["_k16"])
+                        param_fp32 = param_fp32_13
                     else:
                         # param_fp32 = param_fp32 - weight_decay * lr * param_fp32
                         param_fp32 = F.axpy(param_fp32, param_fp32, h["_k17"])
@@ -1294,11 +1294,11 @@ def _device_step(h, param, grad, S):
                     # if cautious_wd:
                     if h["_c24"]:
                         # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
-                        param_fp32_13 = F.mul(update_fp32, cwd_target)
-                        param_fp32_14 = F.ge(param_fp32_13, 0)
-                        param_fp32_15 = F.where(param_fp32_14, 1.0, 0.0, like=param)
-                        param_fp32_16 = F.addcmul(param_fp32, cwd_target, param_fp32_15, h["_k18"])
-                        param_fp32 = param_fp32_16
+                        param_fp32_14 = F.mul(update_fp32, cwd_target)
+                        param_fp32_15 = F.ge(param_fp32_14, 0)
+                        param_fp32_16 = F.where(param_fp32_15, 1.0, 0.0, like=param)
+                        param_fp32_17 = F.addcmul(param_fp32, cwd_target, param_fp32_16, h["_k18"])
+                        param_fp32 = param_fp32_17
                     else:
                         # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
                         param_fp32 = F.axpy(param_fp32, cwd_target, h["_k19"])
@@ -1316,23 +1316,23 @@ def _device_step(h, param, grad, S):
                         param_2 = F.mul(update, param)
                         param_3 = F.ge(param_2, 0)
                         param_4 = F.where(param_3, 1.0, 0.0, like=param)
-                        F.mul_(param_4, wd_scaler)
-                        param_5 = F.addcmul(param, param, param_4, -1)
-                        F.assign_(param, param_5)
+                        param_5 = F.mul(param_4, wd_scaler)
+                        param_6 = F.addcmul(param, param, param_5, -1)
+                        F.assign_(param, param_6)
                     else:
                         # param = param - param * wd_scaler
-                        param_6 = F.addcmul(param, param, wd_scaler, -1)
-                        F.assign_(param, param_6)
+                        param_7 = F.addcmul(param, param, wd_scaler, -1)
+                        F.assign_(param, param_7)
                 # if weight_decay != 0 and geometric_wd and not matrix:
                 if h["_c30"]:
                     # if cautious_wd:
                     if h["_c24"]:
                         # param = param - weight_decay * lr * wd_target * where(update * param >= 0, 1.0, 0.0)
-                        param_7 = F.mul(update, param)
-                        param_8 = F.ge(param_7, 0)
-                        param_9 = F.where(param_8, 1.0, 0.0, like=param)
-                        param_10 = F.addcmul(param, wd_target, param_9, h["_k21"])
-                        F.assign_(param, param_10)
+                        param_8 = F.mul(update, param)
+                        param_9 = F.ge(param_8, 0)
+                        param_10 = F.where(param_9, 1.0, 0.0, like=param)
+                        param_11 = F.addcmul(param, wd_target, param_10, h["_k21"])
+                        F.assign_(param, param_11)
                     else:
                         # param = param - weight_decay * lr * wd_target
                         F.axpy_(param, wd_target, h["_k22"])
@@ -1341,15 +1341,15 @@ def _device_step(h, param, grad, S):
                     # if cautious_wd:
                     if h["_c24"]:
                         # param = param - weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
-                        param_11 = F.mul(update, param)
-                        param_12 = F.ge(param_11, 0)
-                        param_13 = F.where(param_12, 1.0, 0.0, like=param)
-                        param_14 = F.addcmul(param, param, param_13, h["_k23"])
-                        F.assign_(param, param_14)
+                        param_12 = F.mul(update, param)
+                        param_13 = F.ge(param_12, 0)
+                        param_14 = F.where(param_13, 1.0, 0.0, like=param)
+                        param_15 = F.addcmul(param, param, param_14, h["_k23"])
+                        F.assign_(param, param_15)
                     else:
                         # param = param - weight_decay * lr * param
-                        param_15 = F.axpy(param, param, h["_k24"])
-                        F.assign_(param, param_15)
+                        param_16 = F.axpy(param, param, h["_k24"])
+                        F.assign_(param, param_16)
                 # if centered_wd != 0:
                 if h["_c27"]:
                     # if geometric_wd and weight_decay > 0 and not matrix:
@@ -1377,10 +1377,10 @@ def _device_step(h, param, grad, S):
                     # if cautious_wd:
                     if h["_c24"]:
                         # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
-                        param_16 = F.mul(update, cwd_target)
-                        param_17 = F.ge(param_16, 0)
-                        param_18 = F.where(param_17, 1.0, 0.0, like=param)
-                        F.addcmul_(param, cwd_target, param_18, h["_k25"])
+                        param_17 = F.mul(update, cwd_target)
+                        param_18 = F.ge(param_17, 0)
+                        param_19 = F.where(param_18, 1.0, 0.0, like=param)
+                        F.addcmul_(param, cwd_target, param_19, h["_k25"])
                     else:
                         # param = param - centered_wd * lr * cwd_target
                         F.axpy_(param, cwd_target, h["_k26"])
@@ -1641,12 +1641,12 @@ def _device_step(h, param, grad, S):
                     # if cautious_wd:
                     if h["_c24"]:
                         # param_fp32 = param_fp32 - param_fp32 * (where(update_fp32 * param_fp32 >= 0, 1.0, 0.0) * wd_scaler)
-                        param_fp32_17 = F.mul(update_fp32, param_fp32)
-                        param_fp32_18 = F.ge(param_fp32_17, 0)
-                        param_fp32_19 = F.where(param_fp32_18, 1.0, 0.0, like=param)
-                        F.mul_(param_fp32_19, wd_scaler)
-                        param_fp32_20 = F.addcmul(param_fp32, param_fp32, param_fp32_19, -1)
-                        param_fp32 = param_fp32_20
+                        param_fp32_18 = F.mul(update_fp32, param_fp32)
+                        param_fp32_19 = F.ge(param_fp32_18, 0)
+                        param_fp32_20 = F.where(param_fp32_19, 1.0, 0.0, like=param)
+                        param_fp32_21 = F.mul(param_fp32_20, wd_scaler)
+                        param_fp32_22 = F.addcmul(param_fp32, param_fp32, param_fp32_21, -1)
+                        param_fp32 = param_fp32_22
                     else:
                         # param_fp32 = param_fp32 - param_fp32 * wd_scaler
                         param_fp32 = F.addcmul(param_fp32, param_fp32, wd_scaler, -1)
@@ -1655,11 +1655,11 @@ def _device_step(h, param, grad, S):
                     # if cautious_wd:
                     if h["_c24"]:
                         # param_fp32 = param_fp32 - weight_decay * lr * wd_target * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
-                        param_fp32_21 = F.mul(update_fp32, param_fp32)
-                        param_fp32_22 = F.ge(param_fp32_21, 0)
-                        param_fp32_23 = F.where(param_fp32_22, 1.0, 0.0, like=param)
-                        param_fp32_24 = F.addcmul(param_fp32, wd_target, param_fp32_23, h["_k41"])
-                        param_fp32 = param_fp32_24
+                        param_fp32_23 = F.mul(update_fp32, param_fp32)
+                        param_fp32_24 = F.ge(param_fp32_23, 0)
+                        param_fp32_25 = F.where(param_fp32_24, 1.0, 0.0, like=param)
+                        param_fp32_26 = F.addcmul(param_fp32, wd_target, param_fp32_25, h["_k41"])
+                        param_fp32 = param_fp32_26
                     else:
                         # param_fp32 = param_fp32 - weight_decay * lr * wd_target
                         param_fp32 = F.axpy(param_fp32, wd_target, h["_k42"])
@@ -1668,11 +1668,11 @@ def _device_step(h, param, grad, S):
                     # if cautious_wd:
                     if h["_c24"]:
                         # param_fp32 = param_fp32 - weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
-                        param_fp32_25 = F.mul(update_fp32, param_fp32)
-                        param_fp32_26 = F.ge(param_fp32_25, 0)
-                        param_fp32_27 = F.where(param_fp32_26, 1.0, 0.0, like=param)
-                        param_fp32_28 = F.addcmul(param_fp32, param_fp32, param_fp32_27, h["_k43"])
-                        param_fp32 = param_fp32_28
+                        param_fp32_27 = F.mul(update_fp32, param_fp32)
+                        param_fp32_28 = F.ge(param_fp32_27, 0)
+                        param_fp32_29 = F.where(param_fp32_28, 1.0, 0.0, like=param)
+                        param_fp32_30 = F.addcmul(param_fp32, param_fp32, param_fp32_29, h["_k43"])
+                        param_fp32 = param_fp32_30
                     else:
                         # param_fp32 = param_fp32 - weight_decay * lr * param_fp32
                         param_fp32 = F.axpy(param_fp32, param_fp32, h["_k44"])
@@ -1703,45 +1703,45 @@ def _device_step(h, param, grad, S):
                     # if cautious_wd:
                     if h["_c24"]:
                         # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
-                        param_fp32_29 = F.mul(update_fp32, cwd_target)
-                        param_fp32_30 = F.ge(param_fp32_29, 0)
-                        param_fp32_31 = F.where(param_fp32_30, 1.0, 0.0, like=param)
-                        param_fp32_32 = F.addcmul(param_fp32, cwd_target, param_fp32_31, h["_k45"])
-                        param_fp32 = param_fp32_32
+                        param_fp32_31 = F.mul(update_fp32, cwd_target)
+                        param_fp32_32 = F.ge(param_fp32_31, 0)
+                        param_fp32_33 = F.where(param_fp32_32, 1.0, 0.0, like=param)
+                        param_fp32_34 = F.addcmul(param_fp32, cwd_target, param_fp32_33, h["_k45"])
+                        param_fp32 = param_fp32_34
                     else:
                         # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
                         param_fp32 = F.axpy(param_fp32, cwd_target, h["_k46"])
                 # param_fp32 = param_fp32 + -update_fp32
                 param_fp32 = F.sub(param_fp32, update_fp32)
                 # param = stochastic_round(param_fp32, step)
-                param_19 = F.stochastic_round(param_fp32, h["_k47"])
-                F.assign_(param, param_19)
+                param_20 = F.stochastic_round(param_fp32, h["_k47"])
+                F.assign_(param, param_20)
             else:
                 # if weight_decay != 0 and geometric_wd and matrix:
                 if h["_c46"]:
                     # if cautious_wd:
                     if h["_c24"]:
                         # param = param - param * (where(update * param >= 0, 1.0, 0.0) * wd_scaler)
-                        param_20 = F.mul(update, param)
-                        param_21 = F.ge(param_20, 0)
-                        param_22 = F.where(param_21, 1.0, 0.0, like=param)
-                        F.mul_(param_22, wd_scaler)
-                        param_23 = F.addcmul(param, param, param_22, -1)
-                        F.assign_(param, param_23)
+                        param_21 = F.mul(update, param)
+                        param_22 = F.ge(param_21, 0)
+                        param_23 = F.where(param_22, 1.0, 0.0, like=param)
+                        param_24 = F.mul(param_23, wd_scaler)
+                        param_25 = F.addcmul(param, param, param_24, -1)
+                        F.assign_(param, param_25)
                     else:
                         # param = param - param * wd_scaler
-                        param_24 = F.addcmul(param, param, wd_scaler, -1)
-                        F.assign_(param, param_24)
+                        param_26 = F.addcmul(param, param, wd_scaler, -1)
+                        F.assign_(param, param_26)
                 # if weight_decay != 0 and geometric_wd and not matrix:
                 if h["_c47"]:
                     # if cautious_wd:
                     if h["_c24"]:
                         # param = param - weight_decay * lr * wd_target * where(update * param >= 0, 1.0, 0.0)
-                        param_25 = F.mul(update, param)
-                        param_26 = F.ge(param_25, 0)
-                        param_27 = F.where(param_26, 1.0, 0.0, like=param)
-                        param_28 = F.addcmul(param, wd_target, param_27, h["_k48"])
-                        F.assign_(param, param_28)
+                        param_27 = F.mul(update, param)
+                        param_28 = F.ge(param_27, 0)
+                        param_29 = F.where(param_28, 1.0, 0.0, like=param)
+                        param_30 = F.addcmul(param, wd_target, param_29, h["_k48"])
+                        F.assign_(param, param_30)
                     else:
                         # param = param - weight_decay * lr * wd_target
                         F.axpy_(param, wd_target, h["_k49"])
@@ -1750,15 +1750,15 @@ def _device_step(h, param, grad, S):
                     # if cautious_wd:
                     if h["_c24"]:
                         # param = param - weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
-                        param_29 = F.mul(update, param)
-                        param_30 = F.ge(param_29, 0)
-                        param_31 = F.where(param_30, 1.0, 0.0, like=param)
-                        param_32 = F.addcmul(param, param, param_31, h["_k50"])
-                        F.assign_(param, param_32)
+                        param_31 = F.mul(update, param)
+                        param_32 = F.ge(param_31, 0)
+                        param_33 = F.where(param_32, 1.0, 0.0, like=param)
+                        param_34 = F.addcmul(param, param, param_33, h["_k50"])
+                        F.assign_(param, param_34)
                     else:
                         # param = param - weight_decay * lr * param
-                        param_33 = F.axpy(param, param, h["_k51"])
-                        F.assign_(param, param_33)
+                        param_35 = F.axpy(param, param, h["_k51"])
+                        F.assign_(param, param_35)
                 # if centered_wd != 0:
                 if h["_c27"]:
                     # if geometric_wd and weight_decay > 0 and not matrix:
@@ -1786,10 +1786,10 @@ def _device_step(h, param, grad, S):
                     # if cautious_wd:
                     if h["_c24"]:
                         # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
-                        param_34 = F.mul(update, cwd_target)
-                        param_35 = F.ge(param_34, 0)
-                        param_36 = F.where(param_35, 1.0, 0.0, like=param)
-                        F.addcmul_(param, cwd_target, param_36, h["_k52"])
+                        param_36 = F.mul(update, cwd_target)
+                        param_37 = F.ge(param_36, 0)
+                        param_38 = F.where(param_37, 1.0, 0.0, like=param)
+                        F.addcmul_(param, cwd_target, param_38, h["_k52"])
                     else:
                         # param = param - centered_wd * lr * cwd_target
                         F.axpy_(param, cwd_target, h["_k53"])
@@ -2064,12 +2064,12 @@ def _device_step(h, param, grad, S):
                     # if cautious_wd:
                     if h["_c24"]:
                         # param_fp32 = param_fp32 - param_fp32 * (where(update_fp32 * param_fp32 >= 0, 1.0, 0.0) * wd_scaler)
-                        param_fp32_33 = F.mul(update_fp32, param_fp32)
-                        param_fp32_34 = F.ge(param_fp32_33, 0)
-                        param_fp32_35 = F.where(param_fp32_34, 1.0, 0.0, like=param)
-                        F.mul_(param_fp32_35, wd_scaler)
-                        param_fp32_36 = F.addcmul(param_fp32, param_fp32, param_fp32_35, -1)
-                        param_fp32 = param_fp32_36
+                        param_fp32_35 = F.mul(update_fp32, param_fp32)
+                        param_fp32_36 = F.ge(param_fp32_35, 0)
+                        param_fp32_37 = F.where(param_fp32_36, 1.0, 0.0, like=param)
+                        param_fp32_38 = F.mul(param_fp32_37, wd_scaler)
+                        param_fp32_39 = F.addcmul(param_fp32, param_fp32, param_fp32_38, -1)
+                        param_fp32 = param_fp32_39
                     else:
                         # param_fp32 = param_fp32 - param_fp32 * wd_scaler
                         param_fp32 = F.addcmul(param_fp32, param_fp32, wd_scaler, -1)
@@ -2078,11 +2078,11 @@ def _device_step(h, param, grad, S):
                     # if cautious_wd:
                     if h["_c24"]:
                         # param_fp32 = param_fp32 - weight_decay * lr * wd_target * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
-                        param_fp32_37 = F.mul(update_fp32, param_fp32)
-                        param_fp32_38 = F.ge(param_fp32_37, 0)
-                        param_fp32_39 = F.where(param_fp32_38, 1.0, 0.0, like=param)
-                        param_fp32_40 = F.addcmul(param_fp32, wd_target, param_fp32_39, h["_k70"])
-                        param_fp32 = param_fp32_40
+                        param_fp32_40 = F.mul(update_fp32, param_fp32)
+                        param_fp32_41 = F.ge(param_fp32_40, 0)
+                        param_fp32_42 = F.where(param_fp32_41, 1.0, 0.0, like=param)
+                        param_fp32_43 = F.addcmul(param_fp32, wd_target, param_fp32_42, h["_k70"])
+                        param_fp32 = param_fp32_43
                     else:
                         # param_fp32 = param_fp32 - weight_decay * lr * wd_target
                         param_fp32 = F.axpy(param_fp32, wd_target, h["_k71"])
@@ -2091,11 +2091,11 @@ def _device_step(h, param, grad, S):
                     # if cautious_wd:
                     if h["_c24"]:
                         # param_fp32 = param_fp32 - weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
-                        param_fp32_41 = F.mul(update_fp32, param_fp32)
-                        param_fp32_42 = F.ge(param_fp32_41, 0)
-                        param_fp32_43 = F.where(param_fp32_42, 1.0, 0.0, like=param)
-                        param_fp32_44 = F.addcmul(param_fp32, param_fp32, param_fp32_43, h["_k72"])
-                        param_fp32 = param_fp32_44
+                        param_fp32_44 = F.mul(update_fp32, param_fp32)
+                        param_fp32_45 = F.ge(param_fp32_44, 0)
+                        param_fp32_46 = F.where(param_fp32_45, 1.0, 0.0, like=param)
+                        param_fp32_47 = F.addcmul(param_fp32, param_fp32, param_fp32_46, h["_k72"])
+                        param_fp32 = param_fp32_47
                     else:
                         # param_fp32 = param_fp32 - weight_decay * lr * param_fp32
                         param_fp32 = F.axpy(param_fp32, param_fp32, h["_k73"])
@@ -2126,45 +2126,45 @@ def _device_step(h, param, grad, S):
                     # if cautious_wd:
                     if h["_c24"]:
                         # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
-                        param_fp32_45 = F.mul(update_fp32, cwd_target)
-                        param_fp32_46 = F.ge(param_fp32_45, 0)
-                        param_fp32_47 = F.where(param_fp32_46, 1.0, 0.0, like=param)
-                        param_fp32_48 = F.addcmul(param_fp32, cwd_target, param_fp32_47, h["_k74"])
-                        param_fp32 = param_fp32_48
+                        param_fp32_48 = F.mul(update_fp32, cwd_target)
+                        param_fp32_49 = F.ge(param_fp32_48, 0)
+                        param_fp32_50 = F.where(param_fp32_49, 1.0, 0.0, like=param)
+                        param_fp32_51 = F.addcmul(param_fp32, cwd_target, param_fp32_50, h["_k74"])
+                        param_fp32 = param_fp32_51
                     else:
                         # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
                         param_fp32 = F.axpy(param_fp32, cwd_target, h["_k75"])
                 # param_fp32 = param_fp32 + -update_fp32
                 param_fp32 = F.sub(param_fp32, update_fp32)
                 # param = stochastic_round(param_fp32, step)
-                param_37 = F.stochastic_round(param_fp32, h["_k76"])
-                F.assign_(param, param_37)
+                param_39 = F.stochastic_round(param_fp32, h["_k76"])
+                F.assign_(param, param_39)
             else:
                 # if weight_decay != 0 and geometric_wd and matrix:
                 if h["_c65"]:
                     # if cautious_wd:
                     if h["_c24"]:
                         # param = param - param * (where(update * param >= 0, 1.0, 0.0) * wd_scaler)
-                        param_38 = F.mul(update, param)
-                        param_39 = F.ge(param_38, 0)
-                        param_40 = F.where(param_39, 1.0, 0.0, like=param)
-                        F.mul_(param_40, wd_scaler)
-                        param_41 = F.addcmul(param, param, param_40, -1)
-                        F.assign_(param, param_41)
+                        param_40 = F.mul(update, param)
+                        param_41 = F.ge(param_40, 0)
+                        param_42 = F.where(param_41, 1.0, 0.0, like=param)
+                        param_43 = F.mul(param_42, wd_scaler)
+                        param_44 = F.addcmul(param, param, param_43, -1)
+                        F.assign_(param, param_44)
                     else:
                         # param = param - param * wd_scaler
-                        param_42 = F.addcmul(param, param, wd_scaler, -1)
-                        F.assign_(param, param_42)
+                        param_45 = F.addcmul(param, param, wd_scaler, -1)
+                        F.assign_(param, param_45)
                 # if weight_decay != 0 and geometric_wd and not matrix:
                 if h["_c66"]:
                     # if cautious_wd:
                     if h["_c24"]:
                         # param = param - weight_decay * lr * wd_target * where(update * param >= 0, 1.0, 0.0)
-                        param_43 = F.mul(update, param)
-                        param_44 = F.ge(param_43, 0)
-                        param_45 = F.where(param_44, 1.0, 0.0, like=param)
-                        param_46 = F.addcmul(param, wd_target, param_45, h["_k77"])
-                        F.assign_(param, param_46)
+                        param_46 = F.mul(update, param)
+                        param_47 = F.ge(param_46, 0)
+                        param_48 = F.where(param_47, 1.0, 0.0, like=param)
+                        param_49 = F.addcmul(param, wd_target, param_48, h["_k77"])
+                        F.assign_(param, param_49)
                     else:
                         # param = param - weight_decay * lr * wd_target
                         F.axpy_(param, wd_target, h["_k78"])
@@ -2173,15 +2173,15 @@ def _device_step(h, param, grad, S):
                     # if cautious_wd:
                     if h["_c24"]:
                         # param = param - weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
-                        param_47 = F.mul(update, param)
-                        param_48 = F.ge(param_47, 0)
-                        param_49 = F.where(param_48, 1.0, 0.0, like=param)
-                        param_50 = F.addcmul(param, param, param_49, h["_k79"])
-                        F.assign_(param, param_50)
+                        param_50 = F.mul(update, param)
+                        param_51 = F.ge(param_50, 0)
+                        param_52 = F.where(param_51, 1.0, 0.0, like=param)
+                        param_53 = F.addcmul(param, param, param_52, h["_k79"])
+                        F.assign_(param, param_53)
                     else:
                         # param = param - weight_decay * lr * param
-                        param_51 = F.axpy(param, param, h["_k80"])
-                        F.assign_(param, param_51)
+                        param_54 = F.axpy(param, param, h["_k80"])
+                        F.assign_(param, param_54)
                 # if centered_wd != 0:
                 if h["_c27"]:
                     # if geometric_wd and weight_decay > 0 and not matrix:
@@ -2209,10 +2209,10 @@ def _device_step(h, param, grad, S):
                     # if cautious_wd:
                     if h["_c24"]:
                         # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
-                        param_52 = F.mul(update, cwd_target)
-                        param_53 = F.ge(param_52, 0)
-                        param_54 = F.where(param_53, 1.0, 0.0, like=param)
-                        F.addcmul_(param, cwd_target, param_54, h["_k81"])
+                        param_55 = F.mul(update, cwd_target)
+                        param_56 = F.ge(param_55, 0)
+                        param_57 = F.where(param_56, 1.0, 0.0, like=param)
+                        F.addcmul_(param, cwd_target, param_57, h["_k81"])
                     else:
                         # param = param - centered_wd * lr * cwd_target
                         F.axpy_(param, cwd_target, h["_k82"])
@@ -2487,12 +2487,12 @@ def _device_step(h, param, grad, S):
                         # if cautious_wd:
                         if h["_c24"]:
                             # param_fp32 = param_fp32 - param_fp32 * (where(update_fp32 * param_fp32 >= 0, 1.0, 0.0) * wd_scaler)
-                            param_fp32_49 = F.mul(update_fp32, param_fp32)
-                            param_fp32_50 = F.ge(param_fp32_49, 0)
-                            param_fp32_51 = F.where(param_fp32_50, 1.0, 0.0, like=param)
-                            F.mul_(param_fp32_51, wd_scaler)
-                            param_fp32_52 = F.addcmul(param_fp32, param_fp32, param_fp32_51, -1)
-                            param_fp32 = param_fp32_52
+                            param_fp32_52 = F.mul(update_fp32, param_fp32)
+                            param_fp32_53 = F.ge(param_fp32_52, 0)
+                            param_fp32_54 = F.where(param_fp32_53, 1.0, 0.0, like=param)
+                            param_fp32_55 = F.mul(param_fp32_54, wd_scaler)
+                            param_fp32_56 = F.addcmul(param_fp32, param_fp32, param_fp32_55, -1)
+                            param_fp32 = param_fp32_56
                         else:
                             # param_fp32 = param_fp32 - param_fp32 * wd_scaler
                             param_fp32 = F.addcmul(param_fp32, param_fp32, wd_scaler, -1)
@@ -2501,11 +2501,11 @@ def _device_step(h, param, grad, S):
                         # if cautious_wd:
                         if h["_c24"]:
                             # param_fp32 = param_fp32 - weight_decay * lr * wd_target * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
-                            param_fp32_53 = F.mul(update_fp32, param_fp32)
-                            param_fp32_54 = F.ge(param_fp32_53, 0)
-                            param_fp32_55 = F.where(param_fp32_54, 1.0, 0.0, like=param)
-                            param_fp32_56 = F.addcmul(param_fp32, wd_target, param_fp32_55, h["_k99"])
-                            param_fp32 = param_fp32_56
+                            param_fp32_57 = F.mul(update_fp32, param_fp32)
+                            param_fp32_58 = F.ge(param_fp32_57, 0)
+                            param_fp32_59 = F.where(param_fp32_58, 1.0, 0.0, like=param)
+                            param_fp32_60 = F.addcmul(param_fp32, wd_target, param_fp32_59, h["_k99"])
+                            param_fp32 = param_fp32_60
                         else:
                             # param_fp32 = param_fp32 - weight_decay * lr * wd_target
                             param_fp32 = F.axpy(param_fp32, wd_target, h["_k100"])
@@ -2514,11 +2514,11 @@ def _device_step(h, param, grad, S):
                         # if cautious_wd:
                         if h["_c24"]:
                             # param_fp32 = param_fp32 - weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
-                            param_fp32_57 = F.mul(update_fp32, param_fp32)
-                            param_fp32_58 = F.ge(param_fp32_57, 0)
-                            param_fp32_59 = F.where(param_fp32_58, 1.0, 0.0, like=param)
-                            param_fp32_60 = F.addcmul(param_fp32, param_fp32, param_fp32_59, h["_k101"])
-                            param_fp32 = param_fp32_60
+                            param_fp32_61 = F.mul(update_fp32, param_fp32)
+                            param_fp32_62 = F.ge(param_fp32_61, 0)
+                            param_fp32_63 = F.where(param_fp32_62, 1.0, 0.0, like=param)
+                            param_fp32_64 = F.addcmul(param_fp32, param_fp32, param_fp32_63, h["_k101"])
+                            param_fp32 = param_fp32_64
                         else:
                             # param_fp32 = param_fp32 - weight_decay * lr * param_fp32
                             param_fp32 = F.axpy(param_fp32, param_fp32, h["_k102"])
@@ -2549,45 +2549,45 @@ def _device_step(h, param, grad, S):
                         # if cautious_wd:
                         if h["_c24"]:
                             # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
-                            param_fp32_61 = F.mul(update_fp32, cwd_target)
-                            param_fp32_62 = F.ge(param_fp32_61, 0)
-                            param_fp32_63 = F.where(param_fp32_62, 1.0, 0.0, like=param)
-                            param_fp32_64 = F.addcmul(param_fp32, cwd_target, param_fp32_63, h["_k103"])
-                            param_fp32 = param_fp32_64
+                            param_fp32_65 = F.mul(update_fp32, cwd_target)
+                            param_fp32_66 = F.ge(param_fp32_65, 0)
+                            param_fp32_67 = F.where(param_fp32_66, 1.0, 0.0, like=param)
+                            param_fp32_68 = F.addcmul(param_fp32, cwd_target, param_fp32_67, h["_k103"])
+                            param_fp32 = param_fp32_68
                         else:
                             # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
                             param_fp32 = F.axpy(param_fp32, cwd_target, h["_k104"])
                     # param_fp32 = param_fp32 + -update_fp32
                     param_fp32 = F.sub(param_fp32, update_fp32)
                     # param = stochastic_round(param_fp32, step)
-                    param_55 = F.stochastic_round(param_fp32, h["_k105"])
-                    F.assign_(param, param_55)
+                    param_58 = F.stochastic_round(param_fp32, h["_k105"])
+                    F.assign_(param, param_58)
                 else:
                     # if weight_decay != 0 and geometric_wd and matrix:
                     if h["_c83"]:
                         # if cautious_wd:
                         if h["_c24"]:
                             # param = param - param * (where(update * param >= 0, 1.0, 0.0) * wd_scaler)
-                            param_56 = F.mul(update, param)
-                            param_57 = F.ge(param_56, 0)
-                            param_58 = F.where(param_57, 1.0, 0.0, like=param)
-                            F.mul_(param_58, wd_scaler)
-                            param_59 = F.addcmul(param, param, param_58, -1)
-                            F.assign_(param, param_59)
+                            param_59 = F.mul(update, param)
+                            param_60 = F.ge(param_59, 0)
+                            param_61 = F.where(param_60, 1.0, 0.0, like=param)
+                            param_62 = F.mul(param_61, wd_scaler)
+                            param_63 = F.addcmul(param, param, param_62, -1)
+                            F.assign_(param, param_63)
                         else:
                             # param = param - param * wd_scaler
-                            param_60 = F.addcmul(param, param, wd_scaler, -1)
-                            F.assign_(param, param_60)
+                            param_64 = F.addcmul(param, param, wd_scaler, -1)
+                            F.assign_(param, param_64)
                     # if weight_decay != 0 and geometric_wd and not matrix:
                     if h["_c84"]:
                         # if cautious_wd:
                         if h["_c24"]:
                             # param = param - weight_decay * lr * wd_target * where(update * param >= 0, 1.0, 0.0)
-                            param_61 = F.mul(update, param)
-                            param_62 = F.ge(param_61, 0)
-                            param_63 = F.where(param_62, 1.0, 0.0, like=param)
-                            param_64 = F.addcmul(param, wd_target, param_63, h["_k106"])
-                            F.assign_(param, param_64)
+                            param_65 = F.mul(update, param)
+                            param_66 = F.ge(param_65, 0)
+                            param_67 = F.where(param_66, 1.0, 0.0, like=param)
+                            param_68 = F.addcmul(param, wd_target, param_67, h["_k106"])
+                            F.assign_(param, param_68)
                         else:
                             # param = param - weight_decay * lr * wd_target
                             F.axpy_(param, wd_target, h["_k107"])
@@ -2596,15 +2596,15 @@ def _device_step(h, param, grad, S):
                         # if cautious_wd:
                         if h["_c24"]:
                             # param = param - weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
-                            param_65 = F.mul(update, param)
-                            param_66 = F.ge(param_65, 0)
-                            param_67 = F.where(param_66, 1.0, 0.0, like=param)
-                            param_68 = F.addcmul(param, param, param_67, h["_k108"])
-                            F.assign_(param, param_68)
+                            param_69 = F.mul(update, param)
+                            param_70 = F.ge(param_69, 0)
+                            param_71 = F.where(param_70, 1.0, 0.0, like=param)
+                            param_72 = F.addcmul(param, param, param_71, h["_k108"])
+                            F.assign_(param, param_72)
                         else:
                             # param = param - weight_decay * lr * param
-                            param_69 = F.axpy(param, param, h["_k109"])
-                            F.assign_(param, param_69)
+                            param_73 = F.axpy(param, param, h["_k109"])
+                            F.assign_(param, param_73)
                     # if centered_wd != 0:
                     if h["_c27"]:
                         # if geometric_wd and weight_decay > 0 and not matrix:
@@ -2632,10 +2632,10 @@ def _device_step(h, param, grad, S):
                         # if cautious_wd:
                         if h["_c24"]:
                             # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
-                            param_70 = F.mul(update, cwd_target)
-                            param_71 = F.ge(param_70, 0)
-                            param_72 = F.where(param_71, 1.0, 0.0, like=param)
-                            F.addcmul_(param, cwd_target, param_72, h["_k110"])
+                            param_74 = F.mul(update, cwd_target)
+                            param_75 = F.ge(param_74, 0)
+                            param_76 = F.where(param_75, 1.0, 0.0, like=param)
+                            F.addcmul_(param, cwd_target, param_76, h["_k110"])
                         else:
                             # param = param - centered_wd * lr * cwd_target
                             F.axpy_(param, cwd_target, h["_k111"])
@@ -2896,12 +2896,12 @@ def _device_step(h, param, grad, S):
                         # if cautious_wd:
                         if h["_c24"]:
                             # param_fp32 = param_fp32 - param_fp32 * (where(update_fp32 * param_fp32 >= 0, 1.0, 0.0) * wd_scaler)
-                            param_fp32_65 = F.mul(update_fp32, param_fp32)
-                            param_fp32_66 = F.ge(param_fp32_65, 0)
-                            param_fp32_67 = F.where(param_fp32_66, 1.0, 0.0, like=param)
-                            F.mul_(param_fp32_67, wd_scaler)
-                            param_fp32_68 = F.addcmul(param_fp32, param_fp32, param_fp32_67, -1)
-                            param_fp32 = param_fp32_68
+                            param_fp32_69 = F.mul(update_fp32, param_fp32)
+                            param_fp32_70 = F.ge(param_fp32_69, 0)
+                            param_fp32_71 = F.where(param_fp32_70, 1.0, 0.0, like=param)
+                            param_fp32_72 = F.mul(param_fp32_71, wd_scaler)
+                            param_fp32_73 = F.addcmul(param_fp32, param_fp32, param_fp32_72, -1)
+                            param_fp32 = param_fp32_73
                         else:
                             # param_fp32 = param_fp32 - param_fp32 * wd_scaler
                             param_fp32 = F.addcmul(param_fp32, param_fp32, wd_scaler, -1)
@@ -2910,11 +2910,11 @@ def _device_step(h, param, grad, S):
                         # if cautious_wd:
                         if h["_c24"]:
                             # param_fp32 = param_fp32 - weight_decay * lr * wd_target * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
-                            param_fp32_69 = F.mul(update_fp32, param_fp32)
-                            param_fp32_70 = F.ge(param_fp32_69, 0)
-                            param_fp32_71 = F.where(param_fp32_70, 1.0, 0.0, like=param)
-                            param_fp32_72 = F.addcmul(param_fp32, wd_target, param_fp32_71, h["_k126"])
-                            param_fp32 = param_fp32_72
+                            param_fp32_74 = F.mul(update_fp32, param_fp32)
+                            param_fp32_75 = F.ge(param_fp32_74, 0)
+                            param_fp32_76 = F.where(param_fp32_75, 1.0, 0.0, like=param)
+                            param_fp32_77 = F.addcmul(param_fp32, wd_target, param_fp32_76, h["_k126"])
+                            param_fp32 = param_fp32_77
                         else:
                             # param_fp32 = param_fp32 - weight_decay * lr * wd_target
                             param_fp32 = F.axpy(param_fp32, wd_target, h["_k127"])
@@ -2923,11 +2923,11 @@ def _device_step(h, param, grad, S):
                         # if cautious_wd:
                         if h["_c24"]:
                             # param_fp32 = param_fp32 - weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
-                            param_fp32_73 = F.mul(update_fp32, param_fp32)
-                            param_fp32_74 = F.ge(param_fp32_73, 0)
-                            param_fp32_75 = F.where(param_fp32_74, 1.0, 0.0, like=param)
-                            param_fp32_76 = F.addcmul(param_fp32, param_fp32, param_fp32_75, h["_k128"])
-                            param_fp32 = param_fp32_76
+                            param_fp32_78 = F.mul(update_fp32, param_fp32)
+                            param_fp32_79 = F.ge(param_fp32_78, 0)
+                            param_fp32_80 = F.where(param_fp32_79, 1.0, 0.0, like=param)
+                            param_fp32_81 = F.addcmul(param_fp32, param_fp32, param_fp32_80, h["_k128"])
+                            param_fp32 = param_fp32_81
                         else:
                             # param_fp32 = param_fp32 - weight_decay * lr * param_fp32
                             param_fp32 = F.axpy(param_fp32, param_fp32, h["_k129"])
@@ -2958,45 +2958,45 @@ def _device_step(h, param, grad, S):
                         # if cautious_wd:
                         if h["_c24"]:
                             # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
-                            param_fp32_77 = F.mul(update_fp32, cwd_target)
-                            param_fp32_78 = F.ge(param_fp32_77, 0)
-                            param_fp32_79 = F.where(param_fp32_78, 1.0, 0.0, like=param)
-                            param_fp32_80 = F.addcmul(param_fp32, cwd_target, param_fp32_79, h["_k130"])
-                            param_fp32 = param_fp32_80
+                            param_fp32_82 = F.mul(update_fp32, cwd_target)
+                            param_fp32_83 = F.ge(param_fp32_82, 0)
+                            param_fp32_84 = F.where(param_fp32_83, 1.0, 0.0, like=param)
+                            param_fp32_85 = F.addcmul(param_fp32, cwd_target, param_fp32_84, h["_k130"])
+                            param_fp32 = param_fp32_85
                         else:
                             # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
                             param_fp32 = F.axpy(param_fp32, cwd_target, h["_k131"])
                     # param_fp32 = param_fp32 + -update_fp32
                     param_fp32 = F.sub(param_fp32, update_fp32)
                     # param = stochastic_round(param_fp32, step)
-                    param_73 = F.stochastic_round(param_fp32, h["_k132"])
-                    F.assign_(param, param_73)
+                    param_77 = F.stochastic_round(param_fp32, h["_k132"])
+                    F.assign_(param, param_77)
                 else:
                     # if weight_decay != 0 and geometric_wd and matrix:
                     if h["_c101"]:
                         # if cautious_wd:
                         if h["_c24"]:
                             # param = param - param * (where(update * param >= 0, 1.0, 0.0) * wd_scaler)
-                            param_74 = F.mul(update, param)
-                            param_75 = F.ge(param_74, 0)
-                            param_76 = F.where(param_75, 1.0, 0.0, like=param)
-                            F.mul_(param_76, wd_scaler)
-                            param_77 = F.addcmul(param, param, param_76, -1)
-                            F.assign_(param, param_77)
+                            param_78 = F.mul(update, param)
+                            param_79 = F.ge(param_78, 0)
+                            param_80 = F.where(param_79, 1.0, 0.0, like=param)
+                            param_81 = F.mul(param_80, wd_scaler)
+                            param_82 = F.addcmul(param, param, param_81, -1)
+                            F.assign_(param, param_82)
                         else:
                             # param = param - param * wd_scaler
-                            param_78 = F.addcmul(param, param, wd_scaler, -1)
-                            F.assign_(param, param_78)
+                            param_83 = F.addcmul(param, param, wd_scaler, -1)
+                            F.assign_(param, param_83)
                     # if weight_decay != 0 and geometric_wd and not matrix:
                     if h["_c102"]:
                         # if cautious_wd:
                         if h["_c24"]:
                             # param = param - weight_decay * lr * wd_target * where(update * param >= 0, 1.0, 0.0)
-                            param_79 = F.mul(update, param)
-                            param_80 = F.ge(param_79, 0)
-                            param_81 = F.where(param_80, 1.0, 0.0, like=param)
-                            param_82 = F.addcmul(param, wd_target, param_81, h["_k133"])
-                            F.assign_(param, param_82)
+                            param_84 = F.mul(update, param)
+                            param_85 = F.ge(param_84, 0)
+                            param_86 = F.where(param_85, 1.0, 0.0, like=param)
+                            param_87 = F.addcmul(param, wd_target, param_86, h["_k133"])
+                            F.assign_(param, param_87)
                         else:
                             # param = param - weight_decay * lr * wd_target
                             F.axpy_(param, wd_target, h["_k134"])
@@ -3005,15 +3005,15 @@ def _device_step(h, param, grad, S):
                         # if cautious_wd:
                         if h["_c24"]:
                             # param = param - weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
-                            param_83 = F.mul(update, param)
-                            param_84 = F.ge(param_83, 0)
-                            param_85 = F.where(param_84, 1.0, 0.0, like=param)
-                            param_86 = F.addcmul(param, param, param_85, h["_k135"])
-                            F.assign_(param, param_86)
+                            param_88 = F.mul(update, param)
+                            param_89 = F.ge(param_88, 0)
+                            param_90 = F.where(param_89, 1.0, 0.0, like=param)
+                            param_91 = F.addcmul(param, param, param_90, h["_k135"])
+                            F.assign_(param, param_91)
                         else:
                             # param = param - weight_decay * lr * param
-                            param_87 = F.axpy(param, param, h["_k136"])
-                            F.assign_(param, param_87)
+                            param_92 = F.axpy(param, param, h["_k136"])
+                            F.assign_(param, param_92)
                     # if centered_wd != 0:
                     if h["_c27"]:
                         # if geometric_wd and weight_decay > 0 and not matrix:
@@ -3041,10 +3041,10 @@ def _device_step(h, param, grad, S):
                         # if cautious_wd:
                         if h["_c24"]:
                             # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
-                            param_88 = F.mul(update, cwd_target)
-                            param_89 = F.ge(param_88, 0)
-                            param_90 = F.where(param_89, 1.0, 0.0, like=param)
-                            F.addcmul_(param, cwd_target, param_90, h["_k137"])
+                            param_93 = F.mul(update, cwd_target)
+                            param_94 = F.ge(param_93, 0)
+                            param_95 = F.where(param_94, 1.0, 0.0, like=param)
+                            F.addcmul_(param, cwd_target, param_95, h["_k137"])
                         else:
                             # param = param - centered_wd * lr * cwd_target
                             F.axpy_(param, cwd_target, h["_k138"])

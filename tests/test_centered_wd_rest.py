@@ -91,11 +91,6 @@ def test_sample_matches_adv_optm(index: int, model: str, dtype: torch.dtype) -> 
 @pytest.mark.parametrize("index", range(len(CASES)), ids=[_ident(i) for i in range(len(CASES))])
 def test_matches_adv_optm(index: int, model: str, dtype: torch.dtype) -> None:
     spec, setting = CASES[index]
-    if dtype == torch.bfloat16 and setting.get("fisher_wd") and setting.get("weight_decay") \
-            and not setting.get("use_atan2"):
-        # fisher_wd's own decay (RMS-clipped scale, weight_decay != 0) on bf16 with stochastic
-        # rounding already differs without centered decay (AdamW_adv: 3.9e-3 after 12 steps)
-        pytest.xfail("fisher_wd with weight_decay on bf16 parameters differs from adv_optm without centered_wd too")
     _compare(spec, setting, model, dtype, STEPS)
 
 

@@ -125,13 +125,17 @@ class TorchEmitter:
             self.emit(f"F.{n.op}_({first}{', ' + rest if rest else ''})")
             return first, True
         codes = [code for code, _ in args]
-        if n.op == Op.WHERE and all(a.is_host for a in n.args[1:]):
+        narrow = n.op == Op.WHERE and all(a.is_host for a in n.args[1:])
+        if narrow:
             codes.append("like=param")  # two numbers: the result takes the parameters' dtype
         if n.op in _OPERAND_KIND and n.args[0].kind != _OPERAND_KIND[n.op]:
             codes.append(f'kind="{_KIND_NAME[n.args[0].kind]}"')
         name = self.fresh()
         self.emit(f"{name} = F.{n.op}({', '.join(codes)})")
-        return name, n.op not in _MAY_ALIAS
+        # Not a temporary to update in place: an alias, or a value in the parameters' dtype whatever
+        # its operands (an in-place op with a float32 operand would round to bf16 where out of place
+        # promotes: a 0/1 mask times a float32 decay scale).
+        return name, n.op not in _MAY_ALIAS and not narrow
 
     # -- statements ----------------------------------------------------------------------------
     def block(self, stmts: list[Stmt]) -> None:

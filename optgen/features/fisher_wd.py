@@ -19,7 +19,7 @@ import math
 
 from optgen.features import Feature
 from optgen.features.rewrite import flag, fresh, is_var, own_state, rewrite_role, role_target, switch, var
-from optgen.ir.nodes import Assign, If, Kind, Node, Program, StateDecl
+from optgen.ir.nodes import Assign, If, Kind, Node, Program, StateDecl, Stmt
 from optgen.ir.ops import Op
 from optgen.spec.model import HyperparameterSpec
 
@@ -35,9 +35,9 @@ def _t(op: str, *args: Node) -> Node:
     return Node(op, args, kind=Kind.TENSOR)
 
 
-def _scale(f_name: str, denom: str, with_atan2: bool) -> list:
+def _scale(f_name: str, denom: str, with_atan2: bool, param: str = "param") -> list:
     f, one = var(f_name), Node("const", attr=1.0)
-    rms = _t("sqrt", _t("mean", _e("pow", _e("mul", var("param"), f), Node("const", attr=2))))
+    rms = _t("sqrt", _t("mean", _e("pow", _e("mul", var(param), f), Node("const", attr=2))))
     clipped = [
         Assign(f_name, _e("rdiv", var(denom), Node("const", attr=1)), None, "temp"),
         Assign(f_name, _e("div", f, _t("maximum", _t("div", rms, one), one)), None, "temp"),
@@ -71,24 +71,44 @@ def _apply(program: Program) -> Program:
     with_atan2 = "use_atan2" in dict(program.hypers)
     denom = role_target(program, "denominator", "denom")
     f_name = fresh(program, "fisher")
+    # the parameter as stored, for the scale's RMS: adv_optm reads p itself (a bf16 product and mean
+    # on bf16 parameters), where feature stochastic_rounding later renames the writes' reads to fp32
+    p_name = fresh(program, "fisher_param", {f_name})
+    made: list[If] = []
 
     def decay(s: Assign):
         v = s.value
         if v.op == Op.AXPY and is_var(v.args[0], "param") and is_var(v.args[1], "param") and v.args[2].op == Op.NEG:
             rate = v.args[2].args[0]  # wd * lr, as adv_optm multiplies it into the scale
             on = [
-                *_scale(f_name, denom, with_atan2),
+                *_scale(f_name, denom, with_atan2, p_name),
                 Assign(f_name, _e("mul", var(f_name), rate, attr="scalar_first"), s.pos, "temp"),
                 Assign("param", Node("addcmul", (v.args[0], v.args[1], var(f_name), Node("const", attr=-1.0)),
                                      kind=v.kind), s.pos, s.role),
             ]
-            return [switch(FLAG, on, [s], s.pos)]
+            made.append(switch(FLAG, on, [s], s.pos))
+            return [made[-1]]
         return None
 
     body = rewrite_role(program, program.body, "fisher_wd", "decay", lambda s: s.target == "param", decay,
                         "a decoupled decay 'param = param + (-(wd * lr)) * param'", many=True)
+    body = _alias_before(body, {id(x) for x in made}, If(flag(FLAG), [Assign(p_name, var("param"), None, "temp")], []))
     decl = StateDecl(SCALER, Kind.TENSOR, "ones", "float32", flag(FLAG), "Fisher decay's stored scaler (1.0)")
     return program.copy(body=body, state=[*program.state, decl])
+
+
+def _alias_before(stmts: list[Stmt], made: set[int], alias: If) -> list[Stmt]:
+    """``alias`` before the first statement holding one of the ``made`` switches, in each list that
+    writes the parameter directly (the list feature stochastic_rounding takes to float32 from its
+    first parameter write on), so the alias still reads the parameter as stored."""
+    def holds(s: Stmt) -> bool:
+        return id(s) in made or (isinstance(s, If) and any(holds(x) for x in s.then + s.orelse))
+
+    if any(isinstance(s, Assign) and s.target == "param" for s in stmts):
+        i = next((i for i, s in enumerate(stmts) if holds(s)), None)
+        return stmts if i is None else [*stmts[:i], alias, *stmts[i:]]
+    return [If(s.cond, _alias_before(s.then, made, alias), _alias_before(s.orelse, made, alias), s.pos)
+            if isinstance(s, If) and holds(s) else s for s in stmts]
 
 
 FEATURE = Feature(
