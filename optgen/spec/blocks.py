@@ -5,13 +5,15 @@ A block is a YAML file ``blocks/<name>.yaml`` in the spec folder. It may declare
 ``finalize`` statements, include other blocks, and name its ``params``: the names a user of the
 block may replace (``with:``).
 
-* ``include: [name, {block: name, with: {param: expression}}]`` (a spec's or a block's) merges the
+* ``include: [name, {block: name, with: {param: expression}, first: true}]`` (a spec's or a block's) merges the
   block's declarations into the includer's (and its ``matches:``, mapping by mapping, the
   includer's values winning: a published API's state-dict layout shared by several specs). Merge rules: the includer's own entries come first, in
   their order, then each included block's other entries, in include order. An own entry with the
   name of an included one refines it field by field (the rule of ``extends:``): the includer's
   fields win (an empty own entry, ``name: {}``, only places an included one in the includer's
-  order, which is the order of the IR's state, globals and accumulators). Two included blocks that declare the same name differently are an error naming both
+  order, which is the order of the IR's state, globals and accumulators); ``first: true`` puts a
+  block's other entries before the includer's own (a shared base that each includer extends:
+  the base's state first, then the includer's). Two included blocks that declare the same name differently are an error naming both
   places; declaring it identically is allowed (one entry). ``with:`` rewrites the block's
   expressions (state conditions, inits, facts) and is inherited by the block's ``use:``.
 * ``- use: name`` or ``- {use: name, with: {param: expression}}`` in a statement list stands for
@@ -49,6 +51,7 @@ BLOCKS_FOLDER = "blocks"
 DECLARATIONS = ("hyperparameters", "state", "globals", "accumulators", "reductions", "facts")
 BLOCK_FIELDS = ("block", "doc", "params", "include", "matches", *DECLARATIONS, "update", "finalize", "features",
                 "roles")
+INCLUDE_FIELDS = ("block", "with", "first")
 MAX_BLOCK_DEPTH = 16
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,99}$")
 
@@ -109,6 +112,9 @@ class Include:
     name: str
     mapping: Mapping
     pos: Position | None
+    #: ``first: true``: the block's entries come before the includer's own (a shared base that
+    #: the includer extends keeps its order)
+    first: bool = False
 
 
 @dataclass
@@ -185,10 +191,13 @@ class Composition:
         for i, item in enumerate(items):
             here = ("include", i)
             if isinstance(item, dict):
-                unknown = [k for k in item if k not in ("block", "with")]
+                unknown = [k for k in item if k not in INCLUDE_FIELDS]
                 if unknown:
                     raise SpecError(smap.at((*here, unknown[0], "<key>")), dotted(here),
-                                    f"unknown field '{unknown[0]}' in an include{did_you_mean(str(unknown[0]), ['block', 'with'])}")
+                                    f"unknown field '{unknown[0]}' in an include{did_you_mean(str(unknown[0]), INCLUDE_FIELDS)}")
+                if not isinstance(item.get("first", False), bool):
+                    raise SpecError(smap.at((*here, "first")), dotted((*here, "first")),
+                                    "first: is true or false (true: the block's entries come before the includer's own)")
                 if "block" not in item:
                     raise SpecError(smap.at(here), dotted(here), "an include entry needs 'block:'")
                 name, npath = item["block"], (*here, "block")
@@ -200,7 +209,7 @@ class Composition:
             block = self.block(name, pos, dotted(here), stack)
             mapping = self.read_with(item.get("with") if isinstance(item, dict) else None, (*here, "with"), smap,
                                      block)
-            out.append(Include(name, mapping, pos))
+            out.append(Include(name, mapping, pos, isinstance(item, dict) and item.get("first", False)))
         return out
 
     def read_with(self, raw: Any, path: tuple, smap: SourceMap, block: Block) -> Mapping:
@@ -230,6 +239,7 @@ class Composition:
                 continue  # validation reports it
             taken: dict[str, tuple[Any, str]] = {}  # name -> (entry, block)
             merged = dict(own)
+            front: list[str] = []  # entries of ``first: true`` blocks that the includer does not declare
             for inc in includes:
                 block = self.blocks[inc.name]
                 for name, entry in (block.data.get(section) or {}).items():
@@ -253,9 +263,13 @@ class Composition:
                                 subst[(section, name)] = chain
                         continue
                     merged[name] = entry
+                    if inc.first:
+                        front.append(name)
                     _take(smap, block.smap, (section, name), keep_existing=False)
                     if any(chain):
                         subst[(section, name)] = chain
+            if front:
+                merged = {**{n: merged[n] for n in front}, **merged}
             if merged or section in data:
                 data[section] = merged
         # matches: (the published class and its test plan): merged deeply, the includer's values win
