@@ -63,12 +63,21 @@ from optgen.spec.model import HyperparameterSpec
 FLOOR = 1e-12
 
 
+def _factored_precision() -> Node:
+    return Node("eq", (Node("hyper", attr=("state_precision", None)), Node("const", attr="factored")), boolean=True)
+
+
 def _requested(precision_api: bool) -> Node:
     if not precision_api:
         return flag("nnmf_factor")
-    precision = Node("eq", (Node("hyper", attr=("state_precision", None)), Node("const", attr="factored")),
-                     boolean=True)
-    return Node("or", (precision, flag("nnmf_factor")), boolean=True)
+    return Node("or", (_factored_precision(), flag("nnmf_factor")), boolean=True)
+
+
+def aliased(program: Program) -> bool:
+    """Whether ``nnmf_factor`` stands for ``state_precision='factored'`` (adv_optm's classes), not
+    only for factoring the matrices (a spec's ``nnmf_alias`` off: Muon's aux AdamW)."""
+    h = dict(program.hypers).get("nnmf_alias")
+    return h is None or bool(h.default)
 
 
 def _shaped() -> Node:
@@ -271,6 +280,10 @@ def _apply(program: Program) -> Program:
     # parameters it does not factor keep their dtype.
     precision_api = "state_precision" in dict(program.hypers)
     requested = _requested(precision_api)
+    # what keeps the dense states in float32 and upcasts their gradient: the request, or (a spec
+    # whose nnmf_alias is off: Muon's aux AdamW) state_precision='factored' alone, nnmf_factor
+    # then factoring the matrices only
+    dense_request = requested if aliased(program) else _factored_precision()
     view = Node("and", (requested, _shaped()), boolean=True)
     fact = _Factoring(decls, taken)
     factored, _ = fact.block(program.body, set())
@@ -287,7 +300,8 @@ def _apply(program: Program) -> Program:
     dense_body = program.body
     factored, ok = edit_nested(factored, upcast)
     if precision_api:
-        dense_body, ok = edit_nested(dense_body, upcast)
+        dense_cast = cast if dense_request is requested else [If(dense_request, cast, [])]
+        dense_body, ok = edit_nested(dense_body, placed(at_start_of_param_block(dense_cast, True), _before_orthograd))
     if not ok:
         raise FeatureError("feature 'factored' needs a 'param = ...' statement")
     otherwise: list[Stmt] = program.body
@@ -338,7 +352,7 @@ def _apply(program: Program) -> Program:
         dense = Node("not", (own_view,), boolean=True)
         # adv_optm keeps the dense states of parameters it does not factor in float32 too
         state.append(StateDecl(d.name, d.kind, d.init, d.dtype, _and(d.cond, dense), d.doc,
-                               dtype_when=(requested, "float32") if precision_api else None))
+                               dtype_when=(dense_request, "float32") if precision_api else None))
         # factors on the square view whatever view the parameter is stepped as (the same shape
         # where it is stepped as the square one)
         square = "square" if crosses else None

@@ -37,9 +37,10 @@ def apply_block_features(program: Program) -> Program:
         body = _at(program.body, site.path)
         region = body[site.start:site.end]
         around = _conditions(program, program.body, site.path)
+        outside = _accessed(_spliced(program.body, site.path, site.start, site.end, []))
         for entry in scope.features:
             try:
-                program, region = _apply_one(program, region, site.roles, entry, around)
+                program, region = _apply_one(program, region, site.roles, entry, around, outside)
             except FeatureError as exc:
                 raise SpecError(exc.pos if exc.pos is not None else entry.pos, entry.field, str(exc)) from None
         program = program.copy(body=_spliced(program.body, site.path, site.start, site.end, region))
@@ -47,9 +48,9 @@ def apply_block_features(program: Program) -> Program:
 
 
 def _apply_one(program: Program, region: list[Stmt], roles: dict, entry: BlockFeature,
-               around: Node | None) -> tuple[Program, list[Stmt]]:
-    """One block feature on ``region`` (the block's statements): the program (with what the
-    feature adds) and the rewritten statements."""
+               around: Node | None, outside: set[str]) -> tuple[Program, list[Stmt]]:
+    """One block feature on ``region`` (the block's statements; ``outside``: the names the rest of
+    the body accesses): the program (with what the feature adds) and the rewritten statements."""
     feature = FEATURES[entry.name]
     hypers = dict(program.hypers)
     missing = [n for n in feature.hyperparameters if n not in entry.names]
@@ -67,8 +68,15 @@ def _apply_one(program: Program, region: list[Stmt], roles: dict, entry: BlockFe
     if clash:
         raise FeatureError(f"feature '{entry.name}': the block's statements read '{clash[0]}', the name under "
                            f"which the feature reads '{entry.names[clash[0]]}'")
+    # the view's states: those the block's statements access; a feature may rewrite the ones only
+    # they access (factored, state_precision: the aux AdamW's moments), not those shared
+    inside = _accessed(region)
+    seen = [d for d in program.state if d.name in inside]
+    # each under the feature's names (a state's dtype rule reads the block's adam_state_precision)
+    shown = [_state_out(d, inward, None) for d in seen]
+    origin = {id(v): d for v, d in zip(shown, seen)}
     view = program.copy(
-        body=_renamed(region, inward),
+        body=_renamed(region, inward), state=shown,
         hypers=[(inward.get(n, n), h) for n, h in program.hypers if n not in hidden],
         roles=roles, reserved=frozenset(names_in(program)), scopes=[])
     out = feature.apply(view)
@@ -76,22 +84,45 @@ def _apply_one(program: Program, region: list[Stmt], roles: dict, entry: BlockFe
         if getattr(out, name) is not getattr(view, name):
             raise FeatureError(f"feature '{entry.name}' changes the program's {name}: it cannot run on a "
                                "block's statements")
-    old = program.state
-    if len(out.state) < len(old) or any(a is not b for a, b in zip(out.state, old)):
-        raise FeatureError(f"feature '{entry.name}' changes the program's states: it cannot run on a block's "
-                           "statements")
     outward = dict(entry.names)
-    added = [_state_out(d, outward, around) for d in out.state[len(old):]]
+    kept = {id(origin[id(d)]) for d in out.state if id(d) in origin}
+    changed = [d for d in seen if id(d) not in kept]
+    shared = [d.name for d in changed if d.name in outside]
+    if shared:
+        raise FeatureError(f"feature '{entry.name}' changes state '{shared[0]}', which statements outside the "
+                           "block's access: it cannot run on a block's statements")
+    ours = {d.name for d in seen}
+    fresh = [_state_out(d, outward, None if d.name in ours else around) for d in out.state if id(d) not in origin]
+    if not changed:  # only added states: after the program's
+        state = [*program.state, *fresh]
+    else:  # rewritten ones (and what the feature adds) where the first of them was
+        first = changed[0]
+        gone = {id(d) for d in changed}
+        state = []
+        for d in program.state:
+            if d is first:
+                state += fresh
+            if id(d) not in gone:
+                state.append(d)
     checks = [*program.checks, *((_node_out(c, outward), m) for c, m in out.checks[len(program.checks):])]
+    # the views the feature adds (factored puts its own first: they exclude the program's here)
+    before = {id(v) for v in program.matrix_views}
     views = [*program.matrix_views, *((_and(_node_out(c, outward), around), shape)
-                                      for c, shape in out.matrix_views[len(program.matrix_views):])]
-    new = program.copy(state=[*old, *added], checks=checks, matrix_views=views)
+                                      for c, shape in (v for v in out.matrix_views if id(v) not in before))]
+    new = program.copy(state=state, checks=checks, matrix_views=views)
     return new, _renamed(out.body, outward)
 
 
 def _state_out(d: StateDecl, names: dict[str, str], around: Node | None) -> StateDecl:
+    """``d`` (added or rewritten by a block feature) with the block's names, its condition also
+    ``around`` where given (a state the feature added)."""
     cond = _node_out(d.cond, names) if d.cond is not None else None
-    return replace(d, cond=_and(cond, around) if cond is not None else around)
+    if around is not None:
+        cond = _and(cond, around) if cond is not None else around
+    when = (_node_out(d.dtype_when[0], names), d.dtype_when[1]) if d.dtype_when is not None else None
+    return replace(d, cond=cond, dtype_when=when,
+                   dtype_rules=[(_node_out(c, names), t) for c, t in d.dtype_rules],
+                   codec_rules=[(_node_out(c, names), t) for c, t in d.codec_rules])
 
 
 def _and(a: Node, b: Node | None) -> Node:
@@ -147,6 +178,20 @@ def _renamed(stmts: list[Stmt], names: dict[str, str]) -> list[Stmt]:
         else:
             out.append(Assign(s.target, _node(s.value, names), s.pos, s.role))
     return out
+
+
+def _accessed(stmts: list[Stmt]) -> set[str]:
+    """The names ``stmts`` read or write."""
+    from optgen.ir.nodes import walk_nodes, walk_stmts
+
+    found: set[str] = set()
+    for s in walk_stmts(stmts):
+        if isinstance(s, Assign):
+            found.add(s.target)
+        for n in walk_nodes(s.value if isinstance(s, Assign) else s.cond):
+            if n.op == Op.VAR:
+                found.add(n.attr)
+    return found
 
 
 def _hyper_names(stmts: list[Stmt]) -> set[str]:

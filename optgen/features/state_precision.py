@@ -32,7 +32,7 @@ from __future__ import annotations
 import dataclasses
 
 from optgen.features import Feature
-from optgen.features.factored import _before_orthograd
+from optgen.features.factored import _before_orthograd, aliased
 from optgen.features.rewrite import (
     FeatureError,
     at_start_of_param_block,
@@ -268,7 +268,7 @@ def _apply(program: Program) -> Program:
     conds = [d.cond for d in decls]
 
     # adv_optm turns a request for nnmf_factor into state_precision='factored'
-    legacy = adv and "nnmf_factor" in hypers
+    legacy = adv and "nnmf_factor" in hypers and aliased(program)
 
     def is_(c: str) -> Node:
         return _and(_is(c), _not(Node("hyper", attr=("nnmf_factor", None), boolean=True))) if legacy else _is(c)
